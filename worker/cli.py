@@ -1,0 +1,308 @@
+"""``sae-studio``: the headless command line (also ``python -m worker``).
+
+    sae-studio train   --model smollm2-135m --dataset kjv --layer 15 --out runs/a
+    sae-studio train   --activations acts.safetensors --encoder-type topk --k 32 --out runs/b
+    sae-studio extract --model smollm2-135m --dataset kjv --layer 15 --max-tokens 500000 \\
+                       --out acts.safetensors
+    sae-studio export  runs/a/checkpoints/step_00001000.safetensors --out sae_folder
+    sae-studio info    smollm2-135m --expansion-factor 16
+
+Bad input ends with one line on stderr and exit status 2. ``train`` prints, as its last stdout
+line, one JSON object: steps, tokens, tokens_per_s, fvu, l0, dead_frac, out, checkpoint, eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+from .engine.config import (
+    B_DEC_INITS,
+    ENCODER_TYPES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    TrainConfig,
+)
+from .engine.errors import ConfigError, EngineError
+
+CHOICES = {"encoder_type": ENCODER_TYPES, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS,
+           "optimizer": OPTIMIZERS, "b_dec_init": B_DEC_INITS,
+           "hook_point": ("residual", "mlp_out", "attn_out")}
+SKIP_FIELDS = {"extra"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size`` for batch_size ...), default: unset."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SKIP_FIELDS:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        doc = (f.metadata.get("help") if f.metadata else None) or ""
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{doc} (default: {default})".strip()
+        if base is bool:
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=base, default=argparse.SUPPRESS,
+                           choices=CHOICES.get(f.name), help=help_text, metavar=f.name.upper())
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid TOML ({exc}).") from None
+    data = data.get("train", data)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None):
+        values.update(_load_toml(args.config))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from .engine.models import data_dir_default
+
+    return Path(args.data_dir) if args.data_dir else data_dir_default()
+
+
+class _StderrProgress:
+    """A tqdm bar on stderr, created on the first update (quiet when nothing is slow)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar = label, None
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1.0, desc=self.label, file=sys.stderr, leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+        self.bar.n = min(1.0, max(0.0, fraction))
+        self.bar.set_postfix_str(message, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine.checkpoints import latest_checkpoint, load_checkpoint
+    from .engine.pipeline import open_source
+    from .engine.trainer import Callbacks, Trainer, pick_device
+
+    resume = None
+    base = None
+    if args.resume:
+        rp = Path(args.resume)
+        resume = latest_checkpoint(rp / "checkpoints") or latest_checkpoint(rp) \
+            if rp.is_dir() else rp
+        if resume is None:
+            raise ConfigError(f"No checkpoint found in '{args.resume}'.")
+        base = load_checkpoint(resume).meta["config"]
+    cfg = _build_config(args, base)
+    out = Path(args.out) if args.out else (
+        Path(resume).parent.parent if resume else Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    device = pick_device(cfg.device)
+    prep = _StderrProgress("preparing")
+    try:
+        source, meta = open_source(cfg, data_dir=_data_dir(args), device=device, progress=prep)
+    finally:
+        prep.close()
+    cb = Callbacks(on_log=lambda msg: tqdm.write(msg, file=sys.stderr))
+    trainer = Trainer(cfg, source, out, callbacks=cb, export_meta=meta)  # validates against d_in
+    bar = tqdm(total=cfg.total_steps, desc="train", unit="step", file=sys.stderr,
+               dynamic_ncols=True)
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        bar.n = m["step"]
+        bar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}",
+                        dead=m["dead"], tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+        bar.refresh()
+        if args.metrics_jsonl:
+            with open(args.metrics_jsonl, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+
+    cb.on_metrics = on_metrics
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        bar.close()
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine.pipeline import extract_to_file
+    from .engine.trainer import pick_device
+
+    cfg = TrainConfig(model=args.model, dataset=args.dataset, layer=args.layer,
+                      hook_point=args.hook_point, context_size=args.context_size,
+                      seed=args.seed, device=args.device, text_field=args.text_field)
+    cfg.validate()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    prog = _StderrProgress("extract")
+    t0 = time.perf_counter()
+    try:
+        meta = extract_to_file(cfg, Path(args.out), data_dir=_data_dir(args),
+                               device=pick_device(cfg.device), max_tokens=args.max_tokens,
+                               dtype=dtype, progress=prog)
+    finally:
+        prog.close()
+    meta["seconds"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(meta))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export_checkpoint
+
+    folder = export_checkpoint(args.checkpoint, args.out)
+    print(json.dumps({"out": str(folder)}))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine.memory import estimate_memory
+    from .engine.models import load_model
+    from .engine.trainer import pick_device, pick_precision
+
+    loaded = load_model(args.model, data_dir=_data_dir(args))
+    info = loaded.info
+    d_sae = args.latent_dim or args.expansion_factor * info.hidden_size
+    device = pick_device(args.device)
+    precision = pick_precision("auto", device)
+    est = estimate_memory(info.hidden_size, d_sae, encoder_type=args.encoder_type, k=args.k,
+                          batch_size=args.batch_size, precision=precision,
+                          model_params=info.n_params, buffer_tokens=131_072)
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import os
+
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out = dict(info.to_dict(), sae={"d_in": info.hidden_size, "d_sae": d_sae,
+                                    "encoder_type": args.encoder_type,
+                                    "batch_size": args.batch_size},
+               memory={**est.to_dict(), "device": str(device), "device_bytes": budget,
+                       "fits": est.total < budget})
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    mb = 2**20
+    print(f"{info.name}: {info.architecture} ({info.model_type}), {info.n_layers} layers, "
+          f"hidden {info.hidden_size}, vocab {info.vocab_size}, "
+          f"{info.n_params / 1e6:.1f}M parameters, {info.dtype}")
+    print(f"hook points: {', '.join(info.hook_points)} at layers 0-{info.n_layers - 1} "
+          f"(blocks: {info.blocks_path})")
+    print(f"SAE {info.hidden_size} -> {d_sae} ({args.encoder_type}), batch {args.batch_size}, "
+          f"{precision} on {device}: ~{est.total / mb:,.0f} MB "
+          f"(SAE+optimizer {(est.sae_params + est.optimizer) / mb:,.0f} MB, activations "
+          f"{(est.activations + est.batch) / mb:,.0f} MB, model {est.model / mb:,.0f} MB, "
+          f"buffer {est.buffer / mb:,.0f} MB) of {budget / mb:,.0f} MB available"
+          + ("" if est.total < budget else "  -- DOES NOT FIT"))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-studio", description="Train sparse autoencoders on "
+                                "language-model activations.")
+    p.add_argument("--data-dir", default=None,
+                   help="where converted models and token stores are cached "
+                        "(default: $SAE_STUDIO_DATA or ./data)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an SAE (from a model + dataset, or an activation "
+                                     "file)")
+    t.add_argument("--config", help="TOML file of options (flags override it)")
+    t.add_argument("--resume", help="checkpoint file, or a run folder (its newest checkpoint)")
+    t.add_argument("--out", help="run folder: checkpoints/ and saelens/ go here")
+    t.add_argument("--metrics-jsonl", help="also append every metrics row to this file")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("extract", help="write an activation cache (safetensors)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--layer", type=int, default=None)
+    e.add_argument("--hook-point", default="residual", choices=CHOICES["hook_point"])
+    e.add_argument("--max-tokens", type=int, required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--context-size", type=int, default=128)
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_extract)
+
+    x = sub.add_parser("export", help="checkpoint -> SAELens folder")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="model layers, hook points and a memory estimate")
+    i.add_argument("model")
+    i.add_argument("--encoder-type", default="topk", choices=ENCODER_TYPES)
+    i.add_argument("--expansion-factor", type=int, default=8)
+    i.add_argument("--latent-dim", type=int, default=None)
+    i.add_argument("--k", type=int, default=32)
+    i.add_argument("--batch-size", type=int, default=4096)
+    i.add_argument("--device", default="auto")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        print(f"sae-studio: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sae-studio: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Activation sources for the trainer: a cached activation file, or live extraction from a model.
+
+Both give the trainer the same interface (``ActivationSource``): ``next_batch(n)`` returns the next
+``n`` activation vectors of a deterministic, seeded stream; ``state_dict()`` / ``load_state_dict``
+capture the stream position exactly, so a resumed run sees the same data in the same order;
+``sample(n)`` gives vectors for normalisation and initialisation without consuming the stream;
+``holdout()`` gives vectors that are never trained on, for the final evaluation.
+
+Live extraction
+---------------
+Contexts of a token store are visited in a seeded random order (a new permutation each epoch).
+Each forward pass stops right after the chosen layer (``models.extract_layer``). From its output
+we drop, by default, position 0 of every context, special tokens, and vectors whose norm is above
+``outlier_factor`` x the running median norm (the median of the previous round; the first round
+uses its first batch). The numbers excluded are counted in ``FilterStats``.
+
+Shuffle buffer with refill at half: the buffer holds up to ``buffer_tokens`` vectors. Each round
+extracts about ``buffer_tokens / 2`` new vectors N_r and shuffles them; one half is served in
+this round together with the half kept back from the previous round, in a shuffled order; the
+other half is kept for the next round. So every batch mixes the contexts of two rounds, and a
+vector waits at most one round. Resuming needs only the previous round's start (cursor and
+median), which is what ``state_dict`` stores: the buffer is rebuilt by re-extracting two rounds.
+
+Activation files
+----------------
+A safetensors file with one tensor ``activations`` [N, d_in] (float32 or bfloat16) and metadata
+(model, layer, hook point, ...). ``ActivationFile`` memory-maps it, so training reads rows on
+demand; ``write_activation_file`` writes one atomically from an iterator of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+ACT_KEY = "activations"
+_ST_DTYPES = {"F32": (np.float32, torch.float32, 4), "BF16": (np.int16, torch.bfloat16, 2),
+              "F16": (np.float16, torch.float16, 2)}
+
+
+def _gen(*keys: int) -> torch.Generator:
+    g = torch.Generator()
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63)
+    g.manual_seed(seed)
+    return g
+
+
+class ActivationSource(Protocol):
+    d_in: int
+    meta: dict[str, Any]
+
+    def next_batch(self, n: int) -> Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def sample(self, n: int) -> Tensor: ...
+    def holdout(self) -> Tensor: ...
+
+
+# ---------------------------------------------------------------------------- activation files
+class ActivationFile:
+    """Memory-mapped reader of an activation safetensors file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"Activation file '{self.path}' does not exist.")
+        try:
+            with open(self.path, "rb") as fh:
+                (hlen,) = struct.unpack("<Q", fh.read(8))
+                if hlen > 100_000_000:
+                    raise ValueError("header too large")
+                header = json.loads(fh.read(hlen))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"'{self.path}' is not a safetensors activation file ({exc}).") from None
+        if ACT_KEY not in header:
+            keys = ", ".join(k for k in header if k != "__metadata__") or "none"
+            raise DataError(f"'{self.path}' has no tensor named '{ACT_KEY}' (found: {keys}).")
+        info = header[ACT_KEY]
+        if info["dtype"] not in _ST_DTYPES or len(info["shape"]) != 2:
+            raise DataError(f"'{self.path}': '{ACT_KEY}' must be a 2-D float32/bfloat16/float16 "
+                            f"tensor (got {info['dtype']} {info['shape']}).")
+        np_dtype, self.torch_dtype, size = _ST_DTYPES[info["dtype"]]
+        self.n, self.d_in = (int(v) for v in info["shape"])
+        start, end = info["data_offsets"]
+        if end - start != self.n * self.d_in * size or 8 + hlen + end > self.path.stat().st_size:
+            raise DataError(f"'{self.path}' is truncated or corrupt (sizes do not match).")
+        if self.n == 0:
+            raise DataError(f"Activation file '{self.path}' holds no vectors.")
+        raw_meta = header.get("__metadata__") or {}
+        self.meta: dict[str, Any] = json.loads(raw_meta.get("sae_studio", "{}"))
+        self._mm = np.memmap(self.path, dtype=np_dtype, mode="r", offset=8 + hlen + start,
+                             shape=(self.n, self.d_in))
+
+    def rows(self, idx: np.ndarray | slice) -> Tensor:
+        arr = np.array(self._mm[idx])  # a writable copy, whatever the index
+        t = torch.from_numpy(arr)
+        if self.torch_dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.float()
+
+
+def write_activation_file(
+    chunks: Iterable[Tensor], path: Path | str, *, dtype: torch.dtype = torch.float32,
+    meta: dict[str, Any] | None = None,
+) -> int:
+    """Stream chunks [n_i, d_in] into a safetensors file at ``path`` atomically; return N."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st_name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    size = _ST_DTYPES[st_name][2]
+    fd, raw = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".raw", dir=path.parent)
+    n, d_in = 0, None
+    final_tmp = None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                if chunk.ndim != 2:
+                    raise DataError("activation chunks must be 2-D")
+                d_in = chunk.shape[1] if d_in is None else d_in
+                c = chunk.detach().to("cpu", dtype).contiguous()
+                if dtype == torch.bfloat16:
+                    c = c.view(torch.int16)
+                fh.write(c.numpy().tobytes())
+                n += chunk.shape[0]
+        if n == 0 or d_in is None:
+            raise DataError("No activations were produced: the corpus is too small or every "
+                            "token was filtered out.")
+        header = {ACT_KEY: {"dtype": st_name, "shape": [n, d_in],
+                            "data_offsets": [0, n * d_in * size]},
+                  "__metadata__": {"sae_studio": json.dumps(meta or {})}}
+        hbytes = json.dumps(header, separators=(",", ":")).encode()
+        hbytes += b" " * (-len(hbytes) % 8)
+        fd2, final_tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd2, "wb") as out, open(raw, "rb") as src:
+            out.write(struct.pack("<Q", len(hbytes)))
+            out.write(hbytes)
+            while block := src.read(1 << 24):
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(final_tmp, path)
+        final_tmp = None
+    finally:
+        Path(raw).unlink(missing_ok=True)
+        if final_tmp:
+            Path(final_tmp).unlink(missing_ok=True)
+    return n
+
+
+class CachedActivations:
+    """Batches from an activation file: a seeded permutation per epoch; the last rows held out."""
+
+    def __init__(self, path: Path | str, *, seed: int = 0, holdout: int = 16_384) -> None:
+        self.file = ActivationFile(path)
+        self.d_in = self.file.d_in
+        self.meta = dict(self.file.meta, activations=str(path))
+        self.n_holdout = min(holdout, self.file.n // 10)
+        self.n_train = self.file.n - self.n_holdout
+        self.seed = seed
+        self.position = 0
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _perm_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.n_train, generator=_gen(self.seed, epoch)).numpy()
+            self._epoch = epoch
+        return self._perm
+
+    def next_batch(self, n: int) -> Tensor:
+        parts = []
+        while n > 0:
+            epoch, off = divmod(self.position, self.n_train)
+            take = min(n, self.n_train - off)
+            idx = self._perm_for(epoch)[off:off + take]
+            parts.append(np.sort(idx))  # sorted reads are faster; order inside a batch is moot
+            self.position += take
+            n -= take
+        return self.file.rows(np.concatenate(parts))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "cached", "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+    def sample(self, n: int) -> Tensor:
+        idx = torch.randperm(self.n_train, generator=_gen(self.seed, 7919))[:n].numpy()
+        return self.file.rows(np.sort(idx))
+
+    def holdout(self) -> Tensor:
+        return self.file.rows(slice(self.n_train, self.file.n))
+
+
+# ---------------------------------------------------------------------------- live extraction
+@dataclass
+class FilterStats:
+    seen: int = 0
+    position0: int = 0
+    special: int = 0
+    outliers: int = 0
+    kept: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class LiveActivations:
+    """Activations extracted on the fly from a model over a token store (see module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store: Any,
+        layer: int,
+        hook_point: str = "residual",
+        *,
+        seed: int = 0,
+        buffer_tokens: int = 131_072,
+        exclude_special: bool = True,
+        exclude_pos0: bool = True,
+        outlier_factor: float = 10.0,
+        holdout_tokens: int = 16_384,
+        batch_contexts: int = 16,
+        device: str | torch.device = "cpu",
+        max_epochs: int | None = None,
+        meta: dict[str, Any] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        from .models import extract_layer  # local import: this file is also used without models
+
+        self._extract_layer = extract_layer
+        self.model, self.store, self.layer, self.hook_point = model, store, layer, hook_point
+        self.seed, self.device, self.max_epochs = seed, torch.device(device), max_epochs
+        self.half = max(1, buffer_tokens // 2)
+        self.exclude_special, self.exclude_pos0 = exclude_special, exclude_pos0
+        self.outlier_factor = outlier_factor
+        self.batch_contexts = batch_contexts
+        self.progress = progress
+        self.special = torch.tensor(sorted(set(store.special_ids)), dtype=torch.long)
+        ctx = store.context_size
+        n_ctx = store.n_contexts
+        per_ctx = max(1, ctx - 1)
+        n_hold = math.ceil(holdout_tokens / per_ctx) if holdout_tokens > 0 else 0
+        n_hold = min(n_hold, n_ctx // 10)
+        self.n_train_ctx = n_ctx - n_hold
+        if self.n_train_ctx < 1:
+            raise DataError("The token store has no contexts to train on.")
+        self.holdout_ids = np.arange(self.n_train_ctx, n_ctx)
+        self.stats = FilterStats()
+        self.d_in = int(self._run(np.array([0]), None)[0].shape[1])
+        self.stats = FilterStats()
+        self.meta = dict(meta or {})
+        # stream state
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self.round, self.offset = 0, 0
+        self.cursor, self.median = 0, None  # where the next round's extraction starts
+        self._prev_start: list | None = None  # [cursor, median] of round r-1 and of round r
+        self._this_start: list | None = None
+        self._keep: Tensor | None = None  # half of N_r kept back for round r+1
+        self._served: Tensor | None = None  # round r's vectors in serving order
+        self.exhausted = False
+
+    # -- contexts
+    def _ctx_ids(self, cursor: int, count: int) -> np.ndarray:
+        out = []
+        while count > 0:
+            epoch, off = divmod(cursor, self.n_train_ctx)
+            if epoch != self._epoch:
+                self._perm = torch.randperm(self.n_train_ctx,
+                                            generator=_gen(self.seed, 104729, epoch)).numpy()
+                self._epoch = epoch
+            take = min(count, self.n_train_ctx - off)
+            out.append(self._perm[off:off + take])
+            cursor += take
+            count -= take
+        return np.concatenate(out)
+
+    def _run(self, ctx_ids: np.ndarray, median: float | None) -> tuple[Tensor, Tensor]:
+        """Forward some contexts; return (kept vectors [m, d] float32, candidate norms)."""
+        ids = torch.from_numpy(np.asarray(self.store.contexts[np.sort(ctx_ids)], dtype=np.int64))
+        acts = self._extract_layer(self.model, ids.to(self.device), self.layer, self.hook_point)
+        acts = acts.float()
+        mask = torch.ones(ids.shape, dtype=torch.bool)
+        n_total = mask.numel()
+        if self.exclude_pos0:
+            mask[:, 0] = False
+        n_pos0 = n_total - int(mask.sum())
+        if self.exclude_special and len(self.special):
+            before = int(mask.sum())
+            mask &= ~torch.isin(ids, self.special)
+            n_special = before - int(mask.sum())
+        else:
+            n_special = 0
+        cand = acts[mask.to(acts.device)]
+        norms = cand.norm(dim=-1)
+        n_out = 0
+        if self.outlier_factor > 0 and len(norms):
+            med = float(norms.median()) if median is None else median
+            keep = norms <= self.outlier_factor * med
+            n_out = int((~keep).sum())
+            cand = cand[keep]
+        s = self.stats
+        s.seen += n_total
+        s.position0 += n_pos0
+        s.special += n_special
+        s.outliers += n_out
+        s.kept += cand.shape[0]
+        return cand, norms
+
+    def _build(self, cursor: int, median: float | None) -> tuple[Tensor, int, float | None]:
+        """Extract ~half a buffer of new vectors starting at ``cursor``."""
+        parts, norms_all, got = [], [], 0
+        limit = None if self.max_epochs is None else self.max_epochs * self.n_train_ctx
+        while got < self.half and (limit is None or cursor < limit):
+            count = self.batch_contexts if limit is None else min(self.batch_contexts,
+                                                                  limit - cursor)
+            kept, norms = self._run(self._ctx_ids(cursor, count), median)
+            if median is None and len(norms):
+                median = float(norms.median())
+            cursor += count
+            parts.append(kept)
+            norms_all.append(norms)
+            got += kept.shape[0]
+            if self.progress:
+                self.progress(kept.shape[0])
+        if not parts:
+            return torch.empty(0, self.d_in, device=self.device), cursor, median
+        norms_cat = torch.cat(norms_all)
+        next_median = float(norms_cat.median()) if len(norms_cat) else median
+        return torch.cat(parts), cursor, next_median
+
+    def _split(self, new: Tensor, r: int) -> tuple[Tensor, Tensor]:
+        g = _gen(self.seed, 611953, r)
+        perm = torch.randperm(new.shape[0], generator=g).to(new.device)
+        h = new.shape[0] // 2
+        return new[perm[:h]], new[perm[h:]]
+
+    def _start_round(self) -> None:
+        """Extract N_r; serve the kept half of N_{r-1} plus half of N_r, shuffled together."""
+        self._prev_start, self._this_start = self._this_start, [self.cursor, self.median]
+        new, self.cursor, self.median = self._build(self.cursor, self.median)
+        if len(new):
+            serve_now, keep = self._split(new, self.round)
+        else:
+            serve_now, keep, self.exhausted = new, None, True
+        parts = [p for p in (self._keep, serve_now) if p is not None and len(p)]
+        served = torch.cat(parts) if parts else new
+        g = _gen(self.seed, 15485863, self.round)
+        self._served = served[torch.randperm(served.shape[0], generator=g).to(served.device)]
+        self._keep = keep
+
+    def next_batch(self, n: int) -> Tensor:
+        out, need = [], n
+        while need > 0:
+            if self._served is None or self.offset >= self._served.shape[0]:
+                if self._served is not None:
+                    if self.exhausted:
+                        break
+                    self.round += 1
+                    self.offset = 0
+                self._start_round()
+                if not self._served.shape[0]:
+                    break
+            take = min(need, self._served.shape[0] - self.offset)
+            out.append(self._served[self.offset:self.offset + take])
+            self.offset += take
+            need -= take
+        if not out:
+            raise StopIteration
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "live", "round": self.round, "offset": self.offset,
+                "prev_start": self._prev_start if self._served is not None else None,
+                "stats": self.stats.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild round r's buffer: re-extract round r-1 (for its kept half), then round r."""
+        r, prev = int(state["round"]), state.get("prev_start")
+        self._keep, self._this_start, self.exhausted = None, None, False
+        self.cursor, self.median = 0, None
+        if r > 0 and prev is not None:
+            self.cursor, self.median = int(prev[0]), prev[1]
+            self.round = r - 1
+            self._start_round()
+        self.round = r
+        self._start_round()
+        self.offset = int(state["offset"])
+        self.stats = FilterStats(**state.get("stats", {}))
+
+    def sample(self, n: int) -> Tensor:
+        saved = (self._epoch, self._perm, self.stats)
+        parts, got, cursor = [], 0, 0
+        while got < n and cursor < self.n_train_ctx:
+            kept, _ = self._run(self._ctx_ids(cursor, self.batch_contexts), None)
+            parts.append(kept)
+            got += kept.shape[0]
+            cursor += self.batch_contexts
+        self._epoch, self._perm, self.stats = saved
+        if not parts:
+            raise DataError("The corpus gave no activations to sample.")
+        return torch.cat(parts)[:n]
+
+    def holdout(self) -> Tensor:
+        if not len(self.holdout_ids):
+            return torch.empty(0, self.d_in)
+        saved = self.stats
+        parts = [self._run(self.holdout_ids[i:i + self.batch_contexts], self.median)[0]
+                 for i in range(0, len(self.holdout_ids), self.batch_contexts)]
+        self.stats = saved
+        return torch.cat(parts)

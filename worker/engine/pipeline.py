@@ -1,0 +1,140 @@
+"""Glue shared by the CLI and the worker: config -> model, tokens, activation source -> trainer.
+
+    source, meta = open_source(cfg, data_dir=..., progress=...)
+    result = Trainer(cfg, source, out_dir, callbacks=..., export_meta=meta).fit(resume=...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .activations import CachedActivations, LiveActivations, write_activation_file
+from .config import TrainConfig
+from .errors import ConfigError, DataError
+
+Progress = Callable[[float, str], None]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name or text).strip("_")[:40] or "x"
+
+
+def token_store_dir(data_dir: Path, dataset: str, model_path: str, context_size: int,
+                    max_tokens: int | None, text_field: str) -> Path:
+    """Where the tokenised corpus for this (dataset, tokenizer, context) lives in the data dir."""
+    ds = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
+    key = f"{ds}|{model_path}|{context_size}|{max_tokens}|{text_field}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(data_dir) / "tokens" / f"{_slug(dataset)}-ctx{context_size}-{digest}"
+
+
+def prepare_tokens(cfg: TrainConfig, loaded: Any, data_dir: Path,
+                   progress: Progress | None = None) -> Any:
+    """Open (or build once) the token store for cfg.dataset with the model's tokenizer."""
+    from .corpora import TokenStore, build_token_store
+
+    assert cfg.dataset is not None
+    ds_path = Path(cfg.dataset)
+    if ds_path.is_dir() and (ds_path / "meta.json").is_file():
+        return TokenStore.open(ds_path)
+    out = token_store_dir(data_dir, cfg.dataset, loaded.info.path, cfg.context_size,
+                          cfg.max_tokens, cfg.text_field)
+    if (out / "meta.json").is_file():
+        return TokenStore.open(out)
+    return build_token_store(cfg.dataset, loaded.tokenizer, out, context_size=cfg.context_size,
+                             max_tokens=cfg.max_tokens, text_field=cfg.text_field,
+                             progress=progress)
+
+
+def load_for_extraction(cfg: TrainConfig, data_dir: Path, device: torch.device,
+                        progress: Progress | None = None) -> tuple[Any, Any, int]:
+    """Load the model and token store; resolve and check the layer. Returns (model, store, L)."""
+    from .models import default_layer, load_model
+
+    assert cfg.model is not None
+    loaded = load_model(cfg.model, data_dir=data_dir, device=str(device))
+    n_layers = loaded.info.n_layers
+    layer = cfg.layer if cfg.layer is not None else default_layer(n_layers)
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"Layer {layer} is out of range: {loaded.info.name} has {n_layers} "
+                          f"layers (0-{n_layers - 1}).")
+    if cfg.hook_point not in loaded.info.hook_points:
+        raise ConfigError(f"Hook point '{cfg.hook_point}' is not available for "
+                          f"{loaded.info.name}; choose one of "
+                          f"{', '.join(loaded.info.hook_points)}.")
+    store = prepare_tokens(cfg, loaded, data_dir, progress)
+    return loaded, store, layer
+
+
+def source_meta(cfg: TrainConfig, loaded: Any, store: Any, layer: int) -> dict[str, Any]:
+    return {"model": loaded.info.name, "model_name": loaded.info.name, "layer": layer,
+            "hook_point": cfg.hook_point, "context_size": store.context_size,
+            "dataset": cfg.dataset, "dataset_path": cfg.dataset,
+            "prepend_bos": store.bos_id is not None, "d_in": loaded.info.hidden_size,
+            "exclude_special": cfg.exclude_special, "exclude_pos0": cfg.exclude_pos0,
+            "outlier_factor": cfg.outlier_factor}
+
+
+def open_source(cfg: TrainConfig, *, data_dir: Path, device: torch.device,
+                progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
+    """The activation source a training reads, and the metadata its export carries."""
+    if cfg.activations:
+        src = CachedActivations(cfg.activations, seed=cfg.seed, holdout=cfg.eval_tokens)
+        return src, dict(src.meta)
+    loaded, store, layer = load_for_extraction(cfg, data_dir, device, progress)
+    meta = source_meta(cfg, loaded, store, layer)
+    src = LiveActivations(
+        loaded.model, store, layer, cfg.hook_point, seed=cfg.seed,
+        buffer_tokens=cfg.buffer_tokens, exclude_special=cfg.exclude_special,
+        exclude_pos0=cfg.exclude_pos0, outlier_factor=cfg.outlier_factor,
+        holdout_tokens=cfg.eval_tokens, device=device, meta=meta)
+    return src, meta
+
+
+def extract_to_file(
+    cfg: TrainConfig, out: Path, *, data_dir: Path, device: torch.device, max_tokens: int,
+    dtype: torch.dtype = torch.float32, progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``sae-studio extract``: stream filtered, shuffled activations into a safetensors file."""
+    if max_tokens < 1:
+        raise ConfigError("--max-tokens must be at least 1.")
+    # Tokenise only what the extraction can use (plus slack for excluded tokens).
+    per_ctx = cfg.context_size
+    tok_cfg = cfg.replace(max_tokens=cfg.max_tokens or int(max_tokens * 1.25) + 4 * per_ctx)
+    loaded, store, layer = load_for_extraction(tok_cfg, data_dir, device, progress)
+    meta = source_meta(cfg, loaded, store, layer)
+    done = [0]
+
+    def counted(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(min(1.0, done[0] / max_tokens), f"{done[0]:,} activations")
+
+    src = LiveActivations(
+        loaded.model, store, layer, cfg.hook_point, seed=cfg.seed,
+        buffer_tokens=min(cfg.buffer_tokens, 2 * max_tokens), exclude_special=cfg.exclude_special,
+        exclude_pos0=cfg.exclude_pos0, outlier_factor=cfg.outlier_factor, holdout_tokens=0,
+        device=device, max_epochs=1, meta=meta, progress=counted)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        left = max_tokens
+        while left > 0:
+            try:
+                batch = src.next_batch(min(left, 65_536))
+            except StopIteration:
+                break
+            left -= batch.shape[0]
+            yield batch
+        meta["filtered"] = src.stats.to_dict()  # written into the header after the last chunk
+
+    n = write_activation_file(chunks(), out, dtype=dtype, meta=meta)
+    if n == 0:
+        raise DataError("No activations were extracted.")
+    meta.update(n=n, out=str(out))
+    return meta

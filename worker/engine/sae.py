@@ -1,0 +1,142 @@
+"""The sparse autoencoder: one module, several encoder types.
+
+Shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] — the SAELens
+layout, so export is a copy. Forward on (normalised) inputs x:
+
+    pre = (x - b_dec) @ W_enc + b_enc
+    standard: f = relu(pre)                        x_hat = f @ W_dec + b_dec
+    topk:     f = relu(topk(pre, k)) (k per token)  x_hat = sum_i f_i W_dec[i] + b_dec
+
+TopK never materialises the dense latent matrix for decoding: the decoder reads the k selected
+rows per token with ``embedding_bag``. Losses (per-element MSE so values are comparable across
+widths):
+
+    standard: mse + l1_coef * mean_tokens(sum_i f_i * ||W_dec[i]||) / d_in
+    topk:     mse + aux_k_coef * auxk, where auxk is the normalised error of reconstructing
+              the residual (x - x_hat) from the top k_aux *dead* latents (without b_dec).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor
+    loss: Tensor
+    mse: Tensor
+    aux: Tensor
+    """Sparsity penalty (standard) or AuxK loss (topk), already weighted."""
+    l0: Tensor
+    """Mean active latents per token."""
+    fired: Tensor
+    """Firing count per latent in this batch [d_sae] (int64)."""
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, encoder_type: str = "topk", k: int = 32) -> None:
+        super().__init__()
+        self.d_in, self.d_sae, self.encoder_type, self.k = d_in, d_sae, encoder_type, k
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        w = torch.randn(self.d_sae, self.d_in, generator=generator)
+        self.set_decoder(w)
+
+    @torch.no_grad()
+    def set_decoder(self, directions: Tensor) -> None:
+        """Decoder rows = the given directions at unit norm; encoder = decoder transpose."""
+        w = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component that would change decoder row norms (TopK keeps them 1)."""
+        if self.W_dec.grad is None:
+            return
+        w, g = self.W_dec, self.W_dec.grad
+        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    # ------------------------------------------------------------------ forward
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations [n, d_sae] (for evaluation and export checks)."""
+        pre = self.pre_acts(x)
+        if self.encoder_type == "topk":
+            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        return pre.relu()
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        l1_coef: float = 0.0,
+        dead_mask: Tensor | None = None,
+        k_aux: int = 0,
+        aux_coef: float = 0.0,
+    ) -> ForwardOutput:
+        pre = self.pre_acts(x)
+        if self.encoder_type == "topk":
+            return self._forward_topk(x, pre, dead_mask, k_aux, aux_coef)
+        return self._forward_standard(x, pre, l1_coef)
+
+    def _forward_standard(self, x: Tensor, pre: Tensor, l1_coef: float) -> ForwardOutput:
+        f = pre.relu()
+        x_hat = f @ self.W_dec + self.b_dec
+        mse = (x_hat.float() - x.float()).pow(2).mean()
+        weighted = (f.float() * self.W_dec.float().norm(dim=1)).sum(-1).mean() / self.d_in
+        aux = l1_coef * weighted
+        active = f > 0
+        return ForwardOutput(
+            x_hat, mse + aux, mse, aux, active.sum(-1).float().mean(),
+            active.sum(0, dtype=torch.int64),
+        )
+
+    def _forward_topk(
+        self, x: Tensor, pre: Tensor, dead_mask: Tensor | None, k_aux: int, aux_coef: float
+    ) -> ForwardOutput:
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        vals = vals.relu()
+        x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype),
+                                mode="sum") + self.b_dec
+        err = x.float() - x_hat.float()
+        mse = err.pow(2).mean()
+        aux = mse.new_zeros(())
+        if dead_mask is not None and aux_coef > 0 and k_aux > 0:
+            n_dead = int(dead_mask.sum())
+            if n_dead > 0:
+                kk = min(k_aux, n_dead)
+                masked = pre.masked_fill(~dead_mask, float("-inf"))
+                a_vals, a_idx = masked.topk(kk, dim=-1, sorted=False)
+                e_hat = F.embedding_bag(a_idx, self.W_dec,
+                                        per_sample_weights=a_vals.relu().to(self.W_dec.dtype),
+                                        mode="sum")
+                e = err.detach()
+                denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
+                auxk = (e_hat.float() - e).pow(2).sum() / denom
+                aux = aux_coef * torch.nan_to_num(auxk, nan=0.0)
+        fired_idx = idx[vals > 0]
+        fired = torch.bincount(fired_idx, minlength=self.d_sae)
+        l0 = (vals > 0).sum(-1).float().mean()
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
