@@ -86,7 +86,8 @@ class ActivationFile:
                     raise ValueError("header too large")
                 header = json.loads(fh.read(hlen))
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            raise DataError(f"'{self.path}' is not a safetensors activation file ({exc}).") from None
+            raise DataError(
+                f"'{self.path}' is not a safetensors activation file ({exc}).") from None
         if ACT_KEY not in header:
             keys = ", ".join(k for k in header if k != "__metadata__") or "none"
             raise DataError(f"'{self.path}' has no tensor named '{ACT_KEY}' (found: {keys}).")

@@ -29,7 +29,8 @@ from .errors import CheckpointError
 from .sae import SAE
 
 SAELENS_VERSION = "6.0.0"  # the layout version we write; the loader needs >= 6.0.0
-HOOK_NAMES = {"residual": "blocks.{layer}.hook_resid_post", "mlp_out": "blocks.{layer}.hook_mlp_out",
+HOOK_NAMES = {"residual": "blocks.{layer}.hook_resid_post",
+              "mlp_out": "blocks.{layer}.hook_mlp_out",
               "attn_out": "blocks.{layer}.hook_attn_out"}
 
 

@@ -1,0 +1,177 @@
+"""Activation files and live extraction on a real tiny model over the bundled KJV corpus."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from worker.engine.activations import (
+    ActivationFile,
+    CachedActivations,
+    LiveActivations,
+    write_activation_file,
+)
+from worker.engine.config import TrainConfig
+from worker.engine.corpora import build_token_store
+from worker.engine.errors import DataError
+from worker.engine.models import extract_layer, load_model
+from worker.engine.trainer import Callbacks, Trainer
+
+from .tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    loaded = load_model(str(make_tiny_model("llama", root / "llama")))
+    store = build_token_store("kjv", loaded.tokenizer, root / "tokens", context_size=32,
+                              max_tokens=32 * 300)
+    return loaded, store
+
+
+def _live(tiny, **kw):
+    loaded, store = tiny
+    opts = dict(seed=3, buffer_tokens=2048, holdout_tokens=256, batch_contexts=8)
+    opts.update(kw)
+    return LiveActivations(loaded.model, store, 1, "residual", **opts)
+
+
+# ---------------------------------------------------------------------------- files
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_file_round_trip(tmp_path, dtype):
+    x = torch.randn(1000, 24)
+    n = write_activation_file(x.split(300), tmp_path / "a.safetensors", dtype=dtype,
+                              meta={"model": "m", "layer": 3})
+    f = ActivationFile(tmp_path / "a.safetensors")
+    assert (n, f.n, f.d_in) == (1000, 1000, 24)
+    assert f.meta == {"model": "m", "layer": 3}
+    torch.testing.assert_close(f.rows(slice(0, 1000)), x.to(dtype).float())
+    torch.testing.assert_close(f.rows(np.array([5, 7])), x[[5, 7]].to(dtype).float())
+    # The file is a plain safetensors file that safetensors itself reads.
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "a.safetensors"))["activations"].shape == (1000, 24)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_activation_file_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        ActivationFile(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(DataError, match="not a safetensors"):
+        ActivationFile(bad)
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DataError, match="no tensor named 'activations'.*other"):
+        ActivationFile(tmp_path / "other.safetensors")
+    good = tmp_path / "good.safetensors"
+    write_activation_file([torch.randn(100, 8)], good)
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-64])
+    with pytest.raises(DataError, match="truncated"):
+        ActivationFile(truncated)
+
+
+def test_cached_source_epochs_holdout_and_resume(tmp_path):
+    x = torch.arange(1200, dtype=torch.float32)[:, None].repeat(1, 4)
+    write_activation_file([x], tmp_path / "a.safetensors")
+    src = CachedActivations(tmp_path / "a.safetensors", seed=1, holdout=100)
+    assert src.n_train == 1100
+    held = src.holdout()[:, 0].long().tolist()
+    assert held == list(range(1100, 1200))
+    epoch = torch.cat([src.next_batch(100) for _ in range(11)])[:, 0].long()
+    assert sorted(epoch.tolist()) == list(range(1100))  # every training row once per epoch
+    state = src.state_dict()
+    after = [src.next_batch(64) for _ in range(3)]
+    again = CachedActivations(tmp_path / "a.safetensors", seed=1, holdout=100)
+    again.load_state_dict(state)
+    for a, b in zip(after, [again.next_batch(64) for _ in range(3)], strict=True):
+        assert torch.equal(a, b)
+    other_seed = CachedActivations(tmp_path / "a.safetensors", seed=2, holdout=100)
+    assert not torch.equal(other_seed.next_batch(100), CachedActivations(
+        tmp_path / "a.safetensors", seed=1, holdout=100).next_batch(100))
+
+
+# ---------------------------------------------------------------------------- live extraction
+def test_live_filters_position0_special_tokens_and_outliers(tiny):
+    loaded, store = tiny
+    src = _live(tiny, max_epochs=1, holdout_tokens=0)
+    total = 0
+    while True:
+        try:
+            total += src.next_batch(500).shape[0]
+        except StopIteration:
+            break
+    s = src.stats
+    assert s.seen == store.n_contexts * store.context_size
+    assert s.position0 == store.n_contexts
+    # Separator tokens between verses are special tokens: they were excluded.
+    ids = np.asarray(store.contexts)[:, 1:]
+    assert s.special == int(np.isin(ids, store.special_ids).sum()) > 0
+    assert total == s.kept == s.seen - s.position0 - s.special - s.outliers
+
+    strict = _live(tiny, max_epochs=1, holdout_tokens=0, outlier_factor=1.0)
+    kept = strict.next_batch(400)
+    assert strict.stats.outliers > 0
+    assert kept.norm(dim=1).max() <= strict.median * 1.0 * 1.5
+
+
+def test_live_batches_mix_many_contexts(tiny):
+    loaded, store = tiny
+    src = _live(tiny, holdout_tokens=0)
+    batch = src.next_batch(64)
+    # Identify the context of each served vector by matching it against a direct extraction.
+    ids = torch.from_numpy(np.asarray(store.contexts, dtype=np.int64))
+    ref = torch.cat([extract_layer(loaded.model, ids[i:i + 50], 1) for i in
+                     range(0, len(ids), 50)]).float()
+    ctx_of = torch.arange(len(ids))[:, None].expand(-1, ids.shape[1]).reshape(-1)
+    flat = ref.reshape(-1, ref.shape[-1])
+    nearest = torch.cdist(batch, flat).argmin(dim=1)
+    assert torch.allclose(flat[nearest], batch, atol=1e-4)
+    assert len(set(ctx_of[nearest].tolist())) >= 30  # 64 vectors from at least 30 contexts
+
+
+def test_live_stream_resumes_exactly(tiny):
+    a = _live(tiny)
+    for _ in range(7):  # cross a few buffer rounds
+        a.next_batch(300)
+    state = a.state_dict()
+    expected = [a.next_batch(300) for _ in range(6)]
+    b = _live(tiny)
+    b.load_state_dict(state)
+    for want, got in zip(expected, [b.next_batch(300) for _ in range(6)], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_live_holdout_is_disjoint_from_training(tiny):
+    loaded, store = tiny
+    src = _live(tiny, holdout_tokens=256)
+    assert len(src.holdout_ids) == math.ceil(256 / 31)
+    assert src.holdout_ids.min() >= src.n_train_ctx
+    assert src.holdout().shape[1] == loaded.info.hidden_size
+
+
+def test_live_training_resume_matches_uninterrupted(tiny, tmp_path):
+    loaded, store = tiny
+    cfg = TrainConfig(model="tiny", dataset="kjv", layer=1, k=4, expansion_factor=4,
+                      batch_size=128, total_steps=30, log_every=5, auto_save_interval=10,
+                      eval_tokens=256, buffer_tokens=2048)
+
+    def run(out, resume=None, control=None):
+        rows = []
+        src = _live(tiny)
+        cb = Callbacks(on_metrics=rows.append, control=control or (lambda s: None))
+        return Trainer(cfg, src, out, callbacks=cb).fit(resume=resume), rows
+
+    full, full_rows = run(tmp_path / "full")
+    run(tmp_path / "part", control=lambda s: "stop" if s == 20 else None)
+    resumed, rows = run(tmp_path / "part",
+                        resume=tmp_path / "part" / "checkpoints" / "step_00000020.safetensors")
+    assert [r["step"] for r in rows] == [25, 30]
+    for a, b in zip(full_rows[-2:], rows, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
