@@ -74,7 +74,9 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def pre_acts(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        # = (x - b_dec) @ W_enc + b_enc, arranged so that backward needs no [n, d_in] input
+        # gradient: b_dec reaches the pre-activations through one vector-matrix product.
+        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent activations [n, d_sae] (for evaluation and export checks)."""

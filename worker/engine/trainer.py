@@ -465,19 +465,28 @@ class Trainer:
         x = self.source.holdout()
         if not len(x):
             return {}
+        chunk_size = min(self.micro, 4096)
+        while True:
+            try:
+                return self._evaluate(x, chunk_size)
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled
+                if not is_oom(exc) or chunk_size <= 1:
+                    raise
+                torch.cuda.empty_cache()
+                chunk_size //= 2
+
+    def _evaluate(self, x: Tensor, chunk_size: int) -> dict[str, Any]:
         err = var = l0 = 0.0
         counts = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         mean = (x.float().mean(0) * self.scale).to(self.device)
-        for chunk in x.split(self.micro):
+        for chunk in x.split(chunk_size):
             chunk = chunk.to(self.device).float() * self.scale
             with self._autocast():
-                f = self.sae.encode(chunk)
-                x_hat = self.sae.decode(f)
-            err += float((x_hat.float() - chunk).pow(2).sum())
+                out = self.sae(chunk)
+            err += float((out.x_hat.float() - chunk).pow(2).sum())
             var += float((chunk - mean).pow(2).sum())
-            active = f > 0
-            l0 += float(active.sum())
-            counts += active.sum(0)
+            l0 += float(out.l0) * len(chunk)
+            counts += out.fired
         freq = counts.float().cpu() / len(x)
         fvu = err / var if var > 0 else float("nan")
         return {"tokens": len(x), "fvu": fvu, "explained_variance": 1 - fvu,

@@ -1,0 +1,152 @@
+"""The sae-studio command line: real runs on real tensors, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.cli import main
+from worker.engine.activations import ActivationFile
+
+from .engine.synthetic import write_sparse_file
+from .engine.tiny_models import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory) -> Path:
+    return write_sparse_file(tmp_path_factory.mktemp("cli") / "acts.safetensors", n=12_000)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("cli-model") / "llama")
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _fails_cleanly(capsys, argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sae-studio: error: ") and match in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_train_on_activation_file(acts, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--activations", str(acts), "--encoder-type", "topk", "--k", "4",
+               "--expansion-factor", "4", "--batch-size", "512", "--total-steps", "40",
+               "--auto-save-interval", "20", "--seed", "1", "--device", "cpu",
+               "--out", str(out)])
+    assert rc == 0
+    result = _last_json(capsys.readouterr().out)
+    for key in ("steps", "tokens", "tokens_per_s", "fvu", "l0", "dead_frac", "out"):
+        assert key in result
+    assert result["steps"] == 40 and result["tokens"] == 40 * 512
+    assert result["out"] == str(out) and 0 < result["fvu"] < 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000020.safetensors", "step_00000040.safetensors"]
+    assert (out / "saelens" / "cfg.json").is_file()
+
+
+def test_config_file_and_flag_override(acts, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'activations = "{acts}"\nk = 3\nexpansion-factor = 2\nbatch_size = 256\n'
+                   "total_steps = 7\nauto_save_interval = 0\n")
+    assert main(["train", "--config", str(cfg), "--total-steps", "5", "--out",
+                 str(tmp_path / "r")]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["steps"] == 5 and result["l0"] == pytest.approx(3, abs=0.1)
+    saved = json.loads((tmp_path / "r" / "saelens" / "cfg.json").read_text())
+    assert saved["k"] == 3 and saved["d_sae"] == 64
+
+
+def test_resume_from_run_folder(acts, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--activations", str(acts), "--k", "4", "--expansion-factor", "2",
+            "--batch-size", "256", "--auto-save-interval", "10", "--out", str(out)]
+    assert main(["train", *base, "--total-steps", "20"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--total-steps", "30"]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["steps"] == 30 and result["tokens"] == 30 * 256
+
+
+def test_extract_then_train_and_info(tiny, tmp_path, capsys):
+    out = tmp_path / "acts.safetensors"
+    assert main(["--data-dir", str(tmp_path / "data"), "extract", "--model", str(tiny),
+                 "--dataset", "kjv", "--layer", "1", "--max-tokens", "3000", "--context-size",
+                 "32", "--out", str(out)]) == 0
+    meta = _last_json(capsys.readouterr().out)
+    f = ActivationFile(out)
+    assert f.n == meta["n"] == 3000 and f.d_in == 32
+    assert f.meta["layer"] == 1 and f.meta["filtered"]["position0"] > 0
+    assert main(["train", "--activations", str(out), "--k", "4", "--batch-size", "256",
+                 "--total-steps", "5", "--out", str(tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
+    assert saved["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert saved["metadata"]["context_size"] == 32
+    capsys.readouterr()
+    assert main(["info", str(tiny), "--json", "--expansion-factor", "4"]) == 0
+    info = _last_json(capsys.readouterr().out)
+    assert info["n_layers"] == 3 and info["hidden_size"] == 32
+    assert info["sae"]["d_sae"] == 128 and info["memory"]["total"] > 0
+
+
+def test_train_from_model_and_dataset_defaults_to_middle_layer(tiny, tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path / "data"), "train", "--model", str(tiny),
+                 "--dataset", "kjv", "--max-tokens", "6000", "--context-size", "32",
+                 "--k", "4", "--batch-size", "128", "--total-steps", "6",
+                 "--buffer-tokens", "1024", "--eval-tokens", "256",
+                 "--out", str(tmp_path / "run")]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["steps"] == 6
+    saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
+    assert saved["d_sae"] == 8 * 32  # default expansion factor 8
+    assert saved["metadata"]["hook_name"] == "blocks.1.hook_resid_post"  # middle of 3 layers
+
+
+def test_bad_input_is_one_line_and_exit_2(acts, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fails_cleanly(capsys, ["train", "--activations", str(tmp_path / "nope.safetensors")],
+                   "does not exist")
+    _fails_cleanly(capsys, ["train", "--activations", str(acts), "--k", "999",
+                            "--latent-dim", "64"], "cannot exceed")
+    _fails_cleanly(capsys, ["--data-dir", str(tmp_path), "train", "--model", str(tiny),
+                            "--dataset", "kjv", "--layer", "9"], "out of range")
+    _fails_cleanly(capsys, ["--data-dir", str(tmp_path), "train", "--model",
+                            "no-such-org/no-such-model-xyz", "--dataset", "kjv"],
+                   "no-such-org/no-such-model-xyz")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage")
+    _fails_cleanly(capsys, ["export", str(bad), "--out", str(tmp_path / "x")], "corrupt")
+    _fails_cleanly(capsys, ["train", "--resume", str(bad)], "corrupt")
+    _fails_cleanly(capsys, ["train", "--activations", str(acts), "--config",
+                            str(tmp_path / "missing.toml")], "does not exist")
+    assert main.__module__ == "worker.cli"
+
+
+def test_console_entry_points(acts, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "worker", "train", "--help"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--model", "--dataset", "--layer", "--hook-point", "--activations",
+                 "--encoder-type", "--k", "--l1-alpha", "--latent-dim", "--expansion-factor",
+                 "--learning-rate", "--batch-size", "--total-steps", "--auto-save-interval",
+                 "--seed", "--device", "--resume", "--out"):
+        assert flag in proc.stdout, flag
+    proc = subprocess.run([sys.executable, "-m", "worker", "train", "--activations",
+                           str(tmp_path / "missing")], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert torch.__version__  # the suite runs on the pinned CPU torch
