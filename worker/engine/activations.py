@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
+from .files import file_mode, fsync_dir
 
 ACT_KEY = "activations"
 _ST_DTYPES = {"F32": (np.float32, torch.float32, 4), "BF16": (np.int16, torch.bfloat16, 2),
@@ -154,7 +155,9 @@ def write_activation_file(
                 out.write(block)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(final_tmp, file_mode())
         os.replace(final_tmp, path)
+        fsync_dir(path.parent)
         final_tmp = None
     finally:
         Path(raw).unlink(missing_ok=True)
@@ -384,6 +387,21 @@ class LiveActivations:
         if not out:
             raise StopIteration
         return torch.cat(out)
+
+    def buffered(self) -> int:
+        """Vectors already extracted and not yet served."""
+        left = 0 if self._served is None else self._served.shape[0] - self.offset
+        return left + (0 if self._keep is None else self._keep.shape[0])
+
+    def drain(self) -> None:
+        """Extract nothing more: the rest of the stream is what the buffer holds (for extract)."""
+        if self._served is None:
+            return
+        rest = torch.cat([self._served[self.offset:]]
+                         + ([self._keep] if self._keep is not None else []))
+        g = _gen(self.seed, 32452843, self.round)
+        self._served = rest[torch.randperm(rest.shape[0], generator=g).to(rest.device)]
+        self.offset, self._keep, self.exhausted = 0, None, True
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "live", "round": self.round, "offset": self.offset,

@@ -58,6 +58,8 @@ class TrainConfig:
     aux_k: int | None = None
     """Dead latents used by the AuxK loss; None = d_in // 2."""
     aux_k_coef: float = 1 / 32
+    aux_k_frac: float = 0.25
+    """Fraction of each micro-batch (shuffled rows) the AuxK loss is computed on; 1 = all."""
     l1_alpha: float = 5.0
     """L1 coefficient (standard), on decoder-norm-weighted activations of unit-scaled inputs."""
     l1_warmup_frac: float = 0.05
@@ -180,6 +182,8 @@ class TrainConfig:
             bad("batch_size must be a multiple of micro_batch_size.")
         if not 0 <= self.l1_warmup_frac <= 1 or not 0 <= self.lr_decay_frac <= 1:
             bad("l1_warmup_frac and lr_decay_frac must be between 0 and 1.")
+        if not 0 < self.aux_k_frac <= 1:
+            bad(f"aux_k_frac must be in (0, 1] (got {self.aux_k_frac}).")
         if self.layer is not None and self.layer < 0:
             bad(f"layer must be 0 or more (got {self.layer}).")
         if n_layers is not None and self.layer is not None and self.layer >= n_layers:

@@ -125,6 +125,8 @@ def extract_to_file(
     def chunks() -> Iterator[torch.Tensor]:
         left = max_tokens
         while left > 0:
+            if left <= src.buffered():
+                src.drain()  # the buffer already holds enough: extract no more
             try:
                 batch = src.next_batch(min(left, 65_536))
             except StopIteration:

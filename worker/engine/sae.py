@@ -97,10 +97,11 @@ class SAE(nn.Module):
         dead_mask: Tensor | None = None,
         k_aux: int = 0,
         aux_coef: float = 0.0,
+        aux_frac: float = 1.0,
     ) -> ForwardOutput:
         pre = self.pre_acts(x)
         if self.encoder_type == "topk":
-            return self._forward_topk(x, pre, dead_mask, k_aux, aux_coef)
+            return self._forward_topk(x, pre, dead_mask, k_aux, aux_coef, aux_frac)
         return self._forward_standard(x, pre, l1_coef)
 
     def _forward_standard(self, x: Tensor, pre: Tensor, l1_coef: float) -> ForwardOutput:
@@ -116,7 +117,8 @@ class SAE(nn.Module):
         )
 
     def _forward_topk(
-        self, x: Tensor, pre: Tensor, dead_mask: Tensor | None, k_aux: int, aux_coef: float
+        self, x: Tensor, pre: Tensor, dead_mask: Tensor | None, k_aux: int, aux_coef: float,
+        aux_frac: float = 1.0,
     ) -> ForwardOutput:
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         vals = vals.relu()
@@ -129,12 +131,15 @@ class SAE(nn.Module):
             n_dead = int(dead_mask.sum())
             if n_dead > 0:
                 kk = min(k_aux, n_dead)
-                masked = pre.masked_fill(~dead_mask, float("-inf"))
-                a_vals, a_idx = masked.topk(kk, dim=-1, sorted=False)
+                rows = max(1, int(x.shape[0] * aux_frac))  # a random subset: rows are shuffled
+                dead_idx = dead_mask.nonzero().squeeze(1)
+                sub = pre[:rows].index_select(1, dead_idx)
+                a_vals, a_pos = sub.topk(kk, dim=-1, sorted=False)
+                a_idx = dead_idx[a_pos]
                 e_hat = F.embedding_bag(a_idx, self.W_dec,
                                         per_sample_weights=a_vals.relu().to(self.W_dec.dtype),
                                         mode="sum")
-                e = err.detach()
+                e = err[:rows].detach()
                 denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
                 auxk = (e_hat.float() - e).pow(2).sum() / denom
                 aux = aux_coef * torch.nan_to_num(auxk, nan=0.0)

@@ -202,9 +202,15 @@ class Trainer:
             pick = torch.randperm(sample.shape[0], generator=g)[:n]
             directions[:n] = sample[pick] - b_dec
         self.sae.set_decoder(directions.to(self.device))
-        if cfg.encoder_type == "standard":
-            # ReLU latents start small so the first steps do not blow up the L1 term.
-            self.sae.W_enc.mul_(0.1)
+        # Scale the encoder so the first reconstructions have the right size: the least-squares
+        # factor between (x_hat - b_dec) and (x - b_dec) on the sample. Without it, k latents
+        # aligned with x each fire at ~||x|| and the SAE spends its first steps shrinking them.
+        x = sample[:4096].to(self.device)
+        centred = x - self.sae.b_dec
+        recon = self.sae.decode(self.sae.encode(x)) - self.sae.b_dec
+        denom = recon.pow(2).sum()
+        if denom > 0:
+            self.sae.W_enc.mul_(((recon * centred).sum() / denom).clamp(1e-3, 1e3))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, reason: str = "auto") -> Path:
@@ -287,7 +293,7 @@ class Trainer:
             w = chunk.shape[0] / n
             with self._autocast():
                 out = self.sae(chunk, l1_coef=l1_coef, dead_mask=dead, k_aux=self.k_aux,
-                               aux_coef=self.cfg.aux_k_coef)
+                               aux_coef=self.cfg.aux_k_coef, aux_frac=self.cfg.aux_k_frac)
             self.scaler.scale(out.loss * w).backward()
             with torch.no_grad():
                 acc["loss"] += out.loss.detach() * w
