@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         sae.save_inference_model(args.save_sae)
 
     text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result))  # one line: the last stdout line is the result
     if args.json_out:
         with open(args.json_out, "w") as f:
             f.write(text + "\n")

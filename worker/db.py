@@ -1,0 +1,217 @@
+"""The app's data: peewee models on SQLite (WAL), shared by the web process and the worker.
+
+Imports peewee only (no Flask, no torch). The database path is known at run time:
+``init_db(path)`` binds the deferred ``db`` and creates or migrates the schema. Connections are
+per thread; the web opens one per request, the worker one per task (``db.connection_context()``)
+and writes in short ``db.atomic()`` blocks.
+
+Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades version i to i+1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from peewee import (
+    BooleanField,
+    CharField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    SqliteDatabase,
+    TextField,
+)
+
+db = SqliteDatabase(None)
+
+MODEL_STATUSES = ("queued", "preparing", "ready", "error")
+DATASET_STATUSES = MODEL_STATUSES
+TRAINING_STATUSES = ("queued", "initializing", "training", "paused", "stopping", "completed",
+                     "stopped", "failed", "interrupted")
+RUNNING = ("initializing", "training", "paused", "stopping")
+"""A worker holds the job: it must mark it finished (or the next start marks it interrupted)."""
+FINISHED = ("completed", "stopped", "failed", "interrupted")
+RETRYABLE = ("stopped", "failed", "interrupted")
+REQUESTS = ("pause", "resume", "stop", "save")
+
+
+def now() -> float:
+    return time.time()
+
+
+class JSONField(TextField):
+    """JSON stored as text (no json1 extension needed)."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    created_at = FloatField(default=now)
+    updated_at = FloatField(default=now)
+
+    class Meta:
+        database = db
+
+    def save(self, *args: Any, **kwargs: Any) -> int:
+        self.updated_at = now()
+        return super().save(*args, **kwargs)
+
+
+class LanguageModel(BaseModel):
+    """A transformers model the user added (UI area "Models")."""
+
+    name = CharField()
+    source = CharField()
+    status = CharField(default="queued", index=True)
+    error = TextField(null=True)
+    progress = FloatField(default=0.0)
+    message = TextField(null=True)
+    path = TextField(null=True)
+    architecture = CharField(null=True)
+    model_type = CharField(null=True)
+    n_layers = IntegerField(null=True)
+    hidden_dim = IntegerField(null=True)
+    vocab_size = IntegerField(null=True)
+    n_params = IntegerField(null=True)
+    dtype = CharField(null=True)
+    is_causal = BooleanField(null=True)
+    hook_points = JSONField(null=True)
+
+    class Meta:
+        table_name = "language_model"
+
+
+class Dataset(BaseModel):
+    """A corpus the user added (UI area "Datasets")."""
+
+    name = CharField()
+    source = TextField()
+    status = CharField(default="queued", index=True)
+    error = TextField(null=True)
+    progress = FloatField(default=0.0)
+    message = TextField(null=True)
+    context_size = IntegerField(default=128)
+    max_tokens = IntegerField(null=True)
+    text_field = CharField(default="text")
+    n_documents = IntegerField(null=True)
+    n_tokens = IntegerField(null=True)
+    samples = JSONField(null=True)
+
+    class Meta:
+        table_name = "dataset"
+
+
+class Training(BaseModel):
+    """One SAE training job. ``config`` is the engine's TrainConfig as a dict."""
+
+    model = ForeignKeyField(LanguageModel, backref="trainings", on_delete="CASCADE")
+    dataset = ForeignKeyField(Dataset, backref="trainings", on_delete="CASCADE")
+    status = CharField(default="queued", index=True)
+    error = TextField(null=True)
+    config = JSONField()
+    current_step = IntegerField(default=0)
+    total_steps = IntegerField()
+    requested = CharField(null=True)
+    """A control request from the web (pause, resume, stop, save) the worker picks up."""
+    out_dir = TextField(null=True)
+    latest = JSONField(null=True)
+    """The newest metrics row (as the engine reports it)."""
+    result = JSONField(null=True)
+    """The engine's final result (held-out evaluation) once finished."""
+    estimate = JSONField(null=True)
+    started_at = FloatField(null=True)
+    finished_at = FloatField(null=True)
+    device = CharField(null=True)
+
+    class Meta:
+        table_name = "training"
+
+
+class Metric(BaseModel):
+    """One metrics row per training and step (append-only)."""
+
+    training = ForeignKeyField(Training, backref="metrics", on_delete="CASCADE")
+    step = IntegerField()
+    data = JSONField()
+
+    class Meta:
+        table_name = "metric"
+        indexes = ((("training", "step"), True),)
+
+
+class Checkpoint(BaseModel):
+    training = ForeignKeyField(Training, backref="checkpoints", on_delete="CASCADE")
+    step = IntegerField()
+    path = TextField()
+    loss = FloatField(null=True)
+    size_bytes = IntegerField(default=0)
+    is_best = BooleanField(default=False)
+    reason = CharField(default="auto")
+
+    class Meta:
+        table_name = "checkpoint"
+        indexes = ((("training", "step"), True),)
+
+
+class LogLine(BaseModel):
+    training = ForeignKeyField(Training, backref="log_lines", on_delete="CASCADE")
+    level = CharField(default="info")
+    message = TextField()
+
+    class Meta:
+        table_name = "log_line"
+
+
+class WorkerHeartbeat(BaseModel):
+    """Written by each running worker every few seconds; the top bar shows its age."""
+
+    name = CharField(unique=True)
+    pid = IntegerField()
+    device = CharField()
+    device_name = CharField(null=True)
+    device_memory = IntegerField(null=True)
+    gflops = FloatField(null=True)
+    """Measured fp32 matmul throughput of the device (for the web's time estimate)."""
+
+    class Meta:
+        table_name = "worker_heartbeat"
+
+
+TABLES = [LanguageModel, Dataset, Training, Metric, Checkpoint, LogLine, WorkerHeartbeat]
+
+
+def _v0_to_v1(database: SqliteDatabase) -> None:
+    database.create_tables(TABLES)
+
+
+MIGRATIONS = [_v0_to_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def init_db(path: Path | str) -> SqliteDatabase:
+    """Bind ``db`` to the SQLite file at ``path`` (WAL) and bring its schema up to date."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db.init(str(path), pragmas={"journal_mode": "wal", "foreign_keys": 1,
+                                "synchronous": "normal", "busy_timeout": 10_000},
+            timeout=10, check_same_thread=False)
+    with db.connection_context():
+        version = db.execute_sql("PRAGMA user_version").fetchone()[0]
+        for i in range(version, SCHEMA_VERSION):
+            with db.atomic():
+                MIGRATIONS[i](db)
+                db.execute_sql(f"PRAGMA user_version = {i + 1}")
+    return db
+
+
+def data_version() -> int:
+    """SQLite's PRAGMA data_version: changes when another connection commits (a cheap poll)."""
+    return db.execute_sql("PRAGMA data_version").fetchone()[0]
