@@ -37,6 +37,39 @@ class ForwardOutput(NamedTuple):
     """Firing count per latent in this batch [d_sae] (int64)."""
 
 
+class _TopKEncode(torch.autograd.Function):
+    """TopK selection whose backward touches only the k selected latents per token.
+
+    Forward: pre = x @ W_enc + bias (dense: every pre-activation is needed to choose the top k),
+    then the k largest per row. Backward: the gradient reaches W_enc only at the selected
+    (token, latent) pairs, so instead of a dense [d_in, n] x [n, d_sae] product it is a sparse
+    accumulation of k rows per token — computed by ``embedding_bag``'s backward, which sums
+    g[b, j] * x[b] into row idx[b, j] without materialising a [n, k, d_in] tensor. The inputs
+    ``x`` get no gradient (they are data).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_enc: Tensor, bias: Tensor, k: int):  # type: ignore[override]
+        pre = torch.addmm(bias, x, w_enc)  # one fused pass; autocast makes it bf16/fp16
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x, idx)
+        ctx.shape = w_enc.shape
+        ctx.mark_non_differentiable(idx, pre)
+        return vals, idx, pre
+
+    @staticmethod
+    def backward(ctx, g_vals: Tensor, _g_idx: Tensor, _g_pre: Tensor):  # type: ignore[override]
+        x, idx = ctx.saved_tensors
+        d_in, d_sae = ctx.shape
+        g = g_vals.float()
+        g_bias = torch.zeros(d_sae, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        with torch.enable_grad():
+            w_t = torch.zeros(d_sae, d_in, device=x.device, requires_grad=True)
+            rows = F.embedding_bag(idx, w_t, per_sample_weights=g, mode="sum")
+            (g_w_t,) = torch.autograd.grad(rows, w_t, grad_outputs=x.float())
+        return None, g_w_t.t(), g_bias, None
+
+
 class SAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, encoder_type: str = "topk", k: int = 32) -> None:
         super().__init__()
@@ -99,10 +132,9 @@ class SAE(nn.Module):
         aux_coef: float = 0.0,
         aux_frac: float = 1.0,
     ) -> ForwardOutput:
-        pre = self.pre_acts(x)
         if self.encoder_type == "topk":
-            return self._forward_topk(x, pre, dead_mask, k_aux, aux_coef, aux_frac)
-        return self._forward_standard(x, pre, l1_coef)
+            return self._forward_topk(x, dead_mask, k_aux, aux_coef, aux_frac)
+        return self._forward_standard(x, self.pre_acts(x), l1_coef)
 
     def _forward_standard(self, x: Tensor, pre: Tensor, l1_coef: float) -> ForwardOutput:
         f = pre.relu()
@@ -117,10 +149,11 @@ class SAE(nn.Module):
         )
 
     def _forward_topk(
-        self, x: Tensor, pre: Tensor, dead_mask: Tensor | None, k_aux: int, aux_coef: float,
+        self, x: Tensor, dead_mask: Tensor | None, k_aux: int, aux_coef: float,
         aux_frac: float = 1.0,
     ) -> ForwardOutput:
-        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        bias = self.b_enc - self.b_dec @ self.W_enc  # = pre-activation offset, through autograd
+        vals, idx, pre = _TopKEncode.apply(x, self.W_enc, bias, self.k)
         vals = vals.relu()
         x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype),
                                 mode="sum") + self.b_dec
@@ -133,9 +166,13 @@ class SAE(nn.Module):
                 kk = min(k_aux, n_dead)
                 rows = max(1, int(x.shape[0] * aux_frac))  # a random subset: rows are shuffled
                 dead_idx = dead_mask.nonzero().squeeze(1)
-                sub = pre[:rows].index_select(1, dead_idx)
-                a_vals, a_pos = sub.topk(kk, dim=-1, sorted=False)
+                # Select on the detached pre-activations, then recompute the chosen dead
+                # latents' values with autograd (only n_dead columns, on a quarter of the rows).
+                a_pos = pre[:rows].index_select(1, dead_idx).topk(kk, dim=-1, sorted=False)[1]
                 a_idx = dead_idx[a_pos]
+                w_dead = self.W_enc.index_select(1, dead_idx)
+                sub = x[:rows] @ w_dead + bias.index_select(0, dead_idx)
+                a_vals = sub.gather(1, a_pos)
                 e_hat = F.embedding_bag(a_idx, self.W_dec,
                                         per_sample_weights=a_vals.relu().to(self.W_dec.dtype),
                                         mode="sum")
