@@ -110,6 +110,9 @@ def test_train_from_model_and_dataset_defaults_to_middle_layer(tiny, tmp_path, c
                  "--out", str(tmp_path / "run")]) == 0
     result = _last_json(capsys.readouterr().out)
     assert result["steps"] == 6
+    f = result["filtered"]
+    assert f["position0"] > 0 and f["special"] > 0
+    assert f["kept"] == f["seen"] - f["position0"] - f["special"] - f["outliers"]
     saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
     assert saved["d_sae"] == 8 * 32  # default expansion factor 8
     assert saved["metadata"]["hook_name"] == "blocks.1.hook_resid_post"  # middle of 3 layers

@@ -62,12 +62,14 @@ class TrainResult:
     checkpoint: str
     stopped: bool = False
     eval: dict[str, Any] = field(default_factory=dict)
+    filtered: dict[str, int] | None = None
+    """Live extraction only: tokens seen and excluded (position 0, special, outliers), kept."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 1), "fvu": self.fvu, "l0": self.l0,
                 "dead_frac": self.dead_frac, "out": self.out, "checkpoint": self.checkpoint,
-                "stopped": self.stopped, "eval": self.eval}
+                "stopped": self.stopped, "eval": self.eval, "filtered": self.filtered}
 
 
 # ---------------------------------------------------------------------------- device helpers
@@ -440,6 +442,12 @@ class Trainer:
             fvu=evaluation.get("fvu", float("nan")), l0=evaluation.get("l0", float("nan")),
             dead_frac=dead_now / self.d_sae, out=str(self.out_dir), checkpoint=str(final),
             stopped=stopped, eval=evaluation)
+        stats = getattr(self.source, "stats", None)
+        if stats is not None:
+            result.filtered = stats.to_dict()
+            self.cb.on_log(f"Activations: {stats.kept:,} kept of {stats.seen:,} tokens; excluded "
+                           f"{stats.position0:,} at position 0, {stats.special:,} special, "
+                           f"{stats.outliers:,} outliers.")
         self.cb.on_log(f"Finished at step {self.step}: held-out FVU {result.fvu:.4f}, "
                        f"L0 {result.l0:.1f}, dead {100 * result.dead_frac:.1f}%; "
                        f"SAELens export in {export_dir}.")
