@@ -26,7 +26,21 @@ from peewee import (
     TextField,
 )
 
-db = SqliteDatabase(None)
+
+class AppDatabase(SqliteDatabase):
+    """Transactions take the write lock when they begin (BEGIN IMMEDIATE).
+
+    With WAL, a deferred transaction that reads and then writes fails at once with "database is
+    locked" when another connection committed in between; an immediate one waits its turn
+    (busy_timeout). Web requests and worker threads all write in short read-then-write blocks.
+    """
+
+    def atomic(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        kwargs.setdefault("lock_type", "IMMEDIATE")
+        return super().atomic(*args, **kwargs)
+
+
+db = AppDatabase(None)
 
 MODEL_STATUSES = ("queued", "preparing", "ready", "error")
 DATASET_STATUSES = MODEL_STATUSES

@@ -1,0 +1,110 @@
+"""Models and datasets: add, prepare (inline), validate, delete."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker import jobs
+from worker.db import Dataset, LanguageModel
+
+
+def test_web_imports_no_torch() -> None:
+    code = (
+        "import sys, tempfile, os\n"
+        "os.environ['SAE_STUDIO_DATA'] = tempfile.mkdtemp()\n"
+        "import worker.jobs as jobs, worker.tasks, worker.progress, worker.settings\n"
+        "from worker.db import init_db\n"
+        "from worker import settings\n"
+        "init_db(settings.app_db_path())\n"
+        "jobs.estimate(None, {}); jobs.health(); jobs.training_defaults(None)\n"
+        "jobs.form_choices(); jobs.interrupt_running(); jobs.list_trainings()\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+
+
+def test_add_model_ready(model: LanguageModel) -> None:
+    m = jobs.get_model(model.id)
+    assert (m.status, m.n_layers, m.hidden_dim) == ("ready", 6, 384)
+    assert m.name == "minilm-l6" and m.source == "minilm-l6"
+    assert m.architecture and m.model_type == "bert" and m.is_causal is False
+    assert m.vocab_size > 1000 and m.n_params > 1_000_000 and m.dtype == "float32"
+    assert "residual" in m.hook_points and Path(m.path).is_dir()
+    d = jobs.model_as_dict(m)
+    assert d["hidden_dim"] == 384 and d["progress"] == 1.0
+    assert [x.id for x in jobs.list_models()] == [m.id]
+
+
+def test_add_model_errors(data_dir: Path) -> None:
+    m = jobs.add_model("no-such-org/no-such-model-xyz", name="Nope")
+    assert m.status == "error" and m.name == "Nope"
+    assert m.error and m.error.endswith(".") and "no-such-model-xyz" in m.error
+    with pytest.raises(jobs.Invalid) as exc:
+        jobs.add_model("  ")
+    assert exc.value.status == 422 and "source" in exc.value.errors
+    with pytest.raises(jobs.NotFound, match="Model 999 does not exist."):
+        jobs.get_model(999)
+    with pytest.raises(jobs.NotFound):
+        jobs.get_model("abc")
+    jobs.delete_model(m.id)
+    assert LanguageModel.select().count() == 0
+
+
+def test_dataset_kjv_without_model(data_dir: Path) -> None:
+    d = jobs.add_dataset("KJV", context_size="64", max_tokens="4096")
+    assert d.status == "ready", d.error
+    assert d.source == "kjv" and d.n_documents == 31102 and d.n_tokens is None
+    assert d.message == "tokenised when a training starts" and len(d.samples) == 3
+
+
+def test_dataset_kjv_tokenised(dataset: Dataset, data_dir: Path) -> None:
+    assert dataset.n_tokens == 16384 and len(dataset.samples) == 3
+    assert dataset.context_size == 64 and dataset.max_tokens == 16384
+    assert any((data_dir / "tokens").iterdir())  # where a training finds it
+
+
+def test_dataset_upload_txt(data_dir: Path) -> None:
+    text = "\n".join(f"Line number {i} of a small uploaded corpus." for i in range(50))
+    d = jobs.add_dataset(None, upload=("my corpus.txt", io.BytesIO(text.encode())))
+    assert d.status == "ready", d.error
+    assert d.name == "my corpus.txt" and d.n_documents == 50
+    path = Path(d.source)
+    assert path.parent == data_dir / "uploads" and path.name.endswith("-my_corpus.txt")
+    jobs.delete_dataset(d.id)
+    assert not path.exists() and Dataset.select().count() == 0
+
+
+def test_dataset_validation(data_dir: Path) -> None:
+    cases = [
+        (dict(source=None), "source"),
+        (dict(source="kjv", context_size="abc"), "context_size"),
+        (dict(source="kjv", context_size="1"), "context_size"),
+        (dict(source="kjv", context_size="9000"), "context_size"),
+        (dict(source="kjv", context_size="128", max_tokens="100"), "max_tokens"),
+        (dict(source="./missing/corpus.txt"), "source"),
+        (dict(source=None, upload=("notes.pdf", io.BytesIO(b"x"))), "upload"),
+        (dict(source=None, upload=("empty.txt", io.BytesIO(b""))), "upload"),
+    ]
+    for kwargs, field in cases:
+        source = kwargs.pop("source")
+        with pytest.raises(jobs.Invalid) as exc:
+            jobs.add_dataset(source, **kwargs)
+        assert field in exc.value.errors, (kwargs, exc.value.errors)
+        assert exc.value.errors[field].endswith(".")
+    assert Dataset.select().count() == 0
+    assert not any((data_dir / "uploads").glob("*")) if (data_dir / "uploads").exists() else True
+
+
+def test_hub_dataset_fails_offline(data_dir: Path) -> None:
+    d = jobs.add_dataset("no-such-user/no-such-dataset-xyz")
+    assert d.status == "error" and d.error
+    with pytest.raises(jobs.NotFound, match="Dataset 999 does not exist."):
+        jobs.get_dataset(999)

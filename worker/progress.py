@@ -1,0 +1,169 @@
+"""From the engine's training callbacks to the database, in short writes.
+
+``TrainingReporter(training_id).callbacks()`` gives the engine's ``Callbacks``:
+
+- ``on_metrics`` buffers rows and flushes them at most every 0.5 s (always the first row, and
+  at ``close()``) in one ``db.atomic()``: Metric rows (replaced: a retried run re-reports
+  steps), ``Training.current_step``, ``latest`` and status ``training``;
+- ``on_log`` writes LogLine rows; ``on_checkpoint`` keeps the Checkpoint rows in step with the
+  files (retention deletions included, ``is_best`` on the best step only);
+- ``control(step)`` reads ``Training.requested`` at most every 0.25 s and answers the engine:
+  ``pause`` (kept until ``resume``), ``stop``, ``save`` or None. ``interrupt`` (worker
+  shutdown) answers ``stop`` and sets ``interrupted`` so the task marks the run interrupted.
+
+No write transaction is held while the engine runs a step: each callback opens and commits its
+own. Imports no torch at module level (the engine's Callbacks is imported in ``callbacks()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from .db import Checkpoint, LogLine, Metric, Training, db
+
+log = logging.getLogger(__name__)
+
+FLUSH_S = 0.5
+POLL_S = 0.25
+_SAVED = re.compile(r"^Checkpoint saved at step \d+ \((\w+)")
+
+
+def with_aliases(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The engine's metrics dict plus the API names ``dead_neurons`` and ``learning_rate``."""
+    row = dict(metrics)
+    if "dead" in row:
+        row["dead_neurons"] = row["dead"]
+    if "lr" in row:
+        row["learning_rate"] = row["lr"]
+    return row
+
+
+class TrainingReporter:
+    """Writes one training's progress to the database and relays the web's requests."""
+
+    def __init__(self, training_id: int) -> None:
+        self.training_id = training_id
+        self.pending: list[dict[str, Any]] = []
+        self.last_flush = 0.0
+        self.flushed_any = False
+        self.last_poll = 0.0
+        self.paused = False
+        self.interrupted = False
+        self.stop_requested = False
+        self._last_reason = "auto"
+
+    # ------------------------------------------------------------------ engine callbacks
+    def callbacks(self) -> Any:
+        """The engine's ``Callbacks`` wired to this reporter."""
+        from .engine.trainer import Callbacks
+
+        return Callbacks(on_metrics=self.on_metrics, on_log=self.on_log,
+                         on_checkpoint=self.on_checkpoint, control=self.control,
+                         pause_poll_s=0.1)
+
+    def on_metrics(self, metrics: dict[str, Any]) -> None:
+        self.pending.append(with_aliases(metrics))
+        if not self.flushed_any or time.monotonic() - self.last_flush >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered metrics rows (one transaction)."""
+        if not self.pending:
+            return
+        rows, self.pending = self.pending, []
+        last = rows[-1]
+        with db.atomic():
+            Metric.insert_many(
+                [{"training": self.training_id, "step": int(r["step"]), "data": r} for r in rows]
+            ).on_conflict_replace().execute()
+            Training.update(current_step=int(last["step"]), latest=last, updated_at=time.time()) \
+                .where(Training.id == self.training_id).execute()
+            Training.update(status="training") \
+                .where((Training.id == self.training_id)
+                       & (Training.status == "initializing")).execute()
+        self.last_flush = time.monotonic()
+        self.flushed_any = True
+
+    def on_log(self, message: str, level: str = "info") -> None:
+        match = _SAVED.match(message)
+        if match:
+            self._last_reason = match.group(1)
+        self.log(message, level)
+
+    def log(self, message: str, level: str = "info") -> None:
+        with db.atomic():
+            LogLine.create(training=self.training_id, level=level, message=message)
+
+    def on_checkpoint(self, info: dict[str, Any]) -> None:
+        step = int(info["step"])
+        best = info.get("best_step")
+        with db.atomic():
+            Checkpoint.insert(training=self.training_id, step=step, path=str(info["path"]),
+                              loss=info.get("loss"), size_bytes=int(info.get("size_bytes") or 0),
+                              is_best=best == step, reason=self._last_reason) \
+                .on_conflict_replace().execute()
+            deleted = [str(p) for p in info.get("deleted") or []]
+            if deleted:
+                Checkpoint.delete().where((Checkpoint.training == self.training_id)
+                                          & Checkpoint.path.in_(deleted)).execute()
+            Checkpoint.update(is_best=Checkpoint.step == (best if best is not None else -1)) \
+                .where(Checkpoint.training == self.training_id).execute()
+        self._last_reason = "auto"
+
+    def control(self, step: int) -> str | None:
+        """Answer the engine between steps: "pause", "stop", "save" or None."""
+        now = time.monotonic()
+        if self.pending and now - self.last_flush >= FLUSH_S:
+            self.flush()
+        if now - self.last_poll < POLL_S:
+            return "pause" if self.paused else None
+        self.last_poll = now
+        row = Training.select(Training.requested, Training.status) \
+            .where(Training.id == self.training_id).first()
+        requested = row.requested if row is not None else "stop"
+        if requested in ("stop", "interrupt"):
+            self.paused = False
+            self.stop_requested = True
+            if requested == "interrupt":
+                self.interrupted = True
+            else:
+                self._set(status="stopping")
+            return "stop"
+        if self.paused:
+            if requested == "resume":
+                self.paused = False
+                self._clear("resume", status="training")
+                return None
+            if requested in ("save", "pause"):
+                self._clear(requested)  # the engine saved a checkpoint when it paused
+            return "pause"
+        if requested == "pause":
+            self.paused = True
+            self._clear("pause", status="paused")
+            return "pause"
+        if requested == "save":
+            self._clear("save")
+            return "save"
+        if requested == "resume":  # a resume that raced with the pause it answers
+            self._clear("resume")
+        return None
+
+    def close(self) -> None:
+        """Flush what is still buffered."""
+        self.flush()
+
+    # ------------------------------------------------------------------ helpers
+    def _clear(self, requested: str, **values: Any) -> None:
+        """Clear the request we answered, unless the web has replaced it meanwhile (a stop)."""
+        with db.atomic():
+            Training.update(updated_at=time.time(), requested=None, **values) \
+                .where((Training.id == self.training_id)
+                       & (Training.requested == requested)).execute()
+
+    def _set(self, **values: Any) -> None:
+        with db.atomic():
+            Training.update(updated_at=time.time(), **values) \
+                .where(Training.id == self.training_id).execute()

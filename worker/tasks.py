@@ -1,0 +1,395 @@
+"""The Huey tasks: prepare models and datasets, run trainings. Run the worker with
+
+    huey_consumer worker.tasks.huey -w 2 -k thread
+
+Each task owns its database connection and writes in short ``db.atomic()`` blocks; the engine
+(and so torch) is imported only inside task bodies, so the web process may import this module
+to enqueue. A task never raises: a failure is stored on its row (status ``error`` for models and
+datasets, ``failed`` for trainings) with a sentence in ``error`` and the traceback in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from huey.signals import SIGNAL_INTERRUPTED
+
+from . import settings
+from .db import RUNNING, Checkpoint, Dataset, LanguageModel, Metric, Training, WorkerHeartbeat, db
+from .queue import huey
+
+__all__ = ["huey", "prepare_model", "prepare_dataset", "run_training"]
+
+log = logging.getLogger("worker.tasks")
+
+HEARTBEAT_S = 5.0
+PROGRESS_S = 0.5
+INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
+                       "from the newest checkpoint.")
+_init_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------------------- helpers
+@contextmanager
+def connection() -> Iterator[None]:
+    """This thread's connection for the task: opened (and closed) here unless already open
+    (an immediate-mode task runs inside its caller's connection)."""
+    with _init_lock:
+        if db.database is None:
+            from .db import init_db
+
+            init_db(settings.app_db_path())
+    opened = db.is_closed()
+    if opened:
+        db.connect()
+    try:
+        yield
+    finally:
+        if opened and not db.is_closed():
+            db.close()
+
+
+def error_message(exc: BaseException) -> str:
+    """The sentence to store: EngineError messages as they are, others prefixed by their class."""
+    from .engine.errors import EngineError
+
+    if isinstance(exc, EngineError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _update(model: type, row_id: int, **values: Any) -> None:
+    with db.atomic():
+        model.update(updated_at=time.time(), **values).where(model.id == row_id).execute()
+
+
+def _throttled(model: type, row_id: int) -> Callable[[float, str], None]:
+    """A progress callback (fraction, message) that writes at most every PROGRESS_S."""
+    last = [0.0]
+
+    def report(fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_S and fraction < 1.0:
+            return
+        last[0] = now
+        _update(model, row_id, progress=max(0.0, min(1.0, float(fraction))), message=message)
+
+    return report
+
+
+# ---------------------------------------------------------------------------- models
+@huey.task()
+def prepare_model(model_id: int) -> None:
+    """Load the model once (downloading or converting it if needed) and store what it is."""
+    with connection():
+        try:
+            _prepare_model(model_id)
+        except Exception as exc:  # noqa: BLE001 - stored on the row, logged with traceback
+            log.exception("Preparing model %s failed", model_id)
+            _update(LanguageModel, model_id, status="error", error=error_message(exc),
+                    message=None)
+
+
+def _prepare_model(model_id: int) -> None:
+    model = LanguageModel.get_or_none(LanguageModel.id == model_id)
+    if model is None:
+        return
+    _update(LanguageModel, model_id, status="preparing", error=None, progress=0.0,
+            message="Loading the model...")
+    from .engine.models import load_model
+
+    report = _throttled(LanguageModel, model_id)
+    loaded = load_model(model.source, data_dir=settings.data_dir(),
+                        progress=lambda message, fraction: report(fraction, message))
+    info = loaded.info
+    _update(LanguageModel, model_id, status="ready", progress=1.0, message=None, error=None,
+            architecture=info.architecture, model_type=info.model_type,
+            n_layers=info.n_layers, hidden_dim=info.hidden_size, vocab_size=info.vocab_size,
+            n_params=info.n_params, dtype=info.dtype, is_causal=info.is_causal,
+            hook_points=list(info.hook_points), path=str(Path(info.path).resolve()))
+    del loaded
+
+
+# ---------------------------------------------------------------------------- datasets
+@huey.task()
+def prepare_dataset(dataset_id: int) -> None:
+    """Count the documents; tokenise with the newest ready model's tokenizer (if any)."""
+    with connection():
+        try:
+            _prepare_dataset(dataset_id)
+        except Exception as exc:  # noqa: BLE001 - stored on the row, logged with traceback
+            log.exception("Preparing dataset %s failed", dataset_id)
+            _update(Dataset, dataset_id, status="error", error=error_message(exc), message=None)
+
+
+def _prepare_dataset(dataset_id: int) -> None:
+    ds = Dataset.get_or_none(Dataset.id == dataset_id)
+    if ds is None:
+        return
+    _update(Dataset, dataset_id, status="preparing", error=None, progress=0.0,
+            message="Reading documents...")
+    from .engine.corpora import iter_documents
+
+    report = _throttled(Dataset, dataset_id)
+    n_docs, first = 0, []
+    for text in iter_documents(ds.source, text_field=ds.text_field):
+        n_docs += 1
+        if len(first) < 3:
+            first.append(text[:2000])
+        if n_docs % 1000 == 0:
+            report(0.0, f"Counted {n_docs:,} documents...")
+    if n_docs == 0:
+        from .engine.errors import DataError
+
+        raise DataError(f"The corpus '{ds.name}' has no documents (no non-empty text).")
+
+    model = (LanguageModel.select().where(LanguageModel.status == "ready")
+             .order_by(LanguageModel.id.desc()).first())
+    if model is None:
+        _update(Dataset, dataset_id, status="ready", progress=1.0, n_documents=n_docs,
+                n_tokens=None, samples=first, message="tokenised when a training starts")
+        return
+
+    from transformers import AutoTokenizer
+
+    from .engine.corpora import TokenStore, build_token_store
+    from .engine.pipeline import token_store_dir
+
+    report(0.0, f"Tokenising with {model.name}...")
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    out = token_store_dir(settings.data_dir(), ds.source, model.path, ds.context_size,
+                          ds.max_tokens, ds.text_field)
+    if (out / "meta.json").is_file():
+        store = TokenStore.open(out)
+    else:
+        store = build_token_store(ds.source, tokenizer, out, context_size=ds.context_size,
+                                  max_tokens=ds.max_tokens, text_field=ds.text_field,
+                                  progress=report)
+    _update(Dataset, dataset_id, status="ready", progress=1.0, n_documents=n_docs,
+            n_tokens=store.n_tokens, samples=store.decode_samples(tokenizer, 3),
+            message=f"Tokenised with {model.name} ({store.n_contexts:,} contexts).")
+
+
+# ---------------------------------------------------------------------------- trainings
+@huey.task()
+def run_training(training_id: int, resume: bool = False) -> None:
+    """Run (or continue, ``resume=True``) a training, reporting through ``TrainingReporter``."""
+    with connection():
+        try:
+            _run_training(training_id, resume)
+        except Exception as exc:  # noqa: BLE001 - stored on the row, logged with traceback
+            log.exception("Training %s failed", training_id)
+            with db.atomic():
+                Training.update(status="failed", error=error_message(exc), requested=None,
+                                finished_at=time.time(), updated_at=time.time()) \
+                    .where(Training.id == training_id).execute()
+
+
+def _claim(training_id: int) -> bool:
+    """Move a queued training to initializing if a slot is free (one transaction)."""
+    with db.atomic():
+        t = Training.get_or_none(Training.id == training_id)
+        if t is None or t.status != "queued":
+            return False  # deleted or stopped while queued
+        others = Training.select().where(Training.status.in_(RUNNING)
+                                         & (Training.id != training_id)).count()
+        if others >= settings.max_concurrent_trainings():
+            return False
+        Training.update(status="initializing", started_at=time.time(), requested=None,
+                        error=None, finished_at=None, updated_at=time.time()) \
+            .where(Training.id == training_id).execute()
+        return True
+
+
+def _run_training(training_id: int, resume: bool) -> None:
+    t = Training.get_or_none(Training.id == training_id)
+    if t is None or t.status != "queued":
+        return
+    if not _claim(training_id):
+        t = Training.get_or_none(Training.id == training_id)
+        if t is not None and t.status == "queued":
+            run_training.schedule((training_id, resume), delay=2)
+        return
+
+    from .engine.checkpoints import latest_checkpoint, list_checkpoints
+    from .engine.config import TrainConfig
+    from .engine.pipeline import open_source
+    from .engine.trainer import Trainer, pick_device
+    from .progress import TrainingReporter
+
+    out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
+    reporter = TrainingReporter(training_id)
+    # Always continue from the newest checkpoint when there is one (a fresh training's folder is
+    # empty): a stale queue entry of a retried training must not restart it from step 0.
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    with db.atomic():
+        if checkpoint is None:  # a fresh start: forget rows of an earlier attempt
+            Metric.delete().where(Metric.training == training_id).execute()
+            Checkpoint.delete().where(Checkpoint.training == training_id).execute()
+        else:
+            step = list_checkpoints(out_dir / "checkpoints")[-1][0]
+            Metric.delete().where((Metric.training == training_id) & (Metric.step > step)) \
+                .execute()
+            on_disk = {str(p) for _, p in list_checkpoints(out_dir / "checkpoints")}
+            Checkpoint.delete().where((Checkpoint.training == training_id)
+                                      & Checkpoint.path.not_in(on_disk)).execute()
+            Training.update(current_step=step).where(Training.id == training_id).execute()
+
+    cfg = TrainConfig.from_dict(t.config)
+    device = pick_device(cfg.device)
+    _update(Training, training_id, device=str(device))
+    reporter.log(f"Preparing the model and activations on {device}...")
+    last = [0.0]
+
+    def progress(fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - last[0] >= 2.0:
+            last[0] = now
+            reporter.log(f"{message} ({100 * fraction:.0f}%)" if message else
+                         f"Preparing: {100 * fraction:.0f}%")
+
+    source, meta = open_source(cfg, data_dir=settings.data_dir(), device=device,
+                               progress=progress)
+    names = {"model": t.model.source, "model_name": t.model.source,
+             "dataset": t.dataset.source, "dataset_path": t.dataset.source}
+    trainer = Trainer(cfg, source, out_dir, callbacks=reporter.callbacks(),
+                      export_meta=dict(meta, **names))
+    try:
+        result = trainer.fit(resume=checkpoint)
+    finally:
+        reporter.close()
+    if reporter.interrupted:
+        status, error = "interrupted", INTERRUPTED_MESSAGE
+    elif result.stopped:
+        status, error = "stopped", None
+    else:
+        status, error = "completed", None
+    with db.atomic():
+        Training.update(status=status, error=error, result=result.to_dict(),
+                        current_step=result.steps, requested=None, finished_at=time.time(),
+                        updated_at=time.time()).where(Training.id == training_id).execute()
+
+
+# ---------------------------------------------------------------------------- worker start-up
+def recover() -> int:
+    """Mark trainings left running as interrupted; re-queue models and datasets left preparing.
+
+    Returns how many rows were changed. Called when the consumer starts (no task runs yet).
+    """
+    with connection():
+        with db.atomic():
+            n = Training.update(status="interrupted", error=INTERRUPTED_MESSAGE, requested=None,
+                                finished_at=time.time(), updated_at=time.time()) \
+                .where(Training.status.in_(RUNNING)).execute()
+            models = [m.id for m in LanguageModel.select(LanguageModel.id)
+                      .where(LanguageModel.status == "preparing")]
+            datasets = [d.id for d in Dataset.select(Dataset.id)
+                        .where(Dataset.status == "preparing")]
+            if models:
+                LanguageModel.update(status="queued", message="Waiting for the worker.") \
+                    .where(LanguageModel.id.in_(models)).execute()
+            if datasets:
+                Dataset.update(status="queued", message="Waiting for the worker.") \
+                    .where(Dataset.id.in_(datasets)).execute()
+    for model_id in models:
+        prepare_model(model_id)
+    for dataset_id in datasets:
+        prepare_dataset(dataset_id)
+    return n + len(models) + len(datasets)
+
+
+def measure_device() -> dict[str, Any]:
+    """The worker's device, its memory (bytes) and fp32 matmul speed (GFLOP/s, ~0.3 s)."""
+    import torch
+
+    from .engine.trainer import pick_device
+
+    device = pick_device("auto")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, memory = props.name, int(props.total_memory)
+    else:
+        name = device.type.upper() if device.type != "cpu" else (os.uname().machine + " CPU")
+        memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    n = 1024 if device.type != "cpu" else 512
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    (a @ b).sum().item()  # warm-up
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        (a @ b).sum().item()
+        runs += 1
+    gflops = 2 * n**3 * runs / (time.perf_counter() - t0) / 1e9
+    return {"device": str(device), "device_name": name, "device_memory": memory,
+            "gflops": round(gflops, 2)}
+
+
+def write_heartbeat(name: str, device: dict[str, Any]) -> None:
+    """Insert or refresh this worker's heartbeat row."""
+    with connection():
+        with db.atomic():
+            WorkerHeartbeat.insert(name=name, pid=os.getpid(), updated_at=time.time(),
+                                   **device).on_conflict(
+                conflict_target=[WorkerHeartbeat.name],
+                update={WorkerHeartbeat.updated_at: time.time(),
+                        WorkerHeartbeat.pid: os.getpid()}).execute()
+
+
+def _heartbeat_loop(name: str) -> None:
+    try:
+        device = measure_device()
+    except Exception:  # noqa: BLE001 - a heartbeat without a speed is still useful
+        log.exception("Measuring the device failed")
+        device = {"device": "cpu", "device_name": None, "device_memory": None, "gflops": None}
+    while True:
+        try:
+            write_heartbeat(name, device)
+        except Exception:  # noqa: BLE001 - keep beating
+            log.exception("Writing the heartbeat failed")
+        time.sleep(HEARTBEAT_S)
+
+
+_startup_lock = threading.Lock()
+_started = False
+
+
+@huey.on_startup()
+def on_worker_start() -> None:
+    """Once per consumer process: recover stale rows and start the heartbeat thread.
+
+    Every worker thread calls this before its first task; the lock makes the others wait until
+    recovery is done, so none claims a training that recovery would then mark interrupted.
+    """
+    global _started
+    with _startup_lock:
+        if _started:
+            return
+        _started = True
+        try:
+            recover()
+        except Exception:  # noqa: BLE001 - the worker still runs
+            log.exception("Recovering stale jobs failed")
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        threading.Thread(target=_heartbeat_loop, args=(name,), name="sae-heartbeat",
+                         daemon=True).start()
+
+
+@huey.signal(SIGNAL_INTERRUPTED)
+def on_interrupted(signal: str, task: Any, *args: Any, **kwargs: Any) -> None:
+    """The consumer interrupted a task (shutdown): a training it ran is interrupted."""
+    if task is None or task.name != run_training.name or not task.args:
+        return
+    with connection():
+        with db.atomic():
+            Training.update(status="interrupted", error=INTERRUPTED_MESSAGE, requested=None,
+                            finished_at=time.time(), updated_at=time.time()) \
+                .where((Training.id == int(task.args[0])) & Training.status.in_(RUNNING)) \
+                .execute()
