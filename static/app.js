@@ -1,0 +1,25 @@
+// SAE Studio: htmx settings and one small form nicety. No framework.
+(function () {
+  // Swap 422 (forms re-render with their errors) and 409/404 (messages go to #flash).
+  htmx.config.responseHandling = [
+    {code: "204", swap: false},
+    {code: "[23]..", swap: true},
+    {code: "422", swap: true, error: false},
+    {code: "409", swap: true, error: false},
+    {code: "404", swap: true, error: false},
+    {code: "[45]..", swap: false, error: true},
+    {code: "...", swap: false},
+  ];
+})();
+
+// "Start Training" stays disabled until a model and a dataset are chosen.
+function saeUpdateStart() {
+  var form = document.getElementById("training-form");
+  if (!form) return;
+  var model = form.querySelector("[name=model_id]");
+  var dataset = form.querySelector("[name=dataset_id]");
+  var start = document.getElementById("start-training");
+  if (start && model && dataset) start.disabled = !(model.value && dataset.value);
+}
+document.addEventListener("change", saeUpdateStart);
+document.addEventListener("htmx:afterSettle", saeUpdateStart);

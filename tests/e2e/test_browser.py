@@ -1,0 +1,103 @@
+"""End to end in real headless Chromium against run.py (web server + a real Huey consumer).
+
+Adds minilm-l6 and kjv through the forms, starts a training of a few hundred steps, watches the
+progress bar, tiles and loss chart change without a reload (WebSocket fragments), pauses,
+resumes, and sees `completed`. Saves screenshots to docs/screenshots/ (the README shows them).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from .conftest import shot
+
+pytestmark = pytest.mark.browser
+
+
+def _wait_text(page, selector: str, pattern: str, timeout_s: float) -> str:
+    deadline = time.time() + timeout_s
+    text = ""
+    while time.time() < deadline:
+        loc = page.locator(selector)
+        if loc.count():
+            text = loc.first.inner_text()
+            if re.search(pattern, text, re.IGNORECASE):
+                return text
+        time.sleep(0.25)
+    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
+
+
+def test_add_model_dataset_train_pause_resume_complete(app_url, page):
+    # Models: add the bundled MiniLM and wait until the worker has it ready.
+    page.goto(f"{app_url}/models")
+    page.fill("#model-form #input-source", "minilm-l6")
+    page.click("#model-form button[type=submit]")
+    page.wait_for_selector("li[id^=model-]", timeout=20_000)
+    _wait_text(page, "li[id^=model-] .row-status .badge", r"^ready$", 120)
+    shot(page, "models")
+
+    # Datasets: the bundled KJV, capped so tokenisation is quick.
+    page.goto(f"{app_url}/datasets")
+    page.fill("#dataset-form #input-source", "kjv")
+    page.fill("#dataset-form #input-context_size", "64")
+    page.fill("#dataset-form #input-max_tokens", "200000")
+    page.click("#dataset-form button[type=submit]")
+    page.wait_for_selector("li[id^=dataset-]", timeout=20_000)
+    _wait_text(page, "li[id^=dataset-] .row-status .badge", r"^ready$", 120)
+    shot(page, "datasets")
+
+    # Training: choose both, a few hundred small steps;
+    page.goto(f"{app_url}/")
+    page.select_option("#input-model_id", index=1)
+    page.select_option("#input-dataset_id", index=1)
+    page.wait_for_selector("#start-training:not([disabled])", timeout=10_000)
+    page.click("#training-advanced > summary")
+    page.fill("#input-total_steps", "400")
+    page.fill("#input-batch_size", "256")
+    page.fill("#input-auto_save_interval", "100")
+    if page.locator("#input-log_every").count():
+        page.fill("#input-log_every", "5")
+    page.evaluate("window.__no_reload_marker = 42")  # gone if the page reloads
+    page.click("#start-training")
+
+    card = "article[id^=training-]"
+    page.wait_for_selector(card, timeout=20_000)
+    tid = page.locator(card).first.get_attribute("id").split("-")[1]
+    percent = f"#training-{tid}-percent"
+    tiles = f"#training-{tid}-tiles"
+    chart = f"#training-{tid}-loss-chart"
+
+    # Live: the percentage, the tiles and the chart change while we watch, with no reload.
+    first = _wait_text(page, percent, r"[1-9]", 120)
+    first_tiles = page.inner_text(tiles)
+    first_chart = page.locator(chart).inner_html() if page.locator(chart).count() else ""
+    _wait_text(page, percent, r"^(?!" + re.escape(first) + r"$)", 60)
+    deadline = time.time() + 60
+    while time.time() < deadline and page.inner_text(tiles) == first_tiles:
+        time.sleep(0.25)
+    assert page.inner_text(tiles) != first_tiles, "metric tiles never changed"
+    deadline = time.time() + 60
+    while time.time() < deadline and (
+            not page.locator(chart).count() or page.locator(chart).inner_html() == first_chart):
+        time.sleep(0.25)
+    assert page.locator(chart).inner_html() != first_chart, "loss chart never changed"
+    assert page.evaluate("window.__no_reload_marker") == 42, "the page reloaded"
+    shot(page, "training-live")
+
+    # Pause, see it paused (and the step stand still), resume, run to completion.
+    page.click(f"#training-{tid}-pause")
+    _wait_text(page, f"#training-{tid}-status", r"paused", 30)
+    step_a = page.inner_text(f"#training-{tid}-steps")
+    time.sleep(1.5)
+    assert page.inner_text(f"#training-{tid}-steps") == step_a, "a paused job kept stepping"
+    shot(page, "training-paused")
+    page.click(f"#training-{tid}-resume")
+    _wait_text(page, f"#training-{tid}-status", r"training|completed", 30)
+    _wait_text(page, f"#training-{tid}-status", r"completed", 240)
+    _wait_text(page, f"#training-{tid}-steps", r"Step 400 / 400", 10)
+    assert page.evaluate("window.__no_reload_marker") == 42, "the page reloaded"
+    page.wait_for_selector(f"#training-{tid}-export", timeout=10_000)
+    shot(page, "training-completed")

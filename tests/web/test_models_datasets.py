@@ -1,0 +1,103 @@
+"""Models and Datasets areas: pages, fragments, JSON API, validation, 404/409."""
+
+from __future__ import annotations
+
+import io
+
+from .conftest import HX, JSON, make_dataset, make_model, make_training
+
+
+def test_models_page_and_json(client, app):
+    page = client.get("/models")
+    assert page.status_code == 200
+    assert b"No models yet" in page.data and b'id="model-form"' in page.data
+    model = make_model()
+    make_model(status="preparing", name="slow", progress=0.4)
+    page = client.get("/models").data.decode()
+    assert f'id="model-{model.id}"' in page and "384" in page
+    assert 'hx-trigger="every 1s"' in page  # the preparing row polls itself
+    listing = client.get("/models", headers=JSON).get_json()
+    assert [m["name"] for m in listing["items"]] == ["slow", "minilm-l6"]
+
+
+def test_model_detail_html_fragment_json(client, app):
+    model = make_model()
+    page = client.get(f"/models/{model.id}").data.decode()
+    assert "<html" in page and "Hook points" in page and "BertModel" in page
+    assert "86.6 MiB" in page  # 22.7M float32 parameters
+    frag = client.get(f"/models/{model.id}", headers=HX).data.decode()
+    assert "<html" not in frag and frag.strip().startswith(f'<li id="model-{model.id}"')
+    data = client.get(f"/models/{model.id}", headers=JSON).get_json()
+    for key in ("id", "name", "source", "status", "error", "n_layers", "hidden_dim",
+                "hook_points"):
+        assert key in data
+    assert data["n_layers"] == 6
+
+
+def test_add_model_validation_and_queue(client, enqueued):
+    bad = client.post("/models", data={"source": " "}, headers=JSON)
+    assert bad.status_code == 422 and "source" in bad.get_json()["errors"]
+    html = client.post("/models", data={"source": ""}, headers=HX)
+    assert html.status_code == 422 and b'id="error-source"' in html.data
+    assert b'id="model-form"' in html.data
+    assert enqueued == []
+    ok = client.post("/models", data={"source": "minilm-l6", "name": "mini"}, headers=JSON)
+    assert ok.status_code == 201 and ok.get_json()["name"] == "mini"
+    assert enqueued == [("prepare_model", (ok.get_json()["id"],))]
+    frag = client.post("/models", data={"source": "minilm-l6"}, headers=HX).data.decode()
+    assert 'hx-swap-oob="afterbegin:#models-rows"' in frag and 'id="model-form"' in frag
+    plain = client.post("/models", data={"source": "minilm-l6"})
+    assert plain.status_code == 302
+
+
+def test_delete_model(client, app):
+    model, dataset = make_model(), make_dataset()
+    t = make_training(model, dataset, status="training")
+    busy = client.delete(f"/models/{model.id}", headers=JSON)
+    assert busy.status_code == 409 and "stop it first" in busy.get_json()["error"]
+    flash = client.delete(f"/models/{model.id}", headers=HX)
+    assert flash.status_code == 409 and flash.headers["HX-Retarget"] == "#flash"
+    from worker.db import Training
+    Training.update(status="completed").where(Training.id == t.id).execute()
+    assert client.delete(f"/models/{model.id}", headers=HX).data == b""
+    assert client.delete(f"/models/{model.id}", headers=JSON).status_code == 404
+    assert client.get(f"/models/{model.id}", headers=JSON).get_json()["error"] == \
+        f"Model {model.id} does not exist."
+    assert client.get("/models/999").status_code == 404
+
+
+def test_datasets_page_detail_json(client, app):
+    assert b"No datasets yet" in client.get("/datasets").data
+    d = make_dataset()
+    page = client.get(f"/datasets/{d.id}").data.decode()
+    assert "In the beginning God created" in page and "31,102" in page
+    data = client.get(f"/datasets/{d.id}", headers=JSON).get_json()
+    for key in ("id", "name", "status", "progress", "n_documents", "n_tokens", "error"):
+        assert key in data
+    assert client.get("/datasets", headers=JSON).get_json()["items"][0]["id"] == d.id
+    assert client.get(f"/datasets/{d.id}", headers=HX).data.decode().strip() \
+        .startswith(f'<li id="dataset-{d.id}"')
+
+
+def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):
+    bad = client.post("/datasets", data={"source": "", "context_size": "1",
+                                         "max_tokens": "abc"}, headers=JSON)
+    assert bad.status_code == 422
+    errors = bad.get_json()["errors"]
+    assert {"source", "context_size", "max_tokens"} <= set(errors)
+    html = client.post("/datasets", data={"source": "/nope/x.txt"}, headers=HX)
+    assert html.status_code == 422 and b'id="error-source"' in html.data
+    assert enqueued == []
+    up = client.post("/datasets", data={"file": (io.BytesIO(b"hello world\n" * 50), "c.txt"),
+                                        "context_size": "16"},
+                     headers=JSON, content_type="multipart/form-data")
+    assert up.status_code == 201, up.get_json()
+    assert up.get_json()["name"] == "c.txt" and enqueued[-1][0] == "prepare_dataset"
+    wrong = client.post("/datasets", data={"file": (io.BytesIO(b"x"), "c.pdf")},
+                        headers=JSON, content_type="multipart/form-data")
+    assert wrong.status_code == 422 and "upload" in wrong.get_json()["errors"]
+    ok = client.post("/datasets", data={"source": "kjv"}, headers=HX)
+    assert ok.status_code == 201 and b"datasets-rows" in ok.data
+    did = up.get_json()["id"]
+    assert client.delete(f"/datasets/{did}", headers=JSON).get_json() == {"deleted": did}
+    assert client.delete(f"/datasets/{did}", headers=JSON).status_code == 404

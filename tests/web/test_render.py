@@ -1,0 +1,92 @@
+"""render.py: formats, page_or_fragment, the SVG charts."""
+
+from __future__ import annotations
+
+import re
+
+from webapp import render
+
+from .conftest import HX
+
+
+def test_formats():
+    assert render.fmt_num(0.123456) == "0.1235"
+    assert render.fmt_sci(0.002) == "2.00e-3"
+    assert render.fmt_int(12345) == "12,345"
+    assert render.fmt_compact(25_000) == "25k"
+    assert render.fmt_bytes(3 * 2**30) == "3.0 GiB"
+    assert render.fmt_duration(3725) == "1h 02m" and render.fmt_duration(65) == "1m 05s"
+    assert render.fmt_num(float("nan")) == "—" and render.fmt_num(None) == "—"
+    assert render.device_label({"device": "cuda:0", "device_name": "Orin",
+                                "device_memory": 6e9}) == "CUDA: Orin (6 GB)"
+    assert render.device_label({"device": "cpu"}) == "CPU"
+
+
+def test_downsample_keeps_ends():
+    pts = [(i, float(i)) for i in range(1001)]
+    out = render.downsample(pts)
+    assert len(out) <= 200 and out[0] == (0, 0.0) and out[-1] == (1000, 1000.0)
+    assert render.downsample([(1, float("nan")), (2, 1.0)]) == [(2.0, 1.0)]
+
+
+def test_line_chart_svg():
+    svg = str(render.line_chart([(s, 1.0 / s) for s in range(1, 1001)], label="loss",
+                                chart_id="c1"))
+    assert svg.startswith('<svg id="c1"') and svg.endswith("</svg>")
+    assert len(re.findall(r"<circle ", svg)) == 200
+    assert len(re.findall(r"<title>step ", svg)) == 200
+    assert "<title>step 1: loss 1.0000</title>" in svg
+    assert 'class="axis axis-y"' in svg and 'class="axis axis-x"' in svg
+    labels = re.findall(r'text-anchor="(?:end|middle)">([^<]+)</text>', svg)
+    assert "1,000" in labels or "1000" in labels, labels
+    assert len(labels) >= 6
+    empty = str(render.line_chart([], label="L0", chart_id="c2"))
+    assert "Waiting for the first metrics" in empty and "<circle" not in empty
+    flat = str(render.line_chart([(1, 2.0), (2, 2.0)], label="L0", chart_id="c3", digits=1))
+    assert "<title>step 2: L0 2.0</title>" in flat
+
+
+def test_page_or_fragment(app):
+    with app.test_request_context("/", headers=HX):
+        assert render.is_fragment_request()
+        html, status = render.page_or_fragment("trainings/index.html", "_flash.html",
+                                               message="hi", status=200,
+                                               **_form_ctx())
+        assert status == 200 and "<html" not in html and "hi" in html
+    with app.test_request_context("/", headers={**HX, "HX-Boosted": "true"}):
+        assert not render.is_fragment_request()
+    with app.test_request_context("/"):
+        assert not render.is_fragment_request()
+        assert not render.wants_json()
+    with app.test_request_context("/", headers={"Accept": "application/json"}):
+        assert render.wants_json()
+    with app.test_request_context("/?format=json"):
+        assert render.wants_json()
+
+
+def _form_ctx():
+    return {}
+
+
+def test_healthz_and_topbar(client):
+    data = client.get("/healthz").get_json()
+    assert data == {"web": "ok", "worker_heartbeat_age_s": None, "worker_alive": False,
+                    "device": None, "device_name": None}
+    from .conftest import heartbeat
+    heartbeat("cuda:0", "Orin", 6 * 10**9)
+    data = client.get("/healthz").get_json()
+    assert data["worker_alive"] is True and data["device"] == "cuda:0"
+    page = client.get("/").data.decode()
+    assert "CUDA: Orin (6 GB)" in page and "worker alive" in page
+    frag = client.get("/healthz", headers=HX).data.decode()
+    assert frag.strip().startswith('<div id="worker-status"')
+
+
+def test_static_vendor(client):
+    page = client.get("/").data.decode()
+    assert "vendor/htmx-2.0.11.min.js" in page and "vendor/htmx-ext-ws-2.0.4.js" in page
+    assert client.get("/static/vendor/htmx-2.0.11.min.js").status_code == 200
+    js = client.get("/static/app.js").data.decode()
+    assert "responseHandling" in js and '"422"' in js
+    css = client.get("/static/app.css").data.decode()
+    assert "tabular-nums" in css and "@keyframes pulse" in css

@@ -1,0 +1,274 @@
+"""The Training area: the configuration form, cards, controls, metrics, checkpoints, export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import zipfile
+
+from worker.db import Checkpoint, Training
+
+from .conftest import HX, JSON, make_model, make_training
+
+FAST = {"layer_idx": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
+        "total_steps": "20", "log_every": "5", "auto_save_interval": "10",
+        "buffer_tokens": "2048", "eval_tokens": "256", "device": "cpu"}
+
+
+def test_empty_index(client):
+    page = client.get("/").data.decode()
+    assert "Training Configuration" in page
+    assert "No training jobs yet. Configure and start training above." in page
+    assert re.search(r'<button type="submit" id="start-training"[^>]*disabled', page)
+    assert "<details id=\"training-advanced\"" in page and "Reset to defaults" in page
+    assert "Choose a ready model to see the memory and time estimate." in page
+
+
+def test_form_with_ready_rows(client, ready):
+    model, dataset = ready
+    make_model(status="preparing", name="not-yet")
+    page = client.get("/").data.decode()
+    assert f'<option value="{model.id}" selected' in page
+    assert "not-yet" not in page  # only ready models are offered
+    assert f'<option value="{dataset.id}" selected' in page
+    start = re.search(r'<button type="submit" id="start-training"[^>]*>', page).group(0)
+    assert "disabled" not in start
+    # the layer select comes from the model: 6 layers, the middle one chosen
+    assert re.search(r'<option value="3" selected>Layer 3</option>', page)
+    assert '<option value="5" >Layer 5</option>' in page.replace('"5"  >', '"5" >')
+    for name in ("encoder_type", "hook_point", "expansion_factor", "latent_dim", "k",
+                 "l1_alpha", "learning_rate", "batch_size", "total_steps",
+                 "auto_save_interval", "seed", "lr_schedule", "precision"):
+        assert f'name="{name}"' in page, name
+    assert 'hx-trigger="change from:#training-form' in page
+
+
+def test_model_fields_fragment(client, ready):
+    model, _ = ready
+    other = make_model(name="big", n_layers=30, hook_points=["residual"])
+    frag = client.get(f"/trainings/model-fields?model_id={other.id}", headers=HX)
+    html = frag.data.decode()
+    assert html.strip().startswith('<div id="training-model-fields"')
+    assert "Layer 29" in html and '<option value="15" selected' in html
+    assert "mlp_out" not in html
+
+
+def test_estimate(client, ready):
+    model, _ = ready
+    frag = client.get(f"/trainings/estimate?model_id={model.id}&batch_size=4096", headers=HX)
+    assert frag.data.decode().strip().startswith('<div id="training-estimate"')
+    assert b"estimate-memory" in frag.data and b"estimate-warning" not in frag.data
+    over = client.get(f"/trainings/estimate?model_id={model.id}&latent_dim=4000000&"
+                      "batch_size=65536", headers=HX).data.decode()
+    assert 'id="estimate-warning"' in over and "budget" in over
+    data = client.get(f"/trainings/estimate?model_id={model.id}", headers=JSON).get_json()
+    assert data["fits"] is True and data["memory_bytes"] > 0 and data["budget_bytes"] == 6e9
+
+
+def test_create_invalid_422(client, ready, enqueued):
+    model, dataset = ready
+    form = {"model_id": str(model.id), "dataset_id": str(dataset.id), "layer_idx": "99",
+            "batch_size": "lots", "learning_rate": "fast", "encoder_type": "nope"}
+    r = client.post("/trainings", data=form, headers=JSON)
+    assert r.status_code == 422
+    errors = r.get_json()["errors"]
+    assert {"layer_idx", "batch_size", "learning_rate", "encoder_type"} <= set(errors)
+    html = client.post("/trainings", data=form, headers=HX)
+    assert html.status_code == 422 and html.headers["HX-Retarget"] == "#training-form"
+    body = html.data.decode()
+    assert body.strip().startswith('<form id="training-form"')
+    assert 'id="error-batch_size"' in body and 'value="lots"' in body
+    assert "<details id=\"training-advanced\" class=\"advanced\" open" in body
+    page = client.post("/trainings", data={})
+    assert page.status_code == 422 and b'id="error-model_id"' in page.data
+    assert b"<html" in page.data
+    assert enqueued == [] and Training.select().count() == 0
+
+
+def test_create_queues_and_renders(client, ready, enqueued):
+    model, dataset = ready
+    form = {"model_id": str(model.id), "dataset_id": str(dataset.id), **FAST}
+    r = client.post("/trainings", data=form, headers=JSON)
+    assert r.status_code == 201
+    tid = r.get_json()["id"]
+    assert enqueued == [("run_training", (tid, False))]
+    card = client.post("/trainings", data=form, headers=HX)
+    assert card.status_code == 201
+    html = card.data.decode()
+    tid2 = tid + 1
+    assert html.startswith(f'<article id="training-{tid2}"')
+    assert f'hx-ext="ws" ws-connect="/ws/trainings/{tid2}"' in html
+    assert '<form id="training-form"' in html and 'hx-swap-oob="true"' in html
+    assert 'id="jobs-empty" hx-swap-oob="delete"' in html
+    plain = client.post("/trainings", data=form)
+    assert plain.status_code == 302 and plain.headers["Location"].startswith("/#training-")
+    page = client.get("/").data.decode()
+    ids = [int(x) for x in re.findall(r'<article id="training-(\d+)"', page)]
+    assert ids == sorted(ids, reverse=True) and len(ids) == 3  # newest first
+    assert "minilm-l6 + kjv" in page and "queued" in page
+
+
+def test_card_parts_running(client, ready):
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", steps=400, checkpoints=2)
+    html = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
+    for part in ("status", "progress", "tiles", "charts", "buttons", "log", "checkpoints"):
+        assert f'id="training-{t.id}-{part}"' in html, part
+    assert html.startswith(f'<article id="training-{t.id}"') and "ws-connect" in html
+    assert "40.0%" in html and "Step 400 / 1,000" in html and "ETA" in html
+    assert "Elapsed 2m" in html
+    assert "badge-training" in html
+    assert "0.2300" in html  # loss, 4 decimals
+    assert "1.40e-3" in html and "25k tokens/s" in html
+    assert "Checkpoints (2)" in html and "★ best" in html and "Save now" in html
+    assert ">Pause</button>" in html and ">Stop</button>" in html
+    assert ">Retry</button>" not in html and ">Delete</button>" in html  # checkpoint delete
+    assert f'id="training-{t.id}-delete"' not in html
+    assert html.count("<circle") == 80  # 40 loss + 40 L0 points
+    assert "log line 2" in html
+    page = client.get(f"/trainings/{t.id}").data.decode()
+    assert "<html" in page and f'id="training-{t.id}-tiles"' in page
+
+
+def test_card_buttons_by_state(client, ready):
+    model, dataset = ready
+    paused = make_training(model, dataset, status="paused", steps=50)
+    failed = make_training(model, dataset, status="failed", steps=50, error="CUDA out of memory.")
+    done = make_training(model, dataset, status="completed", steps=1000)
+    h = client.get(f"/trainings/{paused.id}", headers=HX).data.decode()
+    assert ">Resume</button>" in h and ">Stop</button>" in h and ">Pause</button>" not in h
+    h = client.get(f"/trainings/{failed.id}", headers=HX).data.decode()
+    assert ">Retry</button>" in h and "CUDA out of memory." in h and "ws-connect" not in h
+    assert f'id="training-{failed.id}-delete"' in h
+    h = client.get(f"/trainings/{done.id}", headers=HX).data.decode()
+    assert ">Retry</button>" not in h and "100.0%" in h and "ws-connect" not in h
+    assert f'id="training-{done.id}-delete"' in h
+
+
+def test_training_json_and_list(client, ready):
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", steps=100)
+    data = client.get(f"/trainings/{t.id}", headers=JSON).get_json()
+    assert data["id"] == t.id and data["status"] == "training" and data["current_step"] == 100
+    assert data["latest"]["step"] == 100 and data["latest"]["dead_neurons"] == 2
+    assert data["latest"]["learning_rate"] == 1.4e-3
+    assert data["model_name"] == "minilm-l6"
+    items = client.get("/trainings", headers=JSON).get_json()["items"]
+    assert [i["id"] for i in items] == [t.id]
+    assert client.get("/trainings/999", headers=JSON).status_code == 404
+    assert client.get("/trainings/999", headers=JSON).get_json() == {
+        "error": "Training 999 does not exist."}
+    assert client.get("/trainings/999").status_code == 404
+
+
+def test_controls_and_409(client, ready, enqueued):
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", steps=10)
+    r = client.post(f"/trainings/{t.id}/pause", headers=JSON)
+    assert r.status_code == 200 and r.get_json()["requested"] == "pause"
+    again = client.post(f"/trainings/{t.id}/resume", headers=JSON)
+    assert again.status_code == 409 and "only a paused training" in again.get_json()["error"]
+    Training.update(status="paused", requested=None).where(Training.id == t.id).execute()
+    frag = client.post(f"/trainings/{t.id}/resume", headers=HX).data.decode()
+    assert f'<div id="training-{t.id}-status" class="card-status" hx-swap-oob="true"' in frag
+    assert f'id="training-{t.id}-buttons"' in frag
+    stop = client.post(f"/trainings/{t.id}/stop", headers=JSON).get_json()
+    assert stop["status"] == "stopping"
+    Training.update(status="stopped", requested=None).where(Training.id == t.id).execute()
+    retry = client.post(f"/trainings/{t.id}/retry", headers=HX).data.decode()
+    assert retry.startswith(f'<article id="training-{t.id}"') and "ws-connect" in retry
+    assert enqueued == [("run_training", (t.id, True))]
+    plain = client.post(f"/trainings/{t.id}/stop")
+    assert plain.status_code == 302
+    conflict = client.post(f"/trainings/{t.id}/pause", headers=HX)
+    assert conflict.status_code == 409 and b"only a running training" in conflict.data
+    assert client.post("/trainings/999/stop", headers=JSON).status_code == 404
+    assert client.post(f"/trainings/{t.id}/explode").status_code in (404, 405)
+
+
+def test_delete_training(client, ready, tmp_path):
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", out_dir=tmp_path)
+    assert client.delete(f"/trainings/{t.id}", headers=JSON).status_code == 409
+    Training.update(status="completed").where(Training.id == t.id).execute()
+    assert client.delete(f"/trainings/{t.id}", headers=HX).data == b""
+    assert client.delete(f"/trainings/{t.id}", headers=JSON).status_code == 404
+
+
+def test_metrics_json_csv_html(client, ready):
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", steps=100)
+    rows = client.get(f"/trainings/{t.id}/metrics", headers=JSON).get_json()["rows"]
+    assert [r["step"] for r in rows] == list(range(10, 101, 10))
+    r = client.get(f"/trainings/{t.id}/metrics?format=csv")
+    assert r.mimetype == "text/csv"
+    table = list(csv.DictReader(io.StringIO(r.data.decode())))
+    assert len(table) == 10 and table[0]["step"] == "10" and "loss" in table[0]
+    assert "learning_rate" in table[0]
+    page = client.get(f"/trainings/{t.id}/metrics").data.decode()
+    assert 'id="metrics-table"' in page and f'id="training-{t.id}-loss-chart"' in page
+    frag = client.get(f"/trainings/{t.id}/metrics", headers=HX).data.decode()
+    assert frag.startswith(f'<div id="training-{t.id}-charts"')
+    assert client.get("/trainings/999/metrics?format=csv").status_code == 404
+
+
+def test_checkpoints(client, ready, tmp_path):
+    model, dataset = ready
+    t = make_training(model, dataset, status="completed", steps=300, checkpoints=3,
+                      out_dir=tmp_path)
+    items = client.get(f"/trainings/{t.id}/checkpoints", headers=JSON).get_json()["items"]
+    assert [i["step"] for i in items] == [300, 200, 100]
+    for key in ("id", "step", "loss", "size_bytes", "is_best", "created_at", "download_url"):
+        assert key in items[0]
+    assert items[0]["is_best"] is True
+    dl = client.get(items[0]["download_url"])
+    assert dl.status_code == 200 and dl.data == b"x" * 102
+    assert "attachment" in dl.headers["Content-Disposition"]
+    assert ".safetensors" in dl.headers["Content-Disposition"]
+    dl.close()
+    frag = client.delete(f"/checkpoints/{items[2]['id']}", headers=HX).data.decode()
+    assert f'id="training-{t.id}-checkpoints-count" hx-swap-oob="true">Checkpoints (2)' in frag
+    assert client.delete(f"/checkpoints/{items[1]['id']}", headers=JSON).get_json() == {
+        "deleted": items[1]["id"]}
+    assert Checkpoint.select().count() == 1
+    assert client.delete(f"/checkpoints/{items[1]['id']}", headers=JSON).status_code == 404
+    assert client.get("/checkpoints/999/download").status_code == 404
+    html = client.get(f"/trainings/{t.id}/checkpoints", headers=HX).data.decode()
+    assert "Checkpoints (1)" in html
+    # saving needs a running training
+    r = client.post(f"/trainings/{t.id}/checkpoints", headers=JSON)
+    assert r.status_code == 409
+    running = make_training(model, dataset, status="training", steps=10)
+    r = client.post(f"/trainings/{running.id}/checkpoints", headers=JSON)
+    assert r.status_code == 202 and r.get_json()["requested"] == "save"
+    frag = client.post(f"/trainings/{running.id}/checkpoints", headers=HX).data.decode()
+    assert f'id="training-{running.id}-checkpoints"' in frag
+
+
+def test_export_zip(client, ready, tmp_path):
+    model, dataset = ready
+    t = make_training(model, dataset, status="completed", steps=100, out_dir=tmp_path,
+                      export=True)
+    card = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
+    assert f'href="/trainings/{t.id}/export"' in card and "Download SAELens export" in card
+    r = client.get(f"/trainings/{t.id}/export")
+    assert r.status_code == 200 and r.mimetype == "application/zip"
+    names = zipfile.ZipFile(io.BytesIO(r.data)).namelist()
+    r.close()
+    assert sorted(names) == ["saelens/cfg.json", "saelens/sae_weights.safetensors"]
+    running = make_training(model, dataset, status="training", out_dir=tmp_path)
+    assert client.get(f"/trainings/{running.id}/export", headers=JSON).status_code == 409
+    assert client.get("/trainings/999/export", headers=JSON).status_code == 404
+
+
+def test_reset_form(client, ready):
+    model, dataset = ready
+    frag = client.get(f"/trainings/form?model_id={model.id}&dataset_id={dataset.id}",
+                      headers=HX).data.decode()
+    assert frag.strip().startswith('<form id="training-form"')
+    assert f'<option value="{model.id}" selected' in frag
+    assert client.get("/trainings/form").status_code == 200
+    assert b"training-jobs" in client.get("/trainings").data
+    frag = client.get("/trainings", headers=HX).data.decode()
+    assert frag.strip().startswith('<div id="jobs"')

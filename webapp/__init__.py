@@ -1,0 +1,100 @@
+"""SAE Studio's web app: Flask + Jinja + HTMX over the job layer (``worker.jobs``).
+
+The web imports ``worker.db``, ``worker.jobs`` and ``worker.settings`` only (never torch):
+the worker is another process that reports through the same SQLite database.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask, render_template, request
+
+from . import render
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, template_folder="../templates", static_folder="../static")
+    app.config.from_mapping(
+        SECRET_KEY="dev",
+        DATA_DIR=None,
+        SOCK_SERVER_OPTIONS={"ping_interval": 25},
+        MAX_CONTENT_LENGTH=2 * 1024**3,
+        WS_TICK_S=0.25,
+    )
+    if test_config is None:
+        app.config.from_prefixed_env("SAE_STUDIO")
+    else:
+        app.config.update(test_config)
+
+    # The data folder: worker.settings reads $SAE_STUDIO_DATA on every call.
+    if app.config.get("DATA_DIR"):
+        os.environ["SAE_STUDIO_DATA"] = str(app.config["DATA_DIR"])
+    from worker import settings
+    from worker.db import db, init_db
+
+    app.config["DATA_DIR"] = str(settings.data_dir())
+    init_db(settings.app_db_path())
+
+    @app.before_request
+    def _connect() -> None:
+        db.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _close(_exc: BaseException | None) -> None:
+        if not db.is_closed():
+            db.close()
+
+    for name, fn in render.FILTERS.items():
+        app.jinja_env.filters[name] = fn
+    app.jinja_env.globals["line_chart"] = render.line_chart
+
+    @app.context_processor
+    def _globals() -> dict[str, Any]:
+        from worker import jobs
+
+        try:
+            health = jobs.health()
+        except Exception:  # noqa: BLE001 - the top bar must never break a page
+            health = {"alive": False, "device": None}
+        return {"health": health, "device_label": render.device_label(health)}
+
+    from worker.jobs import JobError
+
+    @app.errorhandler(JobError)
+    def _job_error(exc: JobError):  # type: ignore[no-untyped-def]
+        return error_response(exc)
+
+    @app.errorhandler(404)
+    def _not_found(exc: Any):  # type: ignore[no-untyped-def]
+        if render.wants_json() or request.path.startswith("/ws/"):
+            return render.json_response({"error": "Not found."}, 404)
+        return render_template("error.html", message="This page does not exist.",
+                               status=404), 404
+
+    from . import datasets, models, trainings, ws
+
+    app.register_blueprint(models.bp)
+    app.register_blueprint(datasets.bp)
+    app.register_blueprint(trainings.bp)
+    ws.sock.init_app(app)
+    app.register_blueprint(ws.bp)
+    return app
+
+
+def error_response(exc: Any):  # type: ignore[no-untyped-def]
+    """A JobError as JSON (``{"error"}``, plus ``{"errors"}`` for 422) or as an HTML message.
+
+    htmx requests get the message in the page's flash area (HX-Retarget)."""
+    status = getattr(exc, "status", 400)
+    message = str(exc)
+    if render.wants_json():
+        body: dict[str, Any] = {"error": message}
+        if getattr(exc, "errors", None):
+            body["errors"] = exc.errors
+        return render.json_response(body, status)
+    if render.is_fragment_request():
+        html = render_template("_flash.html", message=message, status=status)
+        return html, status, {"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"}
+    return render_template("error.html", message=message, status=status), status

@@ -1,0 +1,265 @@
+"""Rendering helpers: one URL two renderings, JSON negotiation, number formats, SVG charts.
+
+No markup for cards lives here (that is ``templates/trainings/_card.html``); only the small
+pieces the templates call as filters and globals.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flask import Response, jsonify, render_template, request
+from markupsafe import Markup, escape
+
+
+# ---------------------------------------------------------------------------- negotiation
+def is_fragment_request() -> bool:
+    """An htmx request that asked for a part of the page (not a boosted navigation)."""
+    return request.headers.get("HX-Request") == "true" and \
+        request.headers.get("HX-Boosted") != "true"
+
+
+def page_or_fragment(page: str, fragment: str, status: int = 200, **ctx: Any) -> tuple[str, int]:
+    """Render ``fragment`` for htmx requests, else the full ``page`` (which includes it)."""
+    template = fragment if is_fragment_request() else page
+    return render_template(template, **ctx), status
+
+
+def wants_json() -> bool:
+    """JSON when ``?format=json`` or the Accept header prefers it over HTML."""
+    fmt = request.args.get("format")
+    if fmt:
+        return fmt == "json"
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json" and \
+        request.accept_mimetypes["application/json"] > request.accept_mimetypes["text/html"]
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    resp = jsonify(data)
+    resp.status_code = status
+    return resp
+
+
+# ---------------------------------------------------------------------------- formats
+def fmt_int(value: Any) -> str:
+    if value is None:
+        return "—"
+    try:
+        return f"{int(value):,}"
+    except (TypeError, ValueError):
+        return "—"
+
+
+def fmt_num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "—"
+
+
+def fmt_sci(value: Any) -> str:
+    """Learning rates: 0.002 -> "2.00e-3"."""
+    if value is None:
+        return "—"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(v):
+        return "—"
+    if v == 0:
+        return "0"
+    mant, exp = f"{v:.2e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def fmt_compact(value: Any) -> str:
+    """12345 -> "12.3k", 2.5e6 -> "2.50M"."""
+    if value is None:
+        return "—"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(v):
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{unit}"
+    return f"{v:.0f}" if abs(v) >= 10 else f"{v:.2g}"
+
+
+def fmt_bytes(value: Any) -> str:
+    if value is None:
+        return "—"
+    v = float(value)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if v >= size:
+            return f"{v / size:.1f} {unit}"
+    return f"{int(v)} B"
+
+
+def fmt_duration(seconds: Any) -> str:
+    if seconds is None:
+        return "—"
+    s = max(0, int(round(float(seconds))))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def fmt_time(ts: Any) -> str:
+    """Clock time of a timestamp (today: HH:MM:SS; older: date too)."""
+    if ts is None:
+        return "—"
+    t = float(ts)
+    if time.strftime("%Y-%m-%d", time.localtime(t)) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M:%S", time.localtime(t))
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def fmt_pct(fraction: Any, digits: int = 1) -> str:
+    if fraction is None:
+        return "—"
+    return f"{100 * float(fraction):.{digits}f}%"
+
+
+FILTERS = {"int": fmt_int, "num": fmt_num, "sci": fmt_sci, "compact": fmt_compact,
+           "bytes": fmt_bytes, "duration": fmt_duration, "clock": fmt_time, "pct": fmt_pct}
+
+
+# ---------------------------------------------------------------------------- charts
+MAX_POINTS = 200
+
+
+def downsample(points: Sequence[tuple[float, float]], limit: int = MAX_POINTS
+               ) -> list[tuple[float, float]]:
+    """At most ``limit`` points spread evenly over the run; the first and last always kept."""
+    pts = [(float(x), float(y)) for x, y in points
+           if y is not None and math.isfinite(float(y))]
+    n = len(pts)
+    if n <= limit:
+        return pts
+    idx = sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+    return [pts[i] for i in idx]
+
+
+def nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
+    """Round tick values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / max(1, count)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks = []
+    v = start
+    while v <= hi + step * 1e-9:
+        if v >= lo - step * 1e-9:
+            ticks.append(round(v, 12))
+        v += step
+    return ticks or [lo, hi]
+
+
+def _tick_label(v: float) -> str:
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 10000:
+        return fmt_compact(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 1:
+        return f"{v:.3g}"
+    if a >= 0.001:
+        return f"{v:.3g}"
+    return fmt_sci(v)
+
+
+def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: str,
+               digits: int = 4, width: int = 480, height: int = 180) -> Markup:
+    """An inline SVG line chart: axes with tick labels, a path, a circle with a ``<title>``
+    hover text per (downsampled) point. Fixed size (viewBox) so swaps never move the layout."""
+    pts = downsample(points)
+    left, right, top, bottom = 52, 12, 12, 26
+    pw, ph = width - left - right, height - top - bottom
+    out = [f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {width} {height}" '
+           f'width="{width}" height="{height}" preserveAspectRatio="none" role="img" '
+           f'aria-label="{escape(label)}" data-points="{len(pts)}">',
+           f'<title>{escape(label)}</title>']
+    if not pts:
+        out.append(f'<rect class="chart-frame" x="{left}" y="{top}" width="{pw}" '
+                   f'height="{ph}"/>')
+        out.append(f'<text class="chart-empty" x="{left + pw / 2}" y="{top + ph / 2}" '
+                   'text-anchor="middle">Waiting for the first metrics…</text>')
+        out.append("</svg>")
+        return Markup("".join(out))
+    xs = [p[0] for p in pts]
+    ys = [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs)
+    if x1 <= x0:
+        x1 = x0 + 1
+    y_lo, y_hi = min(ys), max(ys)
+    if y_hi - y_lo < 1e-12:
+        pad = abs(y_hi) * 0.1 or 1.0
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+    yticks = nice_ticks(y_lo, y_hi, 4)
+    y0, y1 = min(yticks[0], y_lo), max(yticks[-1], y_hi)
+    xticks = [t for t in nice_ticks(x0, x1, 5) if x0 <= t <= x1]
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y: float) -> float:
+        return top + ph - (y - y0) / (y1 - y0) * ph
+
+    out.append('<g class="axis axis-y">')
+    for t in yticks:
+        y = sy(t)
+        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" '
+                   f'y2="{y:.1f}"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
+                   f'{escape(_tick_label(t))}</text>')
+    out.append("</g><g class=\"axis axis-x\">")
+    out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
+               f'y2="{top + ph}"/>')
+    for t in xticks:
+        x = sx(t)
+        out.append(f'<line class="tick" x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" '
+                   f'y2="{top + ph + 4}"/>')
+        out.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">'
+                   f'{escape(_tick_label(t))}</text>')
+    out.append("</g>")
+    d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}"
+                 for i, (x, y) in enumerate(pts))
+    out.append(f'<path class="line" d="{d}"/>')
+    out.append('<g class="points">')
+    for x, y in pts:
+        out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3"><title>step '
+                   f'{int(x):,}: {escape(label)} {escape(fmt_num(y, digits))}</title></circle>')
+    out.append("</g></svg>")
+    return Markup("".join(out))
+
+
+def device_label(health: dict[str, Any]) -> str:
+    """"CPU", "CUDA: Orin (6 GB)" or "No worker yet"."""
+    device = health.get("device")
+    if not device:
+        return "No worker yet"
+    kind = str(device).split(":")[0].upper()
+    name = health.get("device_name")
+    mem = health.get("device_memory")
+    if kind == "CPU":
+        return "CPU"
+    text = f"{kind}: {name}" if name else kind
+    if mem:
+        text += f" ({float(mem) / 1e9:.0f} GB)"
+    return text

@@ -1,0 +1,394 @@
+"""The Training area (the home page): the configuration form, the job cards, their controls,
+metrics, checkpoints and export.
+
+A card is built from one view dict (``card_view``) and rendered by the macros of
+``templates/trainings/_card.html``; the page, the HTTP fragments and the WebSocket all render
+the same macros (``render_parts``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    get_template_attribute,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from markupsafe import Markup
+
+from worker import jobs
+from worker.db import FINISHED, Checkpoint, LogLine, Metric, Training
+
+from .render import is_fragment_request, json_response, page_or_fragment, wants_json
+
+bp = Blueprint("trainings", __name__)
+
+PARTS = ("status", "progress", "tiles", "charts", "buttons", "log", "checkpoints_count",
+         "checkpoints")
+"""Card parts, each a macro of ``trainings/_card.html`` with one root ``training-N-<part>``."""
+LOG_LINES = 8
+EXPANSION_CHOICES = (4, 8, 16, 32)
+FIRST_ROW = ("model_id", "dataset_id", "encoder_type")
+MODEL_FIELDS = ("layer_idx", "hook_point")
+
+
+# ---------------------------------------------------------------------------- card view
+def checkpoint_dict(ckpt: Checkpoint) -> dict[str, Any]:
+    out = jobs.checkpoint_as_dict(ckpt)
+    out["download_url"] = url_for("trainings.download_checkpoint", checkpoint_id=ckpt.id)
+    return out
+
+
+def card_view(t: Training, *, with_metrics: bool = True) -> dict[str, Any]:
+    """Everything a card shows, computed once for all its parts."""
+    d = jobs.training_as_dict(t)
+    cfg = t.config or {}
+    latest = d.get("metrics") or {}
+    now = time.time()
+    started = t.started_at
+    end = t.finished_at if t.status in FINISHED and t.finished_at else now
+    elapsed = max(0.0, end - started) if started else None
+    step, total = int(t.current_step or 0), int(t.total_steps or 0)
+    fraction = min(1.0, step / total) if total else 0.0
+    if t.status == "completed":
+        fraction = 1.0
+    eta = None
+    if t.status == "training" and total > step:
+        tps, batch = latest.get("tokens_per_s"), cfg.get("batch_size")
+        if tps and batch:
+            eta = (total - step) * float(batch) / float(tps)
+        elif elapsed and step:
+            eta = elapsed / step * (total - step)
+    estimate = t.estimate or {}
+    d_sae = estimate.get("d_sae") or cfg.get("latent_dim")
+    if d_sae is None and t.model.hidden_dim:
+        d_sae = int(cfg.get("expansion_factor") or 8) * int(t.model.hidden_dim)
+    l0_frac = latest.get("l0_frac")
+    if l0_frac is None and latest.get("l0") is not None and d_sae:
+        l0_frac = float(latest["l0"]) / d_sae
+    dead_frac = latest.get("dead_frac")
+    if dead_frac is None and latest.get("dead_neurons") is not None and d_sae:
+        dead_frac = float(latest["dead_neurons"]) / d_sae
+
+    log = list(LogLine.select().where(LogLine.training == t.id)
+               .order_by(LogLine.id.desc()).limit(LOG_LINES))[::-1]
+    ckpts = [checkpoint_dict(c) for c in
+             Checkpoint.select().where(Checkpoint.training == t.id)
+             .order_by(Checkpoint.step.desc())]
+    view: dict[str, Any] = {
+        "id": t.id, "t": t, "d": d, "status": t.status, "error": t.error,
+        "requested": t.requested, "finished": t.status in FINISHED,
+        "title": f"{t.model.name} + {t.dataset.name}",
+        "encoder": cfg.get("encoder_type", "topk"),
+        "layer": cfg.get("layer"), "hook": cfg.get("hook_point", "residual"),
+        "created_at": t.created_at, "started_at": started, "finished_at": t.finished_at,
+        "step": step, "total": total, "fraction": fraction, "elapsed": elapsed, "eta": eta,
+        "latest": latest, "d_sae": d_sae, "l0_frac": l0_frac, "dead_frac": dead_frac,
+        "log": log, "checkpoints": ckpts,
+        "can_export": t.status in ("completed", "stopped") and bool(t.out_dir)
+        and (Path(t.out_dir) / "saelens").is_dir(),
+        "loss_points": [], "l0_points": [],
+    }
+    if with_metrics:
+        rows = (Metric.select(Metric.step, Metric.data).where(Metric.training == t.id)
+                .order_by(Metric.step))
+        for r in rows:
+            data = r.data or {}
+            if data.get("loss") is not None:
+                view["loss_points"].append((r.step, data["loss"]))
+            if data.get("l0") is not None:
+                view["l0_points"].append((r.step, data["l0"]))
+    return view
+
+
+def render_part(name: str, view: dict[str, Any], oob: bool = False) -> Markup:
+    html = get_template_attribute("trainings/_card.html", name)(view, oob)
+    return Markup(str(html).strip())
+
+
+def render_parts(view: dict[str, Any], names: tuple[str, ...] | list[str] = PARTS,
+                 oob: bool = False) -> str:
+    """Several card parts as top-level elements (htmx swaps each by id)."""
+    return "\n".join(str(render_part(n, view, oob)) for n in names)
+
+
+def render_card(view: dict[str, Any], oob: bool = False) -> str:
+    return str(render_part("card", view, oob))
+
+
+def training_json(t: Training) -> dict[str, Any]:
+    out = jobs.training_as_dict(t)
+    out["model_name"] = t.model.name
+    out["dataset_name"] = t.dataset.name
+    out["url"] = url_for("trainings.detail", training_id=t.id)
+    return out
+
+
+# ---------------------------------------------------------------------------- the form
+def _display(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None = None
+             ) -> dict[str, Any]:
+    """The configuration form's context: fields, choices, shown values, estimate."""
+    values = dict(values or {})
+    errors = dict(errors or {})
+    choices = jobs.form_choices(None)
+    if not values.get("model_id") and choices["model_id"]:
+        values["model_id"] = choices["model_id"][0][0]
+    model = None
+    if values.get("model_id"):
+        try:
+            model = jobs.get_model(values["model_id"])
+        except jobs.NotFound:
+            model = None
+        if model is not None and model.status != "ready":
+            model = None
+    choices = jobs.form_choices(model)
+    defaults = jobs.training_defaults(model)
+    shown = {k: _display(v) for k, v in defaults.items()}
+    if model is None:
+        shown["model_id"] = ""
+    for k, v in values.items():
+        if k in jobs.FIELDS_BY_NAME:
+            shown[k] = v
+    hooks = [c[0] for c in choices["hook_point"]]
+    if shown.get("hook_point") not in hooks and hooks:
+        shown["hook_point"] = hooks[0]
+    layers = list(range(int(model.n_layers))) if model is not None and model.n_layers else []
+    if layers and shown.get("layer_idx", "") not in {str(i) for i in layers}:
+        if "layer_idx" not in errors:
+            shown["layer_idx"] = _display(defaults.get("layer_idx"))
+    choices["expansion_factor"] = [(str(x), f"{x}x") for x in EXPANSION_CHOICES]
+    if shown.get("expansion_factor") and shown["expansion_factor"] not in \
+            {str(x) for x in EXPANSION_CHOICES}:
+        choices["expansion_factor"].append((shown["expansion_factor"],
+                                            f"{shown['expansion_factor']}x"))
+    choices["layer_idx"] = [(str(i), f"Layer {i}") for i in layers]
+    fields = jobs.FORM_FIELDS
+    by_name = jobs.FIELDS_BY_NAME
+    main = [f for f in fields if not f.advanced and f.name not in FIRST_ROW + MODEL_FIELDS]
+    advanced = [f for f in fields if f.advanced]
+    adv_names = {f.name for f in main + advanced}
+    return {
+        "fields": by_name, "first_row": [by_name[n] for n in FIRST_ROW],
+        "model_fields": [by_name[n] for n in MODEL_FIELDS], "main_fields": main,
+        "advanced_fields": advanced, "advanced_open": any(n in errors for n in adv_names),
+        "choices": choices, "values": shown, "errors": errors, "model": model,
+        "estimate": jobs.estimate(model, {k: v for k, v in shown.items() if v != ""}),
+        "can_start": bool(shown.get("model_id")) and bool(shown.get("dataset_id")),
+    }
+
+
+def _form_values() -> dict[str, str]:
+    src = request.form if request.method == "POST" else request.args
+    return {k: src.get(k, "") for k in jobs.FIELDS_BY_NAME if k in src}
+
+
+# ---------------------------------------------------------------------------- pages
+def _page_ctx(**extra: Any) -> dict[str, Any]:
+    trainings = jobs.list_trainings()
+    return {"cards": [card_view(t) for t in trainings], **form_ctx(), **extra}
+
+
+@bp.get("/")
+def index():  # type: ignore[no-untyped-def]
+    return render_template("trainings/index.html", **_page_ctx())
+
+
+@bp.get("/trainings")
+def list_trainings():  # type: ignore[no-untyped-def]
+    if wants_json():
+        return json_response({"items": [training_json(t) for t in jobs.list_trainings()]})
+    if is_fragment_request():
+        return render_template("trainings/_jobs.html",
+                               cards=[card_view(t) for t in jobs.list_trainings()])
+    return render_template("trainings/index.html", **_page_ctx())
+
+
+@bp.post("/trainings")
+def create():  # type: ignore[no-untyped-def]
+    values = _form_values()
+    try:
+        t = jobs.create_training(request.form)
+    except jobs.Invalid as exc:
+        if wants_json():
+            return json_response({"error": str(exc), "errors": exc.errors}, 422)
+        ctx = form_ctx(values, exc.errors)
+        if is_fragment_request():
+            return (render_template("trainings/_form.html", **ctx), 422,
+                    {"HX-Retarget": "#training-form", "HX-Reswap": "outerHTML"})
+        trainings = jobs.list_trainings()
+        return render_template("trainings/index.html", cards=[card_view(x) for x in trainings],
+                               **ctx), 422
+    t = jobs.get_training(t.id)
+    if wants_json():
+        return json_response({"id": t.id, **training_json(t)}, 201)
+    if is_fragment_request():
+        body = render_card(card_view(t))
+        form = render_template("trainings/_form.html", oob=True, **form_ctx(values))
+        return body + form + '<p id="jobs-empty" hx-swap-oob="delete"></p>', 201
+    return redirect(url_for("trainings.index") + f"#training-{t.id}")
+
+
+@bp.get("/trainings/form")
+def form():  # type: ignore[no-untyped-def]
+    """The form with default values (keeps the chosen model and dataset): Reset to defaults."""
+    values = {k: request.args[k] for k in ("model_id", "dataset_id") if request.args.get(k)}
+    return page_or_fragment("trainings/index.html", "trainings/_form.html",
+                            **(form_ctx(values) if is_fragment_request()
+                               else _page_ctx(**form_ctx(values))))
+
+
+@bp.get("/trainings/model-fields")
+def model_fields():  # type: ignore[no-untyped-def]
+    """The layer and hook point selects for the chosen model (re-rendered on model change)."""
+    return render_template("trainings/_model_fields.html", **form_ctx(_form_values()))
+
+
+@bp.get("/trainings/estimate")
+def estimate():  # type: ignore[no-untyped-def]
+    values = _form_values()
+    ctx = form_ctx(values)
+    if wants_json():
+        return json_response(ctx["estimate"])
+    return render_template("trainings/_estimate.html", **ctx)
+
+
+@bp.get("/trainings/<int:training_id>")
+def detail(training_id: int):  # type: ignore[no-untyped-def]
+    t = jobs.get_training(training_id)
+    if wants_json():
+        return json_response(training_json(t))
+    view = card_view(t)
+    if is_fragment_request():
+        return render_card(view)
+    return render_template("trainings/detail.html", card=view)
+
+
+@bp.delete("/trainings/<int:training_id>")
+def delete(training_id: int):  # type: ignore[no-untyped-def]
+    jobs.delete_training(training_id)
+    if wants_json():
+        return json_response({"deleted": training_id})
+    if is_fragment_request():
+        return ""
+    return redirect(url_for("trainings.index"))
+
+
+@bp.post("/trainings/<int:training_id>/<any(stop, pause, resume, retry):action>")
+def control(training_id: int, action: str):  # type: ignore[no-untyped-def]
+    t = jobs.request(training_id, action)
+    t = jobs.get_training(t.id)
+    if wants_json():
+        return json_response(training_json(t))
+    if is_fragment_request():
+        view = card_view(t)
+        if action == "retry":
+            # The card becomes live again: replace it whole so it reconnects its WebSocket.
+            return render_card(view, oob=True)
+        return render_parts(view, ("status", "progress", "buttons"), oob=True)
+    return redirect(url_for("trainings.index") + f"#training-{t.id}")
+
+
+# ---------------------------------------------------------------------------- metrics
+@bp.get("/trainings/<int:training_id>/metrics")
+def metrics(training_id: int):  # type: ignore[no-untyped-def]
+    t = jobs.get_training(training_id)
+    rows = jobs.metrics_rows(t.id)
+    if request.args.get("format") == "csv":
+        keys: list[str] = []
+        for r in rows:
+            keys.extend(k for k in r if k not in keys)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys or ["step"], extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items()
+                             if not isinstance(v, dict | list)})
+        return Response(buf.getvalue(), mimetype="text/csv", headers={
+            "Content-Disposition": f"attachment; filename=training-{t.id}-metrics.csv"})
+    if wants_json():
+        return json_response({"training_id": t.id, "rows": rows})
+    view = card_view(t)
+    if is_fragment_request():
+        return str(render_part("charts", view))
+    return render_template("trainings/metrics.html", card=view, rows=rows)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+@bp.get("/trainings/<int:training_id>/checkpoints")
+def list_checkpoints(training_id: int):  # type: ignore[no-untyped-def]
+    items = [checkpoint_dict(c) for c in jobs.checkpoints(training_id)]
+    if wants_json():
+        return json_response({"training_id": training_id, "items": items})
+    view = card_view(jobs.get_training(training_id), with_metrics=False)
+    if is_fragment_request():
+        return render_parts(view, ("checkpoints_count", "checkpoints"))
+    return render_template("trainings/detail.html", card=card_view(view["t"]))
+
+
+@bp.post("/trainings/<int:training_id>/checkpoints")
+def save_checkpoint(training_id: int):  # type: ignore[no-untyped-def]
+    t = jobs.save_checkpoint_now(training_id)
+    if wants_json():
+        return json_response({"id": t.id, "requested": t.requested, "status": t.status}, 202)
+    if is_fragment_request():
+        view = card_view(jobs.get_training(training_id), with_metrics=False)
+        return render_parts(view, ("checkpoints_count", "checkpoints"), oob=True)
+    return redirect(url_for("trainings.index") + f"#training-{training_id}")
+
+
+@bp.get("/checkpoints/<int:checkpoint_id>/download")
+def download_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
+    ckpt = jobs.get_checkpoint(checkpoint_id)
+    path = Path(ckpt.path)
+    if not path.is_file():
+        raise jobs.NotFound(f"The file of checkpoint {ckpt.id} is missing ({path.name}).")
+    name = f"training-{ckpt.training_id}-step-{ckpt.step}{path.suffix or '.safetensors'}"
+    return send_file(path, as_attachment=True, download_name=name)
+
+
+@bp.delete("/checkpoints/<int:checkpoint_id>")
+def delete_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
+    ckpt = jobs.get_checkpoint(checkpoint_id)
+    training_id = ckpt.training_id
+    jobs.delete_checkpoint(checkpoint_id)
+    if wants_json():
+        return json_response({"deleted": checkpoint_id})
+    if is_fragment_request():
+        view = card_view(jobs.get_training(training_id), with_metrics=False)
+        return render_parts(view, ("checkpoints_count", "checkpoints"), oob=True)
+    return redirect(url_for("trainings.index") + f"#training-{training_id}")
+
+
+@bp.get("/trainings/<int:training_id>/export")
+def export(training_id: int):  # type: ignore[no-untyped-def]
+    path = jobs.export_zip(training_id)
+    if not path.is_file():
+        abort(404)
+    return send_file(path, as_attachment=True, mimetype="application/zip",
+                     download_name=f"training-{training_id}-saelens.zip")
+
+
+# ---------------------------------------------------------------------------- health
+@bp.get("/healthz")
+def healthz():  # type: ignore[no-untyped-def]
+    h = jobs.health()
+    if is_fragment_request():
+        return render_template("_worker_status.html", health=h)
+    return json_response({"web": "ok", "worker_heartbeat_age_s": h.get("age_s"),
+                          "worker_alive": bool(h.get("alive")), "device": h.get("device"),
+                          "device_name": h.get("device_name")})
