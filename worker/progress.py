@@ -125,6 +125,7 @@ class TrainingReporter:
             .where(Training.id == self.training_id).first()
         requested = row.requested if row is not None else "stop"
         if requested in ("stop", "interrupt"):
+            self.flush()
             self.paused = False
             self.stop_requested = True
             if requested == "interrupt":
@@ -142,6 +143,7 @@ class TrainingReporter:
             return "pause"
         if requested == "pause":
             self.paused = True
+            self.flush()  # the card must show the step it paused at, not an older one
             self._clear("pause", status="paused")
             return "pause"
         if requested == "save":
