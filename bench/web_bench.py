@@ -63,15 +63,15 @@ def _seed_jobs(n_jobs: int, rows_per_job: int) -> list[int]:
         rows = []
         for i in range(rows_per_job):
             step = (i + 1) * 10
-            rows.append({"training": t.id, "step": step, "data": json.dumps({
+            rows.append({"training": t.id, "step": step, "data": {
                 "step": step, "tokens": step * 4096, "loss": 1 / (1 + i), "mse": 1 / (1 + i),
                 "l0": 32.0, "l0_frac": 32 / 4608, "fvu": 0.2 + 1 / (1 + i), "dead": 10,
                 "dead_neurons": 10, "dense": 0, "lr": 1e-3, "learning_rate": 1e-3,
-                "tokens_per_s": 8000.0, "grad_norm": 0.5, "aux_loss": 0.0})})
+                "tokens_per_s": 8000.0, "grad_norm": 0.5, "aux_loss": 0.0}})
         with db.atomic():
             for chunk in range(0, len(rows), 500):
                 Metric.insert_many(rows[chunk:chunk + 500]).execute()
-        last = json.loads(rows[-1]["data"])
+        last = rows[-1]["data"]
         Training.update(latest=last).where(Training.id == t.id).execute()
         ids.append(t.id)
     return ids

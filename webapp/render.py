@@ -242,9 +242,10 @@ def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: s
                  for i, (x, y) in enumerate(pts))
     out.append(f'<path class="line" d="{d}"/>')
     out.append('<g class="points">')
-    for x, y in pts:
+    name = escape(label)
+    for x, y in pts:  # fmt_num gives digits only: nothing to escape
         out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3"><title>step '
-                   f'{int(x):,}: {escape(label)} {escape(fmt_num(y, digits))}</title></circle>')
+                   f'{int(x):,}: {name} {fmt_num(y, digits)}</title></circle>')
     out.append("</g></svg>")
     return Markup("".join(out))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,15 @@ from flask import (
 from markupsafe import Markup
 
 from worker import jobs
-from worker.db import FINISHED, Checkpoint, LogLine, Metric, Training
+from worker.db import FINISHED, Checkpoint, LogLine, Metric, Training, db
 
-from .render import is_fragment_request, json_response, page_or_fragment, wants_json
+from .render import (
+    MAX_POINTS,
+    is_fragment_request,
+    json_response,
+    page_or_fragment,
+    wants_json,
+)
 
 bp = Blueprint("trainings", __name__)
 
@@ -101,15 +108,47 @@ def card_view(t: Training, *, with_metrics: bool = True) -> dict[str, Any]:
         "loss_points": [], "l0_points": [],
     }
     if with_metrics:
-        rows = (Metric.select(Metric.step, Metric.data).where(Metric.training == t.id)
-                .order_by(Metric.step))
-        for r in rows:
-            data = r.data or {}
-            if data.get("loss") is not None:
-                view["loss_points"].append((r.step, data["loss"]))
-            if data.get("l0") is not None:
-                view["l0_points"].append((r.step, data["l0"]))
+        for step, loss, l0 in chart_rows(t.id):
+            if loss is not None:
+                view["loss_points"].append((step, loss))
+            if l0 is not None:
+                view["l0_points"].append((step, l0))
     return view
+
+
+def chart_rows(training_id: int, limit: int = MAX_POINTS) -> list[tuple[int, Any, Any]]:
+    """(step, loss, l0) of at most ~``limit`` rows spread over the run, first and last kept.
+
+    Downsampled and unpacked in SQLite (row_number + json_extract), so a card costs the same
+    whether its run has 100 or 100,000 metric rows.
+    """
+    n = Metric.select().where(Metric.training == training_id).count()
+    if n == 0:
+        return []
+    stride = max(1, -(-n // limit))
+    cursor = db.execute_sql(
+        "SELECT step, json_extract(data, '$.loss'), json_extract(data, '$.l0') FROM ("
+        " SELECT step, data, row_number() OVER (ORDER BY step) - 1 AS rn"
+        " FROM metric WHERE training_id = ?) WHERE rn % ? = 0 OR rn = ? ORDER BY step",
+        (training_id, stride, n - 1))
+    return list(cursor.fetchall())
+
+
+_FINISHED_CARDS: OrderedDict[tuple[int, float], Markup] = OrderedDict()
+"""Rendered cards of finished jobs by (id, updated_at): they change only when the row does."""
+
+
+def card_html(t: Training) -> Markup:
+    """The whole card of a job (the ``card`` macro); a finished job's card is rendered once."""
+    if t.status not in FINISHED:
+        return render_part("card", card_view(t))
+    key = (t.id, t.updated_at)
+    html = _FINISHED_CARDS.get(key)
+    if html is None:
+        html = _FINISHED_CARDS[key] = render_part("card", card_view(t))
+        while len(_FINISHED_CARDS) > 256:
+            _FINISHED_CARDS.popitem(last=False)
+    return html
 
 
 def render_part(name: str, view: dict[str, Any], oob: bool = False) -> Markup:
@@ -200,7 +239,7 @@ def _form_values() -> dict[str, str]:
 # ---------------------------------------------------------------------------- pages
 def _page_ctx(**extra: Any) -> dict[str, Any]:
     trainings = jobs.list_trainings()
-    return {"cards": [card_view(t) for t in trainings], **form_ctx(), **extra}
+    return {"cards": [card_html(t) for t in trainings], **form_ctx(), **extra}
 
 
 @bp.get("/")
@@ -214,7 +253,7 @@ def list_trainings():  # type: ignore[no-untyped-def]
         return json_response({"items": [training_json(t) for t in jobs.list_trainings()]})
     if is_fragment_request():
         return render_template("trainings/_jobs.html",
-                               cards=[card_view(t) for t in jobs.list_trainings()])
+                               cards=[card_html(t) for t in jobs.list_trainings()])
     return render_template("trainings/index.html", **_page_ctx())
 
 
@@ -231,7 +270,7 @@ def create():  # type: ignore[no-untyped-def]
             return (render_template("trainings/_form.html", **ctx), 422,
                     {"HX-Retarget": "#training-form", "HX-Reswap": "outerHTML"})
         trainings = jobs.list_trainings()
-        return render_template("trainings/index.html", cards=[card_view(x) for x in trainings],
+        return render_template("trainings/index.html", cards=[card_html(x) for x in trainings],
                                **ctx), 422
     t = jobs.get_training(t.id)
     if wants_json():

@@ -11,6 +11,7 @@ Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades vers
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,22 @@ def now() -> float:
     return time.time()
 
 
+def _finite(value: Any) -> Any:
+    """NaN/Inf -> None, recursively: stored JSON stays valid for SQLite's json_extract."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class JSONField(TextField):
-    """JSON stored as text (no json1 extension needed)."""
+    """JSON stored as text; non-finite floats are stored as null (standard JSON has no NaN)."""
 
     def db_value(self, value: Any) -> str | None:
-        return None if value is None else json.dumps(value)
+        return None if value is None else json.dumps(_finite(value))
 
     def python_value(self, value: str | None) -> Any:
         return None if value is None else json.loads(value)

@@ -689,7 +689,10 @@ def create_training(form: Mapping[str, str]) -> Training:
 
 def list_trainings() -> list[Training]:
     """All trainings, newest first."""
-    return list(Training.select().order_by(Training.id.desc()))
+    return list(Training.select(Training, LanguageModel, Dataset)
+                .join(LanguageModel, on=(Training.model == LanguageModel.id))
+                .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id))
+                .order_by(Training.id.desc()))
 
 
 def get_training(training_id: int | str) -> Training:
@@ -855,6 +858,7 @@ def delete_checkpoint(checkpoint_id: int | str) -> None:
     Path(ckpt.path).unlink(missing_ok=True)
     with db.atomic():
         ckpt.delete_instance()
+        Training.update(updated_at=time.time()).where(Training.id == ckpt.training_id).execute()
 
 
 def _newest_mtime(folder: Path) -> float:
