@@ -61,6 +61,9 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _html_stream(ws: Any, training_id: int, tick: float) -> None:
+    # Read the version before the snapshot: a write that lands while it is being built or sent
+    # then shows up as a change (at worst a part is sent twice), never as lost.
+    version = data_version()
     sig = _signatures(training_id)
     if sig is None:
         ws.send(f'<p id="training-{training_id}">Training {training_id} does not exist.</p>')
@@ -70,7 +73,6 @@ def _html_stream(ws: Any, training_id: int, tick: float) -> None:
         ws.send(render_card(view))
         return
     ws.send(render_parts(view))
-    version = data_version()
     while True:
         ws.receive(timeout=tick)  # the tick; raises ConnectionClosed when the client leaves
         now_version = data_version()
@@ -94,6 +96,8 @@ def _html_stream(ws: Any, training_id: int, tick: float) -> None:
 
 
 def _json_stream(ws: Any, training_id: int, tick: float) -> None:
+    version = data_version()  # before the snapshot (see _html_stream)
+    sig = _signatures(training_id) or {}
     try:
         t = jobs.get_training(training_id)
     except jobs.NotFound as exc:
@@ -110,8 +114,6 @@ def _json_stream(ws: Any, training_id: int, tick: float) -> None:
                         "items": [checkpoint_dict(c) for c in jobs.checkpoints(training_id)]}))
     if t.status in FINISHED:
         return
-    sig = _signatures(training_id) or {}
-    version = data_version()
     while True:
         ws.receive(timeout=tick)
         now_version = data_version()
