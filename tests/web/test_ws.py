@@ -16,8 +16,8 @@ from .conftest import add_metric, make_training
 def _close(ws) -> None:
     try:
         ws.close()
-    except simple_websocket.ConnectionClosed:
-        pass  # the server closed it first
+    except (simple_websocket.ConnectionClosed, OSError):
+        pass  # the server closed it first (the client's socket may already be gone: EBADF)
 
 
 def _receive_until(ws, predicate, timeout: float = 1.0):
