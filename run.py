@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started with SIGINT ignored (a shell's `&`)
     if args.worker_only:
         worker = _start_worker(args.workers, env)
         print(f"SAE Studio worker: pid {worker.pid}, data in {data_dir}; Ctrl-C to stop",
@@ -100,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     try:
-        server.serve_forever()
+        server.serve_forever()  # werkzeug returns quietly on KeyboardInterrupt
     except KeyboardInterrupt:
-        print("\nStopping...", flush=True)
+        pass
     finally:
+        print("\nStopping...", flush=True)
         server.server_close()
         if worker is not None:
             _stop_worker(worker)
