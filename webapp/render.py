@@ -63,15 +63,19 @@ def fmt_num(value: Any, digits: int = 4) -> str:
         return "—"
 
 
-def fmt_sci(value: Any) -> str:
-    """Learning rates: 0.002 -> "2.00e-3"."""
-    if value is None:
-        return "—"
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, NaN, Inf)."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return "—"
-    if not math.isfinite(v):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def fmt_sci(value: Any) -> str:
+    """Learning rates: 0.002 -> "2.00e-3"."""
+    v = _finite(value)
+    if v is None:
         return "—"
     if v == 0:
         return "0"
@@ -81,13 +85,8 @@ def fmt_sci(value: Any) -> str:
 
 def fmt_compact(value: Any) -> str:
     """12345 -> "12.3k", 2.5e6 -> "2.50M"."""
-    if value is None:
-        return "—"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    if not math.isfinite(v):
+    v = _finite(value)
+    if v is None:
         return "—"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= size:
