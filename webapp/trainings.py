@@ -379,15 +379,20 @@ def list_checkpoints(training_id: int):  # type: ignore[no-untyped-def]
     return render_template("trainings/detail.html", card=card_view(view["t"]))
 
 
+def _checkpoints_changed(training_id: int):  # type: ignore[no-untyped-def]
+    """After save-now or delete: the card's checkpoint parts (htmx), else back to the card."""
+    if is_fragment_request():
+        view = card_view(jobs.get_training(training_id), with_metrics=False)
+        return render_parts(view, ("checkpoints_count", "checkpoints"), oob=True)
+    return redirect(url_for("trainings.index") + f"#training-{training_id}")
+
+
 @bp.post("/trainings/<int:training_id>/checkpoints")
 def save_checkpoint(training_id: int):  # type: ignore[no-untyped-def]
     t = jobs.save_checkpoint_now(training_id)
     if wants_json():
         return json_response({"id": t.id, "requested": t.requested, "status": t.status}, 202)
-    if is_fragment_request():
-        view = card_view(jobs.get_training(training_id), with_metrics=False)
-        return render_parts(view, ("checkpoints_count", "checkpoints"), oob=True)
-    return redirect(url_for("trainings.index") + f"#training-{training_id}")
+    return _checkpoints_changed(training_id)
 
 
 @bp.get("/checkpoints/<int:checkpoint_id>/download")
@@ -407,10 +412,7 @@ def delete_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
     jobs.delete_checkpoint(checkpoint_id)
     if wants_json():
         return json_response({"deleted": checkpoint_id})
-    if is_fragment_request():
-        view = card_view(jobs.get_training(training_id), with_metrics=False)
-        return render_parts(view, ("checkpoints_count", "checkpoints"), oob=True)
-    return redirect(url_for("trainings.index") + f"#training-{training_id}")
+    return _checkpoints_changed(training_id)
 
 
 @bp.get("/trainings/<int:training_id>/export")
