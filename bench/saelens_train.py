@@ -1,4 +1,5 @@
-"""Train a SAELens TopK SAE on an activation cache: the reference point for our benchmark.
+"""Train a SAELens SAE (TopK, BatchTopK, standard or JumpReLU) on an activation cache: the
+reference point for our benchmark.
 
 Runs INSIDE .venv-saelens (scripts/setup_saelens_venv.sh) and does not import the
 project package:
@@ -10,7 +11,9 @@ The activation file is a safetensors file with one tensor ``activations`` [N, d_
 (float32 or bfloat16). No language model is involved.
 
 Training uses SAELens's own pieces end to end: ``TopKTrainingSAE`` (its TopK forward,
-MSE + AuxK loss, decoder-norm rescaling, 0.1 decoder init) driven by ``SAETrainer.fit()``
+MSE + AuxK loss, decoder-norm rescaling, 0.1 decoder init) — or, with ``--architecture``,
+``BatchTopKTrainingSAE``, ``StandardTrainingSAE`` (L1 on decoder-norm-weighted activations) or
+``JumpReLUTrainingSAE`` (DeepMind's step L0 loss) — driven by ``SAETrainer.fit()``
 (Adam with its default betas, constant LR, grad-norm clipping at 1.0, its dead-latent
 bookkeeping that feeds AuxK, and its folding of the normalization factor into the
 weights at the end). SAETrainer accepts any iterator of batches as its data provider,
@@ -51,7 +54,13 @@ from importlib.metadata import version
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--activations", required=True, help="safetensors file with `activations`")
+    p.add_argument("--architecture", choices=["topk", "batchtopk", "standard", "jumprelu"],
+                   default="topk")
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--l1-coefficient", type=float, default=1.0, help="standard")
+    p.add_argument("--l0-coefficient", type=float, default=1.0, help="jumprelu")
+    p.add_argument("--sparsity-warm-up-steps", type=int, default=0,
+                   help="l1 (standard) / l0 (jumprelu) warm-up steps")
     p.add_argument("--expansion-factor", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--total-steps", type=int, default=100)
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
     import torch
-    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    import sae_lens
+    from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
     from safetensors import safe_open
 
@@ -107,15 +117,20 @@ def main(argv: list[str] | None = None) -> int:
                 yield train[perm[start : start + args.batch_size]]
 
     torch.manual_seed(args.seed)  # SAE weight init uses the global RNG
-    sae_cfg = TopKTrainingSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        k=args.k,
-        dtype="float32",
-        device="cpu",
-        normalize_activations=args.normalize,
-    )
-    sae = TopKTrainingSAE(sae_cfg)
+    common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+              "normalize_activations": args.normalize}
+    warm = args.sparsity_warm_up_steps
+    arch_options = {
+        "topk": ("TopK", {"k": args.k}),
+        "batchtopk": ("BatchTopK", {"k": args.k}),
+        "standard": ("Standard", {"l1_coefficient": args.l1_coefficient,
+                                  "l1_warm_up_steps": warm}),
+        "jumprelu": ("JumpReLU", {"l0_coefficient": args.l0_coefficient,
+                                  "l0_warm_up_steps": warm}),
+    }
+    prefix, extra = arch_options[args.architecture]
+    sae_cfg = getattr(sae_lens, f"{prefix}TrainingSAEConfig")(**common, **extra)
+    sae = getattr(sae_lens, f"{prefix}TrainingSAE")(sae_cfg)
 
     trainer_defaults = {f.name: f.default for f in fields(SAETrainerConfig)}
     dead_window = args.dead_feature_window or trainer_defaults["dead_feature_window"]
@@ -175,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             "scaling_factor": scaling_factor,
             "seed": args.seed,
             "dead_feature_window": dead_window,
-            "aux_loss_coefficient": sae_cfg.aux_loss_coefficient,
-            "rescale_acts_by_decoder_norm": sae_cfg.rescale_acts_by_decoder_norm,
-            "decoder_init_norm": sae_cfg.decoder_init_norm,
+            "architecture": args.architecture,
+            **{k: v for k, v in extra.items()},
+            "aux_loss_coefficient": getattr(sae_cfg, "aux_loss_coefficient", None),
+            "rescale_acts_by_decoder_norm": getattr(sae_cfg, "rescale_acts_by_decoder_norm",
+                                                    None),
+            "decoder_init_norm": getattr(sae_cfg, "decoder_init_norm", None),
         },
         "steps": steps,
         "seconds": seconds,

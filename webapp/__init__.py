@@ -1,7 +1,8 @@
 """SAE Studio's web app: Flask + Jinja + HTMX over the job layer (``worker.jobs``).
 
-The web imports ``worker.db``, ``worker.jobs`` and ``worker.settings`` only (never torch):
-the worker is another process that reports through the same SQLite database.
+The web imports ``worker.db``, ``worker.jobs``, ``worker.reports`` and ``worker.settings`` only
+(never torch): the worker is another process that reports through the same SQLite database and
+the evaluation files it writes next to a training's checkpoints.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         return render_template("error.html", message="This page does not exist.",
                                status=404), 404
 
-    from . import datasets, models, trainings, ws
+    from . import datasets, models, reports, trainings, ws
 
     app.register_blueprint(models.bp)
     app.register_blueprint(datasets.bp)
     app.register_blueprint(trainings.bp)
+    app.register_blueprint(reports.bp)
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
     return app

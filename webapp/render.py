@@ -263,3 +263,79 @@ def device_label(health: dict[str, Any]) -> str:
     if mem:
         text += f" ({float(mem) / 1e9:.0f} GB)"
     return text
+
+
+def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: str,
+                  label: str = "Latent density", x_label: str = "log10 frequency",
+                  y_label: str = "latents", width: int = 560, height: int = 220) -> Markup:
+    """An inline SVG histogram in ``line_chart``'s style: one bar per bin (``edges`` has one
+    more entry than ``counts``) with a ``<title>`` hover text, tick labels and axis labels.
+
+    Fixed viewBox, scaled by CSS with its aspect ratio kept (the text stays undistorted)."""
+    left, right, top, bottom = 52, 12, 12, 44
+    pw, ph = width - left - right, height - top - bottom
+    out = [f'<svg id="{escape(chart_id)}" class="chart histogram" viewBox="0 0 {width} '
+           f'{height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="{escape(label)}" data-bins="{len(counts)}">',
+           f'<title>{escape(label)}</title>']
+    axis_labels = (f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{height - 4}" '
+                   f'text-anchor="middle">{escape(x_label)}</text>'
+                   f'<text class="axis-label" x="12" y="{top + ph / 2:.1f}" '
+                   f'text-anchor="middle" transform="rotate(-90 12 {top + ph / 2:.1f})">'
+                   f'{escape(y_label)}</text>')
+    try:
+        xs = [float(e) for e in edges]
+        ys = [max(0.0, float(c)) for c in counts]
+    except (TypeError, ValueError):
+        xs, ys = [], []
+    ok = len(xs) == len(ys) + 1 and len(ys) > 0 and all(map(math.isfinite, xs + ys)) \
+        and xs[-1] > xs[0]
+    if not ok or max(ys) <= 0:
+        out.append(f'<rect class="chart-frame" x="{left}" y="{top}" width="{pw}" '
+                   f'height="{ph}"/>')
+        text = "No alive latents." if ok else "No histogram."
+        out.append(f'<text class="chart-empty" x="{left + pw / 2}" y="{top + ph / 2}" '
+                   f'text-anchor="middle">{text}</text>')
+        out.append(axis_labels + "</svg>")
+        return Markup("".join(out))
+    x0, x1 = xs[0], xs[-1]
+    yticks = nice_ticks(0.0, max(max(ys), 4.0), 4)  # whole counts: no 0.25 latents
+    if yticks[-1] < max(ys):  # end the axis on a labelled gridline above the tallest bar
+        yticks.append(round(yticks[-1] + (yticks[-1] - yticks[-2]), 12))
+    y1 = yticks[-1]
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y: float) -> float:
+        return top + ph - y / y1 * ph
+
+    out.append('<g class="axis axis-y">')
+    for t in yticks:
+        y = sy(t)
+        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" '
+                   f'y2="{y:.1f}"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
+                   f'{escape(_tick_label(t))}</text>')
+    out.append('</g><g class="axis axis-x">')
+    out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
+               f'y2="{top + ph}"/>')
+    if x1 - x0 <= 12:  # whole decades on the log10 axis
+        xticks = [float(v) for v in range(math.ceil(x0 - 1e-9), math.floor(x1 + 1e-9) + 1)]
+    else:
+        xticks = [t for t in nice_ticks(x0, x1, 6) if x0 - 1e-9 <= t <= x1 + 1e-9]
+    for t in xticks:
+        x = sx(t)
+        out.append(f'<line class="tick" x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" '
+                   f'y2="{top + ph + 4}"/>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">'
+                   f'{escape(_tick_label(t))}</text>')
+    out.append('</g><g class="bars">')
+    for lo, hi, c in zip(xs[:-1], xs[1:], ys, strict=False):
+        xa, xb = sx(lo), sx(hi)
+        y = sy(c)
+        tip = f"log10 frequency {lo:.2f} to {hi:.2f}: {int(c):,} latents"
+        out.append(f'<rect x="{xa + 0.5:.1f}" y="{y:.1f}" width="{max(0.5, xb - xa - 1):.1f}" '
+                   f'height="{top + ph - y:.1f}"><title>{tip}</title></rect>')
+    out.append("</g>" + axis_labels + "</svg>")
+    return Markup("".join(out))

@@ -28,7 +28,7 @@ from flask import (
 )
 from markupsafe import Markup
 
-from worker import jobs
+from worker import jobs, reports
 from worker.db import FINISHED, Checkpoint, LogLine, Metric, Training, db
 
 from .render import (
@@ -105,6 +105,7 @@ def card_view(t: Training, *, with_metrics: bool = True) -> dict[str, Any]:
         "log": log, "checkpoints": ckpts,
         "can_export": t.status in ("completed", "stopped") and bool(t.out_dir)
         and (Path(t.out_dir) / "saelens").is_dir(),
+        "has_report": t.status in ("completed", "stopped") and reports.has_report(t),
         "loss_points": [], "l0_points": [],
     }
     if with_metrics:
@@ -134,15 +135,17 @@ def chart_rows(training_id: int, limit: int = MAX_POINTS) -> list[tuple[int, Any
     return list(cursor.fetchall())
 
 
-_FINISHED_CARDS: OrderedDict[tuple[int, float], Markup] = OrderedDict()
-"""Rendered cards of finished jobs by (id, updated_at): they change only when the row does."""
+_FINISHED_CARDS: OrderedDict[tuple[int, float, bool], Markup] = OrderedDict()
+"""Rendered cards of finished jobs by (id, updated_at, has_report): they change only when the
+row does or the evaluation report appears."""
 
 
 def card_html(t: Training) -> Markup:
     """The whole card of a job (the ``card`` macro); a finished job's card is rendered once."""
     if t.status not in FINISHED:
         return render_part("card", card_view(t))
-    key = (t.id, t.updated_at)
+    # The eval folder may appear after the row's last update: its existence is in the key.
+    key = (t.id, t.updated_at, t.status in ("completed", "stopped") and reports.has_report(t))
     html = _FINISHED_CARDS.get(key)
     if html is None:
         html = _FINISHED_CARDS[key] = render_part("card", card_view(t))

@@ -161,8 +161,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = trainer.fit(resume=resume)
     finally:
         bar.close()
-    print(json.dumps(result.to_dict()))
+    out_dict = result.to_dict()
+    if args.evaluate:
+        del source, trainer.source  # free a live model before the evaluation loads it again
+        report = _evaluate(cfg, trainer.sae, trainer.scale, out=out, data_dir=_data_dir(args),
+                           device=device, step=trainer.step, meta=meta,
+                           precision=trainer.precision)
+        if report is not None:
+            from .engine.pipeline import eval_summary
+
+            out_dict["eval"].update(eval_summary(report), report=str(out / "eval"))
+    print(json.dumps(out_dict))
     return 0
+
+
+def _evaluate(cfg: TrainConfig, sae: Any, scale: float, *, out: Path, **kwargs: Any
+              ) -> dict[str, Any] | None:
+    """Held-out evaluation into out/eval; a note on stderr when the config cannot have one."""
+    from .engine.pipeline import evaluate_run, evaluation_skipped
+
+    skipped = evaluation_skipped(cfg)
+    if skipped:
+        print(f"sae-studio: no evaluation report: {skipped}", file=sys.stderr)
+        return None
+    prog = _StderrProgress("evaluate")
+    try:
+        return evaluate_run(cfg, sae, scale, out_dir=out, progress=prog, **kwargs)
+    finally:
+        prog.close()
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -256,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="checkpoint file, or a run folder (its newest checkpoint)")
     t.add_argument("--out", help="run folder: checkpoints/ and saelens/ go here")
     t.add_argument("--metrics-jsonl", help="also append every metrics row to this file")
+    t.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, evaluate on held-out text (CE loss recovered, KL, "
+                        "latent densities, top contexts) into OUT/eval (default: on; needs "
+                        "--model and --dataset)")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
 

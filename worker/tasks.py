@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -230,6 +231,7 @@ def _run_training(training_id: int, resume: bool) -> None:
     # Always continue from the newest checkpoint when there is one (a fresh training's folder is
     # empty): a stale queue entry of a retried training must not restart it from step 0.
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    shutil.rmtree(out_dir / "eval", ignore_errors=True)  # a report is for the weights it read
     with db.atomic():
         if checkpoint is None:  # a fresh start: forget rows of an earlier attempt
             Metric.delete().where(Metric.training == training_id).execute()
@@ -272,10 +274,54 @@ def _run_training(training_id: int, resume: bool) -> None:
         status, error = "stopped", None
     else:
         status, error = "completed", None
+    values = result.to_dict()
+    if status != "interrupted":
+        del source, trainer.source  # free the live model before the evaluation loads it again
+        values["eval"].update(_evaluate(cfg, trainer, out_dir, meta, reporter))
     with db.atomic():
-        Training.update(status=status, error=error, result=result.to_dict(),
+        Training.update(status=status, error=error, result=values,
                         current_step=result.steps, requested=None, finished_at=time.time(),
                         updated_at=time.time()).where(Training.id == training_id).execute()
+
+
+def _evaluate(cfg: Any, trainer: Any, out_dir: Path, meta: dict[str, Any],
+              reporter: Any) -> dict[str, Any]:
+    """The held-out evaluation after a training (see engine.pipeline.evaluate_run): its summary
+    numbers for ``Training.result["eval"]`` plus ``report: true`` when eval/ was written. A
+    failure here is logged and leaves the training's own result standing."""
+    from .engine.pipeline import eval_summary, evaluate_run, evaluation_skipped
+
+    skipped = evaluation_skipped(cfg)
+    if skipped:
+        reporter.log(f"No report: {skipped}")
+        return {"report": False}
+    reporter.log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
+    last = [0.0]
+
+    def progress(fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - last[0] >= 2.0:
+            last[0] = now
+            reporter.log(f"Evaluating: {100 * fraction:.0f}%" + (f" ({message})" if message
+                                                                   else ""))
+
+    try:
+        report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=out_dir,
+                              data_dir=settings.data_dir(), device=trainer.device,
+                              step=trainer.step, meta=meta, precision=trainer.precision,
+                              progress=progress)
+    except Exception as exc:  # noqa: BLE001 - the trained SAE is saved; only the report is lost
+        log.exception("Evaluation of training %s failed", reporter.training_id)
+        reporter.log(f"Evaluation failed: {error_message(exc)}", "error")
+        return {"report": False}
+    if report is None:
+        return {"report": False}
+    summary = eval_summary(report)
+    rec = report.get("ce_loss_recovered")
+    reporter.log("Report ready: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
+        report["fvu"], report["l0"], report["dead"], report["dense"],
+        f", CE loss recovered {100 * rec:.1f}%" if rec is not None else ""))
+    return dict(summary, report=True)
 
 
 # ---------------------------------------------------------------------------- worker start-up

@@ -90,3 +90,33 @@ def test_static_vendor(client):
     assert "responseHandling" in js and '"422"' in js
     css = client.get("/static/app.css").data.decode()
     assert "tabular-nums" in css and "@keyframes pulse" in css
+
+
+def test_histogram_svg():
+    edges = [-7 + 0.25 * i for i in range(29)]
+    counts = [0] * 28
+    counts[4], counts[27] = 3, 12
+    svg = str(render.histogram_svg(edges, counts, chart_id="h1", label="density <x>"))
+    assert svg.startswith('<svg id="h1" class="chart histogram"') and svg.endswith("</svg>")
+    assert 'aria-label="density &lt;x&gt;"' in svg and 'data-bins="28"' in svg
+    assert svg.count("<rect x=") == 28
+    assert "<title>log10 frequency -6.00 to -5.75: 3 latents</title>" in svg
+    assert "<title>log10 frequency -0.25 to 0.00: 12 latents</title>" in svg
+    x_labels = re.findall(r'<text x="[\d.]+" y="\d+" text-anchor="middle">([^<]+)</text>', svg)
+    assert x_labels == ["-7", "-6", "-5", "-4", "-3", "-2", "-1", "0"]
+    assert ">log10 frequency</text>" in svg and ">latents</text>" in svg
+    y_labels = re.findall(r'text-anchor="end">([^<]+)</text>', svg)
+    assert y_labels[0] == "0" and float(y_labels[-1]) >= 12
+    assert all(float(v) == int(float(v)) for v in y_labels)  # whole counts
+    # the tallest bar reaches the top of the plot, an empty bin has no height
+    heights = [float(h) for h in re.findall(r'<rect x="[\d.]+" y="[\d.]+" width="[\d.]+" '
+                                            r'height="([\d.]+)"', svg)]
+    assert heights[0] == 0 and heights[27] == max(heights) > heights[4] > 0
+    small = str(render.histogram_svg([0, 1, 2], [1, 0], chart_id="h2"))
+    assert all(float(v) == int(float(v)) for v in re.findall(r'text-anchor="end">([^<]+)<',
+                                                              small))
+    empty = str(render.histogram_svg(edges, [0] * 28, chart_id="h3"))
+    assert "No alive latents." in empty and "<rect x=" not in empty
+    broken = str(render.histogram_svg([0, 1], [1, 2, 3], chart_id="h4"))
+    assert "No histogram." in broken
+    assert "No histogram." in str(render.histogram_svg(["a", 1], [1], chart_id="h5"))

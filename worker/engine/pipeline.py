@@ -1,17 +1,21 @@
 """Glue shared by the CLI and the worker: config -> model, tokens, activation source -> trainer.
 
     source, meta = open_source(cfg, data_dir=..., progress=...)
-    result = Trainer(cfg, source, out_dir, callbacks=..., export_meta=meta).fit(resume=...)
+    trainer = Trainer(cfg, source, out_dir, callbacks=..., export_meta=meta)
+    result = trainer.fit(resume=...)
+    report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=..., data_dir=..., ...)
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .activations import CachedActivations, LiveActivations, write_activation_file
@@ -140,3 +144,76 @@ def extract_to_file(
         raise DataError("No activations were extracted.")
     meta.update(n=n, out=str(out))
     return meta
+
+
+# ---------------------------------------------------------------------------- evaluation
+def heldout_contexts(store: Any, eval_tokens: int) -> np.ndarray:
+    """The last contexts of the token store: the ones ``LiveActivations`` holds out of training
+    (ceil(eval_tokens / (context - 1)) of them, at most a tenth of the store)."""
+    n_ctx, per_ctx = store.n_contexts, max(1, store.context_size - 1)
+    n_hold = min(math.ceil(eval_tokens / per_ctx) if eval_tokens > 0 else 0, n_ctx // 10)
+    return np.asarray(store.contexts[n_ctx - n_hold:], dtype=np.int64)
+
+
+def evaluation_skipped(cfg: TrainConfig) -> str | None:
+    """Why ``evaluate_run`` will not run for this config (None when it will)."""
+    if cfg.eval_tokens == 0:
+        return "eval_tokens is 0."
+    if not (cfg.model and cfg.dataset):
+        return ("the run trains from an activation file alone; give --model and --dataset as "
+                "well to evaluate it on held-out text.")
+    return None
+
+
+def evaluate_run(
+    cfg: TrainConfig, sae: Any, scale: float, *, out_dir: Path, data_dir: Path,
+    device: torch.device, step: int, meta: dict[str, Any] | None = None,
+    precision: str = "fp32", progress: Progress | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate a trained SAE on the held-out contexts of its corpus and write
+    ``out_dir/eval`` (report.json, latents.safetensors, vocab.json: docs/eval-format.md).
+
+    Loads the model and token store again (the training's may be freed by then). The layer and
+    hook point come from ``meta`` (the activation source's) when the config leaves them open,
+    so a run from an activation file with --model/--dataset is evaluated where it was trained.
+    Returns the report dict, or None when ``evaluation_skipped(cfg)`` gives a reason.
+    """
+    from .evaluate import EvalOptions, evaluate_sae, save_evaluation
+
+    if evaluation_skipped(cfg):
+        return None
+    meta = meta or {}
+    layer = cfg.layer if cfg.layer is not None else meta.get("layer")
+    cfg = cfg.replace(layer=layer, hook_point=meta.get("hook_point", cfg.hook_point))
+    loaded, store, layer = load_for_extraction(cfg, data_dir, device, progress)
+    contexts = heldout_contexts(store, cfg.eval_tokens)
+    if not len(contexts):
+        raise DataError(f"The corpus has too few contexts ({store.n_contexts}) to hold any out "
+                        "for evaluation.")
+    options = EvalOptions(dense_threshold=cfg.dense_threshold, exclude_pos0=cfg.exclude_pos0,
+                          exclude_special=cfg.exclude_special)
+    was_training = sae.training
+    sae.eval()
+    try:
+        ev = evaluate_sae(
+            sae, scale, loaded, contexts, layer, cfg.hook_point,
+            special_ids=store.special_ids if cfg.exclude_special else (), device=device,
+            autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+            options=options,
+            meta={"model": loaded.info.name, "layer": layer, "hook_point": cfg.hook_point,
+                  "step": step, "context_size": store.context_size},
+            progress=progress)
+    finally:
+        sae.train(was_training)
+    save_evaluation(ev, Path(out_dir) / "eval")
+    return ev.report
+
+
+EVAL_SUMMARY_KEYS = ("tokens", "scored_tokens", "fvu", "explained_variance", "l0",
+                     "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered",
+                     "kl_div", "downstream_note", "dead", "dense", "alive")
+
+
+def eval_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline numbers, stored with the training result (``result["eval"]``)."""
+    return {k: report.get(k) for k in EVAL_SUMMARY_KEYS}
