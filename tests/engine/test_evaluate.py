@@ -1,0 +1,460 @@
+"""Tests for worker.engine.evaluate on tiny real models (tests/engine/tiny_models.py), no mocks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.engine.tiny_models import (
+    TINY_EXPECTED,
+    TINY_FAMILIES,
+    TINY_HIDDEN,
+    TINY_VOCAB_SIZE,
+    kjv_lines,
+    make_tiny_model,
+)
+from worker.engine.errors import ConfigError, DataError
+from worker.engine.evaluate import (
+    EvalOptions,
+    Evaluation,
+    evaluate_sae,
+    load_evaluation,
+    save_evaluation,
+)
+from worker.engine.models import LoadedModel, extract_layer, hook_module, load_model
+from worker.engine.sae import SAE
+
+CAUSAL_FAMILIES = [f for f in TINY_FAMILIES if TINY_EXPECTED[f][2]]
+D = TINY_HIDDEN
+# the keys and tensors of docs/eval-format.md, in order
+REPORT_KEYS = [
+    "format", "created_at", "step", "d_in", "d_sae", "encoder_type", "model", "layer",
+    "hook_point", "is_causal", "contexts", "context_size", "tokens", "scored_tokens", "fvu",
+    "explained_variance", "l0", "mse", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero",
+    "ce_loss_recovered", "kl_div", "downstream_note", "dead", "dense", "alive", "dense_threshold",
+    "histogram", "top_n", "window_before", "window_after",
+]
+CE_KEYS = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div"]
+
+
+# ---------------------------------------------------------------------------- fixtures, helpers
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_eval_models")
+    return {family: make_tiny_model(family, root / family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
+    return {family: load_model(str(path)) for family, path in tiny_dirs.items()}
+
+
+def _contexts(loaded: LoadedModel, n: int, t: int) -> np.ndarray:
+    """Packed KJV verses, each starting with the BOS token (a special id), as int32 [n, t]."""
+    tok = loaded.tokenizer
+    start = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids: list[int] = []
+    for line in kjv_lines(400):
+        ids += start + tok(line)["input_ids"]
+        if len(ids) >= n * t:
+            break
+    return np.array(ids[: n * t], dtype=np.int32).reshape(n, t)
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tiny_dirs: dict[str, Path]) -> LoadedModel:
+    """The tiny llama fitted for a few steps to the test contexts, so that ablations matter."""
+    loaded = load_model(str(tiny_dirs["llama"]))
+    model = loaded.model
+    data = torch.from_numpy(_contexts(loaded, 10, 24).astype(np.int64))
+    model.train().requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(12):
+        loss = model(input_ids=data, labels=data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(False)
+    return loaded
+
+
+def _special(loaded: LoadedModel) -> list[int]:
+    return list(loaded.tokenizer.all_special_ids)
+
+
+def _identity_sae(d: int = D) -> SAE:
+    """Standard SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly."""
+    sae = SAE(d, 2 * d, "standard")
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def _zero_sae(d: int = D) -> SAE:
+    sae = _identity_sae(d)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def _topk_sae(d: int = D, d_sae: int = 8 * D, k: int = 8) -> SAE:
+    torch.manual_seed(1)
+    sae = SAE(d, d_sae, "topk", k=k)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def _scale(loaded: LoadedModel, ctx: np.ndarray, layer: int, hook: str) -> float:
+    x = extract_layer(loaded.model, torch.from_numpy(ctx.astype(np.int64)), layer, hook)
+    return float(math.sqrt(x.shape[-1]) / x.norm(dim=-1).mean())
+
+
+# ---------------------------------------------------------------------------- splicing
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_exact_and_zero_reconstruction_splice(tiny: dict[str, LoadedModel], family: str) -> None:
+    """Exact SAE: spliced == clean; zero SAE: spliced == zero ablation; every hook point."""
+    loaded = tiny[family]
+    ctx = _contexts(loaded, 6, 16)
+    opts = EvalOptions(batch_contexts=4, top_n=3, window_before=2, window_after=1)
+    for hook in loaded.info.hook_points:
+        kw = {"special_ids": _special(loaded), "options": opts}
+        exact = evaluate_sae(_identity_sae(), 2.0, loaded, ctx, 1, hook, **kw).report
+        assert exact["fvu"] == pytest.approx(0.0, abs=1e-10), hook
+        assert exact["mse"] == pytest.approx(0.0, abs=1e-12)
+        assert exact["ce_loss_spliced"] == pytest.approx(exact["ce_loss_clean"], abs=1e-6)
+        assert abs(exact["kl_div"]) < 1e-7
+        # the zero ablation must change the logits, or the splice test would prove nothing
+        assert exact["ce_loss_zero"] != pytest.approx(exact["ce_loss_clean"], abs=1e-6), hook
+        assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+
+        zero = evaluate_sae(_zero_sae(), 2.0, loaded, ctx, 1, hook, **kw).report
+        assert zero["ce_loss_clean"] == exact["ce_loss_clean"]
+        assert zero["ce_loss_zero"] == exact["ce_loss_zero"]
+        assert zero["ce_loss_spliced"] == pytest.approx(zero["ce_loss_zero"], abs=1e-6)
+        assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-3)
+        assert zero["kl_div"] > 0
+        assert zero["fvu"] >= 1.0 - 1e-6  # predicting 0 is no better than predicting the mean
+        assert zero["l0"] == exact["l0"] == pytest.approx(D, abs=1)  # relu(x), relu(-x): ~d on
+
+
+def test_trained_model_ce(trained_llama: LoadedModel) -> None:
+    """ce_loss_clean equals HF's own loss (labels=); the ablations order as expected."""
+    loaded = trained_llama
+    ctx = _contexts(loaded, 10, 24)
+    ids = torch.from_numpy(ctx.astype(np.int64))
+    with torch.no_grad():
+        hf_loss = float(loaded.model(input_ids=ids, labels=ids).loss)
+    assert hf_loss < math.log(loaded.info.vocab_size) - 1  # it did learn something
+    opts = EvalOptions(batch_contexts=3)
+    zero = evaluate_sae(_zero_sae(), 1.0, loaded, ctx, 1, "residual",
+                        special_ids=_special(loaded), options=opts).report
+    assert zero["ce_loss_clean"] == pytest.approx(hf_loss, abs=1e-5)
+    assert zero["ce_loss_zero"] > zero["ce_loss_clean"] + 0.1
+    assert zero["ce_loss_spliced"] == pytest.approx(zero["ce_loss_zero"], abs=1e-6)
+    assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-5)
+    # the zero ablation redone here with a hook of our own: same CE and KL(clean || zero)
+    special = torch.tensor(_special(loaded))
+    scored = ~torch.isin(ids, special)
+    scored[:, 0] = False
+
+    def zero_hook(_m: torch.nn.Module, _i: object, out: object) -> object:
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden * ~scored.unsqueeze(-1)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = hook_module(loaded.model, 1, "residual").register_forward_hook(zero_hook)
+    try:
+        with torch.no_grad():
+            ablated = loaded.model(input_ids=ids, labels=ids)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        clean_logits = loaded.model(input_ids=ids).logits
+    assert zero["ce_loss_zero"] == pytest.approx(float(ablated.loss), abs=1e-5)
+    kl = torch.nn.functional.kl_div(
+        ablated.logits[:, :-1].log_softmax(-1).reshape(-1, TINY_VOCAB_SIZE),
+        clean_logits[:, :-1].log_softmax(-1).reshape(-1, TINY_VOCAB_SIZE),
+        log_target=True, reduction="batchmean")
+    assert zero["kl_div"] == pytest.approx(float(kl), rel=1e-4)
+
+    exact = evaluate_sae(_identity_sae(), 0.5, loaded, ctx, 1, "residual",
+                         special_ids=_special(loaded), options=opts).report
+    assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(exact["kl_div"]) < 1e-7
+    # a random SAE is somewhere in between, with a positive KL
+    rand = evaluate_sae(_topk_sae(), _scale(loaded, ctx, 1, "residual"), loaded, ctx, 1,
+                        "residual", special_ids=_special(loaded), options=opts).report
+    assert rand["kl_div"] > 0
+    assert rand["ce_loss_spliced"] > rand["ce_loss_clean"]
+    assert rand["ce_loss_recovered"] == pytest.approx(
+        (rand["ce_loss_zero"] - rand["ce_loss_spliced"])
+        / (rand["ce_loss_zero"] - rand["ce_loss_clean"]))
+
+
+# ---------------------------------------------------------------------------- latent statistics
+def _brute_force(loaded: LoadedModel, sae: SAE, scale: float, ctx: np.ndarray, layer: int,
+                 hook: str, opts: EvalOptions) -> dict[str, torch.Tensor]:
+    """All activations of all contexts in one tensor: latents, scored mask, reconstructions."""
+    ids = torch.from_numpy(ctx.astype(np.int64))
+    x = extract_layer(loaded.model, ids, layer, hook)  # [n, T, d]
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    if opts.exclude_pos0:
+        mask[:, 0] = False
+    if opts.exclude_special:
+        mask &= ~torch.isin(ids, torch.tensor(_special(loaded)))
+    with torch.no_grad():
+        f = sae.encode(x.reshape(-1, x.shape[-1]) * scale).reshape(*ids.shape, -1)
+        f[~mask] = 0
+        x_hat = sae.decode(f[mask]) / scale
+    return {"ids": ids, "x": x, "mask": mask, "f": f, "x_hat": x_hat}
+
+
+def test_top_contexts_match_brute_force(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["llama"]
+    ctx = _contexts(loaded, 12, 24)
+    layer, hook = 1, "residual"
+    scale = _scale(loaded, ctx, layer, hook)
+    sae = _topk_sae()
+    opts = EvalOptions(top_n=10, window_before=6, window_after=3, batch_contexts=5)
+    ev = evaluate_sae(sae, scale, loaded, ctx, layer, hook, special_ids=_special(loaded),
+                      options=opts, meta={"step": 7, "model": "tiny-llama"})
+    bf = _brute_force(loaded, sae, scale, ctx, layer, hook, opts)
+    f, mask, ids = bf["f"], bf["mask"], bf["ids"]
+    n, t, d_sae = f.shape
+    r, lat = ev.report, ev.latents
+    assert (r["step"], r["model"], r["layer"], r["hook_point"]) == (7, "tiny-llama", 1, hook)
+    assert r["scored_tokens"] == int(mask.sum()) < n * t - n  # BOS tokens were excluded too
+    assert (r["contexts"], r["context_size"], r["tokens"]) == (n, t, n * t)
+
+    # statistics over the scored tokens
+    f_s = f[mask]
+    x_s = bf["x"][mask]
+    fired = (f_s > 0).sum(0)
+    torch.testing.assert_close(lat["frequency"], fired.float() / len(f_s))
+    torch.testing.assert_close(lat["max_act"], f_s.max(0).values)
+    mean_act = torch.where(fired > 0, f_s.sum(0) / fired.clamp_min(1), 0.0)
+    torch.testing.assert_close(lat["mean_act"], mean_act)
+    assert r["l0"] == pytest.approx(float((f_s > 0).sum(1).float().mean()))
+    fvu = float((x_s - bf["x_hat"]).pow(2).sum() / (x_s - x_s.mean(0)).pow(2).sum())
+    assert r["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert r["explained_variance"] == pytest.approx(1 - fvu, rel=1e-4)
+    assert r["mse"] == pytest.approx(float((x_s - bf["x_hat"]).pow(2).mean()), rel=1e-4)
+    dead = int((fired == 0).sum())
+    assert (r["dead"], r["alive"]) == (dead, d_sae - dead)
+    assert r["dense"] == int((fired.float() / len(f_s) > opts.dense_threshold).sum())
+    hist = r["histogram"]
+    assert sum(hist["counts"]) == r["alive"] and hist["dead"] == dead
+    assert len(hist["edges"]) == len(hist["counts"]) + 1 == 29
+    assert hist["edges"][0] == -7.0 and hist["edges"][-1] == 0.0
+
+    # top contexts: sorted over every scored activation at once
+    flat = f.reshape(n * t, d_sae)
+    w = opts.window_before + 1 + opts.window_after
+    assert lat["top_tokens"].shape == (d_sae, opts.top_n, w)
+    counts = (flat > 0).sum(0)
+    assert (counts < opts.top_n).any() and (counts >= opts.top_n).any()  # both cases covered
+    top_vals = flat.topk(opts.top_n, dim=0).values.T  # [d_sae, N]
+    torch.testing.assert_close(lat["top_acts"], top_vals)  # the N largest, descending; 0 = none
+    entry = top_vals > 0
+    assert torch.equal(entry.sum(1), counts.clamp(max=opts.top_n))
+    c, p = lat["top_context"].long(), lat["top_position"].long()
+    assert ((c >= 0) == entry).all() and ((p >= 0) == entry).all()
+    assert (lat["top_tokens"][~entry] == -1).all() and (lat["top_window_acts"][~entry] == 0).all()
+    # equal activations (the same prefix in two contexts) may come in either order: check that
+    # each entry is a distinct scored token whose activation is the one reported
+    latent = torch.arange(d_sae).unsqueeze(1).expand_as(c)
+    at = f[c.clamp(min=0), p.clamp(min=0), latent]
+    torch.testing.assert_close(at[entry], lat["top_acts"][entry])
+    assert mask[c[entry], p[entry]].all()
+    keys = torch.where(entry, c * t + p, -1 - torch.arange(opts.top_n)).sort(1).values
+    assert (keys[:, 1:] != keys[:, :-1]).all()
+    for j in [int(counts.argmax()), int(counts.argmin()), 0, 5, 77]:
+        for i in range(min(opts.top_n, int(counts[j]))):
+            c, p = int(lat["top_context"][j, i]), int(lat["top_position"][j, i])
+            assert p > 0 and mask[c, p]
+            for k, q in enumerate(range(p - opts.window_before, p + opts.window_after + 1)):
+                if 0 <= q < t:
+                    assert lat["top_tokens"][j, i, k] == ids[c, q]
+                    assert float(lat["top_window_acts"][j, i, k]) == pytest.approx(
+                        float(f[c, q, j]), abs=1e-6)
+                else:
+                    assert lat["top_tokens"][j, i, k] == -1
+                    assert lat["top_window_acts"][j, i, k] == 0
+            assert lat["top_window_acts"][j, i, opts.window_before] == lat["top_acts"][j, i]
+    assert (lat["top_tokens"] == -1).any()  # some windows were clipped
+
+    # vocab: every id in the windows, decoded on its own
+    used = set(lat["top_tokens"][lat["top_tokens"] >= 0].tolist())
+    assert set(ev.vocab) == {str(i) for i in used}
+    for i in list(used)[:20]:
+        assert ev.vocab[str(i)] == loaded.tokenizer.decode([i])
+    assert any(v.startswith(" ") for v in ev.vocab.values())  # leading spaces kept
+
+
+def test_batching_does_not_change_results(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["gpt2"]
+    ctx = _contexts(loaded, 7, 20)
+    sae = _topk_sae(k=4)
+    runs = [evaluate_sae(sae, 1.3, loaded, ctx, 0, "mlp_out", special_ids=_special(loaded),
+                         options=EvalOptions(batch_contexts=b, top_n=4, window_before=3,
+                                             window_after=2))
+            for b in (1, 3, 7)]
+    for other in runs[1:]:
+        for key in ("top_context", "top_position", "top_tokens"):
+            assert torch.equal(runs[0].latents[key], other.latents[key]), key
+        for key in ("frequency", "max_act", "mean_act", "top_acts", "top_window_acts"):
+            torch.testing.assert_close(runs[0].latents[key], other.latents[key])
+        for key in ("fvu", "l0", "mse", *CE_KEYS):
+            assert other.report[key] == pytest.approx(runs[0].report[key], rel=1e-5), key
+
+
+def test_exclusion_options(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["qwen2"]
+    ctx = _contexts(loaded, 4, 16)
+    special = _special(loaded)
+    n_special = int(np.isin(ctx[:, 1:], special).sum())
+    assert n_special > 0
+    sae = _topk_sae()
+
+    def scored(**kw: bool) -> dict:
+        return evaluate_sae(sae, 1.0, loaded, ctx, 2, "residual", special_ids=special,
+                            options=EvalOptions(**kw)).report
+
+    assert scored()["scored_tokens"] == 4 * 15 - n_special
+    assert scored(exclude_special=False)["scored_tokens"] == 4 * 15
+    assert scored(exclude_special=False, exclude_pos0=False)["scored_tokens"] == 4 * 16
+    ev = evaluate_sae(sae, 1.0, loaded, ctx, 2, "residual", special_ids=special)
+    centre = ev.latents["top_tokens"][:, :, ev.report["window_before"]]
+    assert not np.isin(centre.numpy(), special).any()
+    assert (ev.latents["top_position"] != 0).all()
+
+
+def test_non_causal_model(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["bert"]
+    tok = loaded.tokenizer
+    rows = [tok(line, padding="max_length", max_length=16, truncation=True)["input_ids"]
+            for line in kjv_lines(6)]
+    ctx = np.array(rows, dtype=np.int32)
+    ev = evaluate_sae(_topk_sae(), 1.0, loaded, ctx, 2, "mlp_out", special_ids=_special(loaded))
+    r = ev.report
+    assert r["is_causal"] is False
+    assert all(r[k] is None for k in CE_KEYS)
+    assert "not a causal LM" in r["downstream_note"]
+    assert r["fvu"] is not None and r["scored_tokens"] > 0
+    assert (ev.latents["top_context"][:, 0] >= 0).sum() == r["alive"]
+    assert set(ev.latents["top_context"].unique().tolist()) <= {-1, *range(len(rows))}
+    assert ev.vocab
+
+
+def test_autocast_and_progress(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["gpt_neox"]
+    ctx = _contexts(loaded, 5, 12)
+    calls: list[tuple[float, str]] = []
+    ev = evaluate_sae(_identity_sae(), 2.0, loaded, ctx, 1, "attn_out",
+                      special_ids=_special(loaded), autocast_dtype=torch.bfloat16,
+                      options=EvalOptions(batch_contexts=2),
+                      progress=lambda frac, msg: calls.append((frac, msg)))
+    assert [c[0] for c in calls] == pytest.approx([0.4, 0.8, 1.0])
+    assert all(isinstance(c[1], str) and c[1] for c in calls)
+    assert ev.report["fvu"] < 1e-3  # bf16 rounding only
+    assert ev.latents["top_acts"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- format, files
+def test_format_and_round_trip(tiny: dict[str, LoadedModel], tmp_path: Path) -> None:
+    loaded = tiny["mistral"]
+    ctx = _contexts(loaded, 4, 16)
+    opts = EvalOptions(top_n=3, window_before=4, window_after=2)
+    ev = evaluate_sae(_topk_sae(), 1.0, loaded, ctx, 1, "residual",
+                      special_ids=_special(loaded), options=opts, meta={"step": 12})
+    assert list(ev.report) == REPORT_KEYS
+    r = ev.report
+    assert r["format"] == "sae-studio-eval/1" and r["encoder_type"] == "topk"
+    assert (r["d_in"], r["d_sae"], r["model"], r["is_causal"]) == (D, 8 * D, loaded.info.name,
+                                                                   True)
+    assert (r["top_n"], r["window_before"], r["window_after"]) == (3, 4, 2)
+    d_sae, w = 8 * D, 7
+    expected = {
+        "frequency": (torch.float32, (d_sae,)), "max_act": (torch.float32, (d_sae,)),
+        "mean_act": (torch.float32, (d_sae,)), "top_acts": (torch.float32, (d_sae, 3)),
+        "top_context": (torch.int32, (d_sae, 3)), "top_position": (torch.int32, (d_sae, 3)),
+        "top_tokens": (torch.int32, (d_sae, 3, w)),
+        "top_window_acts": (torch.float32, (d_sae, 3, w)),
+    }
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in ev.latents.items()} == expected
+
+    folder = tmp_path / "run" / "eval"
+    folder.mkdir(parents=True)
+    (folder / "stale.txt").write_text("old")  # an existing folder is replaced as a whole
+    assert save_evaluation(ev, folder) == folder
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "latents.safetensors", "report.json", "vocab.json"]
+    assert [p.name for p in folder.parent.iterdir()] == ["eval"]  # no temporary folders left
+    back = load_evaluation(folder)
+    assert back.report == json.loads(json.dumps(ev.report))
+    assert back.vocab == ev.vocab
+    assert set(back.latents) == set(ev.latents)
+    for k, v in ev.latents.items():
+        assert back.latents[k].dtype == v.dtype and torch.equal(back.latents[k], v), k
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "latents.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "sae-studio-latents/1"}
+
+    # NaN / inf never reach the JSON: they become null
+    bad = Evaluation(dict(ev.report, fvu=float("nan"), kl_div=float("inf")), ev.latents,
+                     ev.vocab)
+    save_evaluation(bad, folder)
+    text = (folder / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    again = load_evaluation(folder).report
+    assert again["fvu"] is None and again["kl_div"] is None
+    assert [p.name for p in folder.parent.iterdir()] == ["eval"]
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="incomplete"):
+        load_evaluation(tmp_path)
+    for name in ("report.json", "vocab.json", "latents.safetensors"):
+        (tmp_path / name).write_text("{not json")
+    with pytest.raises(DataError, match="corrupt"):
+        load_evaluation(tmp_path)
+
+
+def test_input_errors(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["phi"]
+    ctx = _contexts(loaded, 2, 8)
+    sae = _topk_sae()
+    with pytest.raises(DataError, match="no held-out contexts"):
+        evaluate_sae(sae, 1.0, loaded, ctx[:0], 1, "residual")
+    with pytest.raises(DataError, match="2-D"):
+        evaluate_sae(sae, 1.0, loaded, ctx[0], 1, "residual")
+    bad = ctx.copy()
+    bad[1, 3] = loaded.info.vocab_size + 5
+    with pytest.raises(DataError, match="vocabulary"):
+        evaluate_sae(sae, 1.0, loaded, bad, 1, "residual")
+    with pytest.raises(DataError, match="vocabulary"):
+        evaluate_sae(sae, 1.0, loaded, torch.from_numpy(ctx) - 100, 1, "residual")
+    with pytest.raises(ConfigError, match="hook point"):
+        evaluate_sae(sae, 1.0, loaded, ctx, 1, "nowhere")
+    with pytest.raises(ConfigError, match="out of range"):
+        evaluate_sae(sae, 1.0, loaded, ctx, 9, "residual")
+    with pytest.raises(ConfigError, match="16-dimensional"):
+        evaluate_sae(SAE(16, 64, "topk", k=4), 1.0, loaded, ctx, 1, "residual")
+    with pytest.raises(DataError, match="No held-out token was scored"):
+        evaluate_sae(sae, 1.0, loaded, ctx[:, :1], 1, "residual")
+    with pytest.raises(ConfigError, match="top_n"):
+        evaluate_sae(sae, 1.0, loaded, ctx, 1, "residual", options=EvalOptions(top_n=0))
