@@ -2,7 +2,8 @@
 
 Adds minilm-l6 and kjv through the forms, starts a training of a few hundred steps, watches the
 progress bar, tiles and loss chart change without a reload (WebSocket fragments), pauses,
-resumes, and sees `completed`. Saves screenshots to docs/screenshots/ (the README shows them).
+resumes, sees `completed`, opens the SAE report (numbers, density histogram, latent search) and
+a latent's top contexts. Saves screenshots to docs/screenshots/ (the README shows them).
 """
 
 from __future__ import annotations
@@ -101,3 +102,32 @@ def test_add_model_dataset_train_pause_resume_complete(app_url, page):
     assert page.evaluate("window.__no_reload_marker") == 42, "the page reloaded"
     page.wait_for_selector(f"#training-{tid}-export", timeout=10_000)
     shot(page, "training-completed")
+
+    # The report: reached from the card once the worker has evaluated the SAE.
+    page.click(f"#training-{tid}-report")
+    page.wait_for_selector(f"#report-{tid}", timeout=20_000)
+    assert re.search(r"FVU\s+0\.\d{4}", page.inner_text("#report-tile-fvu")), \
+        page.inner_text("#report-tile-fvu")
+    # minilm-l6 is an encoder: no next-token CE, and the page says why.
+    assert "not a causal LM" in page.inner_text("#downstream-note")
+    assert page.locator("#report-density svg rect").count() > 3, "no density histogram bars"
+    assert page.locator("#latents-table tbody tr").count() == 50
+    shot(page, "report")
+    # Search a latent id: htmx swaps only the table, the page stays.
+    page.evaluate("window.__report_marker = 7")
+    page.fill("#latent-q", "5")
+    page.press("#latent-q", "Enter")
+    page.wait_for_selector("#latent-row-5.hit", timeout=10_000)
+    assert page.evaluate("window.__report_marker") == 7, "the report page reloaded"
+    # The most frequent latent's page (the first row by default): top contexts, shaded tokens.
+    page.goto(f"{app_url}/trainings/{tid}/report")
+    first = page.locator("#latents-table tbody tr a").first
+    latent_id = first.inner_text().lstrip("#")
+    first.click()
+    page.wait_for_selector(f"#latent-{latent_id}", timeout=10_000)
+    page.wait_for_selector("#latent-contexts", timeout=10_000)
+    assert page.locator("#latent-contexts li.context").count() == 10
+    assert page.locator("#latent-contexts .tok-center").count() == 10
+    alpha = page.locator("#latent-contexts .tok-center").first.get_attribute("style")
+    assert re.search(r"rgba\(91, 156, 255, (0\.[1-9]|1)", alpha), alpha
+    shot(page, "latent")

@@ -439,7 +439,8 @@ def _histogram(freq: np.ndarray, fired: np.ndarray) -> dict[str, Any]:
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
-    """One id decoded on its own, keeping a leading space (also for SentencePiece ``▁``)."""
+    """One id decoded on its own, keeping a leading space (SentencePiece ``▁``; a WordPiece
+    token that starts a word gets one, a ``##`` continuation loses its marks)."""
     try:
         text = tokenizer.decode([token_id], skip_special_tokens=False,
                                 clean_up_tokenization_spaces=False)
@@ -451,7 +452,19 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
         piece = None
     if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
         text = " " + text
+    elif _is_wordpiece(tokenizer) and isinstance(piece, str):
+        # WordPiece (BERT): "##x" continues a word; any other piece starts one.
+        if piece.startswith("##"):
+            text = piece[2:]
+        elif token_id not in set(getattr(tokenizer, "all_special_ids", ()) or ()):
+            text = " " + piece
     return text
+
+
+def _is_wordpiece(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    return type(model).__name__ == "WordPiece"
 
 
 def evaluate_sae(
