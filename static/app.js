@@ -23,3 +23,21 @@ function saeUpdateStart() {
 }
 document.addEventListener("change", saeUpdateStart);
 document.addEventListener("htmx:afterSettle", saeUpdateStart);
+
+// Show only the fields that apply to the chosen encoder type (data-applies-to="topk batchtopk").
+// Without JS every field stays visible and the server ignores those of other types.
+function saeShowEncoderFields() {
+  var form = document.getElementById("training-form");
+  if (!form) return;
+  var select = form.querySelector("[name=encoder_type]");
+  if (!select) return;
+  var fields = form.querySelectorAll("[data-applies-to]");
+  for (var i = 0; i < fields.length; i++) {
+    var types = fields[i].getAttribute("data-applies-to").split(/\s+/);
+    // style, not the hidden attribute: .field sets display: flex, which would override it.
+    fields[i].style.display = types.indexOf(select.value) < 0 ? "none" : "";
+  }
+}
+document.addEventListener("change", saeShowEncoderFields);
+document.addEventListener("htmx:afterSettle", saeShowEncoderFields);
+document.addEventListener("DOMContentLoaded", saeShowEncoderFields);

@@ -58,6 +58,20 @@ def test_train_on_activation_file(acts, tmp_path, capsys):
     assert (out / "saelens" / "cfg.json").is_file()
 
 
+def test_train_jumprelu_and_tie_weights_flag(acts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--activations", str(acts), "--encoder-type", "jumprelu",
+                 "--l0-coef", "0.02", "--jumprelu-bandwidth", "0.05", "--expansion-factor", "4",
+                 "--batch-size", "256", "--total-steps", "30", "--auto-save-interval", "0",
+                 "--learning-rate", "4e-3", "--device", "cpu", "--out", str(out)]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["steps"] == 30 and 0 < result["fvu"] < 1 and result["l0"] > 0
+    saved = json.loads((out / "saelens" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu"
+    _fails_cleanly(capsys, ["train", "--activations", str(acts), "--tie-weights",
+                            "--encoder-type", "topk"], "tie_weights works only with the standard")
+
+
 def test_config_file_and_flag_override(acts, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'activations = "{acts}"\nk = 3\nexpansion-factor = 2\nbatch_size = 256\n'

@@ -48,7 +48,7 @@ from .engine.errors import ConfigError
 from .engine.memory import estimate_memory
 
 HOOK_POINTS = ("residual", "mlp_out", "attn_out")
-ENCODER_TYPES = ("topk", "standard")
+ENCODER_TYPES = ("topk", "standard", "jumprelu", "batchtopk")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".csv")
 LATEST_KEYS = ("step", "loss", "mse", "l0", "dead_neurons", "fvu", "learning_rate",
@@ -374,7 +374,11 @@ class FormField:
     optional: bool = False
     """May be left blank: the help says what blank means (e.g. latent_dim = 8 x hidden)."""
     applies_to: str | None = None
-    """The encoder type the field is used by (``topk`` / ``standard``); None: every type."""
+    """The encoder types the field is used by, space-separated (``"topk batchtopk"``); None:
+    every type. Rendered as ``data-applies-to``; static/app.js hides the field for others."""
+
+    def applies(self, encoder_type: str) -> bool:
+        return self.applies_to is None or encoder_type in self.applies_to.split()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -384,8 +388,10 @@ FORM_FIELDS: list[FormField] = [
     FormField("model_id", "Model", "select", "A ready model from the Models page."),
     FormField("dataset_id", "Dataset", "select", "A ready dataset from the Datasets page."),
     FormField("encoder_type", "Encoder type", "select",
-              "TopK keeps the k largest latents per token; standard uses ReLU with an L1 "
-              "penalty.", choices=ENCODER_TYPES),
+              "standard: ReLU with an L1 penalty. topk: the k largest latents per token. "
+              "jumprelu: a learned threshold per latent with an L0 penalty. batchtopk: k "
+              "latents per token on average across the batch, a fixed threshold afterwards.",
+              choices=ENCODER_TYPES),
     FormField("hook_point", "Hook point", "select",
               "Where in the block to read: the residual stream after it, the MLP output or the "
               "attention output."),
@@ -394,12 +400,19 @@ FORM_FIELDS: list[FormField] = [
               "Latents = expansion factor x the model's hidden size (when latent dim is blank)."),
     FormField("latent_dim", "Latent dimension", "int",
               "Number of latents; blank = expansion factor x hidden size.", optional=True),
-    FormField("k", "k (active latents)", "int", "Latents active per token (TopK).",
-              applies_to="topk"),
+    FormField("k", "k (active latents)", "int",
+              "Latents active per token (TopK); the average per token (BatchTopK).",
+              applies_to="topk batchtopk"),
     FormField("l1_alpha", "L1 coefficient", "float",
               "Sparsity penalty of the standard (ReLU) SAE.", applies_to="standard"),
+    FormField("l0_coef", "L0 coefficient", "float",
+              "Sparsity penalty of the JumpReLU SAE (higher = fewer active latents).",
+              applies_to="jumprelu"),
+    FormField("tie_weights", "Tie weights", "bool",
+              "Decoder = encoder transpose (standard only).", applies_to="standard"),
     FormField("learning_rate", "Learning rate", "float",
-              "Blank = automatic (2e-3 x sqrt(4096 / latents) for TopK, 1e-3 for standard).",
+              "Blank = automatic (2e-3 x sqrt(4096 / latents) for TopK, BatchTopK and JumpReLU; "
+              "1e-3 for standard).",
               optional=True),
     FormField("batch_size", "Batch size", "int", "Activation vectors (tokens) per step."),
     FormField("total_steps", "Total steps", "int", "Optimizer steps to train for."),
@@ -429,6 +442,12 @@ FORM_FIELDS: list[FormField] = [
               "Activation vectors held in the shuffle buffer.", advanced=True),
     FormField("eval_tokens", "Held-out vectors", "int",
               "Activation vectors kept aside for the final evaluation.", advanced=True),
+    FormField("jumprelu_bandwidth", "JumpReLU bandwidth", "float",
+              "Width of the straight-through estimator's window around each threshold.",
+              advanced=True, applies_to="jumprelu"),
+    FormField("jumprelu_init_threshold", "JumpReLU initial threshold", "float",
+              "Blank = where k latents per token would fire at the start.", advanced=True,
+              optional=True, applies_to="jumprelu"),
     FormField("device", "Device", "select", "auto = CUDA, then MPS, then the CPU.",
               advanced=True, choices=DEVICES),
 ]
@@ -619,7 +638,10 @@ def create_training(form: Mapping[str, str]) -> Training:
             elif f.kind == "float":
                 values[f.name] = _parse_float(raw, f.label)
             elif f.kind == "bool":
-                values[f.name] = str(raw).strip().lower() in ("1", "true", "on", "yes")
+                # A checkbox posts "true" beside its hidden "false": any true value wins.
+                raws = form.getlist(f.name) if hasattr(form, "getlist") else [raw]
+                values[f.name] = any(str(r).strip().lower() in ("1", "true", "on", "yes")
+                                     for r in raws)
             else:
                 text = str(raw).strip()
                 allowed = f.choices

@@ -20,9 +20,11 @@ from .synthetic import sparse_activations, write_sparse_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
+SAELENS_ARCH = {"topk": "topk", "standard": "standard", "jumprelu": "jumprelu",
+                "batchtopk": "jumprelu"}  # BatchTopK runs as jumprelu with its threshold
 
 
-@pytest.fixture(scope="module", params=["topk", "standard"])
+@pytest.fixture(scope="module", params=["topk", "standard", "jumprelu", "batchtopk"])
 def trained(request, tmp_path_factory):
     """A short real training run (scale != 1, b_dec != 0) and its run folder."""
     root = tmp_path_factory.mktemp(f"run-{request.param}")
@@ -46,7 +48,8 @@ def test_export_folder_layout(trained):
     trainer, run = trained
     folder = run / "saelens"
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["architecture"] == trainer.cfg.encoder_type
+    assert cfg["architecture"] == SAELENS_ARCH[trainer.cfg.encoder_type]
+    assert cfg["metadata"]["trained_architecture"] == trainer.cfg.encoder_type
     assert (cfg["d_in"], cfg["d_sae"]) == (32, 128)
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
     assert cfg["metadata"]["sae_lens_version"] >= "6.0.0"
@@ -54,6 +57,14 @@ def test_export_folder_layout(trained):
     assert ("k" in cfg) == (trainer.cfg.encoder_type == "topk")
     w = load_file(str(folder / "sae_weights.safetensors"))
     assert w["W_enc"].shape == (32, 128) and w["W_dec"].shape == (128, 32)
+    if cfg["architecture"] == "jumprelu":
+        # Pre-activations are unchanged by the input-scale folding: so is the threshold.
+        torch.testing.assert_close(w["threshold"], trainer.sae.thresholds().detach())
+        assert w["threshold"].shape == (128,) and (w["threshold"] > 0).all()
+        if trainer.cfg.encoder_type == "batchtopk":
+            assert (w["threshold"] == float(trainer.sae.threshold)).all()
+    else:
+        assert "threshold" not in w
     sp = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
     assert sp.shape == (128,) and sp.max() <= 0 and sp.min() >= -10
     assert trainer.scale != pytest.approx(1.0)
@@ -64,6 +75,7 @@ def test_export_round_trips_through_our_loader(trained, tmp_path):
     x = sparse_activations(500, offset=5.0, seed=9)
     want, f_want = _ours(trainer, x)
     sae = load_saelens(run / "saelens")
+    assert sae.encoder_type == SAELENS_ARCH[trainer.cfg.encoder_type]
     with torch.no_grad():
         f = sae.encode(x)
         got = sae.decode(f)
@@ -101,8 +113,30 @@ def test_sae_lens_loads_export_with_matching_reconstruction(trained, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["architecture"] == trainer.cfg.encoder_type
+    assert info["architecture"] == SAELENS_ARCH[trainer.cfg.encoder_type]
     out = load_file(str(tmp_path / "out.safetensors"))
     want, f_want = _ours(trainer, x)
     torch.testing.assert_close(out["feature_acts"], f_want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["x_hat"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_weights_export_untied_copies(tmp_path):
+    acts = write_sparse_file(tmp_path / "acts.safetensors", n=4000, offset=5.0)
+    cfg = TrainConfig(activations=str(acts), encoder_type="standard", tie_weights=True,
+                      expansion_factor=4, batch_size=256, total_steps=10, auto_save_interval=0,
+                      eval_tokens=500, l1_alpha=0.2)
+    trainer = Trainer(cfg, CachedActivations(acts, holdout=500), tmp_path / "run")
+    trainer.fit()
+    w = load_file(str(tmp_path / "run" / "saelens" / "sae_weights.safetensors"))
+    s = trainer.scale
+    torch.testing.assert_close(w["W_dec"] * s, (w["W_enc"] / s).T)
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*.safetensors"))[-1]
+    again = load_file(str(export_checkpoint(ckpt, tmp_path / "again") /
+                          "sae_weights.safetensors"))
+    for key, val in w.items():
+        torch.testing.assert_close(again[key], val)
+    sae = load_saelens(tmp_path / "run" / "saelens")
+    x = sparse_activations(100, offset=5.0, seed=2)
+    want, _ = _ours(trainer, x)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(sae.encode(x)), want, rtol=1e-4, atol=1e-4)

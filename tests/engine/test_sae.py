@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from worker.engine.sae import SAE
@@ -86,3 +87,92 @@ def test_init_ties_encoder_to_decoder():
     sae = SAE(8, 32)
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_batch_topk_selection_is_exact_even_when_one_row_takes_many():
+    from worker.engine.sae import _batch_topk_select
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(10):
+        pre = torch.randn(50, 64, generator=g) * torch.rand(50, 1, generator=g) * 5
+        if trial % 2:
+            pre[3] += 100  # row 3 alone holds more than 2k of the top entries
+        mask = _batch_topk_select(pre, 200)
+        want = torch.zeros(50 * 64, dtype=torch.bool)
+        want[pre.reshape(-1).topk(200).indices] = True
+        assert torch.equal(mask.reshape(-1), want), trial
+
+
+def test_batchtopk_forward_and_gradients_match_dense_reference():
+    sae, ref = _sae("batchtopk"), _sae("batchtopk")
+    x = torch.randn(40, 16)
+    out = sae(x)
+    f = ref.encode_batch_topk(x)
+    assert (f > 0).sum() <= 4 * 40 and (f > 0).sum(-1).float().std() > 0
+    dense = f @ ref.W_dec + ref.b_dec
+    torch.testing.assert_close(out.x_hat, dense, rtol=1e-5, atol=1e-5)
+    assert torch.isclose(out.l0, (f > 0).sum() / 40.0)
+    assert out.fired.sum() == (f > 0).sum()
+    assert out.min_kept == f[f > 0].min()
+    out.loss.backward()
+    (dense - x).pow(2).mean().backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_batchtopk_inference_uses_running_threshold():
+    sae = _sae("batchtopk")
+    x = torch.randn(30, 16)
+    assert "threshold" in sae.state_dict()
+    sae.update_threshold(torch.tensor(2.0), 0.5)
+    assert float(sae.threshold) == 1.0
+    pre = sae.pre_acts(x)
+    f = sae.encode(x)
+    torch.testing.assert_close(f, pre * (pre > 1.0))
+    sae.eval()
+    out = sae(x)
+    torch.testing.assert_close(out.x_hat, sae.decode(f))
+    assert out.min_kept is None and torch.isclose(out.l0, (f > 0).sum(-1).float().mean())
+
+
+def test_jumprelu_straight_through_gradients():
+    sae = _sae("jumprelu")
+    bw = sae.bandwidth
+    with torch.no_grad():
+        sae.threshold.uniform_(0.0, 1.0)
+    x = torch.randn(64, 16)
+    pre = sae.pre_acts(x).detach()
+    theta = sae.threshold.detach()
+    f = sae.encode(x)
+    torch.testing.assert_close(f, pre * (pre > theta))
+    # L0 penalty alone: d/dtheta = -coef / d_in / n * sum_b rect((pre - theta) / bw) / bw.
+    out = sae(x, l0_coef=2.0)
+    assert torch.isclose(out.l0, (f > 0).sum(-1).float().mean())
+    torch.testing.assert_close(out.aux, 2.0 * (pre > theta).sum(-1).float().mean() / 16)
+    out.aux.backward()
+    window = ((pre - theta).abs() < bw / 2).float()
+    torch.testing.assert_close(sae.threshold.grad, -2.0 / 16 / 64 * window.sum(0) / bw)
+    # Reconstruction: d/dtheta = -(theta / bw) * sum_b rect(...) * dL/df.
+    sae.zero_grad()
+    f_ref = f.detach().clone().requires_grad_(True)
+    ((f_ref @ sae.W_dec.detach() + sae.b_dec.detach()) - x).pow(2).mean().backward()
+    sae(x).mse.backward()
+    torch.testing.assert_close(sae.threshold.grad,
+                               -(theta / bw) * (window * f_ref.grad).sum(0), rtol=1e-4, atol=1e-7)
+    sae.clamp_threshold()
+    assert (sae.threshold >= 0).all()
+
+
+def test_tied_weights_are_one_parameter():
+    sae = SAE(8, 32, "standard", tie_weights=True)
+    assert list(sae.state_dict()) == ["W_enc", "b_enc", "b_dec"]
+    assert sae.W_dec.data_ptr() == sae.W_enc.data_ptr()
+    x = torch.randn(10, 8)
+    sae(x, l1_coef=0.1).loss.backward()
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
+    other = SAE(8, 32, "standard", tie_weights=True)
+    other.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(other.W_dec, sae.W_enc.T)
+    with pytest.raises(ValueError, match="standard"):
+        SAE(8, 32, "topk", tie_weights=True)

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-EncoderType = Literal["standard", "topk"]
-ENCODER_TYPES: tuple[str, ...] = ("standard", "topk")
+EncoderType = Literal["standard", "topk", "jumprelu", "batchtopk"]
+ENCODER_TYPES: tuple[str, ...] = ("standard", "topk", "jumprelu", "batchtopk")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
@@ -50,11 +50,13 @@ class TrainConfig:
 
     # --- the SAE
     encoder_type: str = "topk"
+    """standard (ReLU + L1), topk (k latents per token), jumprelu (learned per-latent thresholds,
+    L0 penalty) or batchtopk (k x batch latents per batch; a running threshold at inference)."""
     latent_dim: int | None = None
     """Number of latents; None = expansion_factor x d_in."""
     expansion_factor: int = 8
     k: int = 32
-    """Active latents per token (TopK)."""
+    """Active latents per token (topk); the mean active latents per token (batchtopk)."""
     aux_k: int | None = None
     """Dead latents used by the AuxK loss; None = d_in // 2."""
     aux_k_coef: float = 1 / 32
@@ -63,6 +65,25 @@ class TrainConfig:
     l1_alpha: float = 5.0
     """L1 coefficient (standard), on decoder-norm-weighted activations of unit-scaled inputs."""
     l1_warmup_frac: float = 0.05
+    """Fraction of steps over which the sparsity coefficient (l1_alpha, or l0_coef for jumprelu)
+    ramps up linearly from 0."""
+    tie_weights: bool = False
+    """Standard only: the decoder is the encoder's transpose (one weight matrix). The export
+    still writes separate W_enc and W_dec."""
+    l0_coef: float = 5.0
+    """JumpReLU L0 penalty: loss = mse + l0_coef x L0 / d_in, i.e. per token (squared error +
+    l0_coef x active latents) / d_in on unit-scaled inputs (SAELens's l0_coefficient on its
+    summed MSE, with E||x|| = sqrt(d_in)). Higher = sparser; 5 gave L0 ~90 (falling) after 400k
+    tokens on SmolLM2 layer 15 at 8x."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU straight-through estimator: width of the rectangle kernel around the threshold
+    (in unit-scaled pre-activation units)."""
+    jumprelu_init_threshold: float | None = None
+    """JumpReLU: initial threshold of every latent (unit-scaled pre-activation units); None =
+    where k latents per token would fire on a data sample (BatchTopK's threshold)."""
+    batchtopk_threshold_momentum: float = 0.02
+    """BatchTopK: weight of each step's smallest kept activation in the running inference
+    threshold (exponential moving average)."""
     normalize: bool = True
     """Scale inputs so E||x|| = sqrt(d_in); the scale is folded into the weights on export."""
     b_dec_init: str = "geometric_median"
@@ -71,7 +92,8 @@ class TrainConfig:
 
     # --- optimisation
     learning_rate: float | None = None
-    """None = 2e-3 x sqrt(4096 / latents) for topk; 1e-3 for standard (inputs are normalised)."""
+    """None = 2e-3 x sqrt(4096 / latents) for topk, batchtopk and jumprelu; 1e-3 for standard
+    (inputs are normalised)."""
     optimizer: str = "adam"
     beta1: float = 0.9
     beta2: float = 0.999
@@ -128,7 +150,7 @@ class TrainConfig:
     def lr(self, d_sae: int) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        if self.encoder_type == "topk":
+        if self.encoder_type in ("topk", "batchtopk", "jumprelu"):
             return 2e-3 * math.sqrt(4096 / d_sae)
         return 1e-3
 
@@ -167,7 +189,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 bad(f"{name} must be at least 1 (got {getattr(self, name)}).")
         for name in ("auto_save_interval", "keep_every", "eval_tokens", "outlier_factor",
-                     "l1_alpha", "weight_decay", "grad_clip", "aux_k_coef"):
+                     "l1_alpha", "weight_decay", "grad_clip", "aux_k_coef", "l0_coef"):
             if getattr(self, name) < 0:
                 bad(f"{name} must not be negative (got {getattr(self, name)}).")
         if self.latent_dim is not None and self.latent_dim < 1:
@@ -182,6 +204,17 @@ class TrainConfig:
             bad("batch_size must be a multiple of micro_batch_size.")
         if not 0 <= self.l1_warmup_frac <= 1 or not 0 <= self.lr_decay_frac <= 1:
             bad("l1_warmup_frac and lr_decay_frac must be between 0 and 1.")
+        if self.tie_weights and self.encoder_type != "standard":
+            bad(f"tie_weights works only with the standard encoder type (got "
+                f"'{self.encoder_type}'); turn it off or choose standard.")
+        if self.jumprelu_init_threshold is not None and self.jumprelu_init_threshold < 0:
+            bad("jumprelu_init_threshold must not be negative (got "
+                f"{self.jumprelu_init_threshold}).")
+        if not self.jumprelu_bandwidth > 0:
+            bad(f"jumprelu_bandwidth must be greater than 0 (got {self.jumprelu_bandwidth}).")
+        if not 0 < self.batchtopk_threshold_momentum <= 1:
+            bad("batchtopk_threshold_momentum must be in (0, 1] (got "
+                f"{self.batchtopk_threshold_momentum}).")
         if not 0 < self.aux_k_frac <= 1:
             bad(f"aux_k_frac must be in (0, 1] (got {self.aux_k_frac}).")
         if self.layer is not None and self.layer < 0:
@@ -191,5 +224,5 @@ class TrainConfig:
                 f"(0-{n_layers - 1}).")
         if d_in is not None:
             d_sae = self.d_sae(d_in)
-            if self.encoder_type == "topk" and self.k > d_sae:
+            if self.encoder_type in ("topk", "batchtopk") and self.k > d_sae:
                 bad(f"k ({self.k}) cannot exceed the number of latents ({d_sae}).")

@@ -2,6 +2,7 @@
 
     folder/cfg.json                 architecture, d_in, d_sae, k, metadata (model, hook, ...)
     folder/sae_weights.safetensors  W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec
+                                    (+ threshold [d_sae] for jumprelu and batchtopk)
     folder/sparsity.safetensors     sparsity [d_sae] = log10(firing frequency + 1e-10)
 
 The SAE trains on inputs scaled by ``s`` (E||s x|| = sqrt(d_in)). That scale is folded into the
@@ -10,6 +11,9 @@ weights so the exported SAE takes raw activations with ``normalize_activations: 
     W_enc' = s W_enc,  b_dec' = b_dec / s,  W_dec' = W_dec / s,  b_enc' = b_enc.
 
 Then (x - b_dec') W_enc' + b_enc = (s x - b_dec) W_enc + b_enc, and f W_dec' + b_dec' = x_hat / s.
+The pre-activations are unchanged by the folding, so a JumpReLU threshold is written as it is.
+BatchTopK is written as ``"architecture": "jumprelu"`` with its running threshold filled to
+[d_sae] (what it uses at inference); tied weights (standard) are written as two copies.
 """
 
 from __future__ import annotations
@@ -49,11 +53,15 @@ def export_saelens(
             "W_dec": (sae.W_dec.float() / scale).cpu().contiguous(),
             "b_dec": (sae.b_dec.float() / scale).cpu().contiguous(),
         }
+        thresholds = sae.thresholds()
+        if thresholds is not None:  # pre-activations are scale-free: no folding
+            weights["threshold"] = thresholds.float().cpu().contiguous()
     layer, hook_point = meta.get("layer"), meta.get("hook_point", "residual")
     hook_name = meta.get("hook_name") or (
         HOOK_NAMES.get(hook_point, hook_point).format(layer=layer) if layer is not None else "")
     cfg: dict[str, Any] = {
-        "architecture": sae.encoder_type, "d_in": sae.d_in, "d_sae": sae.d_sae,
+        "architecture": "jumprelu" if sae.encoder_type == "batchtopk" else sae.encoder_type,
+        "d_in": sae.d_in, "d_sae": sae.d_sae,
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {
@@ -64,10 +72,13 @@ def export_saelens(
             "dataset_path": meta.get("dataset_path") or meta.get("dataset") or "",
             "exclude_special_tokens": meta.get("exclude_special", True),
             "trained_with": "sae-studio", "input_scale_folded": scale,
+            "trained_architecture": sae.encoder_type,
         },
     }
     if sae.encoder_type == "topk":
         cfg["k"] = sae.k
+    if sae.encoder_type == "batchtopk":
+        cfg["metadata"]["k"] = sae.k  # the training k; SAELens runs it as jumprelu
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file(weights, str(tmp / "sae_weights.safetensors"))
@@ -89,7 +100,9 @@ def export_saelens(
 
 
 def load_saelens(folder: Path | str) -> SAE:
-    """Load a SAELens folder (ours or SAELens's standard/topk) into our SAE module."""
+    """Load a SAELens folder (ours or SAELens's standard/topk/jumprelu) into our SAE module.
+
+    A BatchTopK export loads as the jumprelu it was saved as (the same inference)."""
     folder = Path(folder)
     cfg_path, w_path = folder / "cfg.json", folder / "sae_weights.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
@@ -97,11 +110,16 @@ def load_saelens(folder: Path | str) -> SAE:
                               "sae_weights.safetensors).")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture", "standard")
-    if arch not in ("standard", "topk"):
+    if arch not in ("standard", "topk", "jumprelu"):
         raise CheckpointError(f"Architecture '{arch}' in '{folder}' is not supported yet.")
     w = load_file(str(w_path))
     sae = SAE(int(cfg["d_in"]), int(cfg["d_sae"]), arch, int(cfg.get("k") or 0))
-    sae.load_state_dict({k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    state = {k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if arch == "jumprelu":
+        if "threshold" not in w:
+            raise CheckpointError(f"'{folder}' is a jumprelu SAE without a threshold tensor.")
+        state["threshold"] = w["threshold"].float()
+    sae.load_state_dict(state)
     return sae
 
 
@@ -109,7 +127,8 @@ def export_checkpoint(checkpoint: Path | str, folder: Path | str) -> Path:
     """``sae-studio export``: a training checkpoint -> SAELens folder."""
     c = load_checkpoint(checkpoint)
     cfg, m = c.meta["config"], c.meta
-    sae = SAE(int(m["d_in"]), int(m["d_sae"]), cfg["encoder_type"], int(cfg["k"]))
+    sae = SAE(int(m["d_in"]), int(m["d_sae"]), cfg["encoder_type"], int(cfg["k"]),
+              tie_weights=bool(cfg.get("tie_weights", False)))
     try:
         sae.load_state_dict(c.prefixed("sae."))
     except RuntimeError as exc:

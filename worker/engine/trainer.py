@@ -5,8 +5,9 @@
 
 Each step: set the learning rate, hear the caller (pause / stop / save), fetch ``batch_size``
 vectors, forward/backward in micro-batches (halved on CUDA out-of-memory, with the accumulation
-doubled so the effective batch is unchanged), check the loss is finite, clip, step, keep TopK
-decoder rows at unit norm, update the dead-latent counters, log every ``log_every`` steps and
+doubled so the effective batch is unchanged), check the loss is finite, clip, step, keep decoder
+rows at unit norm (topk, batchtopk, jumprelu), move BatchTopK's running threshold, update the
+dead-latent counters, log every ``log_every`` steps and
 auto-save every ``auto_save_interval`` steps. At the end: evaluate on held-out vectors, save the
 final checkpoint and export the SAELens folder.
 """
@@ -31,6 +32,10 @@ from .activations import ActivationSource
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingError
 from .sae import SAE
+
+UNIT_DECODER_TYPES = ("topk", "batchtopk", "jumprelu")
+"""Encoder types whose decoder rows are kept at unit norm (the L0 / top-k sparsity cannot be
+gamed by rescaling, and a unit decoder keeps JumpReLU thresholds in input units)."""
 
 
 def _noop(*_: Any) -> None:
@@ -165,7 +170,10 @@ class Trainer:
         self.aux_window = min(cfg.dead_window_tokens, 10 * cfg.batch_size)
         self.ckpt_dir = self.out_dir / "checkpoints"
         torch.manual_seed(cfg.seed)
-        self.sae = SAE(self.d_in, self.d_sae, cfg.encoder_type, cfg.k).to(self.device)
+        self.sae = SAE(self.d_in, self.d_sae, cfg.encoder_type, cfg.k,
+                       tie_weights=cfg.tie_weights, bandwidth=cfg.jumprelu_bandwidth,
+                       init_threshold=cfg.jumprelu_init_threshold or 0.0).to(self.device)
+        self.unit_decoder = cfg.encoder_type in UNIT_DECODER_TYPES
         self.opt = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.micro = cfg.micro_batch_size or cfg.batch_size
@@ -207,12 +215,27 @@ class Trainer:
         # Scale the encoder so the first reconstructions have the right size: the least-squares
         # factor between (x_hat - b_dec) and (x - b_dec) on the sample. Without it, k latents
         # aligned with x each fire at ~||x|| and the SAE spends its first steps shrinking them.
+        # BatchTopK and JumpReLU are scaled with the BatchTopK selection (k per token on
+        # average); BatchTopK's running threshold then starts at the smallest kept activation
+        # (pre-activations scale with W_enc: b_enc is 0 here), as do JumpReLU's thresholds
+        # unless jumprelu_init_threshold is given.
         x = sample[:4096].to(self.device)
         centred = x - self.sae.b_dec
-        recon = self.sae.decode(self.sae.encode(x)) - self.sae.b_dec
+        batchtopk = cfg.encoder_type in ("batchtopk", "jumprelu")
+        f = self.sae.encode_batch_topk(x) if batchtopk else self.sae.encode(x)
+        recon = self.sae.decode(f) - self.sae.b_dec
         denom = recon.pow(2).sum()
         if denom > 0:
-            self.sae.W_enc.mul_(((recon * centred).sum() / denom).clamp(1e-3, 1e3))
+            factor = ((recon * centred).sum() / denom).clamp(1e-3, 1e3)
+            if self.sae.tie_weights:  # scaling W_enc scales the decoder too: recon ~ factor^2
+                factor = factor.sqrt()
+            self.sae.W_enc.mul_(factor)
+            if batchtopk:
+                kept = f[f > 0]
+                start = float(kept.min() * factor) if kept.numel() else 0.0
+                if cfg.encoder_type == "jumprelu" and cfg.jumprelu_init_threshold is not None:
+                    start = cfg.jumprelu_init_threshold
+                self.sae.threshold.fill_(start)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, reason: str = "auto") -> Path:
@@ -287,14 +310,17 @@ class Trainer:
         return nullcontext()
 
     def _forward_backward(self, batch: Tensor, l1_coef: float, dead: Tensor) -> dict[str, Tensor]:
-        """Accumulate gradients over micro-batches; return summed statistics (on device)."""
+        """Accumulate gradients over micro-batches; return summed statistics (on device).
+
+        ``l1_coef`` is the (warmed-up) sparsity coefficient: L1 for standard, L0 for jumprelu."""
         n = batch.shape[0]
         acc = {"loss": 0.0, "mse": 0.0, "aux": 0.0, "l0": 0.0, "err": 0.0, "var": 0.0}
         fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+        coef = {"l0_coef" if self.cfg.encoder_type == "jumprelu" else "l1_coef": l1_coef}
         for chunk in batch.split(self.micro):
             w = chunk.shape[0] / n
             with self._autocast():
-                out = self.sae(chunk, l1_coef=l1_coef, dead_mask=dead, k_aux=self.k_aux,
+                out = self.sae(chunk, **coef, dead_mask=dead, k_aux=self.k_aux,
                                aux_coef=self.cfg.aux_k_coef, aux_frac=self.cfg.aux_k_frac)
             self.scaler.scale(out.loss * w).backward()
             with torch.no_grad():
@@ -305,6 +331,8 @@ class Trainer:
                 acc["err"] += out.mse.detach() * chunk.numel()
                 acc["var"] += (chunk.float() - chunk.float().mean(0)).pow(2).sum()
                 fired += out.fired
+                if out.min_kept is not None:
+                    acc["min_kept"] = acc.get("min_kept", 0.0) + out.min_kept * w
         acc["fired"] = fired
         return acc
 
@@ -366,13 +394,13 @@ class Trainer:
             if cmd == "save":
                 self.save("manual")
 
-            # 2. learning rate and L1 warm-up
+            # 2. learning rate and sparsity-coefficient warm-up (L1: standard, L0: jumprelu)
             lr = get_lr(self.step, cfg, self.base_lr)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             warm_l1 = cfg.l1_warmup_frac * cfg.total_steps
-            l1_coef = cfg.l1_alpha * min(1.0, (self.step + 1) / warm_l1) if warm_l1 else \
-                cfg.l1_alpha
+            alpha = cfg.l0_coef if cfg.encoder_type == "jumprelu" else cfg.l1_alpha
+            l1_coef = alpha * min(1.0, (self.step + 1) / warm_l1) if warm_l1 else alpha
 
             # 3. data, forward/backward (OOM-safe), finiteness check
             t0 = time.perf_counter()
@@ -387,17 +415,20 @@ class Trainer:
                     + (f"The last good checkpoint is {last}. " if last else "")
                     + "Lower the learning rate or use fp32.")
 
-            # 4. clip, step, keep decoder rows at unit norm (TopK)
+            # 4. clip, step, keep decoder rows at unit norm (topk, batchtopk, jumprelu)
             self.scaler.unscale_(self.opt)
-            if cfg.encoder_type == "topk":
+            if self.unit_decoder:
                 self.sae.remove_parallel_grad()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.sae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             self.scaler.step(self.opt)
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
-            if cfg.encoder_type == "topk":
+            if self.unit_decoder:
                 self.sae.normalize_decoder()
+            self.sae.clamp_threshold()
+            if "min_kept" in acc:  # BatchTopK's running inference threshold
+                self.sae.update_threshold(acc["min_kept"], cfg.batchtopk_threshold_momentum)
 
             # 5. dead-latent counters, window statistics
             n = batch.shape[0]
@@ -464,7 +495,8 @@ class Trainer:
         return {
             "step": self.step, "tokens": self.tokens, "loss": win["loss"] / steps,
             "mse": win["mse"] / steps, "aux_loss": win["aux"] / steps,
-            "sparsity_loss": win["aux"] / steps if self.cfg.encoder_type == "standard" else 0.0,
+            "sparsity_loss": win["aux"] / steps
+            if self.cfg.encoder_type in ("standard", "jumprelu") else 0.0,
             "l0": l0, "l0_frac": l0 / self.d_sae, "fvu": fvu, "explained_variance": 1 - fvu,
             "dead": dead, "dead_frac": dead / self.d_sae,
             "dense": int((freq > self.cfg.dense_threshold).sum()),
@@ -480,14 +512,18 @@ class Trainer:
         if not len(x):
             return {}
         chunk_size = min(self.micro, 4096)
-        while True:
-            try:
-                return self._evaluate(x, chunk_size)
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled
-                if not is_oom(exc) or chunk_size <= 1:
-                    raise
-                torch.cuda.empty_cache()
-                chunk_size //= 2
+        self.sae.eval()  # BatchTopK encodes with its running threshold at inference
+        try:
+            while True:
+                try:
+                    return self._evaluate(x, chunk_size)
+                except Exception as exc:  # noqa: BLE001 - only OOM is handled
+                    if not is_oom(exc) or chunk_size <= 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    chunk_size //= 2
+        finally:
+            self.sae.train()
 
     def _evaluate(self, x: Tensor, chunk_size: int) -> dict[str, Any]:
         err = var = l0 = 0.0

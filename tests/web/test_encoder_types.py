@@ -1,0 +1,75 @@
+"""The new-training form with the four encoder types and their options (form, curl, JSON)."""
+
+from __future__ import annotations
+
+import re
+
+from worker.db import Training
+
+from .conftest import HX, JSON
+
+BASE = {"layer_idx": "2", "expansion_factor": "2", "batch_size": "128", "total_steps": "20",
+        "device": "cpu"}
+
+
+def _form(ready, **kw) -> dict[str, str]:
+    model, dataset = ready
+    return dict(BASE, model_id=str(model.id), dataset_id=str(dataset.id), **kw)
+
+
+def test_form_offers_the_four_types_and_new_fields(client, ready):
+    page = client.get("/").data.decode()
+    for t in ("standard", "topk", "jumprelu", "batchtopk"):
+        assert f'<option value="{t}"' in page, t
+    for name in ("l0_coef", "tie_weights", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+        assert f'name="{name}"' in page, name
+    assert re.search(r'id="field-k"\s+data-applies-to="topk batchtopk"', page)
+    assert re.search(r'id="field-l0_coef"\s+data-applies-to="jumprelu"', page)
+    assert re.search(r'id="field-tie_weights"\s+data-applies-to="standard"', page)
+    # The checkbox precedes its hidden "false", so form.get() reads the checked value.
+    box = page.index('type="checkbox" id="input-tie_weights"')
+    assert box < page.index('type="hidden" name="tie_weights"')
+
+
+def test_create_jumprelu_from_the_form(client, ready, enqueued):
+    r = client.post("/trainings", data=_form(ready, encoder_type="jumprelu", l0_coef="2.5",
+                                             jumprelu_bandwidth="0.01"), headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    cfg = Training.get_by_id(r.get_json()["id"]).config
+    assert cfg["encoder_type"] == "jumprelu" and cfg["l0_coef"] == 2.5
+    assert cfg["jumprelu_bandwidth"] == 0.01 and cfg["jumprelu_init_threshold"] is None
+    assert cfg["tie_weights"] is False
+    assert enqueued and enqueued[-1][0] == "run_training"
+
+
+def test_create_batchtopk_from_curl_style_post(client, ready, enqueued):
+    r = client.post("/trainings", data=_form(ready, encoder_type="batchtopk", k="16"))
+    assert r.status_code in (302, 303)
+    cfg = Training.select().order_by(Training.id.desc()).first().config
+    assert cfg["encoder_type"] == "batchtopk" and cfg["k"] == 16
+
+
+def test_tie_weights_checkbox_with_standard(client, ready, enqueued):
+    data = _form(ready, encoder_type="standard")
+    data["tie_weights"] = ["true", "false"]  # checked box + its hidden field, browser order
+    r = client.post("/trainings", data=data, headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    assert Training.get_by_id(r.get_json()["id"]).config["tie_weights"] is True
+    r = client.post("/trainings", data=dict(_form(ready, encoder_type="standard"),
+                                            tie_weights="false"), headers=JSON)
+    assert Training.get_by_id(r.get_json()["id"]).config["tie_weights"] is False
+
+
+def test_tie_weights_with_topk_is_a_form_error(client, ready, enqueued):
+    form = _form(ready, encoder_type="topk", tie_weights="true")
+    r = client.post("/trainings", data=form, headers=JSON)
+    assert r.status_code == 422
+    errors = r.get_json()["errors"]
+    assert set(errors) == {"tie_weights"} and "standard" in errors["tie_weights"]
+    html = client.post("/trainings", data=form, headers=HX)
+    assert html.status_code == 422
+    assert 'id="error-tie_weights"' in html.data.decode()
+    bad = client.post("/trainings", data=_form(ready, encoder_type="jumprelu",
+                                               jumprelu_bandwidth="0"), headers=JSON)
+    assert bad.status_code == 422 and "jumprelu_bandwidth" in bad.get_json()["errors"]
+    assert not enqueued
