@@ -130,6 +130,31 @@ def test_train_from_model_and_dataset_defaults_to_middle_layer(tiny, tmp_path, c
     saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
     assert saved["d_sae"] == 8 * 32  # default expansion factor 8
     assert saved["metadata"]["hook_name"] == "blocks.1.hook_resid_post"  # middle of 3 layers
+    # evaluated on held-out text by default: CE losses of a causal LM, the report folder
+    ev = result["eval"]
+    assert ev["report"] == str(tmp_path / "run" / "eval")
+    assert ev["ce_loss_zero"] > ev["ce_loss_clean"] > 0 and ev["kl_div"] >= 0
+    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["step"] == 6
+
+
+def test_evaluate_a_run_trained_from_an_activation_file(tiny, tmp_path, capsys):
+    data = ["--data-dir", str(tmp_path / "data")]
+    acts = tmp_path / "acts.safetensors"
+    assert main([*data, "extract", "--model", str(tiny), "--dataset", "kjv", "--layer", "2",
+                 "--max-tokens", "3000", "--context-size", "32", "--out", str(acts)]) == 0
+    run = tmp_path / "run"
+    assert main([*data, "train", "--activations", str(acts), "--k", "4", "--batch-size", "256",
+                 "--total-steps", "5", "--out", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "no evaluation report" in captured.err and "eval" not in os.listdir(run)
+    # The file records its model, corpus and layer: evaluate uses them.
+    assert main([*data, "evaluate", str(run), "--eval-tokens", "300"]) == 0
+    out = _last_json(capsys.readouterr().out)
+    assert out["checkpoint"].endswith("step_00000005.safetensors")
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["layer"] == 2 and report["step"] == 5 and report["d_sae"] == 8 * 32
+    assert report["contexts"] == 10 and out["ce_loss_recovered"] == report["ce_loss_recovered"]
+    _fails_cleanly(capsys, ["evaluate", str(tmp_path / "nowhere")], "No checkpoint found")
 
 
 def test_bad_input_is_one_line_and_exit_2(acts, tiny, tmp_path, capsys, monkeypatch):

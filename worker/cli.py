@@ -5,6 +5,7 @@
     sae-studio extract --model smollm2-135m --dataset kjv --layer 15 --max-tokens 500000 \\
                        --out acts.safetensors
     sae-studio export  runs/a/checkpoints/step_00001000.safetensors --out sae_folder
+    sae-studio evaluate runs/a          # CE loss recovered, KL, densities, top contexts
     sae-studio info    smollm2-135m --expansion-factor 16
 
 Bad input ends with one line on stderr and exit status 2. ``train`` prints, as its last stdout
@@ -191,6 +192,46 @@ def _evaluate(cfg: TrainConfig, sae: Any, scale: float, *, out: Path, **kwargs: 
         prog.close()
 
 
+def _checkpoint_of(path: str) -> Path:
+    """A checkpoint file, or a run folder's newest checkpoint."""
+    from .engine.checkpoints import latest_checkpoint
+
+    p = Path(path)
+    found = (latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)) if p.is_dir() else p
+    if found is None or not Path(found).is_file():
+        raise ConfigError(f"No checkpoint found at '{path}'.")
+    return Path(found)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run's (or a checkpoint's) SAE on held-out text into OUT/eval."""
+    from .engine.export import sae_from_checkpoint
+    from .engine.trainer import pick_device, pick_precision
+
+    ckpt = _checkpoint_of(args.run)
+    sae, meta = sae_from_checkpoint(ckpt)
+    source = meta.get("source_meta") or {}
+    values = dict(meta["config"])
+    for key in ("model", "dataset", "layer", "hook_point", "eval_tokens", "device"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values["model"] = values.get("model") or source.get("model_source") or source.get("model")
+    values["dataset"] = values.get("dataset") or source.get("dataset")
+    cfg = TrainConfig.from_dict(values)
+    device = pick_device(cfg.device)
+    out = Path(args.out) if args.out else ckpt.parent.parent
+    report = _evaluate(cfg, sae.to(device), float(meta.get("scale", 1.0)), out=out,
+                       data_dir=_data_dir(args), device=device, step=int(meta["step"]),
+                       meta=source, precision=pick_precision(cfg.precision, device))
+    if report is None:
+        raise ConfigError("Nothing to evaluate with: give --model and --dataset.")
+    from .engine.pipeline import eval_summary
+
+    print(json.dumps(dict(eval_summary(report), report=str(out / "eval"),
+                          checkpoint=str(ckpt))))
+    return 0
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
@@ -288,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "--model and --dataset)")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("evaluate", help="evaluate a run's SAE on held-out text: CE loss "
+                                        "recovered, KL, latent densities, top contexts")
+    v.add_argument("run", help="run folder (its newest checkpoint) or a checkpoint file")
+    v.add_argument("--out", help="write OUT/eval (default: the run folder)")
+    v.add_argument("--model", help="model to evaluate with (default: the run's)")
+    v.add_argument("--dataset", help="corpus whose last contexts are held out (default: the "
+                                     "run's)")
+    v.add_argument("--layer", type=int, default=None)
+    v.add_argument("--hook-point", default=None, choices=CHOICES["hook_point"])
+    v.add_argument("--eval-tokens", type=int, default=None,
+                   help="held-out tokens (default: the run's eval_tokens)")
+    v.add_argument("--device", default=None)
+    v.set_defaults(func=cmd_evaluate)
 
     e = sub.add_parser("extract", help="write an activation cache (safetensors)")
     e.add_argument("--model", required=True)

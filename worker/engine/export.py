@@ -123,8 +123,8 @@ def load_saelens(folder: Path | str) -> SAE:
     return sae
 
 
-def export_checkpoint(checkpoint: Path | str, folder: Path | str) -> Path:
-    """``sae-studio export``: a training checkpoint -> SAELens folder."""
+def sae_from_checkpoint(checkpoint: Path | str) -> tuple[SAE, dict[str, Any]]:
+    """The SAE a training checkpoint holds (on the CPU) and the checkpoint's metadata."""
     c = load_checkpoint(checkpoint)
     cfg, m = c.meta["config"], c.meta
     sae = SAE(int(m["d_in"]), int(m["d_sae"]), cfg["encoder_type"], int(cfg["k"]),
@@ -134,5 +134,11 @@ def export_checkpoint(checkpoint: Path | str, folder: Path | str) -> Path:
     except RuntimeError as exc:
         raise CheckpointError(f"Checkpoint '{checkpoint}' has mismatched weights ({exc}).") \
             from None
+    return sae, m
+
+
+def export_checkpoint(checkpoint: Path | str, folder: Path | str) -> Path:
+    """``sae-studio export``: a training checkpoint -> SAELens folder."""
+    sae, m = sae_from_checkpoint(checkpoint)
     return export_saelens(sae, folder, scale=float(m.get("scale", 1.0)),
                           meta=m.get("source_meta") or {})

@@ -77,7 +77,8 @@ def load_for_extraction(cfg: TrainConfig, data_dir: Path, device: torch.device,
 
 
 def source_meta(cfg: TrainConfig, loaded: Any, store: Any, layer: int) -> dict[str, Any]:
-    return {"model": loaded.info.name, "model_name": loaded.info.name, "layer": layer,
+    return {"model": loaded.info.name, "model_name": loaded.info.name,
+            "model_source": loaded.info.source, "layer": layer,
             "hook_point": cfg.hook_point, "context_size": store.context_size,
             "dataset": cfg.dataset, "dataset_path": cfg.dataset,
             "prepend_bos": store.bos_id is not None, "d_in": loaded.info.hidden_size,
@@ -173,9 +174,10 @@ def evaluate_run(
     """Evaluate a trained SAE on the held-out contexts of its corpus and write
     ``out_dir/eval`` (report.json, latents.safetensors, vocab.json: docs/eval-format.md).
 
-    Loads the model and token store again (the training's may be freed by then). The layer and
-    hook point come from ``meta`` (the activation source's) when the config leaves them open,
-    so a run from an activation file with --model/--dataset is evaluated where it was trained.
+    Loads the model and token store again (the training's may be freed by then). The hook
+    point and context size come from ``meta`` (the activation source's), and the layer too when
+    the config leaves it open, so a run from an activation file is evaluated where it was
+    trained.
     Returns the report dict, or None when ``evaluation_skipped(cfg)`` gives a reason.
     """
     from .evaluate import EvalOptions, evaluate_sae, save_evaluation
@@ -184,7 +186,8 @@ def evaluate_run(
         return None
     meta = meta or {}
     layer = cfg.layer if cfg.layer is not None else meta.get("layer")
-    cfg = cfg.replace(layer=layer, hook_point=meta.get("hook_point", cfg.hook_point))
+    cfg = cfg.replace(layer=layer, hook_point=meta.get("hook_point", cfg.hook_point),
+                      context_size=meta.get("context_size") or cfg.context_size)
     loaded, store, layer = load_for_extraction(cfg, data_dir, device, progress)
     contexts = heldout_contexts(store, cfg.eval_tokens)
     if not len(contexts):
