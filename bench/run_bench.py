@@ -5,9 +5,10 @@
 
 Without --activations it first extracts SmolLM2-135M layer-15 residual activations of the KJV
 (``sae-studio extract``, 500k vectors) and times that extraction against full forward passes.
-Then it trains, on the same file and settings (TopK k=32, 8x, batch 4096, 100 steps, fp32, CPU):
-SAE Studio with its defaults, SAELens with its defaults, and SAELens tuned (lr 4e-3, expected-
-average normalisation). All are evaluated on the same held-out rows (the file's last 16,384).
+Then, for each encoder type (topk, batchtopk, standard, jumprelu), it trains on the same file
+and settings (8x, k=32 where it applies, batch 4096, 100 steps, fp32, CPU): SAE Studio with its
+defaults and SAELens tuned (lr 4e-3, expected-average normalisation) — for topk also SAELens with
+its defaults. All are evaluated on the same held-out rows (the file's last 16,384).
 Writes bench/out/results.json and bench/out/results.md (the table the README shows).
 """
 
@@ -84,6 +85,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--total-steps", type=int, default=100)
     p.add_argument("--holdout", type=int, default=16_384)
+    p.add_argument("--types", type=lambda v: v.split(","),
+                   default=["topk", "batchtopk", "standard", "jumprelu"],
+                   help="encoder types to compare, comma-separated")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,33 +108,39 @@ def main() -> int:
     common = ["--activations", str(acts), "--k", str(args.k), "--expansion-factor",
               str(args.expansion_factor), "--batch-size", str(args.batch_size),
               "--total-steps", str(args.total_steps)]
-    results["sae_studio"] = run_json([
-        PY, "-m", "worker", "train", *common, "--encoder-type", "topk",
-        "--eval-tokens", str(args.holdout), "--out", str(args.out / "sae_studio")])
     if not SAELENS_PY.exists():
         raise SystemExit("No .venv-saelens: run `make saelens-venv` first.")
     bench = str(ROOT / "bench" / "saelens_train.py")
-    results["sae_lens_default"] = run_json([
-        str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout), "--lr", "2e-4",
-        "--normalize", "none"])
-    results["sae_lens_tuned"] = run_json([
-        str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout), "--lr", "4e-3",
-        "--normalize", "expected_average_only_in"])
-
+    runs: list[tuple[str, str, dict]] = []  # (encoder type, label, result)
+    for arch in args.types:
+        ours = run_json([
+            PY, "-m", "worker", "train", *common, "--encoder-type", arch, "--no-evaluate",
+            "--eval-tokens", str(args.holdout), "--out", str(args.out / f"sae_studio_{arch}")])
+        runs.append((arch, "SAE Studio (defaults)", ours))
+        if arch == "topk":
+            runs.append((arch, "SAELens (defaults: lr 2e-4)", run_json([
+                str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout),
+                "--architecture", arch, "--lr", "2e-4", "--normalize", "none"])))
+        runs.append((arch, "SAELens (tuned: lr 4e-3, normalised)", run_json([
+            str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout),
+            "--architecture", arch, "--lr", "4e-3", "--normalize",
+            "expected_average_only_in"])))
+    results["runs"] = [{"encoder_type": a, "run": label, **r} for a, label, r in runs]
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    rows = [("SAE Studio (defaults)", results["sae_studio"]),
-            ("SAELens (defaults: lr 2e-4)", results["sae_lens_default"]),
-            ("SAELens (tuned: lr 4e-3, normalised)", results["sae_lens_tuned"])]
-    ref = results["sae_lens_tuned"]["tokens_per_s"]
-    lines = [f"Machine: {results['machine']}. Same file ({acts.name}), TopK k={args.k}, "
-             f"{args.expansion_factor}x, batch {args.batch_size}, {args.total_steps} steps, fp32; "
-             f"FVU/L0 on the same {args.holdout:,} held-out vectors; dead = latents that never "
-             "fired during the run.", "",
-             "| run | FVU (held-out) | L0 | dead latents | tokens/s | speed vs SAELens tuned |",
-             "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {100 * r['dead_frac']:.1f}% "
-                     f"| {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref:.2f}x |")
+
+    ref = {a: r["tokens_per_s"] for a, label, r in runs if label.startswith("SAELens (tuned")}
+    lines = [f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
+             f"({'k=' + str(args.k) + ' for topk/batchtopk, ' if args.k else ''}defaults "
+             f"otherwise), batch {args.batch_size}, {args.total_steps} steps, fp32; FVU/L0 on "
+             f"the same {args.holdout:,} held-out vectors; dead = latents that never fired "
+             "during the run (SAELens: in its last 100 steps).", "",
+             "| encoder | run | FVU (held-out) | L0 | dead latents | tokens/s "
+             "| speed vs SAELens tuned, same encoder |",
+             "|---|---|---|---|---|---|---|"]
+    for arch, name, r in runs:
+        lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
+                     f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} "
+                     f"| {r['tokens_per_s'] / ref[arch]:.2f}x |")
     if "extraction_vs_full_forward" in results:
         e = results["extraction_vs_full_forward"]
         lines += ["", f"Extraction to layer 15 of SmolLM2-135M: {e['extract_tok_s']:,.0f} "

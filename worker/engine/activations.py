@@ -357,6 +357,9 @@ class LiveActivations:
     def _start_round(self) -> None:
         """Extract N_r; serve the kept half of N_{r-1} plus half of N_r, shuffled together."""
         self._prev_start, self._this_start = self._this_start, [self.cursor, self.median]
+        # Memory: drop the spent round and each intermediate as soon as it is used, so fewer
+        # round-sized copies are alive at once during a refill (values and order unchanged).
+        self._served = None  # the spent round
         new, self.cursor, self.median = self._build(self.cursor, self.median)
         if len(new):
             serve_now, keep = self._split(new, self.round)
@@ -364,9 +367,10 @@ class LiveActivations:
             serve_now, keep, self.exhausted = new, None, True
         parts = [p for p in (self._keep, serve_now) if p is not None and len(p)]
         served = torch.cat(parts) if parts else new
+        del parts, serve_now, new
+        self._keep = keep
         g = _gen(self.seed, 15485863, self.round)
         self._served = served[torch.randperm(served.shape[0], generator=g).to(served.device)]
-        self._keep = keep
 
     def next_batch(self, n: int) -> Tensor:
         out, need = [], n

@@ -1,13 +1,40 @@
 """Memory estimate of a training run: plain arithmetic, no torch (the web app shows it too).
 
-Counts what lives on the training device at the peak of a step:
-- the SAE parameters (W_enc, W_dec, biases) in fp32, their gradients and Adam's two moments;
-- per micro-batch: the dense pre-activations [micro, d_sae] (fp32 or half under autocast),
-  kept for backward, their gradient, and TopK's selection (values + int64 indices, k per token)
-  or ReLU's dense output (standard);
-- the input batch and its reconstruction;
-- for live extraction: the model's weights and the shuffle buffer.
-The estimate is meant to be within ~15% of the measured peak; ``sae-studio info`` prints it.
+What is estimated is what ``bench/memory_check.py`` measures: on the CPU the process's peak
+resident set (ru_maxrss / VmHWM), on CUDA ``torch.cuda.max_memory_allocated`` — over the whole
+run (initialisation, steps, evaluation, final checkpoint and export). It is the sum of
+
+- ``runtime``: the process before any tensor of the run exists. CPU: a *measured constant*
+  (Python, torch, numpy, safetensors and the engine imported, OpenMP/BLAS thread pools and
+  buffers, shared-library pages; see ``RUNTIME_BYTES``), plus transformers for live extraction.
+  CUDA: 0 (the CUDA context is not in max_memory_allocated);
+- ``model``: the weights of the model, for live extraction (n_params x dtype bytes; on the CPU
+  only the memory-mapped pages of the blocks up to the layer read, when ``layer`` is given);
+- ``sae_params``: W_enc, W_dec (absent when tied), b_enc, b_dec (and JumpReLU's threshold
+  [d_sae]) in fp32;
+- ``optimizer``: Adam's exp_avg and exp_avg_sq (2 x params), kept for the whole run, plus the
+  gradients (1 x params, alive from backward until ``zero_grad``) — or, when the final checkpoint
+  is the peak, safetensors' in-memory copy of the params and moments it writes;
+- ``batch``: the input batch (read from the file or the buffer, then scaled: two copies);
+- ``activations``: the transient working set of the phase that peaks, the largest of
+  * a step's forward/backward on ``micro`` vectors: the dense pre-activations [micro, d_sae]
+    (fp32, or 2 bytes under bf16/fp16 autocast), and per encoder type what lives with them
+    (standard: ReLU output, the L1 term and their gradients; jumprelu: the same plus the
+    threshold's straight-through masks; topk: values + int64 indices, k per token, and the
+    sparse backward's two [d_sae, d_in] buffers; batchtopk: a bool mask and k x micro selected
+    entries), plus Adam's per-parameter temporaries;
+  * initialisation: the sample of max(8192, min(d_sae, 65,536)) vectors, random decoder
+    directions [d_sae, d_in] and the dense encode of 4,096 vectors (fp32, no autocast);
+  * evaluation: the held-out vectors and a dense forward per chunk of min(micro, 4096);
+  * live extraction: the model's forward on ``batch_contexts`` x ``context_size`` tokens;
+- ``buffer``: live extraction's shuffle buffer: ``buffer_tokens`` x d_in fp32 at its refill peak
+  (on the training device);
+- ``file_pages``: CPU only, an activation file is memory-mapped: the pages it reads count in RSS
+  (they are page cache, which the kernel can reclaim). Random rows fault in 64 KB windows, so a
+  few steps already make most of the file resident; pass ``file_bytes``.
+
+The estimate is meant to be within 15% of the measured peak (checked by bench/memory_check.py and
+tests/engine/test_memory.py); ``sae-studio info`` and the web form show it.
 """
 
 from __future__ import annotations
@@ -15,6 +42,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+MB = 2**20
+
+RUNTIME_BYTES = {"cpu": 320 * MB, "cuda": 0}
+"""Measured process baseline on the CPU (bench/memory_check.py, 2-core x86-64 Linux, torch 2.13
+CPU build, Python 3.11): 146 MB anonymous memory once torch, numpy, safetensors and the engine
+are imported, ~98 MB of shared-library pages once training ops have run, and ~75 MB that the
+first ops add (OpenMP thread pool, BLAS/oneDNN buffers) — measured on a 576 -> 576 SAE with
+glibc's mmap threshold pinned so that no freed memory is kept. Not a per-config term."""
+RUNTIME_LIVE_BYTES = {"cpu": 170 * MB, "cuda": 0}
+"""Extra CPU baseline with live extraction, measured likewise: transformers and the tokenizer
+imported and a model loaded (156 MB anonymous, ~12 MB more library pages)."""
+GLIBC_MMAP_MAX = 32 * MB
+"""glibc's largest dynamic mmap threshold: freed blocks up to this size stay in the heap."""
+FAULT_WINDOW = 64 * 1024
+"""Bytes mapped per page fault in a memory-mapped file whose pages are cached (fault-around)."""
+INIT_SAMPLE_MAX = 65_536
+INIT_ENCODE_ROWS = 4096
+EVAL_CHUNK_MAX = 4096
 
 
 @dataclass
@@ -25,31 +70,147 @@ class MemoryEstimate:
     batch: int
     model: int
     buffer: int
+    runtime: int = 0
+    file_pages: int = 0
+    allocator: int = 0
+    peak_phase: str = "step"
 
     @property
     def total(self) -> int:
-        return sum(asdict(self).values())
+        return sum(v for v in asdict(self).values() if isinstance(v, int))
 
     def to_dict(self) -> dict[str, int]:
-        return dict(asdict(self), total=self.total)
+        """Byte counts (they sum to ``total``); ``peak_phase`` is left out (not a size)."""
+        d = {k: v for k, v in asdict(self).items() if isinstance(v, int)}
+        return dict(d, total=self.total)
+
+
+def _phase_step(d_in: int, d_sae: int, encoder_type: str, k: int, micro: int, act: int,
+                n_params: int, device: str) -> int:
+    """Transient bytes of one micro-batch forward/backward and the optimizer step (no grads)."""
+    dense = micro * d_sae * act
+    w = 4 * d_in * d_sae  # one [d_sae, d_in] fp32 matrix
+    rows = 4 * micro * d_in  # one [micro, d_in] fp32 tensor
+    autocast = (d_in * d_sae + micro * d_in) * act if act < 4 else 0  # cached half casts
+    if encoder_type in ("topk", "batchtopk"):
+        sel = micro * k * (act + 8)  # values + int64 indices
+        if encoder_type == "batchtopk":
+            sel = sel * 2 + micro * d_sae  # + bool mask; nonzero() gives [k*micro, 2] int64
+        fwd = dense + sel + 3 * rows + autocast
+        bwd = 2 * w + sel + rows  # zeros [d_sae, d_in] + its embedding_bag gradient
+    else:
+        # pre, ReLU/JumpReLU output, the L1 term (standard) or step output (jumprelu), bool mask
+        fwd = 3 * dense + micro * d_sae + 3 * rows + autocast
+        # saved output, the two gradients reaching it (decoder, L1/L0 term), the pre-activation
+        # gradient; jumprelu adds its straight-through window
+        bwd = (5 if encoder_type == "jumprelu" else 4) * dense + micro * d_sae + rows + w
+    opt = 2 * w  # Adam's sqrt / division temporaries, remove_parallel_grad's product
+    grads = 4 * n_params
+    return max(fwd, bwd + grads, opt + grads)
 
 
 def estimate_memory(
     d_in: int, d_sae: int, *, encoder_type: str = "topk", k: int = 32, batch_size: int = 4096,
     micro_batch_size: int | None = None, precision: str = "fp32", model_params: int = 0,
-    model_dtype: str = "fp32", buffer_tokens: int = 0,
+    model_dtype: str = "fp32", buffer_tokens: int = 0, device: str = "cpu",
+    source: str | None = None, file_bytes: int = 0, file_dtype: str = "fp32",
+    total_steps: int | None = None, eval_tokens: int = 16_384, tie_weights: bool = False,
+    context_size: int = 128, batch_contexts: int = 16, layer: int | None = None,
+    n_layers: int | None = None,
 ) -> MemoryEstimate:
-    micro = micro_batch_size or batch_size
-    act_bytes = DTYPE_BYTES.get(precision, 4)
-    n_params = 2 * d_in * d_sae + d_sae + d_in
+    """Peak memory of a training run in bytes, by term (see the module docstring).
+
+    ``device``: "cpu" (peak RSS) or "cuda"/"cuda:N"/"mps" (device memory, no runtime baseline).
+    ``source``: "file" (an activation file of ``file_bytes`` bytes of data) or "live" (a model of
+    ``model_params`` parameters with a shuffle buffer of ``buffer_tokens`` vectors); None means
+    "live" when ``model_params`` is given, else "file". ``total_steps`` (None = a long run) sets
+    how much of the file a run reads. ``layer`` / ``n_layers``: on the CPU, a model loaded
+    from safetensors in its stored dtype is memory-mapped and only the weights the forward reads
+    (blocks up to ``layer``) become resident: model bytes x (layer + 1) / n_layers.
+    """
+    dev = "cpu" if str(device).split(":")[0] == "cpu" else "cuda"
+    src = source or ("live" if model_params else "file")
+    micro = max(1, min(micro_batch_size or batch_size, batch_size))
+    act = DTYPE_BYTES.get(precision, 4)
+    tied = tie_weights and encoder_type == "standard"
+    n_params = d_in * d_sae * (1 if tied else 2) + d_sae + d_in
+    if encoder_type == "jumprelu":
+        n_params += d_sae  # log_threshold
     params = 4 * n_params
-    optimizer = 3 * 4 * n_params  # gradients + Adam exp_avg + exp_avg_sq
-    dense = micro * d_sae * act_bytes
-    if encoder_type == "standard":
-        acts = 3 * dense + micro * d_sae * 4  # pre, relu out, grads, fp32 L1 term
-    else:
-        acts = 2 * dense + micro * k * (4 + 8) * 3  # pre + grad, topk values/indices
-    batch = 4 * batch_size * d_in + 4 * micro * d_in * 3
-    model = model_params * DTYPE_BYTES.get(model_dtype, 4)
-    buffer = 4 * buffer_tokens * d_in
-    return MemoryEstimate(params, optimizer, acts, batch, model, buffer)
+    moments = 8 * n_params
+    w = 4 * d_in * d_sae
+    row = 4 * d_in
+
+    # --- each phase's SAE-side total (params, what else lives then, its transients)
+    batch = 2 * batch_size * row  # the batch as read, then scaled
+    grads = 4 * n_params
+    step = _phase_step(d_in, d_sae, encoder_type, k, micro, act, n_params, dev)
+    n_sample = max(8192, min(d_sae, INIT_SAMPLE_MAX))
+    dense_copies = 3 if encoder_type in ("batchtopk", "jumprelu") else 2
+    init = 2 * n_sample * row + w + dense_copies * INIT_ENCODE_ROWS * d_sae * 4
+    chunk = min(micro, EVAL_CHUNK_MAX)
+    # topk: pre (+ the matmul output it is added to); others: pre, output, L1 product, masks
+    eval_dense = 2 if encoder_type == "topk" else 4.5
+    evaluation = int(2 * eval_tokens * row + eval_dense * chunk * d_sae * act + 2 * chunk * row)
+    save = params + moments  # safetensors serialises params + moments into one bytes copy
+    # Live extraction's shuffle buffer (on the training device): between refills it holds 0.75
+    # x buffer_tokens vectors (a served round + the kept half); a refill peaks at 1.25 x (the
+    # kept half, the new round and its shuffled copy), next to the model's forward on
+    # batch_contexts x context_size tokens (a few [tokens, ~4 x d_in] fp32 tensors).
+    steady = int(0.75 * buffer_tokens * row) if src == "live" else 0
+    refill = 0
+    if src == "live":
+        extract = 12 * batch_contexts * context_size * d_in * 4
+        refill = max(int(1.25 * buffer_tokens * row), steady + extract) - steady
+    # (optimizer, activations, batch, buffer) per phase; params are always there
+    phases = {
+        "step": (moments + grads, step - grads, batch, steady),
+        "init": (0, init, 0, 0),  # no Adam moments yet, the buffer is still empty
+        "eval": (moments, evaluation, 0, steady),
+        "save": (moments + save, 0, 0, steady),
+        "refill": (moments, 0, batch // 2, steady + refill),
+    }
+    peak_phase = max(phases, key=lambda p: sum(phases[p]))
+    optimizer, activations, batch_term, buffer = phases[peak_phase]
+
+    model = model_params * DTYPE_BYTES.get(model_dtype, 4) if src == "live" else 0
+    if dev == "cpu" and layer is not None and n_layers:
+        model = int(model * min(1.0, (layer + 1) / n_layers))
+
+    runtime = RUNTIME_BYTES[dev] + (RUNTIME_LIVE_BYTES[dev] if src == "live" else 0)
+    allocator = 0
+    if dev == "cpu":
+        # Initialisation frees its sample, decoder directions and decoded copies first; glibc
+        # keeps blocks below its (dynamic, <= 32 MB) mmap threshold in the heap, so they stay
+        # resident for the rest of the run (later blocks reuse the heap only partly).
+        def small(b: int) -> int:
+            return b if b <= GLIBC_MMAP_MAX else 0
+
+        allocator = (2 * small(n_sample * row) + small(w)
+                     + 2 * small(INIT_ENCODE_ROWS * row))
+        if peak_phase == "init":
+            allocator = 0
+    file_pages = 0
+    if dev == "cpu" and src == "file" and file_bytes > 0:
+        file_pages = _resident_file_bytes(file_bytes, d_in * DTYPE_BYTES.get(file_dtype, 4),
+                                          batch_size, total_steps, n_sample, eval_tokens)
+    return MemoryEstimate(params, optimizer, max(0, activations), batch_term, model, buffer,
+                          runtime, file_pages, allocator, peak_phase)
+
+
+def _resident_file_bytes(file_bytes: int, row_bytes: int, batch_size: int,
+                         total_steps: int | None, n_sample: int, eval_tokens: int) -> int:
+    """Expected resident bytes of a memory-mapped activation file after a run.
+
+    The holdout (the last min(eval_tokens, N / 10) rows) is read whole. Training reads
+    total_steps x batch_size distinct random rows (an epoch is a permutation), initialisation an
+    independent random sample; a fault maps a whole ``FAULT_WINDOW`` of cached pages, so a window
+    is resident when any of the rows it overlaps was read."""
+    n = max(1, file_bytes // max(1, row_bytes))
+    n_hold = min(eval_tokens, n // 10)
+    n_train = max(1, n - n_hold)
+    reads = n_train if total_steps is None else min(n_train, total_steps * batch_size)
+    untouched_row = (1 - reads / n_train) * (1 - min(n_sample, n_train) / n_train)
+    rows_per_window = FAULT_WINDOW / row_bytes + 1
+    touched = 1 - untouched_row ** rows_per_window
+    return int(min(file_bytes, n_train * row_bytes * touched + n_hold * row_bytes))

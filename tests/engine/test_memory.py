@@ -1,0 +1,104 @@
+"""The memory estimate: a real measurement (peak RSS of a training run in a fresh process) and
+arithmetic sanity checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.engine.memory import MemoryEstimate, estimate_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+MB = 2**20
+
+
+def _memory_check():
+    spec = importlib.util.spec_from_file_location("memory_check", ROOT / "bench" /
+                                                  "memory_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (VmHWM)")
+def test_estimate_within_15_percent_of_measured_cpu_peak(tmp_path):
+    mc = _memory_check()
+    rows = 60_000
+    acts = mc.synthetic_file(tmp_path / "acts.safetensors", rows)
+    spec = dict(name="topk 8x b4096", device="cpu", source="file", precision="fp32",
+                encoder_type="topk", expansion_factor=8, batch_size=4096, total_steps=3,
+                eval_tokens=4096, file_rows=rows, file=str(acts), out=str(tmp_path / "run"))
+    run = mc.run_child(spec, timeout=300)  # a fresh process: the peak is this run's alone
+    est = mc.estimate_for(spec, run)
+    ratio = est["total"] / run["peak"]
+    assert 0.85 <= ratio <= 1.15, (
+        f"estimate {est['total'] / MB:.0f} MB vs measured {run['peak'] / MB:.0f} MB "
+        f"(ratio {ratio:.3f}); phases {run['phases']}, estimate {est}")
+
+
+def test_to_dict_keys_and_parts_sum_to_total():
+    est = estimate_memory(576, 4608)
+    d = est.to_dict()
+    for key in ("sae_params", "optimizer", "activations", "batch", "model", "buffer", "total",
+                "runtime", "file_pages", "allocator"):
+        assert key in d
+    assert all(isinstance(v, int) and v >= 0 for v in d.values())
+    assert d["total"] == sum(v for k, v in d.items() if k != "total") == est.total
+    # the positional / keyword signature callers use keeps working
+    assert isinstance(estimate_memory(384, 3072, encoder_type="standard", k=32, batch_size=4096,
+                                      micro_batch_size=None, precision="bf16",
+                                      model_params=22_000_000, model_dtype="float32",
+                                      buffer_tokens=131_072), MemoryEstimate)
+
+
+@pytest.mark.parametrize("encoder_type", ["topk", "standard", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_monotone_in_d_sae_and_batch(encoder_type, device):
+    def total(d_sae, batch):
+        return estimate_memory(576, d_sae, encoder_type=encoder_type, batch_size=batch,
+                               device=device, precision="bf16" if device == "cuda" else "fp32"
+                               ).total
+
+    sizes = [576 * m for m in (2, 4, 8, 16, 32, 64)]
+    assert all(total(a, 4096) < total(b, 4096) for a, b in zip(sizes, sizes[1:], strict=False))
+    batches = [256, 1024, 4096, 8192, 16_384, 65_536]
+    values = [total(4608, b) for b in batches]
+    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
+    assert values[-1] > values[0]
+
+
+def test_encoder_types():
+    topk = estimate_memory(576, 4608, encoder_type="topk", device="cuda")
+    batchtopk = estimate_memory(576, 4608, encoder_type="batchtopk", device="cuda")
+    standard = estimate_memory(576, 4608, encoder_type="standard", device="cuda")
+    jumprelu = estimate_memory(576, 4608, encoder_type="jumprelu", device="cuda")
+    # jumprelu = standard's dense working set plus a threshold [d_sae] and its Adam state
+    assert jumprelu.sae_params == standard.sae_params + 4 * 4608
+    assert jumprelu.total > standard.total > topk.total
+    assert batchtopk.sae_params == topk.sae_params and batchtopk.total >= topk.total
+    tied = estimate_memory(576, 4608, encoder_type="standard", tie_weights=True)
+    assert tied.sae_params < standard.sae_params
+
+
+def test_terms_by_device_and_source():
+    cpu = estimate_memory(576, 4608, device="cpu")
+    gpu = estimate_memory(576, 4608, device="cuda")
+    assert cpu.runtime > 0 and gpu.runtime == 0 and gpu.allocator == 0
+    # an activation file counts on the CPU (memory-mapped pages), never on the GPU
+    f = 500_000 * 576 * 4
+    with_file = estimate_memory(576, 4608, source="file", file_bytes=f)
+    assert 0 < with_file.file_pages <= f
+    assert estimate_memory(576, 4608, source="file", file_bytes=f, device="cuda").file_pages == 0
+    short = estimate_memory(576, 4608, source="file", file_bytes=f, total_steps=1)
+    assert short.file_pages < with_file.file_pages
+    # live extraction: the model's weights and the shuffle buffer
+    live = estimate_memory(576, 9216, precision="bf16", device="cuda", model_params=134_515_008,
+                           buffer_tokens=131_072)
+    assert live.model == 134_515_008 * 4 and live.buffer >= 131_072 * 576 * 4 * 3 // 4
+    assert live.total < 2 * 2**30  # smollm2-135m L15, 16x TopK, batch 4096, live, bf16
+    part = estimate_memory(576, 9216, model_params=134_515_008, buffer_tokens=131_072,
+                           layer=15, n_layers=30)
+    assert part.model == int(134_515_008 * 4 * 16 / 30)
