@@ -62,7 +62,7 @@ def train(acts: Path, out: Path, **kw) -> dict:
     t = time.perf_counter()
     res = trainer.fit()
     d_sae = trainer.d_sae
-    est = estimate_memory(src.d_in, d_sae, encoder_type=cfg.encoder_type, k=cfg.k,
+    est = estimate_memory(src.d_in, d_sae, encoder_type=cfg.encoder_type, k=cfg.k, device="cuda",
                           batch_size=cfg.batch_size, micro_batch_size=trainer.micro,
                           precision=trainer.precision)
     return {"precision": trainer.precision, "d_sae": d_sae, "fvu": res.fvu, "l0": res.l0,

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.progress:
         os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
-    import torch
     import sae_lens
+    import torch
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
     from safetensors import safe_open

@@ -268,7 +268,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .engine.memory import estimate_memory
-    from .engine.models import load_model
+    from .engine.models import default_layer, load_model
     from .engine.trainer import pick_device, pick_precision
 
     loaded = load_model(args.model, data_dir=_data_dir(args))
@@ -278,7 +278,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     precision = pick_precision("auto", device)
     est = estimate_memory(info.hidden_size, d_sae, encoder_type=args.encoder_type, k=args.k,
                           batch_size=args.batch_size, precision=precision,
-                          model_params=info.n_params, buffer_tokens=131_072)
+                          model_params=info.n_params, buffer_tokens=131_072,
+                          device=device.type, source="live",
+                          layer=default_layer(info.n_layers), n_layers=info.n_layers)
     if device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory
     else:
@@ -303,7 +305,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{precision} on {device}: ~{est.total / mb:,.0f} MB "
           f"(SAE+optimizer {(est.sae_params + est.optimizer) / mb:,.0f} MB, activations "
           f"{(est.activations + est.batch) / mb:,.0f} MB, model {est.model / mb:,.0f} MB, "
-          f"buffer {est.buffer / mb:,.0f} MB) of {budget / mb:,.0f} MB available"
+          f"buffer {est.buffer / mb:,.0f} MB, runtime {est.runtime / mb:,.0f} MB) "
+          f"of {budget / mb:,.0f} MB available"
           + ("" if est.total < budget else "  -- DOES NOT FIT"))
     return 0
 

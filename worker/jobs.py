@@ -519,7 +519,8 @@ def estimate(model: LanguageModel | None, values: Mapping[str, str]) -> dict[str
     Unparseable values fall back to their defaults. Returns::
 
         {"memory_bytes": int | None, "parts": {sae_params, optimizer, activations, batch,
-         model, buffer} (bytes), "budget_bytes": int, "budget_source": "cuda: NVIDIA ..." |
+         model, buffer, runtime, file_pages, allocator} (bytes), "budget_bytes": int,
+         "budget_source": "cuda: NVIDIA ..." |
          "no worker seen: 6 GB (Jetson Orin Nano)", "fits": bool, "warning": str | None,
          "time_s": float | None (None until a worker reported its speed), "d_in": int | None,
          "d_sae": int | None, "precision": "fp32" | "bf16" | ..., "device": str | None}
@@ -552,11 +553,20 @@ def estimate(model: LanguageModel | None, values: Mapping[str, str]) -> dict[str
     batch = max(1, int(v.get("batch_size") or 4096))
     micro = v.get("micro_batch_size") or None
     n_params = int(model.n_params or 0)
+    n_layers = int(model.n_layers or 1)
+    layer = v.get("layer_idx")
+    tie = str(v.get("tie_weights") or "").lower() in ("1", "true", "on", "yes")
     est = estimate_memory(d_in, d_sae, encoder_type=str(v.get("encoder_type") or "topk"),
                           k=int(v.get("k") or 32), batch_size=batch,
                           micro_batch_size=int(micro) if micro else None, precision=precision,
                           model_params=n_params, model_dtype=str(model.dtype or "float32"),
-                          buffer_tokens=max(0, int(v.get("buffer_tokens") or 0)))
+                          buffer_tokens=max(0, int(v.get("buffer_tokens") or 0)),
+                          # no worker seen: the reference device, a Jetson's GPU
+                          device="cpu" if device == "cpu" else "cuda", source="live",
+                          layer=int(layer) if layer not in (None, "") else n_layers // 2,
+                          n_layers=n_layers, tie_weights=tie,
+                          eval_tokens=max(0, int(v.get("eval_tokens") or 16_384)),
+                          total_steps=max(1, int(v.get("total_steps") or 1000)))
     parts = est.to_dict()
     total = parts.pop("total")
     out.update(memory_bytes=total, parts=parts, d_in=d_in, d_sae=d_sae, fits=total <= budget)

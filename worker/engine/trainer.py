@@ -138,8 +138,16 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated; CPU: the process's peak RSS — VmHWM where /proc has it (ru_maxrss
+    of a process started by fork+exec can carry its parent's peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
