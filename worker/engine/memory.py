@@ -148,6 +148,12 @@ def estimate_memory(
     n_sample = max(8192, min(d_sae, INIT_SAMPLE_MAX))
     dense_copies = 3 if encoder_type in ("batchtopk", "jumprelu") else 2
     init = 2 * n_sample * row + w + dense_copies * INIT_ENCODE_ROWS * d_sae * 4
+    if dev == "cuda":
+        # The sample stays on the host; on the device: the decoder directions and the dense
+        # encode of 4,096 rows (fp32, no autocast) — the matmul output, the biased
+        # pre-activations and the scattered latents are alive together (fitted to H200
+        # max_memory_allocated of TopK 4x/8x/16x: 139/272/548 MB).
+        init = w + 3 * INIT_ENCODE_ROWS * d_sae * 4 + 2 * INIT_ENCODE_ROWS * row
     chunk = min(micro, EVAL_CHUNK_MAX)
     # topk: pre (+ the matmul output it is added to); others: pre, output, L1 product, masks
     eval_dense = 2 if encoder_type == "topk" else 4.5
