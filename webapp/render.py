@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flask import Response, jsonify, render_template, request
@@ -183,6 +183,30 @@ def _tick_label(v: float) -> str:
     return fmt_sci(v)
 
 
+def _axes(out: list[str], yticks: list[float], xticks: list[float],
+          sx: Callable[[float], float], sy: Callable[[float], float],
+          plot: tuple[float, float, float, float], label_y: float) -> None:
+    """Gridlines with y labels, the x axis line with ticks and labels (shared by the charts)."""
+    left, top, pw, ph = plot
+    out.append('<g class="axis axis-y">')
+    for t in yticks:
+        y = sy(t)
+        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" '
+                   f'y2="{y:.1f}"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
+                   f'{escape(_tick_label(t))}</text>')
+    out.append('</g><g class="axis axis-x">')
+    out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
+               f'y2="{top + ph}"/>')
+    for t in xticks:
+        x = sx(t)
+        out.append(f'<line class="tick" x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" '
+                   f'y2="{top + ph + 4}"/>')
+        out.append(f'<text x="{x:.1f}" y="{label_y}" text-anchor="middle">'
+                   f'{escape(_tick_label(t))}</text>')
+    out.append("</g>")
+
+
 def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: str,
                digits: int = 4, width: int = 480, height: int = 180) -> Markup:
     """An inline SVG line chart: axes with tick labels, a path, a circle with a ``<title>``
@@ -220,23 +244,7 @@ def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: s
     def sy(y: float) -> float:
         return top + ph - (y - y0) / (y1 - y0) * ph
 
-    out.append('<g class="axis axis-y">')
-    for t in yticks:
-        y = sy(t)
-        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" '
-                   f'y2="{y:.1f}"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
-                   f'{escape(_tick_label(t))}</text>')
-    out.append("</g><g class=\"axis axis-x\">")
-    out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
-               f'y2="{top + ph}"/>')
-    for t in xticks:
-        x = sx(t)
-        out.append(f'<line class="tick" x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" '
-                   f'y2="{top + ph + 4}"/>')
-        out.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">'
-                   f'{escape(_tick_label(t))}</text>')
-    out.append("</g>")
+    _axes(out, yticks, xticks, sx, sy, (left, top, pw, ph), label_y=height - 8)
     d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}"
                  for i, (x, y) in enumerate(pts))
     out.append(f'<path class="line" d="{d}"/>')
@@ -310,27 +318,12 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
     def sy(y: float) -> float:
         return top + ph - y / y1 * ph
 
-    out.append('<g class="axis axis-y">')
-    for t in yticks:
-        y = sy(t)
-        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" '
-                   f'y2="{y:.1f}"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
-                   f'{escape(_tick_label(t))}</text>')
-    out.append('</g><g class="axis axis-x">')
-    out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
-               f'y2="{top + ph}"/>')
     if x1 - x0 <= 12:  # whole decades on the log10 axis
         xticks = [float(v) for v in range(math.ceil(x0 - 1e-9), math.floor(x1 + 1e-9) + 1)]
     else:
         xticks = [t for t in nice_ticks(x0, x1, 6) if x0 - 1e-9 <= t <= x1 + 1e-9]
-    for t in xticks:
-        x = sx(t)
-        out.append(f'<line class="tick" x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" '
-                   f'y2="{top + ph + 4}"/>')
-        out.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">'
-                   f'{escape(_tick_label(t))}</text>')
-    out.append('</g><g class="bars">')
+    _axes(out, yticks, xticks, sx, sy, (left, top, pw, ph), label_y=top + ph + 16)
+    out.append('<g class="bars">')
     for lo, hi, c in zip(xs[:-1], xs[1:], ys, strict=False):
         xa, xb = sx(lo), sx(hi)
         y = sy(c)

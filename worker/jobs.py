@@ -108,19 +108,19 @@ def _get(model: type, kind: str, row_id: int | str) -> Any:
     return row
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: NaN and infinities become None (browsers' JSON has no NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def _row_dict(row: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    return _clean({name: getattr(row, name) for name in fields})
+    return json_safe({name: getattr(row, name) for name in fields})
 
 
 def _remove_tree(path: str | Path | None) -> None:
@@ -748,8 +748,8 @@ def training_as_dict(training: Training) -> dict[str, Any]:
     and ``metrics``: the newest metrics row in full (or None)."""
     out = _row_dict(training, TRAINING_FIELDS)
     full = _with_aliases(training.latest) if training.latest else None
-    out["latest"] = _clean({k: full.get(k) for k in LATEST_KEYS}) if full else None
-    out["metrics"] = _clean(full)
+    out["latest"] = json_safe({k: full.get(k) for k in LATEST_KEYS}) if full else None
+    out["metrics"] = json_safe(full)
     out["model_id"] = training.model_id
     out["dataset_id"] = training.dataset_id
     return out
@@ -761,7 +761,7 @@ def metrics_rows(training_id: int | str, after_step: int = -1) -> list[dict[str,
     training = get_training(training_id)
     rows = (Metric.select().where((Metric.training == training.id) & (Metric.step > after_step))
             .order_by(Metric.step))
-    return [_clean(_with_aliases(r.data)) for r in rows]
+    return [json_safe(_with_aliases(r.data)) for r in rows]
 
 
 def log_lines(training_id: int | str, after_id: int = 0) -> list[dict[str, Any]]:

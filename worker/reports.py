@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .db import FINISHED, Training
-from .jobs import Invalid, JobError, NotFound, get_training
+from .jobs import Invalid, JobError, NotFound, get_training, json_safe
 
 FORMAT = "sae-studio-eval/1"
 EVAL_DIR = "eval"
@@ -187,17 +187,6 @@ def _num(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def log10_frequency(freq: float) -> float | None:
     return math.log10(freq) if freq > 0 and math.isfinite(freq) else None
 
@@ -257,7 +246,7 @@ def report(training: Training | int | str) -> dict[str, Any] | None:
     if fmt is not None and fmt != FORMAT:
         raise Unreadable(f"The evaluation report of training {t.id} has format {fmt!r}; "
                          f"this version reads {FORMAT!r}.")
-    out = _clean(data)
+    out = json_safe(data)
     out["training_id"] = t.id
     out["training_name"] = f"{t.model.name} + {t.dataset.name}"
     out["status"] = t.status
