@@ -176,3 +176,103 @@ def test_tied_weights_are_one_parameter():
     torch.testing.assert_close(other.W_dec, sae.W_enc.T)
     with pytest.raises(ValueError, match="standard"):
         SAE(8, 32, "topk", tie_weights=True)
+
+
+def _threshold_sae(encoder_type, shift, d_in=32, d_sae=128):
+    torch.manual_seed(0)
+    sae = SAE(d_in, d_sae, encoder_type, bandwidth=0.2)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+        sae.b_enc.normal_(shift, 0.1)
+        if encoder_type == "jumprelu":
+            sae.threshold.uniform_(0.0, 1.0)
+    return sae
+
+
+def _dense_reference(sae, x, coef):
+    """Standard / JumpReLU training loss from dense [n, d_sae] tensors (the pre-sparse code)."""
+    from worker.engine.sae import _JumpReLU, _Step
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if sae.encoder_type == "jumprelu":
+        f = _JumpReLU.apply(pre, sae.threshold, sae.bandwidth)
+        aux = coef * _Step.apply(pre, sae.threshold, sae.bandwidth).sum(-1).mean() / sae.d_in
+    else:
+        f = pre.relu()
+        aux = coef * (f * sae.W_dec.norm(dim=1)).sum(-1).mean() / sae.d_in
+    x_hat = f @ sae.W_dec + sae.b_dec
+    mse = (x_hat - x).pow(2).mean()
+    active = f.detach() > 0
+    return x_hat, mse + aux, active.sum(-1).float().mean(), active.sum(0)
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "jumprelu"])
+@pytest.mark.parametrize("shift, sparse_expected", [(-2.0, True), (0.5, False)])
+@pytest.mark.parametrize("force", [None, 0.0, 1.0])
+def test_threshold_sparse_and_dense_paths_match_dense_reference(encoder_type, shift,
+                                                                sparse_expected, force):
+    sae, ref = _threshold_sae(encoder_type, shift), _threshold_sae(encoder_type, shift)
+    if force is not None:  # 0: always dense, 1: always sparse
+        sae.sparse_max_density = force
+        sparse_expected = force == 1.0
+    x = torch.randn(96, 32)
+    coef = 0.7
+    kw = {"l0_coef": coef} if encoder_type == "jumprelu" else {"l1_coef": coef}
+    out = sae(x, **kw)
+    assert sae.sparse_steps == int(sparse_expected)
+    x_hat, loss, l0, fired = _dense_reference(ref, x, coef)
+    density = float(l0) / sae.d_sae
+    assert (density < 0.1) if shift < 0 else (density > 0.3)
+    torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+    assert torch.isclose(out.l0, l0) and torch.equal(out.fired, fired)
+    out.loss.backward()
+    loss.backward()
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if encoder_type == "jumprelu"
+                                                    else [])
+    for name in names:
+        got, want = getattr(sae, name).grad, getattr(ref, name).grad
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_jumprelu_sparse_threshold_gradient_covers_inactive_window():
+    """The straight-through threshold gradient needs dL/df at inactive entries just below the
+    threshold: the sparse path must match the dense one when only those entries are in the
+    window (reconstruction term alone, no L0 penalty)."""
+    sae, ref = _threshold_sae("jumprelu", -1.0), _threshold_sae("jumprelu", -1.0)
+    x = torch.randn(96, 32)
+    with torch.no_grad():
+        pre = ref.pre_acts(x)
+        below = ((pre < ref.threshold) & (pre > ref.threshold - 0.1)).sum()
+    assert below > 0
+    sae(x).loss.backward()
+    assert sae.sparse_steps == 1
+    _dense_reference(ref, x, 0.0)[1].backward()
+    torch.testing.assert_close(sae.threshold.grad, ref.threshold.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "jumprelu"])
+def test_threshold_sparse_path_with_nothing_active(encoder_type):
+    sae = _threshold_sae(encoder_type, -50.0)
+    x = torch.randn(8, 32)
+    out = sae(x, l1_coef=1.0, l0_coef=1.0)
+    assert sae.sparse_steps == 1 and out.l0 == 0 and out.fired.sum() == 0
+    torch.testing.assert_close(out.x_hat, sae.b_dec.expand(8, -1))
+    out.loss.backward()
+    assert sae.W_dec.grad.abs().sum() == 0 and sae.b_dec.grad.abs().sum() > 0
+
+
+def test_threshold_sparse_path_under_bf16_autocast():
+    sae, ref = _threshold_sae("jumprelu", -2.0), _threshold_sae("jumprelu", -2.0)
+    ref.sparse_max_density = 0.0
+    x = torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = sae(x, l0_coef=1.0), ref(x, l0_coef=1.0)
+    assert sae.sparse_steps == 1 and ref.sparse_steps == 0
+    torch.testing.assert_close(a.loss, b.loss, rtol=2e-2, atol=1e-3)
+    a.loss.backward()
+    b.loss.backward()
+    for name in ("W_enc", "W_dec", "threshold"):
+        got, want = getattr(sae, name).grad, getattr(ref, name).grad
+        assert (got - want).norm() <= 2e-2 * want.norm(), name

@@ -13,8 +13,11 @@ layout, so export is a copy. Forward on (normalised) inputs x:
 
 TopK and BatchTopK never materialise the dense latent matrix for decoding: the decoder reads the
 selected rows with ``embedding_bag`` (fixed-size bags for TopK, variable-size bags given by
-``offsets`` for BatchTopK), and the encoder's backward touches only the selected latents. Losses
-(per-element MSE so values are comparable across widths):
+``offsets`` for BatchTopK), and the encoder's backward touches only the selected latents.
+Standard and JumpReLU training does the same with sparse CSR products when few latents are
+active (on the CPU, below ``SAE.sparse_max_density`` of the (token, latent) entries; dense
+otherwise, e.g. early in training), with the same loss and gradients. Losses (per-element MSE so
+values are comparable across widths):
 
     standard:  mse + l1_coef * mean_tokens(sum_i f_i * ||W_dec[i]||) / d_in
     topk:      mse + aux_k_coef * auxk, where auxk is the normalised error of reconstructing
@@ -31,11 +34,14 @@ selected rows with ``embedding_bag`` (fixed-size bags for TopK, variable-size ba
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 class ForwardOutput(NamedTuple):
@@ -182,7 +188,137 @@ class _Step(torch.autograd.Function):
         return None, -(window * g.float()).sum(0) / bw, None
 
 
+# ---------------------------------------------------------------------- sparse threshold path
+# Standard and JumpReLU training steps at low density: the latents are a CSR matrix (rows =
+# tokens, row-major ``cols``, ``crow`` [n + 1]); decoding, the decoder's and the encoder's
+# backward are sparse products whose cost scales with the number of active entries. The dense
+# matmuls cost ~110 ms each at n=4096, d_in=576, d_sae=4608 on the CPU; the sparse ones ~20 ms
+# at 3% density, ~50 ms at 8%. Above ``SAE.sparse_max_density`` the dense path is used.
+
+
+class _CSR(NamedTuple):
+    """Sparsity pattern of the selected (token, latent) entries, plus its transpose.
+
+    ``flat``: row-major flat indices into [n, d_sae]; ``cols``/``crow``: the CSR pattern;
+    ``perm``: entry order of the transpose (sorted by latent, stable); ``t_rows``/``t_crow``:
+    the transposed CSR pattern [d_sae, n]."""
+
+    shape: tuple[int, int]
+    flat: Tensor
+    cols: Tensor
+    crow: Tensor
+    perm: Tensor
+    t_rows: Tensor
+    t_crow: Tensor
+
+    @staticmethod
+    def from_mask(keep: Tensor) -> _CSR:
+        n, m = keep.shape
+        flat = keep.reshape(-1).nonzero().squeeze(1)
+        rows, cols = flat // m, flat % m
+        bounds = torch.arange(n + 1, device=flat.device) * m
+        crow = torch.searchsorted(flat, bounds)
+        perm = torch.argsort(cols, stable=True)
+        t_crow = torch.zeros(m + 1, dtype=torch.int64, device=flat.device)
+        t_crow[1:] = torch.bincount(cols, minlength=m).cumsum(0)
+        return _CSR((n, m), flat, cols, crow, perm, rows[perm], t_crow)
+
+    def matrix(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.cols, values, self.shape,
+                                       check_invariants=False)
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """The transpose [d_sae, n] as CSR, from values in this (row-major) entry order."""
+        return torch.sparse_csr_tensor(self.t_crow, self.t_rows, values[self.perm],
+                                       (self.shape[1], self.shape[0]), check_invariants=False)
+
+
+class _PreActs(torch.autograd.Function):
+    """pre = x @ w_enc + bias, with ``pre`` already computed (without autograd) by the caller.
+
+    Dense backward, as autograd's for addmm; ``x`` gets no gradient (data)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_enc: Tensor, bias: Tensor, pre: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return pre
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return None, x.t().to(g.dtype) @ g, g.sum(0), None
+
+
+class _SparsePreActs(torch.autograd.Function):
+    """The pre-activations at the pattern's entries (flat, row-major), from ``pre`` computed by
+    the caller. Backward: W_enc's gradient is x^T G with G the sparse [n, d_sae] gradient, done
+    as (G^T x)^T with the transposed CSR; the bias's is G's column sums."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_enc: Tensor, bias: Tensor, pre: Tensor,  # type: ignore[override]
+                csr: _CSR):
+        ctx.save_for_backward(x)
+        ctx.csr = csr
+        return pre.reshape(-1)[csr.flat]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        csr: _CSR = ctx.csr
+        g = g.float()
+        g_bias = torch.zeros(csr.shape[1], device=g.device).index_add_(0, csr.cols, g)
+        with torch.autocast(g.device.type, enabled=False):
+            g_w = (csr.transposed(g) @ x.float()).t()
+        return None, g_w, g_bias, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x_hat = F @ w_dec for F the CSR latents (values ``vals`` on the pattern ``csr``).
+
+    Backward: d vals = (g @ w_dec^T) sampled at the pattern (``sampled_addmm``), d w_dec = F^T g
+    (transposed CSR). fp32 throughout."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, w_dec: Tensor, csr: _CSR):  # type: ignore[override]
+        vals = vals.float()
+        w = w_dec.float()
+        ctx.save_for_backward(vals, w)
+        ctx.csr = csr
+        ctx.w_dtype = w_dec.dtype
+        with torch.autocast(w.device.type, enabled=False):  # no bf16/fp16 sparse kernels
+            return csr.matrix(vals) @ w
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        vals, w = ctx.saved_tensors
+        csr: _CSR = ctx.csr
+        g = g.float().contiguous()
+        g_vals = g_w = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                pattern = csr.matrix(torch.zeros_like(vals))
+                g_vals = torch.sparse.sampled_addmm(pattern, g, w.t(), beta=0.0).values()
+            if ctx.needs_input_grad[1]:
+                g_w = (csr.transposed(vals) @ g).to(ctx.w_dtype)
+        return g_vals, g_w, None
+
+
+def _active_stats(active: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean active latents per token and firing count per latent (int64) of a dense mask.
+
+    (A bool ``sum`` is slow on the CPU: ~50 ms per reduction at 4096 x 4608; these take ~30.)"""
+    n = max(active.shape[0], 1)
+    l0 = torch.count_nonzero(active).float() / n
+    fired = active.view(torch.uint8).sum(0, dtype=torch.int32).long()
+    return l0, fired
+
+
 class SAE(nn.Module):
+    SPARSE_MAX_DENSITY = 0.16
+    """Standard/JumpReLU training on the CPU: below this fraction of (token, latent) entries
+    selected, use the sparse path (see ``_CSR``); set ``sparse_max_density`` to 0 to force the
+    dense one, to 1 to force the sparse one."""
+
     def __init__(
         self, d_in: int, d_sae: int, encoder_type: str = "topk", k: int = 32, *,
         tie_weights: bool = False, bandwidth: float = 0.05, init_threshold: float = 0.01,
@@ -192,6 +328,8 @@ class SAE(nn.Module):
             raise ValueError("tie_weights is only supported by the standard encoder type.")
         self.d_in, self.d_sae, self.encoder_type, self.k = d_in, d_sae, encoder_type, k
         self.tie_weights, self.bandwidth = tie_weights, bandwidth
+        self.sparse_max_density = self.SPARSE_MAX_DENSITY
+        self.sparse_steps = 0  # forward passes that took the sparse path (standard, jumprelu)
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         if not tie_weights:
@@ -305,21 +443,22 @@ class SAE(nn.Module):
                 return self._forward_batchtopk(x, dead_mask, k_aux, aux_coef, aux_frac)
             return self._forward_threshold(x, self.threshold)
         if self.encoder_type == "jumprelu":
-            return self._forward_jumprelu(x, l0_coef)
-        return self._forward_standard(x, self.pre_acts(x), l1_coef)
+            return self._forward_threshold_train(x, 0.0, l0_coef)
+        if self.tie_weights:
+            return self._forward_standard(x, self.pre_acts(x), l1_coef)
+        return self._forward_threshold_train(x, l1_coef, 0.0)
 
     def _forward_standard(self, x: Tensor, pre: Tensor, l1_coef: float) -> ForwardOutput:
         f = pre.relu()
         w_dec = self.W_dec
         x_hat = f @ w_dec + self.b_dec
         mse = (x_hat.float() - x.float()).pow(2).mean()
-        weighted = (f.float() * w_dec.float().norm(dim=1)).sum(-1).mean() / self.d_in
+        # sum_i f_i ||W_dec[i]|| as a matrix-vector product (no [n, d_sae] temporary), in fp32
+        with torch.autocast(f.device.type, enabled=False):
+            weighted = (f.float() @ w_dec.float().norm(dim=1)).mean() / self.d_in
         aux = l1_coef * weighted
-        active = f > 0
-        return ForwardOutput(
-            x_hat, mse + aux, mse, aux, active.sum(-1).float().mean(),
-            active.sum(0, dtype=torch.int64),
-        )
+        l0, fired = _active_stats(f.detach() > 0)
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
 
     def _forward_threshold(self, x: Tensor, theta: Tensor) -> ForwardOutput:
         """Inference with a fixed threshold (BatchTopK in eval mode): no gradient path needed."""
@@ -331,8 +470,60 @@ class SAE(nn.Module):
         return ForwardOutput(x_hat, mse, mse, mse.new_zeros(()), active.sum(-1).float().mean(),
                              active.sum(0, dtype=torch.int64))
 
-    def _forward_jumprelu(self, x: Tensor, l0_coef: float) -> ForwardOutput:
-        pre = self.pre_acts(x)
+    def _forward_threshold_train(self, x: Tensor, l1_coef: float, l0_coef: float
+                                 ) -> ForwardOutput:
+        """Standard (theta = 0) and JumpReLU training: sparse when few latents are selected."""
+        jump = self.encoder_type == "jumprelu"
+        bias = self.b_enc - self.b_dec @ self.W_enc
+        with torch.no_grad():
+            pre = torch.addmm(bias, x, self.W_enc)
+        if x.device.type != "cpu" or self.sparse_max_density <= 0:
+            density = 1.0
+        else:
+            if jump:
+                # A superset of the active entries and of the straight-through window
+                # (pre - theta) / bw > -1/2; entries outside both get no value and no gradient.
+                keep = pre > (self.threshold.detach() - 0.75 * self.bandwidth)
+            else:
+                keep = pre > 0
+            density = int(torch.count_nonzero(keep)) / max(keep.numel(), 1)
+        if density > self.sparse_max_density:
+            pre = _PreActs.apply(x, self.W_enc, bias, pre)
+            if jump:
+                return self._forward_jumprelu(x, l0_coef, pre)
+            return self._forward_standard(x, pre, l1_coef)
+        self.sparse_steps += 1
+        csr = _CSR.from_mask(keep)
+        del keep
+        n = x.shape[0]
+        pre_flat = _SparsePreActs.apply(x, self.W_enc, bias, pre, csr)
+        w_dec = self.W_dec
+        if jump:
+            theta = self.threshold.index_select(0, csr.cols)
+            theta_c = theta.detach()
+            p = pre_flat.detach().float()
+            active = p > theta_c
+            window = _rectangle((p - theta_c) / self.bandwidth)
+            st = theta - theta_c  # value 0, gradient 1 to the threshold
+            f = pre_flat.float() * active + st * (-(theta_c / self.bandwidth) * window)
+        else:
+            f = pre_flat.float()  # every selected entry is > 0: f = relu(pre) there
+        x_hat = _SparseDecode.apply(f, w_dec, csr) + self.b_dec
+        mse = (x_hat.float() - x.float()).pow(2).mean()
+        if jump and l0_coef > 0:
+            step = active.float() + st * (-window / self.bandwidth)
+            aux = l0_coef * (step.sum() / n) / self.d_in
+        elif not jump:
+            norms = w_dec.float().norm(dim=1).index_select(0, csr.cols)
+            aux = l1_coef * ((f * norms).sum() / n) / self.d_in
+        else:
+            aux = mse.new_zeros(())
+        on = f.detach() > 0
+        fired = torch.bincount(csr.cols[on], minlength=self.d_sae)
+        l0 = on.sum().float() / n
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
+
+    def _forward_jumprelu(self, x: Tensor, l0_coef: float, pre: Tensor) -> ForwardOutput:
         theta = self.threshold
         f = _JumpReLU.apply(pre, theta, self.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
@@ -342,9 +533,8 @@ class SAE(nn.Module):
             aux = l0_coef * l0_ste / self.d_in
         else:
             aux = mse.new_zeros(())
-        active = f.detach() > 0
-        return ForwardOutput(x_hat, mse + aux, mse, aux, active.sum(-1).float().mean(),
-                             active.sum(0, dtype=torch.int64))
+        l0, fired = _active_stats(f.detach() > 0)
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
 
     def _auxk(self, x: Tensor, pre: Tensor, bias: Tensor, err: Tensor,
               dead_mask: Tensor | None, k_aux: int, aux_coef: float, aux_frac: float) -> Tensor:
