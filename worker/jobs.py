@@ -412,7 +412,7 @@ FORM_FIELDS: list[FormField] = [
               "Decoder = encoder transpose (standard only).", applies_to="standard"),
     FormField("learning_rate", "Learning rate", "float",
               "Blank = automatic (2e-3 x sqrt(4096 / latents) for TopK, BatchTopK and JumpReLU; "
-              "1e-3 for standard).",
+              "4e-3 x sqrt(4096 / latents) for standard).",
               optional=True),
     FormField("batch_size", "Batch size", "int", "Activation vectors (tokens) per step."),
     FormField("total_steps", "Total steps", "int", "Optimizer steps to train for."),

@@ -148,4 +148,5 @@ def test_new_options_are_validated(acts, changes, match):
 def test_default_learning_rates():
     for t in ("topk", "batchtopk", "jumprelu"):
         assert TrainConfig(encoder_type=t).lr(4096) == pytest.approx(2e-3)
-    assert TrainConfig(encoder_type="standard").lr(4096) == pytest.approx(1e-3)
+    assert TrainConfig(encoder_type="standard").lr(4096) == pytest.approx(4e-3)
+    assert TrainConfig(encoder_type="standard").lr(16384) == pytest.approx(2e-3)

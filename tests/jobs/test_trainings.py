@@ -31,7 +31,7 @@ def test_form_fields_and_defaults(model: LanguageModel) -> None:
     d = jobs.training_defaults(model)
     assert set(d) == set(names)
     assert (d["layer_idx"], d["expansion_factor"], d["latent_dim"]) == (3, 8, None)
-    assert (d["encoder_type"], d["k"], d["l1_alpha"], d["learning_rate"]) == ("topk", 32, 5.0,
+    assert (d["encoder_type"], d["k"], d["l1_alpha"], d["learning_rate"]) == ("topk", 32, 2.0,
                                                                                None)
     assert (d["batch_size"], d["total_steps"], d["auto_save_interval"], d["seed"]) == \
         (4096, 1000, 500, 0)
