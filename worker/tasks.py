@@ -262,8 +262,8 @@ def _run_training(training_id: int, resume: bool) -> None:
                                progress=progress)
     names = {"model": t.model.source, "model_name": t.model.source,
              "dataset": t.dataset.source, "dataset_path": t.dataset.source}
-    trainer = Trainer(cfg, source, out_dir, callbacks=reporter.callbacks(),
-                      export_meta=dict(meta, **names))
+    meta = dict(meta, **names)  # the names the user gave, for the export and the report
+    trainer = Trainer(cfg, source, out_dir, callbacks=reporter.callbacks(), export_meta=meta)
     try:
         result = trainer.fit(resume=checkpoint)
     finally:

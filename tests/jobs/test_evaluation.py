@@ -48,6 +48,7 @@ def test_causal_lm_training_has_ce_report(data_dir: Path) -> None:
     report = json.loads((ev / "report.json").read_text())
     assert report["format"] == "sae-studio-eval/1" and report["step"] == 20
     assert report["d_sae"] == 2 * 32 and report["layer"] == 1 and report["is_causal"]
+    assert report["model"] == m.source
     # held-out: the last contexts of the token store, ceil(1024 / 31) of them
     assert report["contexts"] == 34 and report["tokens"] == 34 * 32
     assert sum(report["histogram"]["counts"]) == report["alive"] == 64 - report["dead"]
@@ -66,7 +67,10 @@ def test_encoder_model_report_has_no_ce(model: LanguageModel, dataset: Any) -> N
     summary = t.result["eval"]
     assert summary["report"] is True
     assert summary["ce_loss_recovered"] is None and summary["kl_div"] is None
-    assert "not a causal LM" in summary["downstream_note"]
+    # named as the user added it (not the cached folder's name)
+    assert summary["downstream_note"].startswith("minilm-l6 is not a causal LM")
+    report = json.loads((Path(t.out_dir) / "eval" / "report.json").read_text())
+    assert report["model"] == "minilm-l6"
     assert (Path(t.out_dir) / "eval" / "latents.safetensors").is_file()
 
 

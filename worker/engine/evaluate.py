@@ -562,8 +562,8 @@ def _report(ev: _Evaluator, s: _Stats, loaded: LoadedModel, meta: dict[str, Any]
         ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div"))
     note = None
     if not ev.causal:
-        note = (f"{loaded.info.name} is not a causal LM: CE loss and KL need next-token "
-                f"predictions.")
+        note = (f"{meta.get('model') or loaded.info.name} is not a causal LM: CE loss and KL "
+                "need next-token predictions.")
     elif s.n_pred == 0:
         note = "The contexts are one token long: there is no next token to predict."
     else:

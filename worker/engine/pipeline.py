@@ -203,7 +203,8 @@ def evaluate_run(
             special_ids=store.special_ids if cfg.exclude_special else (), device=device,
             autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
             options=options,
-            meta={"model": loaded.info.name, "layer": layer, "hook_point": cfg.hook_point,
+            meta={"model": meta.get("model_name") or loaded.info.name, "layer": layer,
+                  "hook_point": cfg.hook_point,
                   "step": step, "context_size": store.context_size},
             progress=progress)
     finally:
