@@ -27,27 +27,13 @@ sys.path.insert(0, str(ROOT))
 from worker.engine.activations import (  # noqa: E402
     CachedActivations,
     LiveActivations,
-    write_activation_file,
 )
 from worker.engine.config import TrainConfig  # noqa: E402
 from worker.engine.memory import estimate_memory  # noqa: E402
 from worker.engine.trainer import Callbacks, Trainer  # noqa: E402
 
-
-def synthetic_file(path: Path, n: int, d_in: int = 576, seed: int = 0) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    atoms = torch.randn(8 * d_in, d_in, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-
-    def chunks():
-        for _ in range(n // 50_000):
-            idx = torch.randint(0, atoms.shape[0], (50_000, 24), generator=g)
-            vals = torch.rand(50_000, 24, generator=g) * 3
-            yield torch.nn.functional.embedding_bag(idx, atoms, per_sample_weights=vals,
-                                                    mode="sum") + 2.0
-
-    write_activation_file(chunks(), path)
-    return path
+sys.path.insert(0, str(ROOT / "bench"))
+from memory_check import synthetic_file  # noqa: E402
 
 
 def train(acts: Path, out: Path, **kw) -> dict:
