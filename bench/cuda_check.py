@@ -33,7 +33,7 @@ from worker.engine.memory import estimate_memory  # noqa: E402
 from worker.engine.trainer import Callbacks, Trainer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from memory_check import synthetic_file  # noqa: E402
+from memory_check import smollm2_shaped_model, synthetic_file  # noqa: E402
 
 
 def train(acts: Path, out: Path, **kw) -> dict:
@@ -59,16 +59,6 @@ def train(acts: Path, out: Path, **kw) -> dict:
             "estimate_mb": est.total / 2**20, "micro_batch": trainer.micro,
             "seconds": time.perf_counter() - t,
             "oom_logs": [m for m in logs if "Out of memory" in m]}
-
-
-def smollm2_shaped_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                      max_position_embeddings=2048, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 class RandomTokens:
