@@ -17,9 +17,11 @@ from markupsafe import Markup, escape
 
 # ---------------------------------------------------------------------------- negotiation
 def is_fragment_request() -> bool:
-    """An htmx request that asked for a part of the page (not a boosted navigation)."""
-    return request.headers.get("HX-Request") == "true" and \
-        request.headers.get("HX-Boosted") != "true"
+    """An htmx request that asked for a part of the page (not a boosted navigation, and not a
+    history restore, which wants the whole page back)."""
+    h = request.headers
+    return h.get("HX-Request") == "true" and h.get("HX-Boosted") != "true" \
+        and h.get("HX-History-Restore-Request") != "true"
 
 
 def page_or_fragment(page: str, fragment: str, status: int = 200, **ctx: Any) -> tuple[str, int]:

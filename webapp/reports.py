@@ -30,11 +30,6 @@ SORT_LABELS = {"id": "Latent", "frequency": "Frequency", "max_act": "Max act",
                "mean_act": "Mean act"}
 
 
-def _fragment() -> bool:
-    """An htmx swap of the table (a history restore wants the whole page)."""
-    return is_fragment_request() and request.headers.get("HX-History-Restore-Request") != "true"
-
-
 def _missing(exc: reports.NoReport):  # type: ignore[no-untyped-def]
     if wants_json() or is_fragment_request():
         return error_response(exc)
@@ -98,7 +93,7 @@ def report(training_id: int):  # type: ignore[no-untyped-def]
     page, errors = _page_with_fallback(t, args)
     status = 422 if errors else 200
     ctx = _table_ctx(t, page, errors, args.get("q", ""))
-    if _fragment():
+    if is_fragment_request():
         return render_template("reports/_latents.html", **ctx), status
     hist = data.get("histogram") or {}
     svg = histogram_svg(hist.get("edges") or [], hist.get("counts") or [],
