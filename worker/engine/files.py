@@ -1,9 +1,27 @@
-"""Small helpers for atomic writes (temporary file, fsync, rename)."""
+"""Small helpers for atomic writes and JSON: one place for each mechanism.
+
+- ``replace_folder(folder)``: build a folder's new content in a sibling temporary folder, then
+  swap it into place with renames (the old one is put back if the swap fails);
+- ``file_mode()`` / ``fsync_dir()``: the modes a plain ``open()`` gives, durable renames;
+- ``json_safe(value)``: NaN and infinities become None, recursively (standard JSON has no NaN).
+
+No torch: the web and the job layer import this module too.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+"""Temporary files and folders carry this in their name (``.<name>.tmp-XXXX``), so a start-up
+sweep can find the ones an interrupted write left behind."""
 
 
 def file_mode() -> int:
@@ -25,3 +43,71 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replace_folder(folder: Path | str) -> Iterator[Path]:
+    """Write a folder atomically: ``with replace_folder(out) as tmp: <write files into tmp>``.
+
+    ``tmp`` is a sibling of ``folder`` (same filesystem). When the block ends without an error,
+    the files get the umask's modes, an existing ``folder`` is renamed aside, ``tmp`` renamed into
+    place (the old folder put back if that fails) and the old one removed. On an error ``tmp`` is
+    removed and ``folder`` is left as it was. Readers see the old folder or the new one, never a
+    half-written one.
+    """
+    folder = Path(folder)
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_MARK}", dir=parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        mode = file_mode()
+        for p in tmp.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                os.chmod(p, mode)
+            elif p.is_dir():
+                os.chmod(p, mode | ((mode & 0o444) >> 2))
+        os.chmod(tmp, mode | ((mode & 0o444) >> 2))  # mkdtemp makes 0700: give x where r
+        fsync_dir(tmp)
+        if folder.exists() or folder.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_MARK}old-", dir=parent))
+            os.rmdir(old)
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old is not None:
+                os.replace(old, folder)
+                old = None
+            raise
+        fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            _remove(old)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy for ``json.dumps(..., allow_nan=False)``: NaN and infinities become None, tuples
+    lists, dict keys strings, numpy / torch scalars plain numbers (``.item()``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return json_safe(item())
+    return value

@@ -1,0 +1,117 @@
+"""The SAE architectures, registered by name. Torch-free: the web form, the CLI's ``--help`` and
+the memory estimate read these facts without loading an implementation.
+
+Each built-in type is one module beside this file (``standard.py``, ``topk.py``,
+``batchtopk.py``, ``jumprelu.py``) holding its ``nn.Module`` (encode/decode, loss terms, sparse
+step, SAELens export mapping), plus one ``register(Architecture(...))`` entry below naming the
+facts that must be known without torch: its description, the TrainConfig options it uses, its
+default learning-rate base and its memory terms. Adding a type is one module and one entry;
+a test may register a type of its own (``register(Architecture(..., impl=MyClass))``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """How a type's training step uses memory, for ``engine.memory`` (plain numbers, no torch).
+
+    Filled in by the architecture work; the defaults describe a dense ReLU step."""
+
+    extra_params_per_latent: int = 0
+    """Parameters per latent beyond W_enc, W_dec, b_enc (e.g. JumpReLU's threshold)."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One SAE type: what the form, the CLI, the config and the memory estimate know of it."""
+
+    name: str
+    description: str
+    """One sentence for the form's and the CLI's help."""
+    impl: str | type
+    """The ``nn.Module`` class, or ``"module.path:ClassName"`` imported on first use."""
+    options: tuple[str, ...] = ()
+    """TrainConfig fields only this type (and others listing them) uses, e.g. ``k``."""
+    lr_base: float = 2e-3
+    """Default learning rate = lr_base x sqrt(4096 / latents)."""
+    memory: MemoryTerms = field(default_factory=MemoryTerms)
+
+    def load(self) -> type:
+        """The implementation class (imports torch)."""
+        if isinstance(self.impl, str):
+            module, _, name = self.impl.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.impl
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    """Add (or replace) a type; returns it."""
+    _REGISTRY[arch.name] = arch
+    return arch
+
+
+def unregister(name: str) -> None:
+    """Remove a type (tests that registered one clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """Registered type names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Architecture:
+    """The type, or ConfigError with the choices."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"Unknown encoder type '{name}'; choose one of "
+                          f"{', '.join(_REGISTRY)}.") from None
+
+
+def applies_to(option: str) -> tuple[str, ...] | None:
+    """The types that use ``option``, or None when no type claims it (then every type uses it)."""
+    users = tuple(a.name for a in _REGISTRY.values() if option in a.options)
+    return users or None
+
+
+def all_options() -> set[str]:
+    return {o for a in _REGISTRY.values() for o in a.options}
+
+
+def build(name: str, d_in: int, d_sae: int, **options: Any) -> Any:
+    """An untrained SAE of type ``name`` (imports torch)."""
+    return get(name).load()(d_in, d_sae, **options)
+
+
+# ------------------------------------------------------------------------ the built-in types
+_AUXK = ("aux_k", "aux_k_coef", "aux_k_frac")
+
+register(Architecture(
+    "topk", "the k largest latents per token.",
+    "worker.engine.architectures.topk:TopKSAE",
+    options=("k", *_AUXK), lr_base=2e-3))
+register(Architecture(
+    "standard", "ReLU with an L1 penalty.",
+    "worker.engine.architectures.standard:StandardSAE",
+    options=("l1_alpha", "tie_weights"), lr_base=4e-3))
+register(Architecture(
+    "jumprelu", "a learned threshold per latent with an L0 penalty.",
+    "worker.engine.architectures.jumprelu:JumpReLUSAE",
+    options=("l0_coef", "jumprelu_bandwidth", "jumprelu_init_threshold"), lr_base=2e-3,
+    memory=MemoryTerms(extra_params_per_latent=1)))
+register(Architecture(
+    "batchtopk", "k latents per token on average across the batch, a fixed threshold "
+    "afterwards.",
+    "worker.engine.architectures.batchtopk:BatchTopKSAE",
+    options=("k", *_AUXK, "batchtopk_threshold_momentum"), lr_base=2e-3))
