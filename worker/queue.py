@@ -1,22 +1,42 @@
 """The Huey task queue, in its own module so the web can enqueue without importing the tasks' code.
 
-The queue is a SQLite file (``settings.queue_db_path()``) created at import, so the data folder
-must be chosen first (``run.py`` sets ``SAE_STUDIO_DATA`` before importing). Run the worker with
+The queue is a SQLite file, ``settings.queue_db_path()``, chosen and created when the queue is
+first used (the first enqueue, or the consumer starting), not at import: importing this module or
+``worker.tasks`` writes nothing, and the data folder may be chosen after the import. Run the
+worker with
 
     huey_consumer worker.tasks.huey -w 2 -k thread
 
 (``worker.tasks`` re-exports ``huey`` with the tasks registered on it). Two threads: one trains
 while the other prepares models and datasets. Tests set ``huey.immediate = True``: tasks then run
-inline in the caller's thread, on an in-memory queue.
+inline in the caller's thread, on an in-memory queue, and no file is ever made.
 """
 
 from __future__ import annotations
 
-from huey import SqliteHuey
+import sqlite3
+
+from huey import Huey
+from huey.storage import SqliteStorage
 
 from .settings import queue_db_path
 
-_path = queue_db_path()
-_path.parent.mkdir(parents=True, exist_ok=True)
 
-huey = SqliteHuey("sae-studio", filename=str(_path), results=False, utc=True)
+class LazySqliteStorage(SqliteStorage):
+    """Huey's SQLite storage whose file is ``settings.queue_db_path()``, resolved at the first
+    connection; the tables are created on that connection (huey would create them at init)."""
+
+    def __init__(self, name: str = "huey", **kwargs: object) -> None:
+        super().__init__(name, filename="", create_tables=False, **kwargs)
+
+    def _create_connection(self) -> sqlite3.Connection:
+        path = queue_db_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.filename = str(path)
+        conn = super()._create_connection()
+        for statement in self.ddl:  # "if not exists": a no-op on an existing queue file
+            conn.execute(statement)
+        return conn
+
+
+huey = Huey("sae-studio", storage_class=LazySqliteStorage, results=False, utc=True)

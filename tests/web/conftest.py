@@ -1,10 +1,8 @@
-"""Fixtures for the web tests (flaskr style): a fresh data folder per test, the app on it, a
-test client, Huey in immediate mode, and helpers that insert rows the way the worker writes
-them (fast: no engine), for trainings in any state."""
+"""Helpers for the web tests (``app`` and ``client`` are in tests/conftest.py): rows inserted the
+way the worker writes them (fast: no engine), for trainings in any state, and a live server."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -14,11 +12,7 @@ from typing import Any
 
 import pytest
 
-# worker.queue creates its queue file at import: keep it out of the repository's ./data.
-_saved = os.environ.get("SAE_STUDIO_DATA")
-os.environ["SAE_STUDIO_DATA"] = tempfile.mkdtemp(prefix="sae-web-queue-")
-from webapp import create_app  # noqa: E402
-from worker.db import (  # noqa: E402
+from worker.db import (
     Checkpoint,
     Dataset,
     LanguageModel,
@@ -28,42 +22,9 @@ from worker.db import (  # noqa: E402
     WorkerHeartbeat,
     db,
 )
-from worker.queue import huey  # noqa: E402
-
-if _saved is None:
-    os.environ.pop("SAE_STUDIO_DATA", None)
-else:
-    os.environ["SAE_STUDIO_DATA"] = _saved
 
 HX = {"HX-Request": "true"}
 JSON = {"Accept": "application/json"}
-
-
-@pytest.fixture
-def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("SAE_STUDIO_DATA", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    huey.immediate = True
-    app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path)})
-    yield app
-    if not db.is_closed():
-        db.close()
-
-
-@pytest.fixture
-def client(app: Any) -> Any:
-    return app.test_client()
-
-
-@pytest.fixture
-def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple]]:
-    """Record enqueued tasks instead of running them."""
-    from worker import jobs
-
-    calls: list[tuple[str, tuple]] = []
-    monkeypatch.setattr(jobs, "_enqueue", lambda name, *args: calls.append((name, args)))
-    return calls
 
 
 # ---------------------------------------------------------------------------- row helpers
