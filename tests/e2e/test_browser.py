@@ -3,7 +3,8 @@
 Adds minilm-l6 and kjv through the forms, starts a training of a few hundred steps, watches the
 progress bar, tiles and loss chart change without a reload (WebSocket fragments), pauses,
 resumes, sees `completed`, opens the SAE report (numbers, density histogram, latent search) and
-a latent's top contexts. Saves screenshots to docs/screenshots/ (the README shows them).
+a latent's top contexts. Saves screenshots to tests/artifacts/screenshots/, or to
+docs/screenshots/ (the README shows them) with `make screenshots`.
 """
 
 from __future__ import annotations
