@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .errors import DataError
 from .files import file_mode, fsync_dir
+from .models import extract_layer
 
 ACT_KEY = "activations"
 _ST_DTYPES = {"F32": (np.float32, torch.float32, 4), "BF16": (np.int16, torch.bfloat16, 2),
@@ -245,9 +246,6 @@ class LiveActivations:
         meta: dict[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        from .models import extract_layer  # local import: this file is also used without models
-
-        self._extract_layer = extract_layer
         self.model, self.store, self.layer, self.hook_point = model, store, layer, hook_point
         self.seed, self.device, self.max_epochs = seed, torch.device(device), max_epochs
         self.half = max(1, buffer_tokens // 2)
@@ -297,7 +295,7 @@ class LiveActivations:
     def _run(self, ctx_ids: np.ndarray, median: float | None) -> tuple[Tensor, Tensor]:
         """Forward some contexts; return (kept vectors [m, d] float32, candidate norms)."""
         ids = torch.from_numpy(np.asarray(self.store.contexts[np.sort(ctx_ids)], dtype=np.int64))
-        acts = self._extract_layer(self.model, ids.to(self.device), self.layer, self.hook_point)
+        acts = extract_layer(self.model, ids.to(self.device), self.layer, self.hook_point)
         acts = acts.float()
         mask = torch.ones(ids.shape, dtype=torch.bool)
         n_total = mask.numel()

