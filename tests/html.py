@@ -105,15 +105,18 @@ def parse(html: str | Element) -> Element:
 
 
 def find_all(html: str | Element, tag: str | None = None, **attrs: str) -> list[Element]:
-    """Elements with that tag (any if None) and attributes, in document order. Attribute names
-    are Python names: ``class_`` for ``class``, underscores for dashes (``text_anchor``)."""
+    """Elements inside ``html`` with that tag (any if None) and attributes, in document order.
+    Attribute names are Python names: ``class_`` for ``class``, underscores for dashes
+    (``text_anchor``)."""
+    root = parse(html)
     wanted = {name.rstrip("_").replace("_", "-"): value for name, value in attrs.items()}
-    return [e for e in parse(html).iter() if e.tag != "#document" and e.matches(tag, wanted)]
+    return [e for e in root.iter() if e is not root and e.matches(tag, wanted)]
 
 
-def ids(html: str | Element) -> list[str]:
-    """Every id in the document, in order."""
-    return [e.attrs["id"] for e in parse(html).iter() if "id" in e.attrs]
+def ids(html: str | Element, prefix: str = "") -> list[str]:
+    """Every id in the document that starts with ``prefix``, in order."""
+    found = (e.attrs.get("id") for e in parse(html).iter())
+    return [i for i in found if i is not None and i.startswith(prefix)]
 
 
 def element_by_id(html: str | Element, element_id: str) -> Element:

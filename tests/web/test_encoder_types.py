@@ -33,7 +33,6 @@ def test_form_offers_the_four_types_and_new_fields(client, ready):
     assert tie[0].get("id") == "input-tie_weights"
 
 
-
 def test_create_jumprelu_from_the_form(client, ready, enqueued):
     r = client.post("/trainings", data=_form(ready, encoder_type="jumprelu", l0_coef="2.5",
                                              jumprelu_bandwidth="0.01"), headers=JSON)
@@ -72,7 +71,6 @@ def test_tie_weights_with_topk_is_a_form_error(client, ready, enqueued):
     html = client.post("/trainings", data=form, headers=HX)
     assert html.status_code == 422
     assert "error-tie_weights" in ids(html.data.decode())
-
     bad = client.post("/trainings", data=_form(ready, encoder_type="jumprelu",
                                                jumprelu_bandwidth="0"), headers=JSON)
     assert bad.status_code == 422 and "jumprelu_bandwidth" in bad.get_json()["errors"]

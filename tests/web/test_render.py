@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import re
-
 from webapp import render
 
+from ..html import Element, find_all
 from .conftest import HX
+
+
+def _group(svg: str, cls: str) -> Element:
+    """The chart's one ``<g>`` of class ``cls`` (axis-x, axis-y, bars)."""
+    (group,) = find_all(svg, "g", class_=cls)
+    return group
+
+
+def _tick_labels(svg: str, axis: str) -> list[str]:
+    return [t.text for t in find_all(_group(svg, f"axis-{axis}"), "text")]
 
 
 def test_formats():
@@ -33,11 +42,11 @@ def test_line_chart_svg():
     svg = str(render.line_chart([(s, 1.0 / s) for s in range(1, 1001)], label="loss",
                                 chart_id="c1"))
     assert svg.startswith('<svg id="c1"') and svg.endswith("</svg>")
-    assert len(re.findall(r"<circle ", svg)) == 200
-    assert len(re.findall(r"<title>step ", svg)) == 200
+    assert len(find_all(svg, "circle")) == 200
+    assert sum(t.text.startswith("step ") for t in find_all(svg, "title")) == 200
     assert "<title>step 1: loss 1.0000</title>" in svg
     assert 'class="axis axis-y"' in svg and 'class="axis axis-x"' in svg
-    labels = re.findall(r'text-anchor="(?:end|middle)">([^<]+)</text>', svg)
+    labels = _tick_labels(svg, "y") + _tick_labels(svg, "x")
     assert "1,000" in labels or "1000" in labels, labels
     assert len(labels) >= 6
     empty = str(render.line_chart([], label="L0", chart_id="c2"))
@@ -102,19 +111,16 @@ def test_histogram_svg():
     assert svg.count("<rect x=") == 28
     assert "<title>log10 frequency -6.00 to -5.75: 3 latents</title>" in svg
     assert "<title>log10 frequency -0.25 to 0.00: 12 latents</title>" in svg
-    x_labels = re.findall(r'<text x="[\d.]+" y="\d+" text-anchor="middle">([^<]+)</text>', svg)
-    assert x_labels == ["-7", "-6", "-5", "-4", "-3", "-2", "-1", "0"]
+    assert _tick_labels(svg, "x") == ["-7", "-6", "-5", "-4", "-3", "-2", "-1", "0"]
     assert ">log10 frequency</text>" in svg and ">latents</text>" in svg
-    y_labels = re.findall(r'text-anchor="end">([^<]+)</text>', svg)
+    y_labels = _tick_labels(svg, "y")
     assert y_labels[0] == "0" and float(y_labels[-1]) >= 12
     assert all(float(v) == int(float(v)) for v in y_labels)  # whole counts
     # the tallest bar reaches the top of the plot, an empty bin has no height
-    heights = [float(h) for h in re.findall(r'<rect x="[\d.]+" y="[\d.]+" width="[\d.]+" '
-                                            r'height="([\d.]+)"', svg)]
+    heights = [float(r.get("height")) for r in find_all(_group(svg, "bars"), "rect")]
     assert heights[0] == 0 and heights[27] == max(heights) > heights[4] > 0
     small = str(render.histogram_svg([0, 1, 2], [1, 0], chart_id="h2"))
-    assert all(float(v) == int(float(v)) for v in re.findall(r'text-anchor="end">([^<]+)<',
-                                                              small))
+    assert all(float(v) == int(float(v)) for v in _tick_labels(small, "y"))
     empty = str(render.histogram_svg(edges, [0] * 28, chart_id="h3"))
     assert "No alive latents." in empty and "<rect x=" not in empty
     broken = str(render.histogram_svg([0, 1], [1, 2, 3], chart_id="h4"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from safetensors.numpy import save_file
 from worker import jobs, reports
 from worker.db import Training, db
 
+from ..html import attr, element_by_id, find_all, ids, text_of
 from .conftest import HX, JSON, make_dataset, make_model, make_training
 
 D_SAE = 120
@@ -234,14 +234,15 @@ def test_report_page(client, done):
     for text in ("0.1734", "82.7%", "12.5", "93.8%", "0.2512", "3.1000", "3.4000", "7.9000",
                  "0.9375"):
         assert text in html, text
-    tiles = re.search(r'id="report-tile-latents".*?</div>\s*</div>', html, re.S).group(0)
-    assert ">118<" in tiles and "2 dead · 3 dense" in tiles
-    svg = re.search(r'<svg id="training-\d+-density".*?</svg>', html, re.S).group(0)
-    assert svg.count("<rect x=") == 28 and "log10 frequency" in svg and ">latents<" in svg
-    assert "70 latents" in svg
-    assert re.search(r'id="density-dead">2</strong> dead', html)
-    assert '<div id="latents-table"' in html
-    assert html.count('<tr id="latent-row-') == 50
+    tile = element_by_id(html, "report-tile-latents")
+    assert "118" in [e.text for e in tile.iter()] and "2 dead · 3 dense" in tile.text
+    svg = element_by_id(html, f"training-{done.id}-density")
+    assert svg.tag == "svg" and len(find_all(svg, "rect")) == 28
+    assert "log10 frequency" in svg.text and "latents" in [t.text for t in find_all(svg, "text")]
+    assert "70 latents" in svg.text
+    assert text_of(html, "density-dead") == "2" and "2 dead" in text_of(html, "density-facts")
+    assert element_by_id(html, "latents-table").tag == "div"
+    assert len(ids(html, "latent-row-")) == 50
     assert f'href="/trainings/{done.id}/report?sort=frequency&amp;order=desc&amp;page=2"' in html
     assert f'/trainings/{done.id}/latents/3?sort=frequency&amp;order=desc' in html
 
@@ -252,7 +253,7 @@ def test_report_without_ce_losses(client, app, tmp_path):
                ce_loss_recovered=None, kl_div=None,
                downstream_note="BertModel is not a causal LM.")
     html = client.get(f"/trainings/{t.id}/report").data.decode()
-    assert "BertModel is not a causal LM." in html and 'id="ce-clean"' not in html
+    assert "BertModel is not a causal LM." in html and "ce-clean" not in ids(html)
     data = client.get(f"/trainings/{t.id}/report", headers=JSON).get_json()
     assert data["ce_loss_recovered"] is None
 
@@ -264,13 +265,13 @@ def test_report_fragment_and_sorting(client, done):
     assert "<html" not in html and "density" not in html
     maxa = max_acts().astype(np.float64)
     maxa[3] = 4.0
-    ids = [int(m) for m in re.findall(r'<tr id="latent-row-(\d+)"', html)]
-    assert ids == expected_order(maxa, desc=False)[50:100]
+    rows = [int(i.removeprefix("latent-row-")) for i in ids(html, "latent-row-")]
+    assert rows == expected_order(maxa, desc=False)[50:100]
     assert "Page 2 of 3" in html and 'aria-sort="ascending"' in html
     # clicking the active column flips the order; another column starts descending
     url = f"/trainings/{done.id}/report"
-    assert f'id="sort-max_act" href="{url}?sort=max_act&amp;order=desc"' in html
-    assert f'id="sort-frequency" href="{url}?sort=frequency&amp;order=desc"' in html
+    assert attr(html, "sort-max_act", "href") == f"{url}?sort=max_act&order=desc"
+    assert attr(html, "sort-frequency", "href") == f"{url}?sort=frequency&order=desc"
     # history restore wants the whole page
     full = client.get(f"/trainings/{done.id}/report?page=2",
                       headers={**HX, "HX-History-Restore-Request": "true"})
@@ -279,19 +280,19 @@ def test_report_fragment_and_sorting(client, done):
 
 def test_report_search(client, done):
     html = client.get(f"/trainings/{done.id}/report?q=42", headers=HX).data.decode()
-    assert re.search(r'<tr id="latent-row-42" class="[^"]*\bhit\b', html)
-    assert 'value="42"' in html and 'id="latent-open"' in html
+    assert "hit" in element_by_id(html, "latent-row-42").classes
+    assert attr(html, "latent-q", "value") == "42" and "latent-open" in ids(html)
     bad = client.get(f"/trainings/{done.id}/report?q=%3Cb%3E", headers=HX)
     assert bad.status_code == 422
     body = bad.data.decode()
     assert body.strip().startswith('<div id="latents-table"')
     assert "“&lt;b&gt;” is not a latent id" in body and "<b>" not in body
-    assert body.count('<tr id="latent-row-') == 50  # the first page, still usable
+    assert len(ids(body, "latent-row-")) == 50  # the first page, still usable
     page = client.get(f"/trainings/{done.id}/report?q=500&sort=id")
     assert page.status_code == 422 and "There is no latent 500" in page.data.decode()
     assert 'aria-sort="ascending"' in page.data.decode()  # the valid sort is kept
     junk = client.get(f"/trainings/{done.id}/report?sort=bogus&page=x")
-    assert junk.status_code == 422 and junk.data.decode().count('<tr id="latent-row-') == 50
+    assert junk.status_code == 422 and len(ids(junk.data.decode(), "latent-row-")) == 50
 
 
 def test_report_json(client, done):
@@ -323,22 +324,22 @@ def test_latent_page(client, done):
     assert r.status_code == 200
     html = r.data.decode()
     assert "Latent 3" in html and "4.000" in html and "1.333" in html
-    toks = re.findall(r'<span class="tok( tok-center)?" style="background-color: '
-                      r'rgba\(91, 156, 255, ([0-9.]+)\)" title="([^"]*)"[^>]*>([^<]*)</span>',
-                      html)
-    assert [(c, a, text) for c, a, _, text in toks] == [
-        (" tok-center", "1.0", "cat"), ("", "0.25", "⇥"),
-        ("", "0.125", "&lt;b&gt;"), ("", "0.0", " the"), (" tok-center", "0.5", "↵"),
-        ("", "0.0", "&amp;amp;")]
-    assert "activation 4.000" in toks[0][2] and "(id 0)" in toks[2][2]
-    assert "<b>" not in html.split('id="latent-contexts"')[1]
+    contexts = element_by_id(html, "latent-contexts")
+    toks = find_all(contexts, "span", class_="tok")
+    rgba = "background-color: rgba(91, 156, 255, {})".format
+    assert [(t.classes, t.get("style"), t.raw_text) for t in toks] == [
+        (["tok", "tok-center"], rgba("1.0"), "cat"), (["tok"], rgba("0.25"), "⇥"),
+        (["tok"], rgba("0.125"), "<b>"), (["tok"], rgba("0.0"), " the"),
+        (["tok", "tok-center"], rgba("0.5"), "↵"), (["tok"], rgba("0.0"), "&amp;")]
+    assert "activation 4.000" in toks[0].get("title") and "(id 0)" in toks[2].get("title")
+    assert find_all(contexts, "b") == []  # "<b>" is a token's text, not a tag
     assert f'href="/trainings/{done.id}/latents/2?sort=max_act&amp;order=asc"' in html
     assert f'href="/trainings/{done.id}/latents/4?sort=max_act&amp;order=asc"' in html
     assert f'href="/trainings/{done.id}/report?q=3&amp;sort=max_act&amp;order=asc"' in html
     first = client.get(f"/trainings/{done.id}/latents/0").data.decode()
-    assert 'id="latent-prev"' not in first and 'id="latent-next"' in first
+    assert "latent-prev" not in ids(first) and "latent-next" in ids(first)
     last = client.get(f"/trainings/{done.id}/latents/{D_SAE - 1}").data.decode()
-    assert 'id="latent-next"' not in last
+    assert "latent-next" not in ids(last)
     dead = client.get(f"/trainings/{done.id}/latents/{DEAD[0]}").data.decode()
     assert "never fired on the held-out text" in dead
 
@@ -365,7 +366,7 @@ def test_report_404s(client, app, tmp_path):
     r = client.get(f"/trainings/{running.id}/report")
     assert r.status_code == 404
     html = r.data.decode()
-    assert "appears when the training ends" in html and 'id="report-missing"' in html
+    assert "appears when the training ends" in html and "report-missing" in ids(html)
     assert "badge-training" in html
     r = client.get(f"/trainings/{running.id}/report", headers=JSON)
     assert r.status_code == 404 and "appears when the training ends" in r.get_json()["error"]
@@ -386,20 +387,21 @@ def test_card_report_link(client, app, tmp_path):
     running = make_training(model, dataset, "training", out_dir=tmp_path)
     write_eval(running.out_dir)  # an old eval of a retried run: no link while it runs
     page = client.get("/").data.decode()
-    assert f'id="training-{done.id}-report"' not in page
-    assert f'id="training-{running.id}-report"' not in page
+    assert f"training-{done.id}-report" not in ids(page)
+    assert f"training-{running.id}-report" not in ids(page)
     write_eval(done.out_dir)  # the eval appears after the row's last update
     page = client.get("/").data.decode()
-    assert (f'<a class="button primary" id="training-{done.id}-report" '
-            f'href="/trainings/{done.id}/report">Report</a>') in page
-    assert f'id="training-{running.id}-report"' not in page
+    link = element_by_id(page, f"training-{done.id}-report")
+    assert (link.tag, link.classes, link.get("href"), link.text) == (
+        "a", ["button", "primary"], f"/trainings/{done.id}/report", "Report")
+    assert f"training-{running.id}-report" not in ids(page)
     buttons = client.get(f"/trainings/{done.id}", headers=HX).data.decode()
-    assert f'id="training-{done.id}-buttons"' in buttons
-    assert f'id="training-{done.id}-report"' in buttons
+    assert f"training-{done.id}-buttons" in ids(buttons)
+    assert f"training-{done.id}-report" in ids(buttons)
     detail = client.get(f"/trainings/{done.id}").data.decode()
-    assert f'id="training-{done.id}-report-link"' in detail
+    assert f"training-{done.id}-report-link" in ids(detail)
     stale = client.get(f"/trainings/{running.id}/report").data.decode()
-    assert 'id="report-stale"' in stale
+    assert "report-stale" in ids(stale)
 
 
 def test_report_does_not_import_torch(tmp_path):

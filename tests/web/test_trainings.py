@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import zipfile
 
 from worker.db import Checkpoint, Training
 
+from ..html import element_by_id, find_all
 from .conftest import HX, JSON, make_model, make_training
 
 FAST = {"layer_idx": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
@@ -20,8 +20,9 @@ def test_empty_index(client):
     page = client.get("/").data.decode()
     assert "Training Configuration" in page
     assert "No training jobs yet. Configure and start training above." in page
-    assert re.search(r'<button type="submit" id="start-training"[^>]*disabled', page)
-    assert "<details id=\"training-advanced\"" in page and "Reset to defaults" in page
+    assert "disabled" in element_by_id(page, "start-training").attrs
+    assert element_by_id(page, "training-advanced").tag == "details"
+    assert "Reset to defaults" in page
     assert "Choose a ready model to see the memory and time estimate." in page
 
 
@@ -32,11 +33,11 @@ def test_form_with_ready_rows(client, ready):
     assert f'<option value="{model.id}" selected' in page
     assert "not-yet" not in page  # only ready models are offered
     assert f'<option value="{dataset.id}" selected' in page
-    start = re.search(r'<button type="submit" id="start-training"[^>]*>', page).group(0)
-    assert "disabled" not in start
+    assert "disabled" not in element_by_id(page, "start-training").attrs
     # the layer select comes from the model: 6 layers, the middle one chosen
-    assert re.search(r'<option value="3" selected>Layer 3</option>', page)
-    assert '<option value="5" >Layer 5</option>' in page.replace('"5"  >', '"5" >')
+    options = {o.text: o for o in find_all(page, "option")}
+    assert options["Layer 3"].get("value") == "3" and "selected" in options["Layer 3"].attrs
+    assert options["Layer 5"].get("value") == "5" and "selected" not in options["Layer 5"].attrs
     for name in ("encoder_type", "hook_point", "expansion_factor", "latent_dim", "k",
                  "l1_alpha", "learning_rate", "batch_size", "total_steps",
                  "auto_save_interval", "seed", "lr_schedule", "precision"):
@@ -79,7 +80,7 @@ def test_create_invalid_422(client, ready, enqueued):
     body = html.data.decode()
     assert body.strip().startswith('<form id="training-form"')
     assert 'id="error-batch_size"' in body and 'value="lots"' in body
-    assert "<details id=\"training-advanced\" class=\"advanced\" open" in body
+    assert "open" in element_by_id(body, "training-advanced").attrs
     page = client.post("/trainings", data={})
     assert page.status_code == 422 and b'id="error-model_id"' in page.data
     assert b"<html" in page.data
@@ -104,8 +105,8 @@ def test_create_queues_and_renders(client, ready, enqueued):
     plain = client.post("/trainings", data=form)
     assert plain.status_code == 302 and plain.headers["Location"].startswith("/#training-")
     page = client.get("/").data.decode()
-    ids = [int(x) for x in re.findall(r'<article id="training-(\d+)"', page)]
-    assert ids == sorted(ids, reverse=True) and len(ids) == 3  # newest first
+    cards = [int(e.get("id").removeprefix("training-")) for e in find_all(page, "article")]
+    assert cards == sorted(cards, reverse=True) and len(cards) == 3  # newest first
     assert "minilm-l6 + kjv" in page and "queued" in page
 
 
