@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tests.engine.tiny_models import (
     TINY_EXPECTED,
@@ -319,6 +320,50 @@ def test_batching_does_not_change_results(tiny: dict[str, LoadedModel]) -> None:
             torch.testing.assert_close(runs[0].latents[key], other.latents[key])
         for key in ("fvu", "l0", "mse", *CE_KEYS):
             assert other.report[key] == pytest.approx(runs[0].report[key], rel=1e-5), key
+
+
+class _MemoryLimited(nn.Module):
+    """A real SAE that fails as CUDA does when asked to encode more than ``max_rows`` tokens."""
+
+    def __init__(self, sae: SAE, max_rows: int) -> None:
+        super().__init__()
+        self.inner, self.max_rows = sae, max_rows
+        self.d_in, self.d_sae, self.encoder_type = sae.d_in, sae.d_sae, sae.encoder_type
+        self.rows: list[int] = []  # rows of every encode call
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        if x.shape[0] > self.max_rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.encode(x)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(f)
+
+
+def test_out_of_memory_halves_the_batch_for_good(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["gpt2"]
+    ctx = _contexts(loaded, 7, 20)
+    opts = {"top_n": 4, "window_before": 3, "window_after": 2}
+    ref = evaluate_sae(_topk_sae(k=4), 1.3, loaded, ctx, 0, "mlp_out",
+                       special_ids=_special(loaded), options=EvalOptions(batch_contexts=2, **opts))
+    sae = _MemoryLimited(_topk_sae(k=4), max_rows=2 * 20)
+    fractions: list[float] = []
+    ev = evaluate_sae(sae, 1.3, loaded, ctx, 0, "mlp_out", special_ids=_special(loaded),
+                      options=EvalOptions(batch_contexts=4, **opts),
+                      progress=lambda f, _msg: fractions.append(f))
+    assert sae.rows == [80, 40, 40, 40, 20]  # 4 contexts fail once, then 2 at a time
+    assert fractions == pytest.approx([2 / 7, 4 / 7, 6 / 7, 1.0])
+    for key, value in ref.latents.items():
+        assert torch.equal(ev.latents[key], value), key
+    assert {k: v for k, v in ev.report.items() if k != "created_at"} == {
+        k: v for k, v in ref.report.items() if k != "created_at"}
+
+    too_big = _MemoryLimited(_topk_sae(k=4), max_rows=10)  # not even one context fits
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        evaluate_sae(too_big, 1.3, loaded, ctx, 0, "mlp_out",
+                     options=EvalOptions(batch_contexts=4, **opts))
+    assert too_big.rows == [80, 40, 20]
 
 
 def test_exclusion_options(tiny: dict[str, LoadedModel]) -> None:

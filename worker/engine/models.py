@@ -405,6 +405,14 @@ def hook_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
     return module
 
 
+def hook_not_reached(model: nn.Module, layer: int, hook_point: str) -> ConfigError:
+    """The error for a forward pass that never ran the hooked module."""
+    return ConfigError(
+        f"The hook point '{hook_point}' of layer {layer} was not reached in the forward "
+        f"pass of {type(model).__name__}; choose another hook point."
+    )
+
+
 def run_to(model: nn.Module, layer: int, hook_point: str, **inputs: Tensor) -> Tensor:
     """Run ``model(**inputs)`` only as far as ``hook_point`` of block ``layer``; its output.
 
@@ -428,10 +436,7 @@ def run_to(model: nn.Module, layer: int, hook_point: str, **inputs: Tensor) -> T
     finally:
         handle.remove()
     if not captured:
-        raise ConfigError(
-            f"The hook point '{hook_point}' of layer {layer} was not reached in the forward "
-            f"pass of {type(model).__name__}; choose another hook point."
-        )
+        raise hook_not_reached(model, layer, hook_point)
     return captured[0]
 
 

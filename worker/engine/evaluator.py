@@ -1,0 +1,334 @@
+"""The evaluator: one batch of held-out contexts through the model and the SAE.
+
+``Evaluator.run_batch`` does, for ``ids`` ``[B, T]``:
+
+1. clean forward of the whole model; a forward hook on ``hook_module(model, layer, hook_point)``
+   copies the activation (a block returning a tuple is read at its first element; OPT's ``fc2``
+   returns flattened ``[B*T, d]`` tokens, reshaped to ``[B, T, d]``). A non-causal model runs
+   only as far as the hooked module (``models.run_to``). The SAE encodes the activations (times
+   ``scale``, as in training) of whole contexts at a time; at the scored positions (not position
+   0, not special ids, per ``EvalOptions``) it accumulates (``Totals``) FVU (streaming mean and
+   sum of squares, Chan's merge), MSE on the raw scale, L0, firing counts, max and mean
+   activation, and merges each latent's top-N candidates of the batch, with their windows, into
+   the batch's top-N (``TopN``; excluded positions have activation 0 and are never candidates).
+   The reconstructions ``decode(encode(x * scale)) / scale`` are kept for step 2;
+2. (causal LMs only) spliced forward: the same hook returns the activation with the scored
+   positions replaced by the reconstructions (the other positions unchanged);
+3. (causal LMs only) zero-ablated forward: the scored positions set to 0.
+
+CE losses and KL come from the model's logits (log-softmax in float32), over every predicted
+position (``T - 1`` per context). Memory is bounded by the batch: the dense latents of one group
+of contexts (``_CHUNK_ELEMENTS``), the batch's logits, and the top-N ``[d_sae, N, W]``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .models import LoadedModel, hook_module, hook_not_reached, run_to
+
+_CHUNK_ELEMENTS = 1 << 25  # dense latents per SAE chunk (128 MiB in float32); >= 1 context
+
+
+@dataclass
+class EvalOptions:
+    top_n: int = 10  # top activations kept per latent
+    window_before: int = 12  # tokens shown before the activating one
+    window_after: int = 4  # and after it
+    batch_contexts: int = 8  # contexts per forward (halved for good on out-of-memory)
+    dense_threshold: float = 0.1  # firing fraction above which a latent counts as dense
+    exclude_pos0: bool = True
+    exclude_special: bool = True
+
+
+@dataclass
+class TopN:
+    """Each latent's best N activations so far, with their windows (layout [d_sae, N, ...])."""
+
+    acts: Tensor  # [d_sae, N] float32, descending, 0 = no entry
+    context: Tensor  # [d_sae, N] int64, -1 = no entry
+    position: Tensor  # [d_sae, N] int64
+    tokens: Tensor  # [d_sae, N, W] int64, -1 = pad
+    window_acts: Tensor  # [d_sae, N, W] float32
+
+    @classmethod
+    def empty(cls, d_sae: int, n: int, w: int, device: torch.device) -> TopN:
+        return cls(torch.zeros(d_sae, n, device=device),
+                   torch.full((d_sae, n), -1, dtype=torch.long, device=device),
+                   torch.full((d_sae, n), -1, dtype=torch.long, device=device),
+                   torch.full((d_sae, n, w), -1, dtype=torch.long, device=device),
+                   torch.zeros(d_sae, n, w, device=device))
+
+    def merge(self, other: TopN) -> TopN:
+        """The N best of both (concatenate + topk); entries with activation <= 0 are cleared."""
+        n, w = self.acts.shape[1], self.tokens.shape[2]
+        acts, sel = torch.cat([self.acts, other.acts], 1).topk(n, dim=1)
+        sel_w = sel.unsqueeze(2).expand(-1, -1, w)
+        context = torch.cat([self.context, other.context], 1).gather(1, sel)
+        position = torch.cat([self.position, other.position], 1).gather(1, sel)
+        tokens = torch.cat([self.tokens, other.tokens], 1).gather(1, sel_w)
+        window_acts = torch.cat([self.window_acts, other.window_acts], 1).gather(1, sel_w)
+        none = acts <= 0
+        acts = acts.masked_fill(none, 0.0)
+        context = context.masked_fill(none, -1)
+        position = position.masked_fill(none, -1)
+        tokens = tokens.masked_fill(none.unsqueeze(2), -1)
+        window_acts = window_acts.masked_fill(none.unsqueeze(2), 0.0)
+        return TopN(acts, context, position, tokens, window_acts)
+
+
+@dataclass
+class Totals:
+    """Sums over scored tokens (and predicted positions); ``merge`` combines two batches."""
+
+    d_sae: int
+    device: torch.device
+    n: int = 0  # scored tokens
+    mean: Tensor | None = None  # [d_in] float64 mean of the raw activations
+    m2: float = 0.0  # sum ||x - mean||^2
+    err: float = 0.0  # sum ||x - x_hat||^2
+    l0: float = 0.0  # sum of active latents
+    fired: Tensor = field(init=False)
+    act_sum: Tensor = field(init=False)
+    act_max: Tensor = field(init=False)
+    n_pred: int = 0  # predicted positions (causal LMs)
+    ce_clean: float = 0.0
+    ce_spliced: float = 0.0
+    ce_zero: float = 0.0
+    kl: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+        self.act_sum = torch.zeros(self.d_sae, dtype=torch.float64)  # on the CPU
+        self.act_max = torch.zeros(self.d_sae, device=self.device)
+
+    def add_activations(self, x: Tensor) -> None:
+        """Chan's parallel update of the mean and sum of squared deviations ([n, d] float)."""
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        # float32 on the device (MPS has no float64), merged in float64 on the CPU
+        mean_b = x.mean(0)
+        m2_b = float((x - mean_b).pow(2).sum())
+        self._merge_moments(nb, mean_b.cpu().double(), m2_b)
+
+    def _merge_moments(self, nb: int, mean_b: Tensor | None, m2_b: float) -> None:
+        if nb == 0 or mean_b is None:
+            return
+        if self.n == 0 or self.mean is None:
+            self.n, self.mean, self.m2 = nb, mean_b, m2_b
+            return
+        n = self.n + nb
+        delta = mean_b - self.mean
+        self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * nb / n
+        self.mean = self.mean + delta * (nb / n)
+        self.n = n
+
+    def merge(self, o: Totals) -> None:
+        self._merge_moments(o.n, o.mean, o.m2)
+        self.err += o.err
+        self.l0 += o.l0
+        self.fired += o.fired
+        self.act_sum += o.act_sum
+        self.act_max = torch.maximum(self.act_max, o.act_max)
+        self.n_pred += o.n_pred
+        self.ce_clean += o.ce_clean
+        self.ce_spliced += o.ce_spliced
+        self.ce_zero += o.ce_zero
+        self.kl += o.kl
+
+
+class Evaluator:
+    """Runs batches of contexts through ``loaded.model`` (hooked at ``hook_point`` of block
+    ``layer``) and ``sae`` (trained on activations times ``scale``) on ``device``; ``special``
+    holds the token ids that are not scored, ``autocast_dtype`` applies to the SAE only."""
+
+    def __init__(self, sae: nn.Module, scale: float, loaded: LoadedModel, layer: int,
+                 hook_point: str, special: Tensor, device: torch.device,
+                 autocast_dtype: torch.dtype | None, options: EvalOptions):
+        self.sae, self.scale = sae, float(scale)
+        self.model = loaded.model
+        self.layer, self.hook_point, self.device = layer, hook_point, device
+        self.special, self.opt = special, options
+        self.autocast_dtype = autocast_dtype
+        self.causal = bool(loaded.info.is_causal)
+        self.d_sae, self.d_in = int(sae.d_sae), int(sae.d_in)
+        self.W = options.window_before + 1 + options.window_after
+        self.module = hook_module(self.model, layer, hook_point)
+        # the hook of the causal forwards: mode "capture" | "splice" | "zero"
+        self._mode = "capture"
+        self._captured: Tensor | None = None
+        self._replacement: Tensor | None = None
+        self._mask: Tensor | None = None
+        self._calls = 0
+
+    def _checked(self, act: Any, b: int, t: int) -> Tensor:
+        """``act``, the hooked module's output for ``[b, t]`` tokens, if the SAE can read it."""
+        if not isinstance(act, Tensor):
+            raise ConfigError(
+                f"The hook point '{self.hook_point}' of layer {self.layer} does not output a "
+                f"tensor in {type(self.model).__name__}; choose another hook point.")
+        if act.numel() != b * t * self.d_in:
+            raise ConfigError(
+                f"The SAE reads {self.d_in}-dimensional activations, but the hook point "
+                f"'{self.hook_point}' of layer {self.layer} gives {act.numel() // (b * t)} "
+                f"values per token; evaluate it with the model, layer and hook point it was "
+                f"trained on.")
+        return act
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
+        """Capture the activation, or replace it at the scored positions (splice / zero)."""
+        self._calls += 1
+        if self._calls > 1:  # a module reused within one forward: only its first call counts
+            return None
+        tup = isinstance(output, (tuple, list))
+        mask = self._mask
+        b, t = mask.shape
+        act = self._checked(output[0] if tup else output, b, t)
+        if self._mode == "capture":
+            self._captured = act.detach().reshape(b, t, -1).to(torch.float32, copy=True)
+            return None
+        new = act.reshape(b, t, -1).clone()
+        if self._mode == "splice":
+            new[mask] = self._replacement.to(device=new.device, dtype=new.dtype)
+        else:
+            new[mask] = 0
+        new = new.reshape(act.shape)
+        if not tup:
+            return new
+        rest = list(output[1:])
+        return type(output)([new, *rest]) if isinstance(output, list) else (new, *rest)
+
+    def _forward(self, ids: Tensor, mode: str) -> Tensor:
+        """The logits of a causal LM's forward with the hook in ``mode``."""
+        self._mode, self._calls = mode, 0
+        handle = self.module.register_forward_hook(self._hook)
+        try:
+            out = self.model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        if self._calls == 0:
+            raise hook_not_reached(self.model, self.layer, self.hook_point)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    def _clean(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The clean forward: activations ``[B, T, d_in]`` float32 and the logits (None for a
+        model that is not a causal LM: it runs only as far as the hooked module)."""
+        b, t = ids.shape
+        if not self.causal:
+            act = self._checked(run_to(self.model, self.layer, self.hook_point, input_ids=ids),
+                                b, t)
+            return act.detach().reshape(b, t, -1).to(torch.float32, copy=True), None
+        logits = self._forward(ids, "capture")
+        acts, self._captured = self._captured, None
+        return acts, logits
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- one batch of contexts
+    def run_batch(self, ids: Tensor, start: int) -> tuple[Totals, TopN]:
+        """Evaluate ``ids`` [B, T] (global context indices start at ``start``)."""
+        b, t = ids.shape
+        mask = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        if self.opt.exclude_pos0:
+            mask[:, 0] = False
+        if self.opt.exclude_special and len(self.special):
+            mask &= ~torch.isin(ids, self.special)
+        self._mask = mask
+        stats = Totals(self.d_sae, self.device)
+        top = TopN.empty(self.d_sae, self.opt.top_n, self.W, self.device)
+
+        acts, clean = self._clean(ids)
+        recon, top = self._sae_pass(acts, ids, mask, start, stats, top)
+        del acts
+
+        if clean is not None and t > 1:  # causal LMs
+            self._replacement = recon
+            spliced = self._forward(ids, "splice")
+            self._replacement = None
+            targets = ids[:, 1:]
+            for i in range(b):
+                lp_clean = F.log_softmax(clean[i, :-1].float(), dim=-1)
+                lp_spliced = F.log_softmax(spliced[i, :-1].float(), dim=-1)
+                tgt = targets[i].unsqueeze(1)
+                stats.ce_clean -= float(lp_clean.gather(1, tgt).sum())
+                stats.ce_spliced -= float(lp_spliced.gather(1, tgt).sum())
+                p_clean = lp_clean.exp()  # p log(p/q) with 0 log 0 = 0 (masked vocab entries)
+                kl = torch.where(p_clean > 0, p_clean * (lp_clean - lp_spliced), 0.0)
+                stats.kl += float(kl.sum())
+            del spliced
+            zero = self._forward(ids, "zero")
+            for i in range(b):
+                lp_zero = F.log_softmax(zero[i, :-1].float(), dim=-1)
+                stats.ce_zero -= float(lp_zero.gather(1, targets[i].unsqueeze(1)).sum())
+            del zero
+            stats.n_pred = b * (t - 1)
+        self._mask = None
+        return stats, top
+
+    def _sae_pass(self, acts: Tensor, ids: Tensor, mask: Tensor, start: int, stats: Totals,
+                  top: TopN) -> tuple[Tensor, TopN]:
+        """SAE statistics and top-N candidates, a group of whole contexts at a time. Returns the
+        raw-scale reconstructions of the scored positions ([n_scored, d_in], in ``acts[mask]``
+        order) and the updated top-N."""
+        b, t, _ = acts.shape
+        per = max(1, _CHUNK_ELEMENTS // max(1, t * self.d_sae))
+        recons = []
+        for c0 in range(0, b, per):
+            x = acts[c0:c0 + per].to(self.device)
+            m = mask[c0:c0 + per].to(self.device)
+            rows = x.shape[0] * t
+            with self._autocast():
+                f = self.sae.encode(x.reshape(rows, -1) * self.scale)
+            f = f.float()
+            m_flat = m.reshape(-1)
+            f[~m_flat] = 0.0
+            x_s = x.reshape(rows, -1)[m_flat]
+            f_s = f[m_flat]
+            with self._autocast():
+                x_hat = self.sae.decode(f_s)
+            x_hat = x_hat.float() / self.scale
+            recons.append(x_hat)
+            stats.add_activations(x_s)
+            stats.err += float((x_s - x_hat).pow(2).sum())
+            on = f_s > 0
+            stats.l0 += float(on.sum())
+            stats.fired += on.sum(0)
+            stats.act_sum += f_s.sum(0).cpu().double()
+            if f_s.shape[0]:
+                stats.act_max = torch.maximum(stats.act_max, f_s.max(0).values)
+            cand = self._candidates(f, ids[c0:c0 + per].to(self.device), start + c0)
+            top = top.merge(cand)
+            del f, f_s
+        return torch.cat(recons), top
+
+    def _candidates(self, f: Tensor, ids: Tensor, start: int) -> TopN:
+        """Each latent's top-N tokens of these contexts ([C*T, d_sae] latents), with windows."""
+        rows, d_sae = f.shape
+        t = ids.shape[1]
+        k = min(self.opt.top_n, rows)
+        vals, idx = f.topk(k, dim=0)  # [k, d_sae]
+        ctx, pos = idx // t, idx % t
+        offsets = torch.arange(-self.opt.window_before, self.opt.window_after + 1,
+                               device=f.device)
+        q = pos.unsqueeze(2) + offsets  # [k, d_sae, W]
+        valid = (q >= 0) & (q < t)
+        flat = ctx.unsqueeze(2) * t + q.clamp(0, t - 1)
+        w = offsets.numel()
+        # window_acts[i, j, w] = f[flat[i, j, w], j]: gather along dim 0 with latents as columns
+        g = f.gather(0, flat.permute(0, 2, 1).reshape(k * w, d_sae)).reshape(k, w, d_sae)
+        window_acts = g.permute(2, 0, 1).masked_fill(~valid.permute(1, 0, 2), 0.0)
+        tokens = ids.reshape(-1)[flat].masked_fill(~valid, -1).permute(1, 0, 2)
+        # running.merge(cand) keeps N columns even when k < N
+        return TopN(vals.T.contiguous(), (ctx + start).T.contiguous(), pos.T.contiguous(),
+                    tokens.contiguous(), window_acts.contiguous())
