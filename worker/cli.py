@@ -23,9 +23,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .engine import architectures
 from .engine.config import (
     B_DEC_INITS,
-    ENCODER_TYPES,
     LR_SCHEDULES,
     OPTIMIZERS,
     PRECISIONS,
@@ -33,7 +33,7 @@ from .engine.config import (
 )
 from .engine.errors import ConfigError, EngineError
 
-CHOICES = {"encoder_type": ENCODER_TYPES, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS,
+CHOICES = {"encoder_type": architectures.names(), "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS,
            "optimizer": OPTIMIZERS, "b_dec_init": B_DEC_INITS,
            "hook_point": ("residual", "mlp_out", "attn_out")}
 SKIP_FIELDS = {"extra"}
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="model layers, hook points and a memory estimate")
     i.add_argument("model")
-    i.add_argument("--encoder-type", default="topk", choices=ENCODER_TYPES)
+    i.add_argument("--encoder-type", default="topk", choices=architectures.names())
     i.add_argument("--expansion-factor", type=int, default=8)
     i.add_argument("--latent-dim", type=int, default=None)
     i.add_argument("--k", type=int, default=32)

@@ -10,7 +10,8 @@ import torch
 
 from worker.engine import checkpoints as ck
 from worker.engine.activations import CachedActivations
-from worker.engine.config import ENCODER_TYPES, TrainConfig
+from worker.engine.architectures import names
+from worker.engine.config import TrainConfig
 from worker.engine.errors import ConfigError
 from worker.engine.trainer import Callbacks, Trainer
 
@@ -38,11 +39,11 @@ def _run(cfg: TrainConfig, out: Path, resume=None, **cb) -> tuple[Trainer, objec
 
 
 def test_encoder_types_in_order():
-    assert ENCODER_TYPES == ("standard", "topk", "jumprelu", "batchtopk")
+    assert names() == ("topk", "standard", "jumprelu", "batchtopk")
     assert TrainConfig().encoder_type == "topk"
 
 
-@pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
+@pytest.mark.parametrize("encoder_type", names())
 def test_every_type_learns(acts, tmp_path, encoder_type):
     # Synthetic coefficients are small on the unit scale (~0.2-0.8): a light L0 penalty.
     _, result, rows = _run(_cfg(acts, encoder_type=encoder_type, l0_coef=0.02), tmp_path)
@@ -132,12 +133,12 @@ def test_tie_weights_stay_tied_and_resume(acts, tmp_path):
 
 
 @pytest.mark.parametrize(("changes", "match"), [
-    ({"tie_weights": True, "encoder_type": "topk"}, "tie_weights works only with the standard"),
-    ({"tie_weights": True, "encoder_type": "jumprelu"}, "tie_weights works only"),
-    ({"jumprelu_bandwidth": 0.0}, "jumprelu_bandwidth must be greater than 0"),
-    ({"l0_coef": -1.0}, "l0_coef must not be negative"),
-    ({"jumprelu_init_threshold": -0.1}, "jumprelu_init_threshold must not be negative"),
-    ({"batchtopk_threshold_momentum": 0.0}, "batchtopk_threshold_momentum"),
+    ({"tie_weights": True, "encoder_type": "topk"}, "Tie weights works only with the standard"),
+    ({"tie_weights": True, "encoder_type": "jumprelu"}, "Tie weights works only"),
+    ({"jumprelu_bandwidth": 0.0}, "JumpReLU bandwidth must be greater than 0"),
+    ({"l0_coef": -1.0}, "L0 coefficient must not be negative"),
+    ({"jumprelu_init_threshold": -0.1}, "JumpReLU initial threshold must not be negative"),
+    ({"batchtopk_threshold_momentum": 0.0}, "BatchTopK threshold momentum"),
     ({"encoder_type": "batchtopk", "k": 999, "latent_dim": 64}, "cannot exceed"),
 ])
 def test_new_options_are_validated(acts, changes, match):

@@ -230,5 +230,5 @@ def test_config_validation_messages():
         TrainConfig(activations="a", k=999, latent_dim=64).validate(d_in=8)
     with pytest.raises(ConfigError, match="Layer 7 is out of range"):
         TrainConfig(model="m", dataset="d", layer=7).validate(n_layers=6)
-    with pytest.raises(ConfigError, match="Unknown encoder type"):
+    with pytest.raises(ConfigError, match="Encoder type 'gated' is not available"):
         TrainConfig(activations="a", encoder_type="gated").validate()

@@ -18,7 +18,15 @@ class DataError(EngineError):
 
 
 class ConfigError(EngineError):
-    """A configuration value is out of range or conflicts with another."""
+    """A configuration value is out of range or conflicts with another.
+
+    ``errors`` maps each bad option (a TrainConfig field name; ``"activations"`` for the
+    "activation file, or model and dataset" rule) to its sentence; ``str(exc)`` is the first.
+    """
+
+    def __init__(self, message: str, errors: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.errors: dict[str, str] = dict(errors or {})
 
 
 class CheckpointError(EngineError):
