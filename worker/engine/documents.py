@@ -20,6 +20,8 @@ Sources (``source`` argument of :func:`iter_documents` and of ``corpora.build_to
 
 Files are read as UTF-8 (a leading byte order mark is ignored). Documents that are empty after
 stripping whitespace are skipped everywhere.
+
+No torch or transformers here: the job layer may import this module (e.g. ``looks_like_path``).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def _kjv_path() -> Path:
     return path
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether ``source`` names a local file (maybe missing or misspelt) rather than a Hugging
+    Face dataset id: a path prefix, a backslash, two or more ``/``, or a file suffix."""
     if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or source in (".", ".."):
         return True
     if "\\" in source or source.count("/") >= 2:
@@ -101,7 +105,7 @@ def _resolve(source: str) -> tuple[str, Any]:
                 "use a .txt (plain text), .jsonl (JSON lines) or .csv file."
             )
         return kind, path
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise DataError(f"The corpus file {source!r} does not exist; check the path.")
     return "hf", source
 

@@ -232,6 +232,7 @@ def evaluate_sae(
 
 def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any], n: int,
             t: int) -> dict[str, Any]:
+    """report.json's content from the run's totals (``n`` contexts of ``t`` tokens)."""
     fired = s.fired.cpu().numpy()
     freq = fired.astype(np.float64) / s.n
     fvu = s.err / s.m2 if s.m2 > 0 else None

@@ -23,7 +23,7 @@ of contexts (``_CHUNK_ELEMENTS``), the batch's logits, and the top-N ``[d_sae, N
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,9 @@ _CHUNK_ELEMENTS = 1 << 25  # dense latents per SAE chunk (128 MiB in float32); >
 
 @dataclass
 class EvalOptions:
+    """What an evaluation keeps per latent, which tokens it scores, how many contexts a batch
+    holds (the options of docs/eval-format.md)."""
+
     top_n: int = 10  # top activations kept per latent
     window_before: int = 12  # tokens shown before the activating one
     window_after: int = 4  # and after it
@@ -230,7 +233,7 @@ class Evaluator:
         acts, self._captured = self._captured, None
         return acts, logits
 
-    def _autocast(self):
+    def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
