@@ -13,14 +13,9 @@ from worker.engine.activations import CachedActivations
 from worker.engine.architectures import names
 from worker.engine.config import TrainConfig
 from worker.engine.errors import ConfigError
-from worker.engine.trainer import Callbacks, Trainer
+from worker.engine.trainer import Trainer
 
-from .synthetic import sparse_activations, write_sparse_file
-
-
-@pytest.fixture(scope="module")
-def acts(tmp_path_factory) -> Path:
-    return write_sparse_file(tmp_path_factory.mktemp("arch") / "acts.safetensors")
+from .synthetic import sparse_activations, train
 
 
 def _cfg(acts: Path, **kw) -> TrainConfig:
@@ -31,13 +26,6 @@ def _cfg(acts: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _run(cfg: TrainConfig, out: Path, resume=None, **cb) -> tuple[Trainer, object, list]:
-    rows: list[dict] = []
-    src = CachedActivations(cfg.activations, seed=cfg.seed, holdout=cfg.eval_tokens)
-    trainer = Trainer(cfg, src, out, callbacks=Callbacks(on_metrics=rows.append, **cb))
-    return trainer, trainer.fit(resume=resume), rows
-
-
 def test_encoder_types_in_order():
     assert names() == ("topk", "standard", "jumprelu", "batchtopk")
     assert TrainConfig().encoder_type == "topk"
@@ -46,7 +34,7 @@ def test_encoder_types_in_order():
 @pytest.mark.parametrize("encoder_type", names())
 def test_every_type_learns(acts, tmp_path, encoder_type):
     # Synthetic coefficients are small on the unit scale (~0.2-0.8): a light L0 penalty.
-    _, result, rows = _run(_cfg(acts, encoder_type=encoder_type, l0_coef=0.02), tmp_path)
+    _, result, rows = train(_cfg(acts, encoder_type=encoder_type, l0_coef=0.02), tmp_path)
     assert rows[0]["fvu"] > rows[-1]["fvu"]
     assert result.fvu < 0.35, result
     assert 0 < result.l0 < 40, result
@@ -55,8 +43,8 @@ def test_every_type_learns(acts, tmp_path, encoder_type):
 
 
 def test_jumprelu_threshold_learns_and_l0_coef_controls_sparsity(acts, tmp_path):
-    low, r_low, _ = _run(_cfg(acts, encoder_type="jumprelu", l0_coef=0.02), tmp_path / "low")
-    high, r_high, _ = _run(_cfg(acts, encoder_type="jumprelu", l0_coef=0.3), tmp_path / "high")
+    low, r_low, _ = train(_cfg(acts, encoder_type="jumprelu", l0_coef=0.02), tmp_path / "low")
+    high, r_high, _ = train(_cfg(acts, encoder_type="jumprelu", l0_coef=0.3), tmp_path / "high")
     assert r_high.l0 < 0.7 * r_low.l0, (r_low.l0, r_high.l0)
     # The thresholds moved from their common starting value, differently per latent.
     start = Trainer(_cfg(acts, encoder_type="jumprelu", l0_coef=0.3),
@@ -83,7 +71,7 @@ def test_jumprelu_init_threshold_option(acts, tmp_path):
 
 
 def test_batchtopk_l0_is_k_in_training_and_at_inference(acts, tmp_path):
-    trainer, result, rows = _run(_cfg(acts, encoder_type="batchtopk"), tmp_path)
+    trainer, result, rows = train(_cfg(acts, encoder_type="batchtopk"), tmp_path)
     for row in rows:
         assert row["l0"] == pytest.approx(4, abs=0.05)  # k x batch kept over the batch
     theta = float(trainer.sae.threshold)
@@ -102,7 +90,7 @@ def test_batchtopk_l0_is_k_in_training_and_at_inference(acts, tmp_path):
 
 def test_batchtopk_threshold_survives_checkpoint(acts, tmp_path):
     cfg = _cfg(acts, encoder_type="batchtopk", total_steps=30, auto_save_interval=20)
-    trainer, _, _ = _run(cfg, tmp_path)
+    trainer, _, _ = train(cfg, tmp_path)
     path = ck.checkpoint_path(tmp_path / "checkpoints", 20)
     saved = ck.load_checkpoint(path).tensors["sae.threshold"]
     assert saved.shape == () and float(saved) > 0
@@ -114,7 +102,7 @@ def test_batchtopk_threshold_survives_checkpoint(acts, tmp_path):
 def test_tie_weights_stay_tied_and_resume(acts, tmp_path):
     cfg = _cfg(acts, encoder_type="standard", tie_weights=True, total_steps=60,
                auto_save_interval=20, keep_every=20)
-    trainer, full, full_rows = _run(cfg, tmp_path / "full")
+    trainer, full, full_rows = train(cfg, tmp_path / "full")
     sae = trainer.sae
     assert [n for n, _ in sae.named_parameters()] == ["W_enc", "b_enc", "b_dec"]
     assert torch.equal(sae.W_dec, sae.W_enc.T)
@@ -122,9 +110,9 @@ def test_tie_weights_stay_tied_and_resume(acts, tmp_path):
     ckpt = ck.load_checkpoint(ck.checkpoint_path(tmp_path / "full" / "checkpoints", 60))
     assert "sae.W_dec" not in ckpt.tensors and "sae.W_enc" in ckpt.tensors
     # Interrupt at step 40 and resume: the same losses as the uninterrupted run.
-    _, part, _ = _run(cfg, tmp_path / "part", control=lambda s: "stop" if s == 40 else None)
+    _, part, _ = train(cfg, tmp_path / "part", control=lambda s: "stop" if s == 40 else None)
     assert part.stopped and part.steps == 40
-    resumed_tr, resumed, resumed_rows = _run(
+    resumed_tr, resumed, resumed_rows = train(
         cfg, tmp_path / "part", resume=ck.checkpoint_path(tmp_path / "part" / "checkpoints", 40))
     assert resumed.steps == 60
     for a, b in zip(full_rows[-2:], resumed_rows, strict=True):

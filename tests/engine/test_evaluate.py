@@ -12,12 +12,10 @@ import torch
 from torch import nn
 
 from tests.engine.tiny_models import (
-    TINY_EXPECTED,
-    TINY_FAMILIES,
+    CAUSAL_FAMILIES,
     TINY_HIDDEN,
     TINY_VOCAB_SIZE,
     kjv_lines,
-    make_tiny_model,
 )
 from worker.engine.errors import ConfigError, DataError
 from worker.engine.evaluate import (
@@ -30,7 +28,6 @@ from worker.engine.evaluate import (
 from worker.engine.models import LoadedModel, extract_layer, hook_module, load_model
 from worker.engine.sae import SAE
 
-CAUSAL_FAMILIES = [f for f in TINY_FAMILIES if TINY_EXPECTED[f][2]]
 D = TINY_HIDDEN
 # the keys and tensors of docs/eval-format.md, in order
 REPORT_KEYS = [
@@ -44,17 +41,6 @@ CE_KEYS = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovere
 
 
 # ---------------------------------------------------------------------------- fixtures, helpers
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_eval_models")
-    return {family: make_tiny_model(family, root / family) for family in TINY_FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
-    return {family: load_model(str(path)) for family, path in tiny_dirs.items()}
-
-
 def _contexts(loaded: LoadedModel, n: int, t: int) -> np.ndarray:
     """Packed KJV verses, each starting with the BOS token (a special id), as int32 [n, t]."""
     tok = loaded.tokenizer

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from tests.engine.tiny_models import (
+    CAUSAL_FAMILIES,
     TINY_EXPECTED,
     TINY_FAMILIES,
     TINY_HIDDEN,
     TINY_VOCAB_SIZE,
     kjv_lines,
-    make_tiny_model,
 )
 from worker.engine.errors import ConfigError, ModelLoadError
 from worker.engine.models import (
@@ -33,19 +33,6 @@ from worker.engine.models import (
     load_model,
     resolve_model_path,
 )
-
-CAUSAL_FAMILIES = [f for f in TINY_FAMILIES if TINY_EXPECTED[f][2]]
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {family: make_tiny_model(family, root / family) for family in TINY_FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
-    return {family: load_model(str(path)) for family, path in tiny_dirs.items()}
 
 
 def _ids(loaded: LoadedModel, batch: int = 2, seq: int = 9) -> torch.Tensor:

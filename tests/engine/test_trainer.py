@@ -14,12 +14,7 @@ from worker.engine.config import TrainConfig
 from worker.engine.errors import CheckpointError, ConfigError, TrainingError
 from worker.engine.trainer import Callbacks, Trainer, get_lr
 
-from .synthetic import write_sparse_file
-
-
-@pytest.fixture(scope="module")
-def acts(tmp_path_factory) -> Path:
-    return write_sparse_file(tmp_path_factory.mktemp("acts") / "acts.safetensors")
+from .synthetic import train
 
 
 def _cfg(acts: Path, **kw) -> TrainConfig:
@@ -29,18 +24,10 @@ def _cfg(acts: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _run(cfg: TrainConfig, out: Path, resume=None, **cb) -> tuple[Trainer, object, list]:
-    rows: list[dict] = []
-    callbacks = Callbacks(on_metrics=rows.append, **cb)
-    src = CachedActivations(cfg.activations, seed=cfg.seed, holdout=cfg.eval_tokens)
-    trainer = Trainer(cfg, src, out, callbacks=callbacks)
-    return trainer, trainer.fit(resume=resume), rows
-
-
 @pytest.mark.parametrize("encoder_type", ["topk", "standard"])
 def test_training_learns_and_reports_metrics(acts, tmp_path, encoder_type):
     cfg = _cfg(acts, encoder_type=encoder_type, total_steps=150, l1_alpha=0.2, learning_rate=4e-3)
-    _, result, rows = _run(cfg, tmp_path)
+    _, result, rows = train(cfg, tmp_path)
     assert [r["step"] for r in rows] == list(range(10, 151, 10))
     keys = {"step", "tokens", "loss", "mse", "aux_loss", "l0", "l0_frac", "fvu",
             "explained_variance", "dead", "dense", "lr", "grad_norm", "tokens_per_s",
@@ -60,12 +47,12 @@ def test_training_learns_and_reports_metrics(acts, tmp_path, encoder_type):
 
 def test_resume_continues_the_same_run(acts, tmp_path):
     cfg = _cfg(acts, total_steps=60, auto_save_interval=20, keep_every=20)
-    _, full, full_rows = _run(cfg, tmp_path / "full")
+    _, full, full_rows = train(cfg, tmp_path / "full")
     # Interrupt at step 40: stop the second run there through the control callback.
-    _, part, _ = _run(cfg, tmp_path / "part", control=lambda step: "stop" if step == 40 else None)
+    _, part, _ = train(cfg, tmp_path / "part", control=lambda step: "stop" if step == 40 else None)
     assert part.stopped and part.steps == 40
     ckpt = ck.checkpoint_path(tmp_path / "part" / "checkpoints", 40)
-    _, resumed, resumed_rows = _run(cfg, tmp_path / "part", resume=ckpt)
+    _, resumed, resumed_rows = train(cfg, tmp_path / "part", resume=ckpt)
     assert resumed.steps == 60
     assert [r["step"] for r in resumed_rows] == [50, 60]
     for a, b in zip(full_rows[-2:], resumed_rows, strict=True):
@@ -98,7 +85,7 @@ def test_oom_halves_micro_batch_and_keeps_effective_batch(acts, tmp_path, monkey
     assert sum("micro-batch reduced" in m for m in logs) == 2
     # Same run, same data, same effective batch: the losses match an unconstrained run.
     monkeypatch.setattr(sae_mod.SAE, "forward", real_forward)
-    _, ref, _ = _run(cfg, tmp_path / "ref")
+    _, ref, _ = train(cfg, tmp_path / "ref")
     assert math.isclose(result.fvu, ref.fvu, rel_tol=1e-3)
 
 
@@ -149,7 +136,7 @@ def test_pause_save_and_stop_are_honoured_between_steps(acts, tmp_path):
 
     cfg = _cfg(acts, total_steps=50, auto_save_interval=0)
     logs: list[str] = []
-    _, result, _ = _run(cfg, tmp_path, control=control, on_log=logs.append, pause_poll_s=0.01)
+    _, result, _ = train(cfg, tmp_path, control=control, on_log=logs.append, pause_poll_s=0.01)
     assert result.stopped and result.steps == 12
     assert state["paused_polls"] == 3
     steps = [s for s, _ in ck.list_checkpoints(tmp_path / "checkpoints")]
@@ -188,7 +175,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_checkpoint_is_flat_safetensors_with_json_metadata(acts, tmp_path):
     cfg = _cfg(acts, total_steps=20, auto_save_interval=10)
-    _run(cfg, tmp_path)
+    train(cfg, tmp_path)
     c = ck.load_checkpoint(ck.checkpoint_path(tmp_path / "checkpoints", 20))
     assert {"sae.W_enc", "sae.W_dec", "sae.b_enc", "sae.b_dec", "stats.since_fired",
             "rng.torch"} <= set(c.tensors)
@@ -203,7 +190,7 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(acts, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         ck.load_checkpoint(bad)
     cfg = _cfg(acts, total_steps=10, auto_save_interval=0)
-    _run(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "a")
     other = _cfg(acts, total_steps=10, expansion_factor=2)
     src = CachedActivations(other.activations, holdout=2000)
     with pytest.raises(CheckpointError, match="32 -> 128"):

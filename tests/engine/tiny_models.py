@@ -40,6 +40,7 @@ TINY_EXPECTED: dict[str, tuple[int, str, bool]] = {
     "phi": (4, "model.layers", True),
     "bert": (4, "encoder.layer", False),
 }
+CAUSAL_FAMILIES = tuple(f for f in TINY_FAMILIES if TINY_EXPECTED[f][2])
 
 CAUSAL_SPECIALS = {
     "pad_token": "<pad>",
