@@ -69,7 +69,7 @@ def test_train_jumprelu_and_tie_weights_flag(acts, tmp_path, capsys):
     saved = json.loads((out / "saelens" / "cfg.json").read_text())
     assert saved["architecture"] == "jumprelu"
     _fails_cleanly(capsys, ["train", "--activations", str(acts), "--tie-weights",
-                            "--encoder-type", "topk"], "tie_weights works only with the standard")
+                            "--encoder-type", "topk"], "Tie weights works only with the standard")
 
 
 def test_config_file_and_flag_override(acts, tmp_path, capsys):
@@ -146,7 +146,8 @@ def test_evaluate_a_run_trained_from_an_activation_file(tiny, tmp_path, capsys):
     assert main([*data, "train", "--activations", str(acts), "--k", "4", "--batch-size", "256",
                  "--total-steps", "5", "--out", str(run)]) == 0
     captured = capsys.readouterr()
-    assert "no evaluation report" in captured.err and "eval" not in os.listdir(run)
+    assert "No report: the run trains from an activation file alone" in captured.err
+    assert "eval" not in os.listdir(run)
     # The file records its model, corpus and layer: evaluate uses them.
     assert main([*data, "evaluate", str(run), "--eval-tokens", "300"]) == 0
     out = _last_json(capsys.readouterr().out)
@@ -192,3 +193,52 @@ def test_console_entry_points(acts, tmp_path):
                           timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert torch.__version__  # the suite runs on the pinned CPU torch
+
+
+def test_train_help_has_a_sentence_and_the_choices_of_every_flag():
+    from worker.cli import build_parser
+    from worker.engine import architectures
+    from worker.engine.config import options
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    flags = {a.option_strings[0]: a for a in train._actions if a.option_strings[0] != "-h"}
+    for info in options():
+        action = flags[info.flag]
+        assert action.help.startswith(info.help.replace("%", "%%")), info.name
+        if info.kind == "choice":
+            assert tuple(action.choices) == info.choices
+    for flag, action in flags.items():
+        assert action.help and "." in action.help, flag
+    assert tuple(flags["--encoder-type"].choices) == architectures.names()
+    text = train.format_help()
+    assert "{topk,standard,jumprelu,batchtopk}" in text and "[unit: vectors;" in text
+    assert "Activation vectors (tokens) per optimizer step." in text
+    args = parser.parse_args(["train", "--device", "cuda:1", "--batch-size", "8_192",
+                              "--no-tie-weights", "--layer", "3"])
+    assert (args.device, args.batch_size, args.tie_weights, args.layer) == ("cuda:1", 8192,
+                                                                            False, 3)
+    assert not hasattr(args, "k")  # unset flags leave the config (or the resumed one) alone
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["train", "--batch-size", "abc"],
+     "argument --batch-size: Batch size must be a whole number (got 'abc')."),
+    (["train", "--encoder-type", "gated"], "Encoder type 'gated' is not available"),
+    (["train", "--activations", "a", "--latent-dim", "1e30"],
+     "Latent dimension must be between 1 and 33,554,432"),
+    (["train", "--activations", "a", "--seed", str(2**64)], "Seed must fit in 64 bits"),
+    (["train", "--activations", "a", "--device", "gpu"], "Unknown device 'gpu'"),
+    (["info", "x", "--k", "0"], "k (active latents) must be between 1 and 65,536 (got 0)."),
+    (["extract", "--model", "m", "--dataset", "d", "--out", "o"],
+     "the following arguments are required: --max-tokens"),
+])
+def test_bad_values_are_one_line_and_exit_2(capsys, argv, match):
+    _fails_cleanly(capsys, argv, match)
+
+
+def test_config_file_values_parse_like_flags(acts, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[train]\nactivations = "{acts}"\nlayer_idx = 1\nbatch-size = "4_096x"\n')
+    _fails_cleanly(capsys, ["train", "--config", str(cfg)],
+                   "Batch size must be a whole number (got '4_096x').")

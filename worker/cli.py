@@ -17,57 +17,87 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
-import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .engine import architectures
 from .engine.config import (
-    B_DEC_INITS,
-    LR_SCHEDULES,
-    OPTIMIZERS,
-    PRECISIONS,
+    ALIASES,
+    OptionInfo,
     TrainConfig,
+    option,
+    options,
+    parse_value,
+    range_text,
 )
 from .engine.errors import ConfigError, EngineError
 
-CHOICES = {"encoder_type": architectures.names(), "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS,
-           "optimizer": OPTIMIZERS, "b_dec_init": B_DEC_INITS,
-           "hook_point": ("residual", "mlp_out", "attn_out")}
-SKIP_FIELDS = {"extra"}
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end like any bad input: one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sae-studio: error: {message}\n")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _parser_type(info: OptionInfo) -> Callable[[str], Any]:
+    """The flag's argparse ``type``: ``parse_value``, so flags parse like the form and JSON."""
+
+    def parse(raw: str) -> Any:
+        try:
+            return parse_value(info, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--batch-size`` for batch_size ...), default: unset."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in SKIP_FIELDS:
-            continue
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        doc = (f.metadata.get("help") if f.metadata else None) or ""
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{doc} (default: {default})".strip()
-        if base is bool:
-            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(_flag(f.name), dest=f.name, type=base, default=argparse.SUPPRESS,
-                           choices=CHOICES.get(f.name), help=help_text, metavar=f.name.upper())
+def _help(info: OptionInfo, shown_default: str | None = None) -> str:
+    """The option's help sentence, then its unit, range, encoder types and default."""
+    notes = []
+    if info.unit:
+        notes.append(f"unit: {info.unit}")
+    if range_text(info):
+        notes.append(f"range: {range_text(info)}")
+    if info.applies_to:
+        notes.append(f"used by {', '.join(info.applies_to)}")
+    if shown_default is None and info.default is not None:
+        shown_default = ({True: "on", False: "off"}[info.default] if info.kind == "bool"
+                         else str(info.default))
+    if shown_default is not None:
+        notes.append(f"default: {shown_default}")
+    text = info.help + (f" [{'; '.join(notes)}]" if notes else "")
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_option(p: argparse.ArgumentParser, name: str, *, default: Any = argparse.SUPPRESS,
+                required: bool = False, shown_default: str | None = None,
+                info: OptionInfo | None = None) -> None:
+    """The flag of TrainConfig option ``name`` (``--batch-size`` for batch_size ...), its help
+    and choices from ``options()``; ``default=SUPPRESS`` leaves it out of the namespace unless
+    given."""
+    info = info or option(name)
+    help_text = _help(info, shown_default)
+    if info.kind == "bool":
+        p.add_argument(info.flag, dest=name, action=argparse.BooleanOptionalAction,
+                       default=default, help=help_text)
+        return
+    choices = info.choices if info.kind == "choice" else None
+    p.add_argument(info.flag, dest=name, type=_parser_type(info), default=default,
+                   required=required, choices=choices, help=help_text,
+                   metavar=None if choices else name.upper())
 
 
 def _load_toml(path: str) -> dict[str, Any]:
+    """A TOML file's options (keys with ``_`` or ``-``; a ``[train]`` table or the top level),
+    each through ``parse_value``."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Config file '{path}' does not exist.")
@@ -76,7 +106,19 @@ def _load_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file '{path}' is not valid TOML ({exc}).") from None
     data = data.get("train", data)
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    known = {info.name: info for info in options()}
+    values: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        name = ALIASES.get(name, name)
+        try:
+            values[name] = parse_value(known[name], raw) if name in known else raw
+        except ValueError as exc:
+            errors[name] = f"{path}: {exc}"
+    if errors:
+        raise ConfigError(next(iter(errors.values())), errors=errors)
+    return values
 
 
 def _build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
@@ -117,13 +159,47 @@ class _StderrProgress:
             self.bar.close()
 
 
-# ---------------------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace) -> int:
+class _StepBar:
+    """The training's step bar on stderr (from the first metrics row; it closes the preparing
+    bar) and the ``--metrics-jsonl`` rows."""
+
+    def __init__(self, total_steps: int, jsonl: str | None, preparing: _StderrProgress) -> None:
+        self.total, self.jsonl, self.preparing, self.bar = total_steps, jsonl, preparing, None
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.preparing.close()
+            self.bar = tqdm(total=self.total, desc="train", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+        self.bar.n = m["step"]
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}",
+                             dead=m["dead"], tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+        self.bar.refresh()
+        if self.jsonl:
+            with open(self.jsonl, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+
+    def close(self) -> None:
+        self.preparing.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _note(message: str) -> None:
+    """A line on stderr that leaves the progress bars intact."""
     from tqdm import tqdm
 
+    tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
     from .engine.checkpoints import latest_checkpoint, load_checkpoint
-    from .engine.pipeline import open_source
-    from .engine.trainer import Callbacks, Trainer, pick_device
+    from .engine.devices import pick_device
+    from .engine.pipeline import train_and_evaluate
+    from .engine.trainer import Callbacks
 
     resume = None
     base = None
@@ -137,59 +213,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _build_config(args, base)
     out = Path(args.out) if args.out else (
         Path(resume).parent.parent if resume else Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    device = pick_device(cfg.device)
-    prep = _StderrProgress("preparing")
+    preparing, evaluating = _StderrProgress("preparing"), _StderrProgress("evaluate")
+    steps = _StepBar(cfg.total_steps, args.metrics_jsonl, preparing)
     try:
-        source, meta = open_source(cfg, data_dir=_data_dir(args), device=device, progress=prep)
+        values = train_and_evaluate(
+            cfg, out, data_dir=_data_dir(args), device=pick_device(cfg.device),
+            callbacks=Callbacks(on_log=_note, on_metrics=steps), resume=resume,
+            prepare_progress=preparing, after_fit=steps.close, evaluate=args.evaluate,
+            eval_progress=evaluating, log=_note)
     finally:
-        prep.close()
-    cb = Callbacks(on_log=lambda msg: tqdm.write(msg, file=sys.stderr))
-    trainer = Trainer(cfg, source, out, callbacks=cb, export_meta=meta)  # validates against d_in
-    bar = tqdm(total=cfg.total_steps, desc="train", unit="step", file=sys.stderr,
-               dynamic_ncols=True)
-
-    def on_metrics(m: dict[str, Any]) -> None:
-        bar.n = m["step"]
-        bar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}",
-                        dead=m["dead"], tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
-        bar.refresh()
-        if args.metrics_jsonl:
-            with open(args.metrics_jsonl, "a") as fh:
-                fh.write(json.dumps(m) + "\n")
-
-    cb.on_metrics = on_metrics
-    try:
-        result = trainer.fit(resume=resume)
-    finally:
-        bar.close()
-    out_dict = result.to_dict()
-    if args.evaluate:
-        del source, trainer.source  # free a live model before the evaluation loads it again
-        report = _evaluate(cfg, trainer.sae, trainer.scale, out=out, data_dir=_data_dir(args),
-                           device=device, step=trainer.step, meta=meta,
-                           precision=trainer.precision)
-        if report is not None:
-            from .engine.pipeline import eval_summary
-
-            out_dict["eval"].update(eval_summary(report), report=str(out / "eval"))
-    print(json.dumps(out_dict))
+        steps.close()
+        evaluating.close()
+    print(json.dumps(values))
     return 0
-
-
-def _evaluate(cfg: TrainConfig, sae: Any, scale: float, *, out: Path, **kwargs: Any
-              ) -> dict[str, Any] | None:
-    """Held-out evaluation into out/eval; a note on stderr when the config cannot have one."""
-    from .engine.pipeline import evaluate_run, evaluation_skipped
-
-    skipped = evaluation_skipped(cfg)
-    if skipped:
-        print(f"sae-studio: no evaluation report: {skipped}", file=sys.stderr)
-        return None
-    prog = _StderrProgress("evaluate")
-    try:
-        return evaluate_run(cfg, sae, scale, out_dir=out, progress=prog, **kwargs)
-    finally:
-        prog.close()
 
 
 def _checkpoint_of(path: str) -> Path:
@@ -205,8 +241,9 @@ def _checkpoint_of(path: str) -> Path:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a run's (or a checkpoint's) SAE on held-out text into OUT/eval."""
+    from .engine.devices import pick_device, pick_precision
     from .engine.export import sae_from_checkpoint
-    from .engine.trainer import pick_device, pick_precision
+    from .engine.pipeline import eval_summary, evaluate_run, evaluation_skipped
 
     ckpt = _checkpoint_of(args.run)
     sae, meta = sae_from_checkpoint(ckpt)
@@ -218,15 +255,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     values["model"] = values.get("model") or source.get("model_source") or source.get("model")
     values["dataset"] = values.get("dataset") or source.get("dataset")
     cfg = TrainConfig.from_dict(values)
+    skipped = evaluation_skipped(cfg)
+    if skipped:
+        raise ConfigError(f"Nothing to evaluate with: {skipped}")
     device = pick_device(cfg.device)
     out = Path(args.out) if args.out else ckpt.parent.parent
-    report = _evaluate(cfg, sae.to(device), float(meta.get("scale", 1.0)), out=out,
-                       data_dir=_data_dir(args), device=device, step=int(meta["step"]),
-                       meta=source, precision=pick_precision(cfg.precision, device))
-    if report is None:
-        raise ConfigError("Nothing to evaluate with: give --model and --dataset.")
-    from .engine.pipeline import eval_summary
-
+    progress = _StderrProgress("evaluate")
+    try:
+        report = evaluate_run(cfg, sae.to(device), float(meta.get("scale", 1.0)), out_dir=out,
+                              data_dir=_data_dir(args), device=device, step=int(meta["step"]),
+                              meta=source, precision=pick_precision(cfg.precision, device),
+                              progress=progress)
+    finally:
+        progress.close()
+    assert report is not None  # evaluation_skipped said it runs
     print(json.dumps(dict(eval_summary(report), report=str(out / "eval"),
                           checkpoint=str(ckpt))))
     return 0
@@ -235,8 +277,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
+    from .engine.devices import pick_device
     from .engine.pipeline import extract_to_file
-    from .engine.trainer import pick_device
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, layer=args.layer,
                       hook_point=args.hook_point, context_size=args.context_size,
@@ -267,13 +309,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from .engine.devices import pick_device, pick_precision
     from .engine.memory import estimate_memory
     from .engine.models import default_layer, load_model
-    from .engine.trainer import pick_device, pick_precision
 
+    cfg = TrainConfig(model=args.model, dataset="-", encoder_type=args.encoder_type,
+                      expansion_factor=args.expansion_factor, latent_dim=args.latent_dim,
+                      k=args.k, batch_size=args.batch_size, device=args.device)
+    cfg.validate()
     loaded = load_model(args.model, data_dir=_data_dir(args))
     info = loaded.info
-    d_sae = args.latent_dim or args.expansion_factor * info.hidden_size
+    d_sae = cfg.d_sae(info.hidden_size)
     device = pick_device(args.device)
     precision = pick_precision("auto", device)
     est = estimate_memory(info.hidden_size, d_sae, encoder_type=args.encoder_type, k=args.k,
@@ -284,8 +330,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory
     else:
-        import os
-
         budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     out = dict(info.to_dict(), sae={"d_in": info.hidden_size, "d_sae": d_sae,
                                     "encoder_type": args.encoder_type,
@@ -312,76 +356,79 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+EVALUATE_OPTIONS = ("model", "dataset", "layer", "hook_point", "eval_tokens", "device")
+EXTRACT_OPTIONS = ("model", "dataset", "layer", "hook_point", "context_size", "text_field",
+                   "seed", "device")
+INFO_OPTIONS = ("encoder_type", "expansion_factor", "latent_dim", "k", "batch_size", "device")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-studio", description="Train sparse autoencoders on "
-                                "language-model activations.")
+    """The parser; every option flag (and its help and choices) comes from ``options()`` as it
+    is now, so an encoder type registered before this call is a choice."""
+    p = _Parser(prog="sae-studio", description="Train sparse autoencoders on language-model "
+                "activations.")
     p.add_argument("--data-dir", default=None,
-                   help="where converted models and token stores are cached "
-                        "(default: $SAE_STUDIO_DATA or ./data)")
+                   help="Where converted models and token stores are cached (default: "
+                        "$SAE_STUDIO_DATA or ./data).")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an SAE (from a model + dataset, or an activation "
                                      "file)")
-    t.add_argument("--config", help="TOML file of options (flags override it)")
-    t.add_argument("--resume", help="checkpoint file, or a run folder (its newest checkpoint)")
-    t.add_argument("--out", help="run folder: checkpoints/ and saelens/ go here")
-    t.add_argument("--metrics-jsonl", help="also append every metrics row to this file")
+    t.add_argument("--config", help="A TOML file of options (keys are the option names with _ "
+                                    "or -); flags override it.")
+    t.add_argument("--resume", help="Continue from a checkpoint file, or a run folder's newest "
+                                    "checkpoint, with its configuration.")
+    t.add_argument("--out", help="The run folder: checkpoints/, saelens/ and eval/ go here "
+                                 "(default: runs/DATE-TIME, or the resumed run's folder).")
+    t.add_argument("--metrics-jsonl", help="Also append every metrics row to this file.")
     t.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
-                   help="after training, evaluate on held-out text (CE loss recovered, KL, "
-                        "latent densities, top contexts) into OUT/eval (default: on; needs "
-                        "--model and --dataset)")
-    _add_config_flags(t)
+                   help="After training, evaluate on held-out text (CE loss recovered, KL, "
+                        "latent densities, top contexts) into OUT/eval; needs --model and "
+                        "--dataset. [default: on]")
+    for info in options():
+        _add_option(t, info.name, info=info)
     t.set_defaults(func=cmd_train)
 
     v = sub.add_parser("evaluate", help="evaluate a run's SAE on held-out text: CE loss "
                                         "recovered, KL, latent densities, top contexts")
-    v.add_argument("run", help="run folder (its newest checkpoint) or a checkpoint file")
-    v.add_argument("--out", help="write OUT/eval (default: the run folder)")
-    v.add_argument("--model", help="model to evaluate with (default: the run's)")
-    v.add_argument("--dataset", help="corpus whose last contexts are held out (default: the "
-                                     "run's)")
-    v.add_argument("--layer", type=int, default=None)
-    v.add_argument("--hook-point", default=None, choices=CHOICES["hook_point"])
-    v.add_argument("--eval-tokens", type=int, default=None,
-                   help="held-out tokens (default: the run's eval_tokens)")
-    v.add_argument("--device", default=None)
+    v.add_argument("run", help="A run folder (its newest checkpoint) or a checkpoint file.")
+    v.add_argument("--out", help="Write OUT/eval (default: the run folder).")
+    for name in EVALUATE_OPTIONS:
+        _add_option(v, name, default=None, shown_default="the run's")
     v.set_defaults(func=cmd_evaluate)
 
     e = sub.add_parser("extract", help="write an activation cache (safetensors)")
-    e.add_argument("--model", required=True)
-    e.add_argument("--dataset", required=True)
-    e.add_argument("--layer", type=int, default=None)
-    e.add_argument("--hook-point", default="residual", choices=CHOICES["hook_point"])
-    e.add_argument("--max-tokens", type=int, required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--context-size", type=int, default=128)
-    e.add_argument("--text-field", default="text")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
+    for name in EXTRACT_OPTIONS:
+        info = option(name)
+        _add_option(e, name, default=info.default, required=name in ("model", "dataset"))
+    _add_option(e, "max_tokens", required=True, info=dataclasses.replace(
+        option("max_tokens"), label="Activations", optional=False,
+        help="Activation vectors to extract (the corpus is tokenised as far as needed)."))
+    e.add_argument("--out", required=True, help="The activation file to write (safetensors).")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="Precision of the stored activations. [default: float32]")
     e.set_defaults(func=cmd_extract)
 
     x = sub.add_parser("export", help="checkpoint -> SAELens folder")
-    x.add_argument("checkpoint")
-    x.add_argument("--out", required=True)
+    x.add_argument("checkpoint", help="A checkpoint file (.safetensors).")
+    x.add_argument("--out", required=True, help="The SAELens folder to write.")
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="model layers, hook points and a memory estimate")
-    i.add_argument("model")
-    i.add_argument("--encoder-type", default="topk", choices=architectures.names())
-    i.add_argument("--expansion-factor", type=int, default=8)
-    i.add_argument("--latent-dim", type=int, default=None)
-    i.add_argument("--k", type=int, default=32)
-    i.add_argument("--batch-size", type=int, default=4096)
-    i.add_argument("--device", default="auto")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("model", help="A bundled model name (smollm2-135m, minilm-l6), a local "
+                                 "folder with config.json, or a Hugging Face Hub id.")
+    for name in INFO_OPTIONS:
+        _add_option(i, name, default=option(name).default)
+    i.add_argument("--json", action="store_true", help="Print one JSON object.")
     i.set_defaults(func=cmd_info)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag (already reported on one line)
+        return int(exc.code or 0)
     try:
         return args.func(args)
     except EngineError as exc:

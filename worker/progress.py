@@ -13,6 +13,10 @@
 
 No write transaction is held while the engine runs a step: each callback opens and commits its
 own. Imports no torch at module level (the engine's Callbacks is imported in ``callbacks()``).
+
+``Throttled(write, every_s)`` is the one throttle for the engine's ``(fraction, message)``
+progress callbacks: a model's or dataset's progress column, a training's preparation and
+evaluation log lines.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .db import Checkpoint, LogLine, Metric, Training, db
@@ -39,6 +44,22 @@ def with_aliases(metrics: dict[str, Any]) -> dict[str, Any]:
     if "lr" in row:
         row["learning_rate"] = row["lr"]
     return row
+
+
+class Throttled:
+    """A progress callback ``(fraction, message)`` that passes a call on to ``write`` at most
+    every ``every_s`` seconds; the first call and one at fraction >= 1 always pass."""
+
+    def __init__(self, write: Callable[[float, str], None], every_s: float) -> None:
+        self.write, self.every_s = write, every_s
+        self.last: float | None = None
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every_s and fraction < 1.0:
+            return
+        self.last = now
+        self.write(max(0.0, min(1.0, float(fraction))), message)
 
 
 class TrainingReporter:

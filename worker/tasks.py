@@ -4,8 +4,8 @@
 
 Each task owns its database connection and writes in short ``db.atomic()`` blocks; the engine
 (and so torch) is imported only inside task bodies, so the web process may import this module
-to enqueue. A task never raises: a failure is stored on its row (status ``error`` for models and
-datasets, ``failed`` for trainings) with a sentence in ``error`` and the traceback in the log.
+to enqueue. A task never raises: a failure is stored on its row (status ``failed``) with a
+sentence in ``error`` and the traceback in the log.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from huey.signals import SIGNAL_INTERRUPTED
 
 from . import settings
 from .db import RUNNING, Checkpoint, Dataset, LanguageModel, Metric, Training, WorkerHeartbeat, db
+from .progress import Throttled
 from .queue import huey
 
 __all__ = ["huey", "prepare_model", "prepare_dataset", "run_training"]
@@ -33,6 +34,9 @@ log = logging.getLogger("worker.tasks")
 
 HEARTBEAT_S = 5.0
 PROGRESS_S = 0.5
+"""Seconds between writes of a model's or dataset's progress."""
+LOG_PROGRESS_S = 2.0
+"""Seconds between a training's preparation or evaluation progress log lines."""
 INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
                        "from the newest checkpoint.")
 _init_lock = threading.Lock()
@@ -72,18 +76,10 @@ def _update(model: type, row_id: int, **values: Any) -> None:
         model.update(updated_at=time.time(), **values).where(model.id == row_id).execute()
 
 
-def _throttled(model: type, row_id: int) -> Callable[[float, str], None]:
-    """A progress callback (fraction, message) that writes at most every PROGRESS_S."""
-    last = [0.0]
-
-    def report(fraction: float, message: str = "") -> None:
-        now = time.monotonic()
-        if now - last[0] < PROGRESS_S and fraction < 1.0:
-            return
-        last[0] = now
-        _update(model, row_id, progress=max(0.0, min(1.0, float(fraction))), message=message)
-
-    return report
+def _row_progress(model: type, row_id: int) -> Throttled:
+    """A progress callback (fraction, message) writing the row at most every PROGRESS_S."""
+    return Throttled(lambda fraction, message: _update(model, row_id, progress=fraction,
+                                                       message=message), PROGRESS_S)
 
 
 # ---------------------------------------------------------------------------- models
@@ -93,9 +89,9 @@ def prepare_model(model_id: int) -> None:
     with connection():
         try:
             _prepare_model(model_id)
-        except Exception as exc:  # noqa: BLE001 - stored on the row, logged with traceback
+        except Exception as exc:  # stored on the row, logged with its traceback
             log.exception("Preparing model %s failed", model_id)
-            _update(LanguageModel, model_id, status="error", error=error_message(exc),
+            _update(LanguageModel, model_id, status="failed", error=error_message(exc),
                     message=None)
 
 
@@ -107,7 +103,7 @@ def _prepare_model(model_id: int) -> None:
             message="Loading the model...")
     from .engine.models import load_model
 
-    report = _throttled(LanguageModel, model_id)
+    report = _row_progress(LanguageModel, model_id)
     loaded = load_model(model.source, data_dir=settings.data_dir(),
                         progress=lambda message, fraction: report(fraction, message))
     info = loaded.info
@@ -126,9 +122,9 @@ def prepare_dataset(dataset_id: int) -> None:
     with connection():
         try:
             _prepare_dataset(dataset_id)
-        except Exception as exc:  # noqa: BLE001 - stored on the row, logged with traceback
+        except Exception as exc:  # stored on the row, logged with its traceback
             log.exception("Preparing dataset %s failed", dataset_id)
-            _update(Dataset, dataset_id, status="error", error=error_message(exc), message=None)
+            _update(Dataset, dataset_id, status="failed", error=error_message(exc), message=None)
 
 
 def _prepare_dataset(dataset_id: int) -> None:
@@ -139,7 +135,7 @@ def _prepare_dataset(dataset_id: int) -> None:
             message="Reading documents...")
     from .engine.corpora import iter_documents
 
-    report = _throttled(Dataset, dataset_id)
+    report = _row_progress(Dataset, dataset_id)
     n_docs, first = 0, []
     for text in iter_documents(ds.source, text_field=ds.text_field):
         n_docs += 1
@@ -186,7 +182,7 @@ def run_training(training_id: int, resume: bool = False) -> None:
     with connection():
         try:
             _run_training(training_id, resume)
-        except Exception as exc:  # noqa: BLE001 - stored on the row, logged with traceback
+        except Exception as exc:  # stored on the row, logged with its traceback
             log.exception("Training %s failed", training_id)
             with db.atomic():
                 Training.update(status="failed", error=error_message(exc), requested=None,
@@ -222,8 +218,8 @@ def _run_training(training_id: int, resume: bool) -> None:
 
     from .engine.checkpoints import latest_checkpoint, list_checkpoints
     from .engine.config import TrainConfig
-    from .engine.pipeline import open_source
-    from .engine.trainer import Trainer, pick_device
+    from .engine.devices import pick_device
+    from .engine.pipeline import train_and_evaluate
     from .progress import TrainingReporter
 
     out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
@@ -249,79 +245,37 @@ def _run_training(training_id: int, resume: bool) -> None:
     device = pick_device(cfg.device)
     _update(Training, training_id, device=str(device))
     reporter.log(f"Preparing the model and activations on {device}...")
-    last = [0.0]
 
-    def progress(fraction: float, message: str = "") -> None:
-        now = time.monotonic()
-        if now - last[0] >= 2.0:
-            last[0] = now
-            reporter.log(f"{message} ({100 * fraction:.0f}%)" if message else
-                         f"Preparing: {100 * fraction:.0f}%")
+    def eval_failed(exc: Exception) -> None:  # the trained SAE is saved; only the report is lost
+        log.error("Evaluation of training %s failed", training_id, exc_info=exc)
+        reporter.log(f"Evaluation failed: {error_message(exc)}", "error")
 
-    source, meta = open_source(cfg, data_dir=settings.data_dir(), device=device,
-                               progress=progress)
-    names = {"model": t.model.source, "model_name": t.model.source,
-             "dataset": t.dataset.source, "dataset_path": t.dataset.source}
-    meta = dict(meta, **names)  # the names the user gave, for the export and the report
-    trainer = Trainer(cfg, source, out_dir, callbacks=reporter.callbacks(), export_meta=meta)
-    try:
-        result = trainer.fit(resume=checkpoint)
-    finally:
-        reporter.close()
+    values = train_and_evaluate(
+        cfg, out_dir, data_dir=settings.data_dir(), device=device,
+        callbacks=reporter.callbacks(), resume=checkpoint,
+        # the names the user gave, for the export and the report
+        names={"model": t.model.source, "model_name": t.model.source,
+               "dataset": t.dataset.source, "dataset_path": t.dataset.source},
+        prepare_progress=Throttled(lambda fraction, message: reporter.log(
+            f"{message} ({100 * fraction:.0f}%)" if message
+            else f"Preparing: {100 * fraction:.0f}%"), LOG_PROGRESS_S),
+        after_fit=reporter.close, evaluate=lambda: not reporter.interrupted,
+        eval_progress=Throttled(lambda fraction, message: reporter.log(
+            f"Evaluating: {100 * fraction:.0f}%" + (f" ({message})" if message else "")),
+            LOG_PROGRESS_S),
+        log=reporter.log, on_eval_error=eval_failed)
     if reporter.interrupted:
         status, error = "interrupted", INTERRUPTED_MESSAGE
-    elif result.stopped:
+    elif values["stopped"]:
         status, error = "stopped", None
     else:
         status, error = "completed", None
-    values = result.to_dict()
-    if status != "interrupted":
-        del source, trainer.source  # free the live model before the evaluation loads it again
-        values["eval"].update(_evaluate(cfg, trainer, out_dir, meta, reporter))
+    if "report" in values["eval"]:
+        values["eval"]["report"] = bool(values["eval"]["report"])  # the API's flag
     with db.atomic():
         Training.update(status=status, error=error, result=values,
-                        current_step=result.steps, requested=None, finished_at=time.time(),
+                        current_step=values["steps"], requested=None, finished_at=time.time(),
                         updated_at=time.time()).where(Training.id == training_id).execute()
-
-
-def _evaluate(cfg: Any, trainer: Any, out_dir: Path, meta: dict[str, Any],
-              reporter: Any) -> dict[str, Any]:
-    """The held-out evaluation after a training (see engine.pipeline.evaluate_run): its summary
-    numbers for ``Training.result["eval"]`` plus ``report: true`` when eval/ was written. A
-    failure here is logged and leaves the training's own result standing."""
-    from .engine.pipeline import eval_summary, evaluate_run, evaluation_skipped
-
-    skipped = evaluation_skipped(cfg)
-    if skipped:
-        reporter.log(f"No report: {skipped}")
-        return {"report": False}
-    reporter.log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
-    last = [0.0]
-
-    def progress(fraction: float, message: str = "") -> None:
-        now = time.monotonic()
-        if now - last[0] >= 2.0:
-            last[0] = now
-            reporter.log(f"Evaluating: {100 * fraction:.0f}%" + (f" ({message})" if message
-                                                                   else ""))
-
-    try:
-        report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=out_dir,
-                              data_dir=settings.data_dir(), device=trainer.device,
-                              step=trainer.step, meta=meta, precision=trainer.precision,
-                              progress=progress)
-    except Exception as exc:  # noqa: BLE001 - the trained SAE is saved; only the report is lost
-        log.exception("Evaluation of training %s failed", reporter.training_id)
-        reporter.log(f"Evaluation failed: {error_message(exc)}", "error")
-        return {"report": False}
-    if report is None:
-        return {"report": False}
-    summary = eval_summary(report)
-    rec = report.get("ce_loss_recovered")
-    reporter.log("Report ready: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
-        report["fvu"], report["l0"], report["dead"], report["dense"],
-        f", CE loss recovered {100 * rec:.1f}%" if rec is not None else ""))
-    return dict(summary, report=True)
 
 
 # ---------------------------------------------------------------------------- worker start-up
@@ -356,7 +310,7 @@ def measure_device() -> dict[str, Any]:
     """The worker's device, its memory (bytes) and fp32 matmul speed (GFLOP/s, ~0.3 s)."""
     import torch
 
-    from .engine.trainer import pick_device
+    from .engine.devices import pick_device
 
     device = pick_device("auto")
     if device.type == "cuda":
@@ -392,13 +346,13 @@ def write_heartbeat(name: str, device: dict[str, Any]) -> None:
 def _heartbeat_loop(name: str) -> None:
     try:
         device = measure_device()
-    except Exception:  # noqa: BLE001 - a heartbeat without a speed is still useful
+    except Exception:  # a heartbeat without a speed is still useful
         log.exception("Measuring the device failed")
         device = {"device": "cpu", "device_name": None, "device_memory": None, "gflops": None}
     while True:
         try:
             write_heartbeat(name, device)
-        except Exception:  # noqa: BLE001 - keep beating
+        except Exception:  # keep beating
             log.exception("Writing the heartbeat failed")
         time.sleep(HEARTBEAT_S)
 
@@ -421,7 +375,7 @@ def on_worker_start() -> None:
         _started = True
         try:
             recover()
-        except Exception:  # noqa: BLE001 - the worker still runs
+        except Exception:  # the worker still runs
             log.exception("Recovering stale jobs failed")
         name = f"{socket.gethostname()}:{os.getpid()}"
         threading.Thread(target=_heartbeat_loop, args=(name,), name="sae-heartbeat",

@@ -1,9 +1,10 @@
-"""Glue shared by the CLI and the worker: config -> model, tokens, activation source -> trainer.
+"""Glue shared by the CLI and the worker: config -> model, tokens, activation source -> trainer
+-> held-out evaluation. Both run a training through ``train_and_evaluate``:
 
-    source, meta = open_source(cfg, data_dir=..., progress=...)
-    trainer = Trainer(cfg, source, out_dir, callbacks=..., export_meta=meta)
-    result = trainer.fit(resume=...)
-    report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=..., data_dir=..., ...)
+    values = train_and_evaluate(cfg, out_dir, data_dir=..., device=..., callbacks=...)
+
+which opens the source (``open_source``), trains (``Trainer.fit``), frees a live model and
+evaluates on held-out text (``evaluate_run``), returning the result dict with ``eval`` merged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from .activations import CachedActivations, LiveActivations, write_activation_file
 from .config import TrainConfig
 from .errors import ConfigError, DataError
+from .trainer import Trainer
 
 Progress = Callable[[float, str], None]
 
@@ -221,3 +223,62 @@ EVAL_SUMMARY_KEYS = ("tokens", "scored_tokens", "fvu", "explained_variance", "l0
 def eval_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The report's headline numbers, stored with the training result (``result["eval"]``)."""
     return {k: report.get(k) for k in EVAL_SUMMARY_KEYS}
+
+
+# ---------------------------------------------------------------------------- one training
+def train_and_evaluate(
+    cfg: TrainConfig, out_dir: Path, *, data_dir: Path, device: torch.device,
+    callbacks: Any = None, resume: Path | None = None, names: dict[str, Any] | None = None,
+    prepare_progress: Progress | None = None, after_fit: Callable[[], None] | None = None,
+    evaluate: bool | Callable[[], bool] = True, eval_progress: Progress | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    on_eval_error: Callable[[Exception], None] | None = None,
+) -> dict[str, Any]:
+    """Open the activation source, train (continuing from ``resume``), free a live model, then
+    evaluate on held-out text into ``out_dir/eval``. Returns ``TrainResult.to_dict()`` whose
+    ``eval`` also holds the report's headline numbers (``eval_summary``) and ``report``: the
+    eval folder's path when one was written, False when the config has none to write
+    (``evaluation_skipped``) or the evaluation failed.
+
+    ``names`` overrides the export metadata's names (the model and dataset as the user gave
+    them). ``after_fit`` runs once training ends, even on an exception (flush metrics, close a
+    bar). ``evaluate`` (a bool, or a predicate asked after training: the worker skips an
+    interrupted run) turns the evaluation off; the result then has no ``report`` key. ``log``
+    receives one sentence per evaluation stage. An evaluation failure raises unless
+    ``on_eval_error`` takes it (the training's result stands).
+    """
+    source, meta = open_source(cfg, data_dir=data_dir, device=device, progress=prepare_progress)
+    meta = dict(meta, **(names or {}))
+    trainer = Trainer(cfg, source, out_dir, callbacks=callbacks, export_meta=meta)
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        if after_fit is not None:
+            after_fit()
+    values = result.to_dict()
+    if not (evaluate() if callable(evaluate) else evaluate):
+        return values
+    del source, trainer.source  # free a live model before the evaluation loads it again
+    skipped = evaluation_skipped(cfg)
+    if skipped:
+        log(f"No report: {skipped}")
+        values["eval"]["report"] = False
+        return values
+    log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
+    try:
+        report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=out_dir,
+                              data_dir=data_dir, device=trainer.device, step=trainer.step,
+                              meta=meta, precision=trainer.precision, progress=eval_progress)
+    except Exception as exc:
+        if on_eval_error is None:
+            raise
+        on_eval_error(exc)
+        values["eval"]["report"] = False
+        return values
+    assert report is not None  # evaluation_skipped said it runs
+    values["eval"].update(eval_summary(report), report=str(Path(out_dir) / "eval"))
+    recovered = report.get("ce_loss_recovered")
+    log("Report ready: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
+        report["fvu"], report["l0"], report["dead"], report["dense"],
+        f", CE loss recovered {100 * recovered:.1f}%" if recovered is not None else ""))
+    return values
