@@ -27,6 +27,7 @@ def app_db_path() -> Path:
 
 
 def queue_db_path() -> Path:
+    """Huey's queue file, made by ``worker.queue`` when the queue is first used."""
     return data_dir() / "queue.db"
 
 
