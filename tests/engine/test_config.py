@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +174,14 @@ def test_from_dict_accepts_old_names_and_refuses_unknown_ones():
         TrainConfig.from_dict({"batchsize": 3})
     with pytest.raises(ConfigError, match="Unknown configuration option 'nope'"):
         option("nope")
+
+
+def test_readme_option_table_is_current():
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("options_table",
+                                                  root / "scripts" / "options_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (root / "README.md").read_text()
+    assert script.START in readme and "| `--batch-size` | Batch size | `4096` |" in readme
+    assert script.rendered(readme) == readme, "run .venv/bin/python scripts/options_table.py"
