@@ -2,7 +2,8 @@
 
 ``TrainingReporter(training_id).callbacks()`` gives the engine's ``Callbacks``:
 
-- ``on_metrics`` buffers rows and flushes them at most every 0.5 s (always the first row, and
+- ``on_metrics`` buffers the engine's rows as they are (the job layer adds the API's older
+  names when it reads them) and flushes them at most every 0.5 s (always the first row, and
   at ``close()``) in one ``db.atomic()``: Metric rows (replaced: a retried run re-reports
   steps), ``Training.current_step``, ``latest`` and status ``training``;
 - ``on_log`` writes LogLine rows; ``on_checkpoint`` keeps the Checkpoint rows in step with the
@@ -34,16 +35,6 @@ log = logging.getLogger(__name__)
 FLUSH_S = 0.5
 POLL_S = 0.25
 _SAVED = re.compile(r"^Checkpoint saved at step \d+ \((\w+)")
-
-
-def with_aliases(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The engine's metrics dict plus the API names ``dead_neurons`` and ``learning_rate``."""
-    row = dict(metrics)
-    if "dead" in row:
-        row["dead_neurons"] = row["dead"]
-    if "lr" in row:
-        row["learning_rate"] = row["lr"]
-    return row
 
 
 class Throttled:
@@ -86,7 +77,7 @@ class TrainingReporter:
                          pause_poll_s=0.1)
 
     def on_metrics(self, metrics: dict[str, Any]) -> None:
-        self.pending.append(with_aliases(metrics))
+        self.pending.append(dict(metrics))
         if not self.flushed_any or time.monotonic() - self.last_flush >= FLUSH_S:
             self.flush()
 

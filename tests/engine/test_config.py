@@ -10,14 +10,7 @@ import pytest
 
 from worker.engine import architectures
 from worker.engine.architectures import Architecture
-from worker.engine.config import (
-    ALIASES,
-    INT64_MAX,
-    TrainConfig,
-    option,
-    options,
-    parse_value,
-)
+from worker.engine.config import ALIASES, INT64_MAX, TrainConfig, option, options, parse_value
 from worker.engine.errors import ConfigError
 
 FORM_MAIN = ("encoder_type", "hook_point", "layer", "expansion_factor", "latent_dim", "k",
