@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import zipfile
 
+from ..html import ids
 from .conftest import JSON
 from .test_trainings import FAST
 
@@ -35,5 +36,5 @@ def test_add_model_dataset_train_export(client):
     names = zipfile.ZipFile(io.BytesIO(z.data)).namelist()
     assert any(n.endswith("cfg.json") for n in names), names
     page = client.get("/").data.decode()
-    assert f'id="training-{tid}-charts"' in page and "badge-completed" in page
+    assert f"training-{tid}-charts" in ids(page) and "badge-completed" in page
     assert "Download SAELens export" in page

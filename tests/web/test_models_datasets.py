@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import io
 
+from ..html import ids
 from .conftest import HX, JSON, make_dataset, make_model, make_training
 
 
 def test_models_page_and_json(client, app):
     page = client.get("/models")
     assert page.status_code == 200
-    assert b"No models yet" in page.data and b'id="model-form"' in page.data
+    assert b"No models yet" in page.data and "model-form" in ids(page.data.decode())
     model = make_model()
     make_model(status="preparing", name="slow", progress=0.4)
     page = client.get("/models").data.decode()
-    assert f'id="model-{model.id}"' in page and "384" in page
+    assert f"model-{model.id}" in ids(page) and "384" in page
     assert 'hx-trigger="every 1s"' in page  # the preparing row polls itself
     listing = client.get("/models", headers=JSON).get_json()
     assert [m["name"] for m in listing["items"]] == ["slow", "minilm-l6"]
@@ -38,14 +39,14 @@ def test_add_model_validation_and_queue(client, enqueued):
     bad = client.post("/models", data={"source": " "}, headers=JSON)
     assert bad.status_code == 422 and "source" in bad.get_json()["errors"]
     html = client.post("/models", data={"source": ""}, headers=HX)
-    assert html.status_code == 422 and b'id="error-source"' in html.data
-    assert b'id="model-form"' in html.data
+    assert html.status_code == 422 and "error-source" in ids(html.data.decode())
+    assert "model-form" in ids(html.data.decode())
     assert enqueued == []
     ok = client.post("/models", data={"source": "minilm-l6", "name": "mini"}, headers=JSON)
     assert ok.status_code == 201 and ok.get_json()["name"] == "mini"
     assert enqueued == [("prepare_model", (ok.get_json()["id"],))]
     frag = client.post("/models", data={"source": "minilm-l6"}, headers=HX).data.decode()
-    assert 'hx-swap-oob="afterbegin:#models-rows"' in frag and 'id="model-form"' in frag
+    assert 'hx-swap-oob="afterbegin:#models-rows"' in frag and "model-form" in ids(frag)
     plain = client.post("/models", data={"source": "minilm-l6"})
     assert plain.status_code == 302
 
@@ -86,7 +87,7 @@ def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):
     errors = bad.get_json()["errors"]
     assert {"source", "context_size", "max_tokens"} <= set(errors)
     html = client.post("/datasets", data={"source": "/nope/x.txt"}, headers=HX)
-    assert html.status_code == 422 and b'id="error-source"' in html.data
+    assert html.status_code == 422 and "error-source" in ids(html.data.decode())
     assert enqueued == []
     up = client.post("/datasets", data={"file": (io.BytesIO(b"hello world\n" * 50), "c.txt"),
                                         "context_size": "16"},

@@ -8,10 +8,10 @@ import zipfile
 
 from worker.db import Checkpoint, Training
 
-from ..html import element_by_id, find_all
+from ..html import attr, element_by_id, find_all, ids
 from .conftest import HX, JSON, make_model, make_training
 
-FAST = {"layer_idx": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
+FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
         "total_steps": "20", "log_every": "5", "auto_save_interval": "10",
         "buffer_tokens": "2048", "eval_tokens": "256", "device": "cpu"}
 
@@ -51,8 +51,11 @@ def test_model_fields_fragment(client, ready):
     frag = client.get(f"/trainings/model-fields?model_id={other.id}", headers=HX)
     html = frag.data.decode()
     assert html.strip().startswith('<div id="training-model-fields"')
-    assert "Layer 29" in html and '<option value="15" selected' in html
-    assert "mlp_out" not in html
+    layers = find_all(element_by_id(html, "input-layer"), "option")
+    assert layers[-1].text == "Layer 29"
+    assert [o.get("value") for o in layers if "selected" in o.attrs] == ["15"]
+    hooks = find_all(element_by_id(html, "input-hook_point"), "option")
+    assert [o.get("value") for o in hooks] == ["residual"]
 
 
 def test_estimate(client, ready):
@@ -62,27 +65,31 @@ def test_estimate(client, ready):
     assert b"estimate-memory" in frag.data and b"estimate-warning" not in frag.data
     over = client.get(f"/trainings/estimate?model_id={model.id}&latent_dim=4000000&"
                       "batch_size=65536", headers=HX).data.decode()
-    assert 'id="estimate-warning"' in over and "budget" in over
+    assert "estimate-warning" in ids(over) and "budget" in over
     data = client.get(f"/trainings/estimate?model_id={model.id}", headers=JSON).get_json()
     assert data["fits"] is True and data["memory_bytes"] > 0 and data["budget_bytes"] == 6e9
 
 
 def test_create_invalid_422(client, ready, enqueued):
     model, dataset = ready
-    form = {"model_id": str(model.id), "dataset_id": str(dataset.id), "layer_idx": "99",
+    form = {"model_id": str(model.id), "dataset_id": str(dataset.id), "layer": "99",
             "batch_size": "lots", "learning_rate": "fast", "encoder_type": "nope"}
     r = client.post("/trainings", data=form, headers=JSON)
     assert r.status_code == 422
     errors = r.get_json()["errors"]
-    assert {"layer_idx", "batch_size", "learning_rate", "encoder_type"} <= set(errors)
+    assert set(errors) == {"layer", "batch_size", "learning_rate", "encoder_type"}
+    assert errors["layer"] == "Layer 99 is out of range: the model has 6 layers (0-5)."
+    # the older name is still accepted, and its errors come back under the current one
+    old = client.post("/trainings", data=dict(form, layer_idx="-1", layer=None), headers=JSON)
+    assert old.get_json()["errors"]["layer"] == "Layer must be between 0 and 4,095 (got -1)."
     html = client.post("/trainings", data=form, headers=HX)
     assert html.status_code == 422 and html.headers["HX-Retarget"] == "#training-form"
     body = html.data.decode()
     assert body.strip().startswith('<form id="training-form"')
-    assert 'id="error-batch_size"' in body and 'value="lots"' in body
+    assert "error-batch_size" in ids(body) and attr(body, "input-batch_size", "value") == "lots"
     assert "open" in element_by_id(body, "training-advanced").attrs
     page = client.post("/trainings", data={})
-    assert page.status_code == 422 and b'id="error-model_id"' in page.data
+    assert page.status_code == 422 and "error-model_id" in ids(page.data.decode())
     assert b"<html" in page.data
     assert enqueued == [] and Training.select().count() == 0
 
@@ -101,7 +108,7 @@ def test_create_queues_and_renders(client, ready, enqueued):
     assert html.startswith(f'<article id="training-{tid2}"')
     assert f'hx-ext="ws" ws-connect="/ws/trainings/{tid2}"' in html
     assert '<form id="training-form"' in html and 'hx-swap-oob="true"' in html
-    assert 'id="jobs-empty" hx-swap-oob="delete"' in html
+    assert attr(html, "jobs-empty", "hx-swap-oob") == "delete"
     plain = client.post("/trainings", data=form)
     assert plain.status_code == 302 and plain.headers["Location"].startswith("/#training-")
     page = client.get("/").data.decode()
@@ -115,7 +122,7 @@ def test_card_parts_running(client, ready):
     t = make_training(model, dataset, status="training", steps=400, checkpoints=2)
     html = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
     for part in ("status", "progress", "tiles", "charts", "buttons", "log", "checkpoints"):
-        assert f'id="training-{t.id}-{part}"' in html, part
+        assert f"training-{t.id}-{part}" in ids(html), part
     assert html.startswith(f'<article id="training-{t.id}"') and "ws-connect" in html
     assert "40.0%" in html and "Step 400 / 1,000" in html and "ETA" in html
     assert "Elapsed 2m" in html
@@ -125,11 +132,11 @@ def test_card_parts_running(client, ready):
     assert "Checkpoints (2)" in html and "★ best" in html and "Save now" in html
     assert ">Pause</button>" in html and ">Stop</button>" in html
     assert ">Retry</button>" not in html and ">Delete</button>" in html  # checkpoint delete
-    assert f'id="training-{t.id}-delete"' not in html
+    assert f"training-{t.id}-delete" not in ids(html)
     assert html.count("<circle") == 80  # 40 loss + 40 L0 points
     assert "log line 2" in html
     page = client.get(f"/trainings/{t.id}").data.decode()
-    assert "<html" in page and f'id="training-{t.id}-tiles"' in page
+    assert "<html" in page and f"training-{t.id}-tiles" in ids(page)
 
 
 def test_card_buttons_by_state(client, ready):
@@ -141,10 +148,10 @@ def test_card_buttons_by_state(client, ready):
     assert ">Resume</button>" in h and ">Stop</button>" in h and ">Pause</button>" not in h
     h = client.get(f"/trainings/{failed.id}", headers=HX).data.decode()
     assert ">Retry</button>" in h and "CUDA out of memory." in h and "ws-connect" not in h
-    assert f'id="training-{failed.id}-delete"' in h
+    assert f"training-{failed.id}-delete" in ids(h)
     h = client.get(f"/trainings/{done.id}", headers=HX).data.decode()
     assert ">Retry</button>" not in h and "100.0%" in h and "ws-connect" not in h
-    assert f'id="training-{done.id}-delete"' in h
+    assert f"training-{done.id}-delete" in ids(h)
 
 
 def test_training_json_and_list(client, ready):
@@ -172,8 +179,10 @@ def test_controls_and_409(client, ready, enqueued):
     assert again.status_code == 409 and "only a paused training" in again.get_json()["error"]
     Training.update(status="paused", requested=None).where(Training.id == t.id).execute()
     frag = client.post(f"/trainings/{t.id}/resume", headers=HX).data.decode()
-    assert f'<div id="training-{t.id}-status" class="card-status" hx-swap-oob="true"' in frag
-    assert f'id="training-{t.id}-buttons"' in frag
+    status = element_by_id(frag, f"training-{t.id}-status")
+    assert (status.tag, status.classes, status.get("hx-swap-oob")) == (
+        "div", ["card-status"], "true")
+    assert f"training-{t.id}-buttons" in ids(frag)
     stop = client.post(f"/trainings/{t.id}/stop", headers=JSON).get_json()
     assert stop["status"] == "stopping"
     Training.update(status="stopped", requested=None).where(Training.id == t.id).execute()
@@ -208,7 +217,7 @@ def test_metrics_json_csv_html(client, ready):
     assert len(table) == 10 and table[0]["step"] == "10" and "loss" in table[0]
     assert "learning_rate" in table[0]
     page = client.get(f"/trainings/{t.id}/metrics").data.decode()
-    assert 'id="metrics-table"' in page and f'id="training-{t.id}-loss-chart"' in page
+    assert "metrics-table" in ids(page) and f"training-{t.id}-loss-chart" in ids(page)
     frag = client.get(f"/trainings/{t.id}/metrics", headers=HX).data.decode()
     assert frag.startswith(f'<div id="training-{t.id}-charts"')
     assert client.get("/trainings/999/metrics?format=csv").status_code == 404
@@ -229,7 +238,8 @@ def test_checkpoints(client, ready, tmp_path):
     assert ".safetensors" in dl.headers["Content-Disposition"]
     dl.close()
     frag = client.delete(f"/checkpoints/{items[2]['id']}", headers=HX).data.decode()
-    assert f'id="training-{t.id}-checkpoints-count" hx-swap-oob="true">Checkpoints (2)' in frag
+    count = element_by_id(frag, f"training-{t.id}-checkpoints-count")
+    assert count.get("hx-swap-oob") == "true" and count.text.startswith("Checkpoints (2)")
     assert client.delete(f"/checkpoints/{items[1]['id']}", headers=JSON).get_json() == {
         "deleted": items[1]["id"]}
     assert Checkpoint.select().count() == 1
@@ -244,7 +254,7 @@ def test_checkpoints(client, ready, tmp_path):
     r = client.post(f"/trainings/{running.id}/checkpoints", headers=JSON)
     assert r.status_code == 202 and r.get_json()["requested"] == "save"
     frag = client.post(f"/trainings/{running.id}/checkpoints", headers=HX).data.decode()
-    assert f'id="training-{running.id}-checkpoints"' in frag
+    assert f"training-{running.id}-checkpoints" in ids(frag)
 
 
 def test_export_zip(client, ready, tmp_path):
