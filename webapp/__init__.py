@@ -1,8 +1,8 @@
 """SAE Studio's web app: Flask + Jinja + HTMX over the job layer (``worker.jobs``).
 
-The web imports ``worker.db``, ``worker.jobs``, ``worker.reports`` and ``worker.settings`` only
-(never torch): the worker is another process that reports through the same SQLite database and
-the evaluation files it writes next to a training's checkpoints.
+The web imports ``worker.jobs`` and ``worker.settings`` only (never a table, SQL or torch;
+tests/web/test_layering.py checks): the worker is another process that reports through the same
+SQLite database and the evaluation files it writes next to a training's checkpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import os
 from typing import Any
 
 from flask import Flask, render_template, request
+from flask.typing import ResponseReturnValue
+
+from worker import jobs, settings
 
 from . import render
 
@@ -32,20 +35,16 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     # The data folder: worker.settings reads $SAE_STUDIO_DATA on every call.
     if app.config.get("DATA_DIR"):
         os.environ["SAE_STUDIO_DATA"] = str(app.config["DATA_DIR"])
-    from worker import settings
-    from worker.db import db, init_db
-
     app.config["DATA_DIR"] = str(settings.data_dir())
-    init_db(settings.app_db_path())
+    jobs.open_database()
 
     @app.before_request
     def _connect() -> None:
-        db.connect(reuse_if_open=True)
+        jobs.connect()
 
     @app.teardown_request
     def _close(_exc: BaseException | None) -> None:
-        if not db.is_closed():
-            db.close()
+        jobs.disconnect()
 
     for name, fn in render.FILTERS.items():
         app.jinja_env.filters[name] = fn
@@ -53,22 +52,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        from worker import jobs
-
         try:
             health = jobs.health()
-        except Exception:  # noqa: BLE001 - the top bar must never break a page
+        except Exception:  # the top bar must never break a page
             health = {"alive": False, "device": None}
         return {"health": health, "device_label": render.device_label(health)}
 
-    from worker.jobs import JobError
-
-    @app.errorhandler(JobError)
-    def _job_error(exc: JobError):  # type: ignore[no-untyped-def]
+    @app.errorhandler(jobs.JobError)
+    def _job_error(exc: jobs.JobError) -> ResponseReturnValue:
         return error_response(exc)
 
     @app.errorhandler(404)
-    def _not_found(exc: Any):  # type: ignore[no-untyped-def]
+    def _not_found(exc: Any) -> ResponseReturnValue:
         if render.wants_json() or request.path.startswith("/ws/"):
             return render.json_response({"error": "Not found."}, 404)
         return render_template("error.html", message="This page does not exist.",
@@ -85,15 +80,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
-def error_response(exc: Any):  # type: ignore[no-untyped-def]
+def error_response(exc: jobs.JobError) -> ResponseReturnValue:
     """A JobError as JSON (``{"error"}``, plus ``{"errors"}`` for 422) or as an HTML message.
 
     htmx requests get the message in the page's flash area (HX-Retarget)."""
-    status = getattr(exc, "status", 400)
+    status = exc.status
     message = str(exc)
     if render.wants_json():
         body: dict[str, Any] = {"error": message}
-        if getattr(exc, "errors", None):
+        if exc.errors:
             body["errors"] = exc.errors
         return render.json_response(body, status)
     if render.is_fragment_request():

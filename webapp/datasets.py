@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
 
 from worker import jobs
 
@@ -23,7 +24,7 @@ def _ctx(**extra: Any) -> dict[str, Any]:
 
 
 @bp.get("")
-def index():  # type: ignore[no-untyped-def]
+def index() -> ResponseReturnValue:
     if wants_json():
         return json_response({"items": [jobs.dataset_as_dict(d)
                                         for d in jobs.list_datasets()]})
@@ -31,7 +32,7 @@ def index():  # type: ignore[no-untyped-def]
 
 
 @bp.post("")
-def create():  # type: ignore[no-untyped-def]
+def create() -> ResponseReturnValue:
     values = {f: request.form.get(f, "") for f in FIELDS}
     upload = request.files.get("file")
     try:
@@ -59,7 +60,7 @@ def create():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<int:dataset_id>")
-def detail(dataset_id: int):  # type: ignore[no-untyped-def]
+def detail(dataset_id: int) -> ResponseReturnValue:
     dataset = jobs.get_dataset(dataset_id)
     if wants_json():
         return json_response(jobs.dataset_as_dict(dataset))
@@ -67,7 +68,7 @@ def detail(dataset_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.delete("/<int:dataset_id>")
-def delete(dataset_id: int):  # type: ignore[no-untyped-def]
+def delete(dataset_id: int) -> ResponseReturnValue:
     jobs.delete_dataset(dataset_id)
     if wants_json():
         return json_response({"deleted": dataset_id})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
 
 from worker import jobs
 
@@ -29,14 +30,14 @@ def _ctx(**extra: Any) -> dict[str, Any]:
 
 
 @bp.get("")
-def index():  # type: ignore[no-untyped-def]
+def index() -> ResponseReturnValue:
     if wants_json():
         return json_response({"items": [jobs.model_as_dict(m) for m in jobs.list_models()]})
     return page_or_fragment("models/index.html", "models/_list.html", **_ctx())
 
 
 @bp.post("")
-def create():  # type: ignore[no-untyped-def]
+def create() -> ResponseReturnValue:
     values = {"source": request.form.get("source", ""), "name": request.form.get("name", "")}
     try:
         model = jobs.add_model(values["source"], name=values["name"] or None)
@@ -56,7 +57,7 @@ def create():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<int:model_id>")
-def detail(model_id: int):  # type: ignore[no-untyped-def]
+def detail(model_id: int) -> ResponseReturnValue:
     model = jobs.get_model(model_id)
     if wants_json():
         return json_response(jobs.model_as_dict(model))
@@ -65,7 +66,7 @@ def detail(model_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.delete("/<int:model_id>")
-def delete(model_id: int):  # type: ignore[no-untyped-def]
+def delete(model_id: int) -> ResponseReturnValue:
     jobs.delete_model(model_id)
     if wants_json():
         return json_response({"deleted": model_id})

@@ -8,7 +8,7 @@
   report with the requested page of latents under ``latents``.
 - ``GET /trainings/<id>/latents/<n>``: one latent, its numbers and top activating contexts.
 
-The files are read by ``worker.reports`` (the worker's eval folder); no torch here.
+The files are read by ``worker.jobs.reports`` (the worker's eval folder); no torch here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, render_template, request, url_for
+from flask.typing import ResponseReturnValue
 
-from worker import jobs, reports
+from worker import jobs
+from worker.jobs import reports
 
 from . import error_response
 from .render import fmt_sci, histogram_svg, is_fragment_request, json_response, wants_json
@@ -30,7 +32,7 @@ SORT_LABELS = {"id": "Latent", "frequency": "Frequency", "max_act": "Max act",
                "mean_act": "Mean act"}
 
 
-def _missing(exc: reports.NoReport):  # type: ignore[no-untyped-def]
+def _missing(exc: reports.NoReport) -> ResponseReturnValue:
     if wants_json() or is_fragment_request():
         return error_response(exc)
     return render_template("reports/missing.html", t=exc.training, message=str(exc)), 404
@@ -81,7 +83,7 @@ def _table_ctx(t: Any, page: dict[str, Any], errors: dict[str, str], q: str = ""
 
 
 @bp.get("/trainings/<int:training_id>/report")
-def report(training_id: int):  # type: ignore[no-untyped-def]
+def report(training_id: int) -> ResponseReturnValue:
     t = jobs.get_training(training_id)
     try:
         data = reports.require_report(t)
@@ -138,7 +140,7 @@ def shaded_contexts(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @bp.get("/trainings/<int:training_id>/latents/<int:n>")
-def latent_page(training_id: int, n: int):  # type: ignore[no-untyped-def]
+def latent_page(training_id: int, n: int) -> ResponseReturnValue:
     t = jobs.get_training(training_id)
     try:
         data = reports.latent(t, n)

@@ -26,11 +26,13 @@ from flask import (
     send_file,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 from markupsafe import Markup
 
-from worker import jobs, reports
-from worker.db import FINISHED, Checkpoint, LogLine, Metric, Training, db
+from worker import jobs
+from worker.jobs import FINISHED, reports
 
+from .forms import form_ctx, form_values
 from .render import (
     MAX_POINTS,
     is_fragment_request,
@@ -45,19 +47,16 @@ PARTS = ("status", "progress", "tiles", "charts", "buttons", "log", "checkpoints
          "checkpoints")
 """Card parts, each a macro of ``trainings/_card.html`` with one root ``training-N-<part>``."""
 LOG_LINES = 8
-EXPANSION_CHOICES = (4, 8, 16, 32)
-FIRST_ROW = ("model_id", "dataset_id", "encoder_type")
-MODEL_FIELDS = ("layer_idx", "hook_point")
 
 
 # ---------------------------------------------------------------------------- card view
-def checkpoint_dict(ckpt: Checkpoint) -> dict[str, Any]:
+def checkpoint_dict(ckpt: Any) -> dict[str, Any]:
     out = jobs.checkpoint_as_dict(ckpt)
     out["download_url"] = url_for("trainings.download_checkpoint", checkpoint_id=ckpt.id)
     return out
 
 
-def card_view(t: Training, *, with_metrics: bool = True) -> dict[str, Any]:
+def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
     """Everything a card shows, computed once for all its parts."""
     d = jobs.training_as_dict(t)
     cfg = t.config or {}
@@ -85,14 +84,9 @@ def card_view(t: Training, *, with_metrics: bool = True) -> dict[str, Any]:
     if l0_frac is None and latest.get("l0") is not None and d_sae:
         l0_frac = float(latest["l0"]) / d_sae
     dead_frac = latest.get("dead_frac")
-    if dead_frac is None and latest.get("dead_neurons") is not None and d_sae:
-        dead_frac = float(latest["dead_neurons"]) / d_sae
-
-    log = list(LogLine.select().where(LogLine.training == t.id)
-               .order_by(LogLine.id.desc()).limit(LOG_LINES))[::-1]
-    ckpts = [checkpoint_dict(c) for c in
-             Checkpoint.select().where(Checkpoint.training == t.id)
-             .order_by(Checkpoint.step.desc())]
+    if dead_frac is None and latest.get("dead") is not None and d_sae:
+        dead_frac = float(latest["dead"]) / d_sae
+    data = jobs.card_data(t, log_limit=LOG_LINES, chart_limit=MAX_POINTS if with_metrics else None)
     view: dict[str, Any] = {
         "id": t.id, "t": t, "d": d, "status": t.status, "error": t.error,
         "requested": t.requested, "finished": t.status in FINISHED,
@@ -102,37 +96,13 @@ def card_view(t: Training, *, with_metrics: bool = True) -> dict[str, Any]:
         "created_at": t.created_at, "started_at": started, "finished_at": t.finished_at,
         "step": step, "total": total, "fraction": fraction, "elapsed": elapsed, "eta": eta,
         "latest": latest, "d_sae": d_sae, "l0_frac": l0_frac, "dead_frac": dead_frac,
-        "log": log, "checkpoints": ckpts,
-        "can_export": t.status in ("completed", "stopped") and bool(t.out_dir)
-        and (Path(t.out_dir) / "saelens").is_dir(),
+        "log": data["log"], "checkpoints": [checkpoint_dict(c) for c in data["checkpoints"]],
+        "can_export": jobs.has_export(t),
         "has_report": t.status in ("completed", "stopped") and reports.has_report(t),
-        "loss_points": [], "l0_points": [],
+        "loss_points": [(step, loss) for step, loss, _ in data["chart"] if loss is not None],
+        "l0_points": [(step, l0) for step, _, l0 in data["chart"] if l0 is not None],
     }
-    if with_metrics:
-        for step, loss, l0 in chart_rows(t.id):
-            if loss is not None:
-                view["loss_points"].append((step, loss))
-            if l0 is not None:
-                view["l0_points"].append((step, l0))
     return view
-
-
-def chart_rows(training_id: int, limit: int = MAX_POINTS) -> list[tuple[int, Any, Any]]:
-    """(step, loss, l0) of at most ~``limit`` rows spread over the run, first and last kept.
-
-    Downsampled and unpacked in SQLite (row_number + json_extract), so a card costs the same
-    whether its run has 100 or 100,000 metric rows.
-    """
-    n = Metric.select().where(Metric.training == training_id).count()
-    if n == 0:
-        return []
-    stride = max(1, -(-n // limit))
-    cursor = db.execute_sql(
-        "SELECT step, json_extract(data, '$.loss'), json_extract(data, '$.l0') FROM ("
-        " SELECT step, data, row_number() OVER (ORDER BY step) - 1 AS rn"
-        " FROM metric WHERE training_id = ?) WHERE rn % ? = 0 OR rn = ? ORDER BY step",
-        (training_id, stride, n - 1))
-    return list(cursor.fetchall())
 
 
 _FINISHED_CARDS: OrderedDict[tuple[int, float, bool], Markup] = OrderedDict()
@@ -140,7 +110,7 @@ _FINISHED_CARDS: OrderedDict[tuple[int, float, bool], Markup] = OrderedDict()
 row does or the evaluation report appears."""
 
 
-def card_html(t: Training) -> Markup:
+def card_html(t: Any) -> Markup:
     """The whole card of a job (the ``card`` macro); a finished job's card is rendered once."""
     if t.status not in FINISHED:
         return render_part("card", card_view(t))
@@ -169,74 +139,12 @@ def render_card(view: dict[str, Any], oob: bool = False) -> str:
     return str(render_part("card", view, oob))
 
 
-def training_json(t: Training) -> dict[str, Any]:
+def training_json(t: Any) -> dict[str, Any]:
     out = jobs.training_as_dict(t)
     out["model_name"] = t.model.name
     out["dataset_name"] = t.dataset.name
     out["url"] = url_for("trainings.detail", training_id=t.id)
     return out
-
-
-# ---------------------------------------------------------------------------- the form
-def _display(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None = None
-             ) -> dict[str, Any]:
-    """The configuration form's context: fields, choices, shown values, estimate."""
-    values = dict(values or {})
-    errors = dict(errors or {})
-    choices = jobs.form_choices(None)
-    if not values.get("model_id") and choices["model_id"]:
-        values["model_id"] = choices["model_id"][0][0]
-    model = None
-    if values.get("model_id"):
-        try:
-            model = jobs.get_model(values["model_id"])
-        except jobs.NotFound:
-            model = None
-        if model is not None and model.status != "ready":
-            model = None
-    choices = jobs.form_choices(model)
-    defaults = jobs.training_defaults(model)
-    shown = {k: _display(v) for k, v in defaults.items()}
-    if model is None:
-        shown["model_id"] = ""
-    for k, v in values.items():
-        if k in jobs.FIELDS_BY_NAME:
-            shown[k] = v
-    hooks = [c[0] for c in choices["hook_point"]]
-    if shown.get("hook_point") not in hooks and hooks:
-        shown["hook_point"] = hooks[0]
-    layers = list(range(int(model.n_layers))) if model is not None and model.n_layers else []
-    if layers and shown.get("layer_idx", "") not in {str(i) for i in layers}:
-        if "layer_idx" not in errors:
-            shown["layer_idx"] = _display(defaults.get("layer_idx"))
-    choices["expansion_factor"] = [(str(x), f"{x}x") for x in EXPANSION_CHOICES]
-    if shown.get("expansion_factor") and shown["expansion_factor"] not in \
-            {str(x) for x in EXPANSION_CHOICES}:
-        choices["expansion_factor"].append((shown["expansion_factor"],
-                                            f"{shown['expansion_factor']}x"))
-    choices["layer_idx"] = [(str(i), f"Layer {i}") for i in layers]
-    fields = jobs.FORM_FIELDS
-    by_name = jobs.FIELDS_BY_NAME
-    main = [f for f in fields if not f.advanced and f.name not in FIRST_ROW + MODEL_FIELDS]
-    advanced = [f for f in fields if f.advanced]
-    adv_names = {f.name for f in main + advanced}
-    return {
-        "fields": by_name, "first_row": [by_name[n] for n in FIRST_ROW],
-        "model_fields": [by_name[n] for n in MODEL_FIELDS], "main_fields": main,
-        "advanced_fields": advanced, "advanced_open": any(n in errors for n in adv_names),
-        "choices": choices, "values": shown, "errors": errors, "model": model,
-        "estimate": jobs.estimate(model, {k: v for k, v in shown.items() if v != ""}),
-        "can_start": bool(shown.get("model_id")) and bool(shown.get("dataset_id")),
-    }
-
-
-def _form_values() -> dict[str, str]:
-    src = request.form if request.method == "POST" else request.args
-    return {k: src.get(k, "") for k in jobs.FIELDS_BY_NAME if k in src}
 
 
 # ---------------------------------------------------------------------------- pages
@@ -246,12 +154,12 @@ def _page_ctx(**extra: Any) -> dict[str, Any]:
 
 
 @bp.get("/")
-def index():  # type: ignore[no-untyped-def]
+def index() -> ResponseReturnValue:
     return render_template("trainings/index.html", **_page_ctx())
 
 
 @bp.get("/trainings")
-def list_trainings():  # type: ignore[no-untyped-def]
+def list_trainings() -> ResponseReturnValue:
     if wants_json():
         return json_response({"items": [training_json(t) for t in jobs.list_trainings()]})
     if is_fragment_request():
@@ -261,8 +169,8 @@ def list_trainings():  # type: ignore[no-untyped-def]
 
 
 @bp.post("/trainings")
-def create():  # type: ignore[no-untyped-def]
-    values = _form_values()
+def create() -> ResponseReturnValue:
+    values = form_values(request.form)
     try:
         t = jobs.create_training(request.form)
     except jobs.Invalid as exc:
@@ -286,7 +194,7 @@ def create():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/trainings/form")
-def form():  # type: ignore[no-untyped-def]
+def form() -> ResponseReturnValue:
     """The form with default values (keeps the chosen model and dataset): Reset to defaults."""
     values = {k: request.args[k] for k in ("model_id", "dataset_id") if request.args.get(k)}
     return page_or_fragment("trainings/index.html", "trainings/_form.html",
@@ -295,14 +203,14 @@ def form():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/trainings/model-fields")
-def model_fields():  # type: ignore[no-untyped-def]
+def model_fields() -> ResponseReturnValue:
     """The layer and hook point selects for the chosen model (re-rendered on model change)."""
-    return render_template("trainings/_model_fields.html", **form_ctx(_form_values()))
+    return render_template("trainings/_model_fields.html", **form_ctx(form_values(request.args)))
 
 
 @bp.get("/trainings/estimate")
-def estimate():  # type: ignore[no-untyped-def]
-    values = _form_values()
+def estimate() -> ResponseReturnValue:
+    values = form_values(request.args)
     ctx = form_ctx(values)
     if wants_json():
         return json_response(ctx["estimate"])
@@ -310,7 +218,7 @@ def estimate():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/trainings/<int:training_id>")
-def detail(training_id: int):  # type: ignore[no-untyped-def]
+def detail(training_id: int) -> ResponseReturnValue:
     t = jobs.get_training(training_id)
     if wants_json():
         return json_response(training_json(t))
@@ -321,7 +229,7 @@ def detail(training_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.delete("/trainings/<int:training_id>")
-def delete(training_id: int):  # type: ignore[no-untyped-def]
+def delete(training_id: int) -> ResponseReturnValue:
     jobs.delete_training(training_id)
     if wants_json():
         return json_response({"deleted": training_id})
@@ -331,7 +239,7 @@ def delete(training_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.post("/trainings/<int:training_id>/<any(stop, pause, resume, retry):action>")
-def control(training_id: int, action: str):  # type: ignore[no-untyped-def]
+def control(training_id: int, action: str) -> ResponseReturnValue:
     t = jobs.request(training_id, action)
     t = jobs.get_training(t.id)
     if wants_json():
@@ -347,7 +255,7 @@ def control(training_id: int, action: str):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------------- metrics
 @bp.get("/trainings/<int:training_id>/metrics")
-def metrics(training_id: int):  # type: ignore[no-untyped-def]
+def metrics(training_id: int) -> ResponseReturnValue:
     t = jobs.get_training(training_id)
     rows = jobs.metrics_rows(t.id)
     if request.args.get("format") == "csv":
@@ -372,7 +280,7 @@ def metrics(training_id: int):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------------- checkpoints
 @bp.get("/trainings/<int:training_id>/checkpoints")
-def list_checkpoints(training_id: int):  # type: ignore[no-untyped-def]
+def list_checkpoints(training_id: int) -> ResponseReturnValue:
     items = [checkpoint_dict(c) for c in jobs.checkpoints(training_id)]
     if wants_json():
         return json_response({"training_id": training_id, "items": items})
@@ -382,7 +290,7 @@ def list_checkpoints(training_id: int):  # type: ignore[no-untyped-def]
     return render_template("trainings/detail.html", card=card_view(view["t"]))
 
 
-def _checkpoints_changed(training_id: int):  # type: ignore[no-untyped-def]
+def _checkpoints_changed(training_id: int) -> ResponseReturnValue:
     """After save-now or delete: the card's checkpoint parts (htmx), else back to the card."""
     if is_fragment_request():
         view = card_view(jobs.get_training(training_id), with_metrics=False)
@@ -391,7 +299,7 @@ def _checkpoints_changed(training_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.post("/trainings/<int:training_id>/checkpoints")
-def save_checkpoint(training_id: int):  # type: ignore[no-untyped-def]
+def save_checkpoint(training_id: int) -> ResponseReturnValue:
     t = jobs.save_checkpoint_now(training_id)
     if wants_json():
         return json_response({"id": t.id, "requested": t.requested, "status": t.status}, 202)
@@ -399,7 +307,7 @@ def save_checkpoint(training_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/checkpoints/<int:checkpoint_id>/download")
-def download_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
+def download_checkpoint(checkpoint_id: int) -> ResponseReturnValue:
     ckpt = jobs.get_checkpoint(checkpoint_id)
     path = Path(ckpt.path)
     if not path.is_file():
@@ -409,7 +317,7 @@ def download_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.delete("/checkpoints/<int:checkpoint_id>")
-def delete_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
+def delete_checkpoint(checkpoint_id: int) -> ResponseReturnValue:
     ckpt = jobs.get_checkpoint(checkpoint_id)
     training_id = ckpt.training_id
     jobs.delete_checkpoint(checkpoint_id)
@@ -419,7 +327,7 @@ def delete_checkpoint(checkpoint_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/trainings/<int:training_id>/export")
-def export(training_id: int):  # type: ignore[no-untyped-def]
+def export(training_id: int) -> ResponseReturnValue:
     path = jobs.export_zip(training_id)
     if not path.is_file():
         abort(404)
@@ -429,7 +337,7 @@ def export(training_id: int):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------------- health
 @bp.get("/healthz")
-def healthz():  # type: ignore[no-untyped-def]
+def healthz() -> ResponseReturnValue:
     h = jobs.health()
     if is_fragment_request():
         return render_template("_worker_status.html", health=h)

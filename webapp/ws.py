@@ -1,9 +1,10 @@
 """Live card updates over a WebSocket (flask-sock).
 
 ``/ws/trainings/<id>`` sends a full snapshot of the card's parts on connect, then loops on
-``ws.receive(timeout=tick)`` as its tick: when the database changed (``PRAGMA data_version``,
-so the worker may be another process) it compares each part's signature with the last one sent
-and sends only the parts that changed (one message per tick at most). It returns after sending
+``ws.receive(timeout=tick)`` as its tick: when the database changed (``jobs.changes_since``,
+which sees the worker's commits from another process too) it compares each part's signature
+(``jobs.signatures``) with the last one sent and sends only the parts that changed (one message
+per tick at most). It returns after sending
 the final state once the job is finished, or when the client leaves.
 
 ``?format=json`` streams the same updates as JSON events for programs: ``status`` (the training
@@ -19,41 +20,12 @@ from flask import Blueprint, current_app, request
 from flask_sock import Sock
 
 from worker import jobs
-from worker.db import FINISHED, Checkpoint, LogLine, Metric, data_version
-from worker.db import Training as TrainingRow
+from worker.jobs import FINISHED
 
 from .trainings import card_view, checkpoint_dict, render_card, render_parts, training_json
 
 sock = Sock()
 bp = Blueprint("ws", __name__)
-
-
-def _signatures(training_id: int) -> dict[str, Any] | None:
-    """Cheap per-part fingerprints, straight from the database."""
-    t = TrainingRow.get_or_none(TrainingRow.id == training_id)
-    if t is None:
-        return None
-    newest = (Metric.select(Metric.step).where(Metric.training == training_id)
-              .order_by(Metric.step.desc()).first())
-    n_metrics = Metric.select().where(Metric.training == training_id).count()
-    last_log = (LogLine.select(LogLine.id).where(LogLine.training == training_id)
-                .order_by(LogLine.id.desc()).first())
-    ckpts = tuple((c.id, c.is_best) for c in
-                  Checkpoint.select(Checkpoint.id, Checkpoint.is_best)
-                  .where(Checkpoint.training == training_id).order_by(Checkpoint.id))
-    status = (t.status, t.error, t.requested)
-    latest = json.dumps(t.latest, sort_keys=True, default=str)
-    return {
-        "row": t,
-        "status": status,
-        "progress": (status, t.current_step, t.total_steps, t.started_at, t.finished_at),
-        "tiles": latest,
-        "charts": (newest.step if newest else None, n_metrics),
-        "buttons": status,
-        "log": last_log.id if last_log else 0,
-        "checkpoints_count": len(ckpts),
-        "checkpoints": ckpts,
-    }
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -63,8 +35,8 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _html_stream(ws: Any, training_id: int, tick: float) -> None:
     # Read the version before the snapshot: a write that lands while it is being built or sent
     # then shows up as a change (at worst a part is sent twice), never as lost.
-    version = data_version()
-    sig = _signatures(training_id)
+    version = jobs.changes_since(None)
+    sig = jobs.signatures(training_id)
     if sig is None:
         ws.send(f'<p id="training-{training_id}">Training {training_id} does not exist.</p>')
         return
@@ -75,11 +47,11 @@ def _html_stream(ws: Any, training_id: int, tick: float) -> None:
     ws.send(render_parts(view))
     while True:
         ws.receive(timeout=tick)  # the tick; raises ConnectionClosed when the client leaves
-        now_version = data_version()
-        if now_version == version:
+        changed_version = jobs.changes_since(version)
+        if changed_version is None:
             continue
-        version = now_version
-        new = _signatures(training_id)
+        version = changed_version
+        new = jobs.signatures(training_id)
         if new is None:
             ws.send(f'<article id="training-{training_id}" class="card gone">'
                     f'Training {training_id} was deleted.</article>')
@@ -96,8 +68,8 @@ def _html_stream(ws: Any, training_id: int, tick: float) -> None:
 
 
 def _json_stream(ws: Any, training_id: int, tick: float) -> None:
-    version = data_version()  # before the snapshot (see _html_stream)
-    sig = _signatures(training_id) or {}
+    version = jobs.changes_since(None)  # before the snapshot (see _html_stream)
+    sig = jobs.signatures(training_id) or {}
     try:
         t = jobs.get_training(training_id)
     except jobs.NotFound as exc:
@@ -116,11 +88,11 @@ def _json_stream(ws: Any, training_id: int, tick: float) -> None:
         return
     while True:
         ws.receive(timeout=tick)
-        now_version = data_version()
-        if now_version == version:
+        changed_version = jobs.changes_since(version)
+        if changed_version is None:
             continue
-        version = now_version
-        new = _signatures(training_id)
+        version = changed_version
+        new = jobs.signatures(training_id)
         if new is None:
             ws.send(json.dumps({"type": "error", "error":
                                 f"Training {training_id} was deleted."}))

@@ -1,9 +1,9 @@
 """The app's data: peewee models on SQLite (WAL), shared by the web process and the worker.
 
-Imports peewee only (no Flask, no torch). The database path is known at run time:
-``init_db(path)`` binds the deferred ``db`` and creates or migrates the schema. Connections are
-per thread; the web opens one per request, the worker one per task (``db.connection_context()``)
-and writes in short ``db.atomic()`` blocks.
+Imports peewee and the torch-free ``engine.files`` only (no Flask, no torch). The database
+path is known at run time: ``init_db(path)`` binds the deferred ``db`` and creates or migrates
+the schema. Connections are per thread; the web opens one per request, the worker one per
+task (``db.connection_context()``) and writes in short ``db.atomic()`` blocks.
 
 Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades version i to i+1.
 """
@@ -11,7 +11,6 @@ Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades vers
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from peewee import (
     TextField,
 )
 
+from .engine.files import json_safe
+
 
 class AppDatabase(SqliteDatabase):
     """Transactions take the write lock when they begin (BEGIN IMMEDIATE).
@@ -36,14 +37,14 @@ class AppDatabase(SqliteDatabase):
     (busy_timeout). Web requests and worker threads all write in short read-then-write blocks.
     """
 
-    def atomic(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+    def atomic(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("lock_type", "IMMEDIATE")
         return super().atomic(*args, **kwargs)
 
 
 db = AppDatabase(None)
 
-MODEL_STATUSES = ("queued", "preparing", "ready", "error")
+MODEL_STATUSES = ("queued", "preparing", "ready", "failed")
 DATASET_STATUSES = MODEL_STATUSES
 TRAINING_STATUSES = ("queued", "initializing", "training", "paused", "stopping", "completed",
                      "stopped", "failed", "interrupted")
@@ -58,22 +59,12 @@ def now() -> float:
     return time.time()
 
 
-def _finite(value: Any) -> Any:
-    """NaN/Inf -> None, recursively: stored JSON stays valid for SQLite's json_extract."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 class JSONField(TextField):
-    """JSON stored as text; non-finite floats are stored as null (standard JSON has no NaN)."""
+    """JSON stored as text; non-finite floats are stored as null (standard JSON has no NaN, and
+    SQLite's json_extract reads the text)."""
 
     def db_value(self, value: Any) -> str | None:
-        return None if value is None else json.dumps(_finite(value))
+        return None if value is None else json.dumps(json_safe(value))
 
     def python_value(self, value: str | None) -> Any:
         return None if value is None else json.loads(value)
@@ -218,7 +209,13 @@ def _v0_to_v1(database: SqliteDatabase) -> None:
     database.create_tables(TABLES)
 
 
-MIGRATIONS = [_v0_to_v1]
+def _v1_to_v2(database: SqliteDatabase) -> None:
+    """Models and datasets that fail end ``failed``, like trainings (they ended ``error``)."""
+    for table in (LanguageModel, Dataset):
+        table.update(status="failed").where(table.status == "error").execute()
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

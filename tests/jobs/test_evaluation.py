@@ -31,7 +31,7 @@ def test_causal_lm_training_has_ce_report(data_dir: Path) -> None:
     assert m.status == "ready", m.error
     d = jobs.add_dataset("kjv", context_size="32", max_tokens="16384")
     assert d.status == "ready", d.error
-    t = _train(m, d, layer_idx="1", eval_tokens="1024")
+    t = _train(m, d, layer="1", eval_tokens="1024")
 
     summary = t.result["eval"]
     assert summary["report"] is True

@@ -22,7 +22,7 @@ def test_web_imports_no_torch() -> None:
         "from worker import settings\n"
         "init_db(settings.app_db_path())\n"
         "jobs.estimate(None, {}); jobs.health(); jobs.training_defaults(None)\n"
-        "jobs.form_choices(); jobs.interrupt_running(); jobs.list_trainings()\n"
+        "jobs.form_options(); jobs.interrupt_running(); jobs.list_trainings()\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -45,7 +45,7 @@ def test_add_model_ready(model: LanguageModel) -> None:
 
 def test_add_model_errors(data_dir: Path) -> None:
     m = jobs.add_model("no-such-org/no-such-model-xyz", name="Nope")
-    assert m.status == "error" and m.name == "Nope"
+    assert m.status == "failed" and m.name == "Nope"
     assert m.error and m.error.endswith(".") and "no-such-model-xyz" in m.error
     with pytest.raises(jobs.Invalid) as exc:
         jobs.add_model("  ")
@@ -105,6 +105,6 @@ def test_dataset_validation(data_dir: Path) -> None:
 
 def test_hub_dataset_fails_offline(data_dir: Path) -> None:
     d = jobs.add_dataset("no-such-user/no-such-dataset-xyz")
-    assert d.status == "error" and d.error
+    assert d.status == "failed" and d.error
     with pytest.raises(jobs.NotFound, match="Dataset 999 does not exist."):
         jobs.get_dataset(999)

@@ -19,37 +19,36 @@ def form(model: Any, dataset: Any, **overrides: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- the form
-def test_form_fields_and_defaults(model: LanguageModel) -> None:
-    names = [f.name for f in jobs.FORM_FIELDS]
-    for name in ("model_id", "dataset_id", "encoder_type", "layer_idx", "latent_dim",
-                 "l1_alpha", "learning_rate", "batch_size", "total_steps", "auto_save_interval",
-                 "hook_point", "expansion_factor", "k", "seed", "lr_schedule",
-                 "lr_warmup_steps", "precision", "micro_batch_size", "log_every", "keep_every",
-                 "dead_window_tokens", "device"):
+def test_form_fields_and_defaults(model: LanguageModel, dataset: Any) -> None:
+    names = [info.name for info in jobs.form_options()]
+    for name in ("encoder_type", "layer", "latent_dim", "l1_alpha", "learning_rate",
+                 "batch_size", "total_steps", "auto_save_interval", "hook_point",
+                 "expansion_factor", "k", "seed", "lr_schedule", "lr_warmup_steps", "precision",
+                 "micro_batch_size", "log_every", "keep_every", "dead_window_tokens", "device"):
         assert name in names
-    assert all(f.kind in ("select", "int", "float", "bool") for f in jobs.FORM_FIELDS)
+    assert not {"model", "dataset", "context_size", "max_tokens", "text_field"} & set(names)
     d = jobs.training_defaults(model)
-    assert set(d) == set(names)
-    assert (d["layer_idx"], d["expansion_factor"], d["latent_dim"]) == (3, 8, None)
+    assert set(d) == set(names) | {"model_id", "dataset_id"}
+    assert (d["model_id"], d["dataset_id"]) == (model.id, dataset.id)
+    assert (d["layer"], d["expansion_factor"], d["latent_dim"]) == (3, 8, None)
     assert (d["encoder_type"], d["k"], d["l1_alpha"], d["learning_rate"]) == ("topk", 32, 2.0,
                                                                                None)
     assert (d["batch_size"], d["total_steps"], d["auto_save_interval"], d["seed"]) == \
         (4096, 1000, 500, 0)
     assert d["hook_point"] == "residual"
-    choices = jobs.form_choices(model)
-    assert choices["model_id"][0][0] == str(model.id) and ("topk", "topk") in \
-        choices["encoder_type"]
+    assert jobs.training_defaults(None)["layer"] is None
+    assert [m.id for m in jobs.ready_models()] == [model.id]
 
 
 def test_create_training_validation(model: LanguageModel, dataset: Any, enqueued: list) -> None:
     pending = jobs.add_model("minilm-l6")  # recorded, not run: stays queued
-    bad = form(model, dataset, layer_idx="40", latent_dim="16", k="32", total_steps="many",
+    bad = form(model, dataset, layer="40", latent_dim="16", k="32", total_steps="many",
                batch_size="0", hook_point="bogus", learning_rate="2", lr_schedule="weird")
     with pytest.raises(jobs.Invalid) as exc:
         jobs.create_training(bad)
     errors = exc.value.errors
     assert exc.value.status == 422
-    assert errors["layer_idx"] == "Layer 40 is out of range: the model has 6 layers (0-5)."
+    assert errors["layer"] == "Layer 40 is out of range: the model has 6 layers (0-5)."
     assert "k (32) cannot exceed the number of latents (16)." == errors["k"]
     assert "whole number" in errors["total_steps"]
     assert "batch_size" in errors and "hook_point" in errors and "lr_schedule" in errors
@@ -68,7 +67,7 @@ def test_create_training_validation(model: LanguageModel, dataset: Any, enqueued
 def test_create_training_config(model: LanguageModel, dataset: Any, enqueued: list,
                                 data_dir: Path) -> None:
     t = jobs.create_training(form(model, dataset, latent_dim="1000", expansion_factor="4",
-                                  layer_idx="", seed=" "))
+                                  layer="", seed=" "))
     assert enqueued == [("run_training", (t.id, False))]
     cfg = t.config
     assert cfg["model"] == model.path and cfg["dataset"] == "kjv" and cfg["layer"] == 3

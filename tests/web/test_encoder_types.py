@@ -7,7 +7,7 @@ from worker.db import Training
 from ..html import attr, element_by_id, find_all, ids
 from .conftest import HX, JSON
 
-BASE = {"layer_idx": "2", "expansion_factor": "2", "batch_size": "128", "total_steps": "20",
+BASE = {"layer": "2", "expansion_factor": "2", "batch_size": "128", "total_steps": "20",
         "device": "cpu"}
 
 

@@ -1,4 +1,5 @@
-"""The SAE report page and the latent browser (worker.reports reads docs/eval-format.md files)."""
+"""The SAE report page and the latent browser (``worker.jobs.reports`` reads the
+docs/eval-format.md files)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from worker import jobs, reports
+from worker import jobs
 from worker.db import Training, db
+from worker.jobs import reports
 
 from ..html import attr, element_by_id, find_all, ids, text_of
 from .conftest import HX, JSON, make_dataset, make_model, make_training
@@ -437,8 +439,8 @@ def test_reader_matches_engine_writer(client, app, tmp_path):
     torch = pytest.importorskip("torch")
     evaluate = pytest.importorskip("worker.engine.evaluate")
     from tests.engine.tiny_models import kjv_lines, make_tiny_model
+    from worker.engine import architectures
     from worker.engine.models import load_model
-    from worker.engine.sae import SAE
 
     loaded = load_model(str(make_tiny_model("gpt2", tmp_path / "tiny-gpt2")))
     tok = loaded.tokenizer
@@ -450,7 +452,7 @@ def test_reader_matches_engine_writer(client, app, tmp_path):
     contexts = np.array(ids[:96], dtype=np.int32).reshape(6, 16)
     torch.manual_seed(1)
     d = loaded.model.config.hidden_size
-    sae = SAE(d, 4 * d, "topk", k=4)
+    sae = architectures.build("topk", d, 4 * d, k=4)
     opts = evaluate.EvalOptions(top_n=3, window_before=3, window_after=2, batch_contexts=4)
     ev = evaluate.evaluate_sae(sae, 1.0, loaded, contexts, 1, "residual",
                                special_ids=list(tok.all_special_ids), options=opts,

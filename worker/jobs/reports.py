@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .db import FINISHED, Training
-from .jobs import Invalid, JobError, NotFound, get_training, json_safe
+from ..db import FINISHED, Training
+from ..engine.files import json_safe
+from .errors import Invalid, JobError, NotFound
+from .trainings import get_training
 
 FORMAT = "sae-studio-eval/1"
 EVAL_DIR = "eval"
@@ -124,7 +126,7 @@ def _open(path: Path) -> Any:
 
     try:
         return safe_open(str(path), framework="numpy")
-    except Exception as exc:  # noqa: BLE001 - a corrupt file is a sentence for the user
+    except Exception as exc:  # a corrupt file is a sentence for the user
         raise Unreadable(f"The evaluation file {path.name} cannot be read ({exc}).") from None
 
 

@@ -1,0 +1,77 @@
+"""The job layer the web app (and any other front end) calls: models, datasets, trainings,
+their checkpoints, estimates, reports and the worker's health. No torch, no Flask.
+
+Every service reads or writes the app database (``worker.db``, bound by ``open_database``) and
+queues Huey tasks through ``common.enqueue`` after its own writes are committed. Problems a user
+can fix raise a ``JobError`` (``errors.py``) whose ``str()`` is a sentence and whose ``status``
+is the HTTP status to answer with. One module per noun:
+
+- ``models``, ``datasets``: add (validated, then prepared by the worker), list, get, delete;
+  statuses ``queued, preparing, ready, failed``;
+- ``configs``: a training's configuration from the form's values, every bad field at once;
+- ``estimates``: the memory and time estimate of the form's values;
+- ``trainings``: create, read (metrics, log, a card's data), steer (pause, resume, stop, retry);
+- ``checkpoints``: list, save now, delete, and the SAELens export zip;
+- ``health``: the newest worker heartbeat; ``reports``: the evaluation files of a training.
+
+The names below are the public services; ``from worker import jobs; jobs.add_model(...)``.
+"""
+
+from __future__ import annotations
+
+from ..db import FINISHED, RUNNING
+from . import common, reports
+from .checkpoints import (
+    checkpoint_as_dict,
+    checkpoints,
+    delete_checkpoint,
+    export_zip,
+    get_checkpoint,
+    has_export,
+    save_checkpoint_now,
+)
+from .common import changes_since, connect, disconnect, open_database
+from .configs import ALIASES, HOOK_POINTS, form_options, training_defaults
+from .datasets import (
+    UPLOAD_SUFFIXES,
+    add_dataset,
+    dataset_as_dict,
+    delete_dataset,
+    get_dataset,
+    list_datasets,
+    ready_datasets,
+)
+from .errors import Conflict, Invalid, JobError, NotFound
+from .estimates import estimate
+from .health import health
+from .models import add_model, delete_model, get_model, list_models, model_as_dict, ready_models
+from .trainings import (
+    ACTIONS,
+    LATEST_KEYS,
+    METRIC_ALIASES,
+    card_data,
+    create_training,
+    delete_training,
+    get_training,
+    interrupt_running,
+    list_trainings,
+    log_lines,
+    metrics_rows,
+    request,
+    signatures,
+    training_as_dict,
+    with_aliases,
+)
+
+__all__ = [
+    "ACTIONS", "ALIASES", "FINISHED", "HOOK_POINTS", "LATEST_KEYS", "METRIC_ALIASES",
+    "RUNNING", "UPLOAD_SUFFIXES", "Conflict", "Invalid", "JobError", "NotFound", "add_dataset",
+    "add_model", "card_data", "changes_since", "checkpoint_as_dict", "checkpoints", "common",
+    "connect", "create_training", "dataset_as_dict", "delete_checkpoint", "delete_dataset",
+    "delete_model", "delete_training", "disconnect", "estimate", "export_zip", "form_options",
+    "get_checkpoint", "get_dataset", "get_model", "get_training", "has_export", "health",
+    "interrupt_running", "list_datasets", "list_models", "list_trainings", "log_lines",
+    "metrics_rows", "model_as_dict", "open_database", "ready_datasets", "ready_models", "reports",
+    "request", "save_checkpoint_now", "signatures", "training_as_dict", "training_defaults",
+    "with_aliases",
+]

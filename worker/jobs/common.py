@@ -1,0 +1,92 @@
+"""What every service of the job layer shares: the database's lifecycle, the one way to enqueue
+a task, row look-ups by id, rows as JSON-ready dicts, and the rule that a model or dataset in use
+by a queued or running training stays.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import settings
+from ..db import RUNNING, Training, data_version, db, init_db
+from ..engine.files import json_safe
+from .errors import Conflict, NotFound
+
+
+# ---------------------------------------------------------------------------- the database
+def open_database() -> None:
+    """Bind the app database of the data folder (``settings.app_db_path()``), migrating it."""
+    init_db(settings.app_db_path())
+
+
+def connect() -> None:
+    """Open this thread's connection (the web: once per request)."""
+    db.connect(reuse_if_open=True)
+
+
+def disconnect() -> None:
+    """Close this thread's connection if it is open."""
+    if not db.is_closed():
+        db.close()
+
+
+def changes_since(version: int | None) -> int | None:
+    """The database's change counter when another connection committed since ``version`` was
+    read, else None; ``changes_since(None)`` reads the counter (a cheap poll for live pages)."""
+    now = data_version()
+    return now if now != version else None
+
+
+# ---------------------------------------------------------------------------- tasks
+def enqueue(task_name: str, *args: Any) -> None:
+    """Enqueue ``worker.tasks.<task_name>(*args)``, after the caller's writes are committed.
+
+    The one way the job layer queues work (tests replace it to record tasks instead). The tasks
+    module is imported here, not at the top: it pulls in the engine lazily, the web never.
+    """
+    from .. import tasks
+
+    getattr(tasks, task_name)(*args)
+
+
+# ---------------------------------------------------------------------------- rows
+def get_row(table: type, kind: str, row_id: int | str) -> Any:
+    """The row of ``table`` with id ``row_id``, or NotFound("Model 7 does not exist.")."""
+    try:
+        key = int(row_id)
+    except (TypeError, ValueError):
+        raise NotFound(f"{kind} {row_id} does not exist.") from None
+    row = table.get_or_none(table.id == key)
+    if row is None:
+        raise NotFound(f"{kind} {key} does not exist.")
+    return row
+
+
+def row_dict(row: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The named fields of a row as a JSON-ready dict (NaN and infinities as None)."""
+    return json_safe({name: getattr(row, name) for name in fields})
+
+
+def remove_tree(path: str | Path | None) -> None:
+    """Delete a run folder (nothing when there is none)."""
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def blank(raw: Any) -> bool:
+    """A form value that was left empty."""
+    return raw is None or (isinstance(raw, str) and not raw.strip())
+
+
+def unused_trainings(query: Any, what: str) -> list[Training]:
+    """The trainings of ``query`` (a model's or a dataset's), or Conflict when one of them is
+    queued or running: "Model 3 is used by training 5, which is training; stop it first."."""
+    trainings = list(query)
+    active = [t for t in trainings if t.status == "queued" or t.status in RUNNING]
+    if active:
+        ids = ", ".join(str(t.id) for t in active)
+        raise Conflict(f"{what} is used by training {ids}, which is {active[0].status}; "
+                       "stop it first.")
+    return trainings

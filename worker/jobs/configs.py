@@ -1,0 +1,126 @@
+"""A training's configuration from the form's values (or the JSON API's): parsed with the
+option's own parser, checked against the chosen model and dataset, every bad field at once.
+
+Names are TrainConfig's (``layer``, ``hook_point``, ...) plus ``model_id`` and ``dataset_id``;
+the older names in ``ALIASES`` (``layer_idx``) are accepted on input. Which options the form has,
+their labels, help, choices and bounds all come from ``worker.engine.config.options()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..db import Dataset, LanguageModel
+from ..engine.config import ALIASES, HOOK_POINTS, OptionInfo, TrainConfig, options, parse_value
+from ..engine.option_types import TRUE_WORDS
+from . import common
+from .errors import Invalid, NotFound
+
+__all__ = ["ALIASES", "HOOK_POINTS", "build_config", "form_options", "lenient_values",
+           "training_defaults"]
+
+def form_options() -> list[OptionInfo]:
+    """The options the form has (``in_form``), in the form's order; read now, so an encoder type
+    registered later is among the choices."""
+    return [info for info in options() if info.in_form]
+
+
+def _raw(form: Mapping[str, Any], info: OptionInfo) -> Any:
+    """The raw value of an option in the form, under its name or an older one (None when
+    absent). A checkbox posts "true" beside its hidden "false": then any true value wins."""
+    keys = [info.name] + [old for old, new in ALIASES.items() if new == info.name]
+    key = next((k for k in keys if k in form), None)
+    if key is None:
+        return None
+    if info.kind == "bool" and hasattr(form, "getlist"):
+        posted = form.getlist(key)
+        return next((v for v in posted if v.strip().lower() in TRUE_WORDS), posted[-1])
+    return form[key]
+
+
+def training_defaults(model: LanguageModel | None) -> dict[str, Any]:
+    """The value every form field starts with (None = blank: resolved automatically): the
+    options' defaults, the model's middle layer, the given model and the newest ready dataset."""
+    out: dict[str, Any] = {info.name: info.default for info in form_options()}
+    newest = Dataset.select().where(Dataset.status == "ready").order_by(Dataset.id.desc()).first()
+    out["model_id"] = model.id if model is not None else None
+    out["dataset_id"] = newest.id if newest is not None else None
+    if model is not None and model.n_layers:
+        out["layer"] = model.n_layers // 2
+    return out
+
+
+def lenient_values(model: LanguageModel | None, form: Mapping[str, Any]) -> dict[str, Any]:
+    """The form's values parsed where they parse; defaults for blank or unparseable ones (for
+    the estimate, which follows the form while it is being filled in)."""
+    out = training_defaults(model)
+    for info in form_options():
+        raw = _raw(form, info)
+        if common.blank(raw):
+            continue
+        try:
+            out[info.name] = parse_value(info, raw)
+        except ValueError:
+            pass
+    return out
+
+
+def _ready_row(table: type, kind: str, raw: Any, errors: dict[str, str], field: str) -> Any:
+    if common.blank(raw):
+        errors[field] = f"Choose a {kind.lower()}."
+        return None
+    try:
+        row = common.get_row(table, kind, raw)
+    except NotFound as exc:
+        errors[field] = str(exc)
+        return None
+    if row.status != "ready":
+        errors[field] = f"{kind} {row.id} is not ready (status: {row.status})."
+        return None
+    return row
+
+
+def build_config(form: Mapping[str, Any]) -> tuple[TrainConfig, LanguageModel, Dataset]:
+    """The TrainConfig the form describes, with its ready model and dataset.
+
+    Values may be strings (a form) or typed (JSON); blank ones take their defaults, a blank
+    layer the model's middle one. The data options come from the rows: the model's folder, the
+    dataset's source, context size, token limit and text field. Raises Invalid with every bad
+    field's message (``{field: sentence}``, by form name; a problem of no field under "form").
+    """
+    errors: dict[str, str] = {}
+    model = _ready_row(LanguageModel, "Model", form.get("model_id"), errors, "model_id")
+    dataset = _ready_row(Dataset, "Dataset", form.get("dataset_id"), errors, "dataset_id")
+    values: dict[str, Any] = {}
+    for info in form_options():
+        raw = _raw(form, info)
+        if common.blank(raw):
+            continue
+        try:
+            values[info.name] = parse_value(info, raw)
+        except ValueError as exc:
+            errors[info.name] = str(exc)
+    if model is not None and model.hook_points \
+            and values.get("hook_point", model.hook_points[0]) not in model.hook_points:
+        errors["hook_point"] = (f"Hook point '{values.pop('hook_point')}' is not available for "
+                                f"{model.name}; choose one of {', '.join(model.hook_points)}.")
+    n_layers = int(model.n_layers) if model is not None and model.n_layers else None
+    d_in = int(model.hidden_dim) if model is not None and model.hidden_dim else None
+    if values.get("layer") is None and n_layers is not None:
+        values["layer"] = n_layers // 2
+    cfg = TrainConfig(
+        model=model.path if model is not None else "-",
+        dataset=dataset.source if dataset is not None else "-",
+        context_size=dataset.context_size if dataset is not None else 128,
+        max_tokens=dataset.max_tokens if dataset is not None else None,
+        text_field=dataset.text_field if dataset is not None else "text",
+        **{k: v for k, v in values.items() if k not in errors})
+    in_form = {info.name for info in form_options()}
+    for name, message in cfg.errors(d_in=d_in, n_layers=n_layers).items():
+        errors.setdefault(name if name in in_form else "form", message)
+    if errors:
+        first = next(iter(errors.values()))
+        raise Invalid(f"Some training settings need fixing: {first}", errors)
+    assert model is not None and dataset is not None
+    return cfg, model, dataset

@@ -1,0 +1,30 @@
+"""The worker's health as the web sees it: the newest heartbeat row (device, speed, age)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..db import WorkerHeartbeat
+
+HEARTBEAT_ALIVE_S = 15.0
+"""A worker whose newest heartbeat is younger than this (seconds) is alive."""
+
+
+def newest_heartbeat() -> WorkerHeartbeat | None:
+    """The most recently updated heartbeat row, or None when no worker ever ran."""
+    return WorkerHeartbeat.select().order_by(WorkerHeartbeat.updated_at.desc()).first()
+
+
+def health() -> dict[str, Any]:
+    """The newest worker heartbeat: ``{alive, age_s, name, device, device_name,
+    device_memory (bytes), gflops}`` (alive: seen in the last 15 s; all None but alive=False
+    when no worker ever ran)."""
+    hb = newest_heartbeat()
+    if hb is None:
+        return {"alive": False, "age_s": None, "name": None, "device": None,
+                "device_name": None, "device_memory": None, "gflops": None}
+    age = max(0.0, time.time() - hb.updated_at)
+    return {"alive": age < HEARTBEAT_ALIVE_S, "age_s": round(age, 1), "name": hb.name,
+            "device": hb.device, "device_name": hb.device_name,
+            "device_memory": hb.device_memory, "gflops": hb.gflops}

@@ -1,0 +1,256 @@
+"""Trainings: create one from the form's values, read its rows (metrics, log, the card's data),
+and steer it.
+
+Trainings are steered through the database, never by killing a task: ``request(id, "pause")``
+sets ``Training.requested`` and the worker picks it up between steps (see ``worker.progress``).
+Statuses: ``queued, initializing, training, paused, stopping, completed, stopped, failed,
+interrupted``.
+
+Metrics rows are the engine's dicts. The engine names the learning rate ``learning_rate`` and
+the dead latent count ``dead``; the API also answers the older names ``lr`` and
+``dead_neurons`` (``METRIC_ALIASES``, added by ``with_aliases`` on every row it returns).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .. import settings
+from ..db import (
+    FINISHED,
+    RETRYABLE,
+    RUNNING,
+    Checkpoint,
+    Dataset,
+    LanguageModel,
+    LogLine,
+    Metric,
+    Training,
+    db,
+)
+from ..engine.files import json_safe
+from . import common
+from .configs import build_config
+from .errors import Conflict, Invalid
+from .estimates import estimate
+
+TRAINING_FIELDS = ("id", "status", "current_step", "total_steps", "error", "requested",
+                   "config", "estimate", "out_dir", "device", "created_at", "updated_at",
+                   "started_at", "finished_at", "result")
+LATEST_KEYS = ("step", "loss", "mse", "l0", "dead", "dead_neurons", "fvu", "learning_rate",
+               "tokens_per_s")
+"""The API's ``latest`` contract (``training_as_dict``)."""
+METRIC_ALIASES = {"lr": "learning_rate", "dead_neurons": "dead"}
+"""Older metric names the API keeps answering: alias -> the engine's name."""
+ACTIONS = ("stop", "pause", "resume", "retry")
+
+
+# ---------------------------------------------------------------------------- create, read
+def create_training(form: Mapping[str, Any]) -> Training:
+    """Validate the form's values (TrainConfig names, strings or numbers; ``layer_idx`` is
+    accepted for ``layer``) and queue a training.
+
+    Blank values take their defaults; ``latent_dim`` wins over ``expansion_factor``. Raises
+    Invalid with one message per bad field; nothing is inserted or queued then.
+    """
+    cfg, model, dataset = build_config(form)
+    est = estimate(model, {k: v for k, v in form.items() if isinstance(k, str)})
+    with db.atomic():
+        training = Training.create(model=model, dataset=dataset, status="queued",
+                                   config=cfg.to_dict(), total_steps=cfg.total_steps,
+                                   estimate=est)
+        training.out_dir = str(settings.trainings_dir() / str(training.id))
+        training.save()
+    common.enqueue("run_training", training.id, False)
+    return Training.get_by_id(training.id)
+
+
+def list_trainings() -> list[Training]:
+    """All trainings with their model and dataset, newest first."""
+    return list(Training.select(Training, LanguageModel, Dataset)
+                .join(LanguageModel, on=(Training.model == LanguageModel.id))
+                .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id))
+                .order_by(Training.id.desc()))
+
+
+def get_training(training_id: int | str) -> Training:
+    """The training, or NotFound("Training 7 does not exist.")."""
+    return common.get_row(Training, "Training", training_id)
+
+
+def with_aliases(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics row with both the engine's names and the older API names
+    (``METRIC_ALIASES``), JSON-safe. Rows stored before the rename carry ``lr`` only."""
+    row = dict(metrics)
+    for old, new in METRIC_ALIASES.items():
+        if new not in row and old in row:
+            row[new] = row[old]
+        if new in row:
+            row[old] = row[new]
+    return json_safe(row)
+
+
+def training_as_dict(training: Training) -> dict[str, Any]:
+    """The API view: ``id, status, current_step, total_steps, error, latest`` (``LATEST_KEYS``
+    or None), plus ``model_id, dataset_id, requested, config, estimate, created_at,
+    started_at, finished_at, result``, and ``metrics``: the newest metrics row in full (or
+    None)."""
+    out = common.row_dict(training, TRAINING_FIELDS)
+    full = with_aliases(training.latest) if training.latest else None
+    out["latest"] = {k: full.get(k) for k in LATEST_KEYS} if full else None
+    out["metrics"] = full
+    out["model_id"] = training.model_id
+    out["dataset_id"] = training.dataset_id
+    return out
+
+
+def metrics_rows(training_id: int | str, after_step: int = -1) -> list[dict[str, Any]]:
+    """The training's metrics rows (``with_aliases``), oldest first; only steps after
+    ``after_step`` (for incremental updates)."""
+    training = get_training(training_id)
+    rows = (Metric.select().where((Metric.training == training.id) & (Metric.step > after_step))
+            .order_by(Metric.step))
+    return [with_aliases(r.data) for r in rows]
+
+
+def _log_dicts(query: Any) -> list[dict[str, Any]]:
+    return [{"id": r.id, "created_at": r.created_at, "level": r.level, "message": r.message}
+            for r in query]
+
+
+def log_lines(training_id: int | str, after_id: int = 0) -> list[dict[str, Any]]:
+    """Log lines ``{id, created_at, level, message}``, oldest first, with id > ``after_id``."""
+    training = get_training(training_id)
+    return _log_dicts(LogLine.select().where((LogLine.training == training.id)
+                                             & (LogLine.id > after_id)).order_by(LogLine.id))
+
+
+# ---------------------------------------------------------------------------- the card's data
+def chart_rows(training_id: int, limit: int) -> list[tuple[int, Any, Any]]:
+    """(step, loss, l0) of at most ~``limit`` rows spread over the run, first and last kept.
+
+    Downsampled and unpacked in SQLite (row_number + json_extract), so a card costs the same
+    whether its run has 100 or 100,000 metric rows.
+    """
+    n = Metric.select().where(Metric.training == training_id).count()
+    if n == 0:
+        return []
+    stride = max(1, -(-n // limit))
+    cursor = db.execute_sql(
+        "SELECT step, json_extract(data, '$.loss'), json_extract(data, '$.l0') FROM ("
+        " SELECT step, data, row_number() OVER (ORDER BY step) - 1 AS rn"
+        " FROM metric WHERE training_id = ?) WHERE rn % ? = 0 OR rn = ? ORDER BY step",
+        (training_id, stride, n - 1))
+    return list(cursor.fetchall())
+
+
+def card_data(training: Training, *, log_limit: int, chart_limit: int | None
+              ) -> dict[str, Any]:
+    """What a job card shows besides the row: ``log`` (the newest ``log_limit`` lines, oldest
+    first, as ``log_lines`` gives them), ``checkpoints`` (rows, newest step first) and
+    ``chart`` (``chart_rows``; empty when ``chart_limit`` is None)."""
+    log = _log_dicts(LogLine.select().where(LogLine.training == training.id)
+                     .order_by(LogLine.id.desc()).limit(log_limit))[::-1]
+    ckpts = list(Checkpoint.select().where(Checkpoint.training == training.id)
+                 .order_by(Checkpoint.step.desc()))
+    chart = chart_rows(training.id, chart_limit) if chart_limit is not None else []
+    return {"log": log, "checkpoints": ckpts, "chart": chart}
+
+
+def signatures(training_id: int) -> dict[str, Any] | None:
+    """Cheap fingerprints of a card's parts (``status, progress, tiles, charts, buttons, log,
+    checkpoints_count, checkpoints``) plus ``row``, the training; None when it is gone. A live
+    page compares them with the last ones it sent and re-renders the parts that differ."""
+    t = Training.get_or_none(Training.id == training_id)
+    if t is None:
+        return None
+    newest = (Metric.select(Metric.step).where(Metric.training == training_id)
+              .order_by(Metric.step.desc()).first())
+    n_metrics = Metric.select().where(Metric.training == training_id).count()
+    last_log = (LogLine.select(LogLine.id).where(LogLine.training == training_id)
+                .order_by(LogLine.id.desc()).first())
+    ckpts = tuple((c.id, c.is_best) for c in
+                  Checkpoint.select(Checkpoint.id, Checkpoint.is_best)
+                  .where(Checkpoint.training == training_id).order_by(Checkpoint.id))
+    status = (t.status, t.error, t.requested)
+    return {
+        "row": t,
+        "status": status,
+        "progress": (status, t.current_step, t.total_steps, t.started_at, t.finished_at),
+        "tiles": json.dumps(t.latest, sort_keys=True, default=str),
+        "charts": (newest.step if newest else None, n_metrics),
+        "buttons": status,
+        "log": last_log.id if last_log else 0,
+        "checkpoints_count": len(ckpts),
+        "checkpoints": ckpts,
+    }
+
+
+# ---------------------------------------------------------------------------- controls
+def request(training_id: int | str, action: str) -> Training:
+    """``stop``, ``pause``, ``resume`` or ``retry`` a training; returns the updated row.
+
+    pause: training/initializing; resume: paused; stop: queued (stopped at once) or
+    initializing/training/paused (the worker finalises the current weights: ``stopping`` then
+    ``stopped``); retry: stopped/failed/interrupted (queued again; continues from the newest
+    checkpoint). Anything else raises Conflict, e.g. "Training 4 is completed; only a paused
+    training can be resumed."
+    """
+    if action not in ACTIONS:
+        msg = f"Unknown action '{action}'; use one of {', '.join(ACTIONS)}."
+        raise Invalid(msg, {"action": msg})
+    retry = False
+    with db.atomic():
+        t = get_training(training_id)
+        where = f"Training {t.id} is {t.status}"
+        if action == "pause":
+            if t.status not in ("training", "initializing"):
+                raise Conflict(f"{where}; only a running training can be paused.")
+            t.requested = "pause"
+        elif action == "resume":
+            if t.status != "paused":
+                raise Conflict(f"{where}; only a paused training can be resumed.")
+            t.requested = "resume"
+        elif action == "stop":
+            if t.status == "queued":
+                t.status, t.requested, t.finished_at = "stopped", None, time.time()
+            elif t.status in ("initializing", "training", "paused"):
+                t.status, t.requested = "stopping", "stop"
+            elif t.status == "stopping":
+                raise Conflict(f"{where} already; it finishes after the current step.")
+            else:
+                raise Conflict(f"{where}; only a queued or running training can be stopped.")
+        else:
+            if t.status not in RETRYABLE:
+                raise Conflict(f"{where}; only a stopped, failed or interrupted training can be "
+                               "retried.")
+            t.status, t.error, t.requested, t.finished_at = "queued", None, None, None
+            retry = True
+        t.save()
+    if retry:
+        common.enqueue("run_training", t.id, True)
+    return get_training(t.id)
+
+
+def delete_training(training_id: int | str) -> None:
+    """Delete a finished training, its rows and its run folder.
+
+    Conflict while it is queued or running: stop it first.
+    """
+    t = get_training(training_id)
+    if t.status not in FINISHED:
+        raise Conflict(f"Training {t.id} is {t.status}; stop it before deleting it.")
+    with db.atomic():
+        t.delete_instance(recursive=True)
+    common.remove_tree(t.out_dir)
+
+
+def interrupt_running() -> int:
+    """Ask every running training to checkpoint and stop as ``interrupted`` (worker shutdown;
+    Retry continues it). Returns how many were asked."""
+    with db.atomic():
+        return Training.update(requested="interrupt").where(Training.status.in_(RUNNING)) \
+            .execute()
