@@ -12,6 +12,7 @@ import csv
 import io
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,13 @@ def list_trainings() -> ResponseReturnValue:
 
 @bp.post("/trainings")
 def create() -> ResponseReturnValue:
-    values = form_values(request.form)
+    """Queue a training from the form's fields, or from a JSON object with the same names."""
+    posted = request.get_json(silent=True) if request.is_json else request.form
+    if not isinstance(posted, Mapping):
+        posted = {}
+    values = form_values(posted)
     try:
-        t = jobs.create_training(request.form)
+        t = jobs.create_training(posted)
     except jobs.Invalid as exc:
         if wants_json():
             return json_response({"error": str(exc), "errors": exc.errors}, 422)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker import jobs
-from worker.db import Dataset, LanguageModel
+from worker.db import SCHEMA_VERSION, Dataset, LanguageModel, db, init_db
 
 
 def test_web_imports_no_torch() -> None:
@@ -108,3 +108,17 @@ def test_hub_dataset_fails_offline(data_dir: Path) -> None:
     assert d.status == "failed" and d.error
     with pytest.raises(jobs.NotFound, match="Dataset 999 does not exist."):
         jobs.get_dataset(999)
+
+
+def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
+    """Databases from before schema 2 kept failed models and datasets as ``error``."""
+    with db.connection_context():
+        m = LanguageModel.create(name="old", source="old", status="error", error="Gone.")
+        d = Dataset.create(name="old", source="old", status="error", error="Gone.")
+        ok = LanguageModel.create(name="fine", source="fine", status="ready")
+        db.execute_sql("PRAGMA user_version = 1")
+    init_db(data_dir / "app.db")
+    assert [jobs.get_model(m.id).status, jobs.get_dataset(d.id).status] == ["failed", "failed"]
+    assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
+    with db.connection_context():
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

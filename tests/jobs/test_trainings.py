@@ -132,7 +132,8 @@ def test_training_completes(model: LanguageModel, dataset: Any, data_dir: Path) 
     assert d["result"]["steps"] == 20 and not d["result"]["stopped"]
     rows = jobs.metrics_rows(t.id)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
-    assert rows[0]["dead_neurons"] == rows[0]["dead"] and "learning_rate" in rows[0]
+    assert rows[0]["dead_neurons"] == rows[0]["dead"] and rows[0]["lr"] == rows[0]["learning_rate"]
+    assert d["latest"]["dead"] == d["latest"]["dead_neurons"] == rows[-1]["dead"]
     assert [r["step"] for r in jobs.metrics_rows(t.id, after_step=10)] == [15, 20]
     cks = jobs.checkpoints(t.id)
     assert [c.step for c in cks] == [20, 10]

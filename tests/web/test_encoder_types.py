@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
+from worker import jobs
 from worker.db import Training
+from worker.engine import architectures
+from worker.engine.architectures import Architecture
+from worker.engine.config import option
 
 from ..html import attr, element_by_id, find_all, ids
 from .conftest import HX, JSON
@@ -75,3 +81,59 @@ def test_tie_weights_with_topk_is_a_form_error(client, ready, enqueued):
                                                jumprelu_bandwidth="0"), headers=JSON)
     assert bad.status_code == 422 and "jumprelu_bandwidth" in bad.get_json()["errors"]
     assert not enqueued
+
+
+@pytest.fixture
+def tiny_type():
+    """An encoder type registered by this test module alone (never trained here: the job is
+    recorded by ``enqueued``, so its implementation is never imported)."""
+    architectures.register(Architecture("tiny-web", "a type only the web test knows.",
+                                        impl="tests.nowhere:TinySAE", options=("k", "l1_alpha")))
+    yield "tiny-web"
+    architectures.unregister("tiny-web")
+
+
+def test_a_registered_type_appears_in_the_form_and_queues(client, ready, enqueued, tiny_type):
+    page = client.get("/").data.decode()
+    offered = [o.get("value") for o in find_all(element_by_id(page, "input-encoder_type"),
+                                                "option")]
+    assert offered[-1] == tiny_type
+    assert attr(page, "field-k", "data-applies-to") == f"topk batchtopk {tiny_type}"
+    assert attr(page, "field-l1_alpha", "data-applies-to") == f"standard {tiny_type}"
+    help_text = find_all(element_by_id(page, "field-encoder_type"), "p", class_="help")[0].text
+    assert help_text == option("encoder_type").help and "only the web test knows" in help_text
+    r = client.post("/trainings", data=_form(ready, encoder_type=tiny_type, k="4"), headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    cfg = Training.get_by_id(r.get_json()["id"]).config
+    assert (cfg["encoder_type"], cfg["k"]) == (tiny_type, 4)
+    assert enqueued == [("run_training", (r.get_json()["id"], False))]
+
+
+def test_form_help_is_the_options_help(client, ready):
+    page = client.get("/").data.decode()
+    advanced = ids(element_by_id(page, "training-more-fields"), "field-")
+    for info in jobs.form_options():
+        field = element_by_id(page, f"field-{info.name}")
+        assert find_all(field, "p", class_="help")[0].text == " ".join(info.help.split()), \
+            info.name
+        assert (f"field-{info.name}" in advanced) == info.advanced, info.name
+
+
+def test_create_from_a_json_body(client, ready, enqueued):
+    model, dataset = ready
+    body = {"model_id": model.id, "dataset_id": dataset.id, "encoder_type": "standard",
+            "layer": 2, "expansion_factor": 2, "l1_alpha": 1.5, "tie_weights": True,
+            "learning_rate": None, "total_steps": 20}
+    r = client.post("/trainings", json=body, headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    cfg = Training.get_by_id(r.get_json()["id"]).config
+    assert (cfg["layer"], cfg["l1_alpha"], cfg["tie_weights"], cfg["learning_rate"]) == \
+        (2, 1.5, True, None)
+    old_names = {("layer_idx" if k == "layer" else k): v for k, v in body.items()}
+    bad = client.post("/trainings", json=dict(old_names, layer_idx=9, k="many",
+                                              tie_weights="maybe"), headers=JSON)
+    assert bad.status_code == 422
+    assert set(bad.get_json()["errors"]) == {"layer", "k", "tie_weights"}
+    assert client.post("/trainings", json=[1, 2], headers=JSON).get_json()["errors"] == {
+        "model_id": "Choose a model.", "dataset_id": "Choose a dataset."}
+    assert len(enqueued) == 1

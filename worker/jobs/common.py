@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
-from ..db import RUNNING, Training, data_version, db, init_db
+from ..db import RUNNING, data_version, db, init_db
 from ..engine.files import json_safe
 from .errors import Conflict, NotFound
 
@@ -51,6 +51,16 @@ def enqueue(task_name: str, *args: Any) -> None:
     getattr(tasks, task_name)(*args)
 
 
+def queue_preparation(table: type, task_name: str, **values: Any) -> Any:
+    """Insert a model or dataset row (status ``queued``), enqueue its preparation task
+    ``task_name(row id)`` once the row is committed, and return the row as it is then (in
+    immediate mode the task already ran)."""
+    with db.atomic():
+        row = table.create(status="queued", message="Waiting for the worker.", **values)
+    enqueue(task_name, row.id)
+    return table.get_by_id(row.id)
+
+
 # ---------------------------------------------------------------------------- rows
 def get_row(table: type, kind: str, row_id: int | str) -> Any:
     """The row of ``table`` with id ``row_id``, or NotFound("Model 7 does not exist.")."""
@@ -80,13 +90,17 @@ def blank(raw: Any) -> bool:
     return raw is None or (isinstance(raw, str) and not raw.strip())
 
 
-def unused_trainings(query: Any, what: str) -> list[Training]:
-    """The trainings of ``query`` (a model's or a dataset's), or Conflict when one of them is
-    queued or running: "Model 3 is used by training 5, which is training; stop it first."."""
-    trainings = list(query)
+def delete_with_trainings(row: Any, what: str) -> None:
+    """Delete a model or dataset row with its trainings' rows and run folders; Conflict while
+    one of them is queued or running: "Model 3 is used by training 5, which is training; stop
+    it first."."""
+    trainings = list(row.trainings)
     active = [t for t in trainings if t.status == "queued" or t.status in RUNNING]
     if active:
         ids = ", ".join(str(t.id) for t in active)
         raise Conflict(f"{what} is used by training {ids}, which is {active[0].status}; "
                        "stop it first.")
-    return trainings
+    with db.atomic():
+        row.delete_instance(recursive=True)
+    for t in trainings:
+        remove_tree(t.out_dir)

@@ -51,19 +51,25 @@ def training_defaults(model: LanguageModel | None) -> dict[str, Any]:
     return out
 
 
-def lenient_values(model: LanguageModel | None, form: Mapping[str, Any]) -> dict[str, Any]:
-    """The form's values parsed where they parse; defaults for blank or unparseable ones (for
-    the estimate, which follows the form while it is being filled in)."""
-    out = training_defaults(model)
+def _parse(form: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The form's options that are not blank, parsed; and why the others did not parse."""
+    values: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     for info in form_options():
         raw = _raw(form, info)
         if common.blank(raw):
             continue
         try:
-            out[info.name] = parse_value(info, raw)
-        except ValueError:
-            pass
-    return out
+            values[info.name] = parse_value(info, raw)
+        except ValueError as exc:
+            errors[info.name] = str(exc)
+    return values, errors
+
+
+def lenient_values(model: LanguageModel | None, form: Mapping[str, Any]) -> dict[str, Any]:
+    """The form's values parsed where they parse; defaults for blank or unparseable ones (for
+    the estimate, which follows the form while it is being filled in)."""
+    return {**training_defaults(model), **_parse(form)[0]}
 
 
 def _ready_row(table: type, kind: str, raw: Any, errors: dict[str, str], field: str) -> Any:
@@ -92,15 +98,8 @@ def build_config(form: Mapping[str, Any]) -> tuple[TrainConfig, LanguageModel, D
     errors: dict[str, str] = {}
     model = _ready_row(LanguageModel, "Model", form.get("model_id"), errors, "model_id")
     dataset = _ready_row(Dataset, "Dataset", form.get("dataset_id"), errors, "dataset_id")
-    values: dict[str, Any] = {}
-    for info in form_options():
-        raw = _raw(form, info)
-        if common.blank(raw):
-            continue
-        try:
-            values[info.name] = parse_value(info, raw)
-        except ValueError as exc:
-            errors[info.name] = str(exc)
+    values, parse_errors = _parse(form)
+    errors.update(parse_errors)
     if model is not None and model.hook_points \
             and values.get("hook_point", model.hook_points[0]) not in model.hook_points:
         errors["hook_point"] = (f"Hook point '{values.pop('hook_point')}' is not available for "

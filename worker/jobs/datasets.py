@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import settings
-from ..db import Dataset, db
+from ..db import Dataset
 from . import common
 from .errors import Invalid
 
@@ -156,13 +156,9 @@ def add_dataset(
         filename, stream = upload
         source = str(_save_upload(filename, stream))
         name = (name or "").strip() or Path(filename).name
-    name = (name or "").strip() or source
-    with db.atomic():
-        dataset = Dataset.create(name=name, source=source, status="queued", context_size=ctx,
-                                 max_tokens=max_tok, text_field=text_field,
-                                 message="Waiting for the worker.")
-    common.enqueue("prepare_dataset", dataset.id)
-    return Dataset.get_by_id(dataset.id)
+    return common.queue_preparation(Dataset, "prepare_dataset", source=source,
+                                    name=(name or "").strip() or source, context_size=ctx,
+                                    max_tokens=max_tok, text_field=text_field)
 
 
 def get_dataset(dataset_id: int | str) -> Dataset:
@@ -176,11 +172,7 @@ def delete_dataset(dataset_id: int | str) -> None:
     Conflict while one of its trainings is queued or running.
     """
     dataset = get_dataset(dataset_id)
-    trainings = common.unused_trainings(dataset.trainings, f"Dataset {dataset.id}")
-    with db.atomic():
-        dataset.delete_instance(recursive=True)
-    for t in trainings:
-        common.remove_tree(t.out_dir)
+    common.delete_with_trainings(dataset, f"Dataset {dataset.id}")
     src = Path(dataset.source)
     if src.is_file() and src.parent == settings.uploads_dir():
         src.unlink(missing_ok=True)

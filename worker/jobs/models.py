@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..db import LanguageModel, db
+from ..db import LanguageModel
 from . import common
 from .errors import Invalid
 
@@ -39,12 +39,8 @@ def add_model(source: str, name: str | None = None) -> LanguageModel:
     if not source:
         msg = "Give a model: a bundled name (minilm-l6, smollm2-135m), a folder or a Hub id."
         raise Invalid(msg, {"source": msg})
-    name = (name or "").strip() or source
-    with db.atomic():
-        model = LanguageModel.create(name=name, source=source, status="queued",
-                                     message="Waiting for the worker.")
-    common.enqueue("prepare_model", model.id)
-    return LanguageModel.get_by_id(model.id)
+    return common.queue_preparation(LanguageModel, "prepare_model", source=source,
+                                    name=(name or "").strip() or source)
 
 
 def get_model(model_id: int | str) -> LanguageModel:
@@ -58,11 +54,7 @@ def delete_model(model_id: int | str) -> None:
     Conflict while one of its trainings is queued or running.
     """
     model = get_model(model_id)
-    trainings = common.unused_trainings(model.trainings, f"Model {model.id}")
-    with db.atomic():
-        model.delete_instance(recursive=True)
-    for t in trainings:
-        common.remove_tree(t.out_dir)
+    common.delete_with_trainings(model, f"Model {model.id}")
 
 
 def model_as_dict(model: LanguageModel) -> dict[str, Any]:
