@@ -33,6 +33,7 @@ class Field:
     """The input: ``select``, ``int``, ``float``, ``bool`` or ``text``."""
     help: str
     unit: str | None = None
+    """Shown after the label, unless the label names it already."""
     optional: bool = False
     """May be left blank (placeholder "auto"; the help says what blank means)."""
     advanced: bool = False
@@ -48,21 +49,25 @@ ROW_SELECTS = {
 }
 
 
-def _field(info: Any) -> Field:
+def _field(info: jobs.OptionInfo) -> Field:
     """The form field of an option (``OptionInfo``)."""
     if info.kind == "choice" or info.choices or info.name in MODEL_FIELDS + ("expansion_factor",):
         kind = "select"
     else:
         kind = {"int": "int", "float": "float", "bool": "bool"}.get(info.kind, "text")
-    return Field(info.name, info.label, kind, info.help, unit=info.unit,
+    unit = info.unit
+    if unit and unit.rstrip("s").lower() in info.label.lower():
+        unit = None  # "Total steps", not "Total steps (steps)"
+    return Field(info.name, info.label, kind, info.help, unit=unit,
                  optional=info.optional, advanced=info.advanced,
                  applies_to=" ".join(info.applies_to) if info.applies_to else None)
 
 
-def fields() -> dict[str, Field]:
-    """Every field of the form by name, in the form's order (options read now)."""
+def fields(infos: list[jobs.OptionInfo] | None = None) -> dict[str, Field]:
+    """Every field of the form by name, in the form's order (``infos``: the form's options,
+    read now when not given)."""
     out = dict(ROW_SELECTS)
-    out.update((info.name, _field(info)) for info in jobs.form_options())
+    out.update((info.name, _field(info)) for info in infos or jobs.form_options())
     return out
 
 
@@ -83,13 +88,12 @@ def form_values(src: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _choices(model: Any, models: list[Any], shown: dict[str, str]
+def _choices(infos: list[jobs.OptionInfo], model: Any, models: list[Any], shown: dict[str, str]
              ) -> dict[str, list[tuple[str, str]]]:
     """(value, label) pairs of every select: ready models and datasets, the model's layers and
     hook points (every hook point without a model), the options' fixed choices."""
     out: dict[str, list[tuple[str, str]]] = {
-        info.name: [(c, c) for c in info.choices] for info in jobs.form_options()
-        if info.choices}
+        info.name: [(c, c) for c in info.choices] for info in infos if info.choices}
     out["model_id"] = [(str(m.id), f"{m.name} ({m.n_layers} layers, hidden {m.hidden_dim})")
                        for m in models]
     out["dataset_id"] = [(str(d.id), d.name) for d in jobs.ready_datasets()]
@@ -123,12 +127,13 @@ def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None
     if not values.get("model_id") and models:
         values["model_id"] = str(models[0].id)
     model = _ready_model(values.get("model_id"))
-    by_name = fields()
+    infos = jobs.form_options()
+    by_name = fields(infos)
     shown = {k: "" if v is None else str(v) for k, v in jobs.training_defaults(model).items()}
     if model is None:
         shown["model_id"] = ""
     shown.update({k: v for k, v in values.items() if k in by_name})
-    choices = _choices(model, models, shown)
+    choices = _choices(infos, model, models, shown)
     for name in MODEL_FIELDS:  # a value the chosen model does not have: its default
         offered = [v for v, _ in choices[name]]
         if offered and shown.get(name) not in offered and name not in errors:

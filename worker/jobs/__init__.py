@@ -31,7 +31,7 @@ from .checkpoints import (
     save_checkpoint_now,
 )
 from .common import changes_since, connect, disconnect, open_database
-from .configs import ALIASES, HOOK_POINTS, form_options, training_defaults
+from .configs import ALIASES, HOOK_POINTS, OptionInfo, form_options, training_defaults
 from .datasets import (
     UPLOAD_SUFFIXES,
     add_dataset,
@@ -64,8 +64,8 @@ from .trainings import (
 )
 
 __all__ = [
-    "ACTIONS", "ALIASES", "FINISHED", "HOOK_POINTS", "LATEST_KEYS", "METRIC_ALIASES",
-    "RUNNING", "UPLOAD_SUFFIXES", "Conflict", "Invalid", "JobError", "NotFound", "add_dataset",
+    "ACTIONS", "ALIASES", "FINISHED", "HOOK_POINTS", "LATEST_KEYS", "METRIC_ALIASES", "RUNNING",
+    "UPLOAD_SUFFIXES", "Conflict", "Invalid", "JobError", "NotFound", "OptionInfo", "add_dataset",
     "add_model", "card_data", "changes_since", "checkpoint_as_dict", "checkpoints", "common",
     "connect", "create_training", "dataset_as_dict", "delete_checkpoint", "delete_dataset",
     "delete_model", "delete_training", "disconnect", "estimate", "export_zip", "form_options",

@@ -17,8 +17,8 @@ from ..engine.option_types import TRUE_WORDS
 from . import common
 from .errors import Invalid, NotFound
 
-__all__ = ["ALIASES", "HOOK_POINTS", "build_config", "form_options", "lenient_values",
-           "training_defaults"]
+__all__ = ["ALIASES", "HOOK_POINTS", "OptionInfo", "build_config", "form_options",
+           "lenient_values", "training_defaults"]
 
 def form_options() -> list[OptionInfo]:
     """The options the form has (``in_form``), in the form's order; read now, so an encoder type
