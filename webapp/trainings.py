@@ -88,7 +88,7 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
     if dead_frac is None and latest.get("dead") is not None and d_sae:
         dead_frac = float(latest["dead"]) / d_sae
     data = jobs.card_data(t, log_limit=LOG_LINES, chart_limit=MAX_POINTS if with_metrics else None)
-    view: dict[str, Any] = {
+    return {
         "id": t.id, "t": t, "d": d, "status": t.status, "error": t.error,
         "requested": t.requested, "finished": t.status in FINISHED,
         "title": f"{t.model.name} + {t.dataset.name}",
@@ -100,10 +100,9 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
         "log": data["log"], "checkpoints": [checkpoint_dict(c) for c in data["checkpoints"]],
         "can_export": jobs.has_export(t),
         "has_report": t.status in ("completed", "stopped") and reports.has_report(t),
-        "loss_points": [(step, loss) for step, loss, _ in data["chart"] if loss is not None],
-        "l0_points": [(step, l0) for step, _, l0 in data["chart"] if l0 is not None],
+        "loss_points": [(x, loss) for x, loss, _ in data["chart"] if loss is not None],
+        "l0_points": [(x, l0) for x, _, l0 in data["chart"] if l0 is not None],
     }
-    return view
 
 
 _FINISHED_CARDS: OrderedDict[tuple[int, float, bool], Markup] = OrderedDict()

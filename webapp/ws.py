@@ -4,8 +4,8 @@
 ``ws.receive(timeout=tick)`` as its tick: when the database changed (``jobs.changes_since``,
 which sees the worker's commits from another process too) it compares each part's signature
 (``jobs.signatures``) with the last one sent and sends only the parts that changed (one message
-per tick at most). It returns after sending
-the final state once the job is finished, or when the client leaves.
+per tick at most). It returns after sending the final state once the job is finished, or when
+the client leaves.
 
 ``?format=json`` streams the same updates as JSON events for programs: ``status`` (the training
 dict), ``metrics`` (new rows), ``log`` (new lines) and ``checkpoints`` (all items).
