@@ -13,8 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from webapp import create_app
-from worker import jobs
-from worker.db import db, init_db
+from worker.jobs import common
 from worker.queue import huey
 
 
@@ -25,11 +24,10 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("SAE_STUDIO_DATA", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    init_db(tmp_path / "app.db")
+    common.open_database()
     huey.immediate = True
     yield tmp_path
-    if not db.is_closed():
-        db.close()
+    common.disconnect()
 
 
 @pytest.fixture
@@ -52,9 +50,5 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[Any, ...]
     def record(name: str, *args: Any) -> None:
         calls.append((name, args))
 
-    # The job layer's one enqueue function, worker/jobs/common.py; until worker/jobs.py is a
-    # package, its module-level _enqueue.
-    if hasattr(jobs, "common"):
-        monkeypatch.setattr(jobs.common, "enqueue", record)
-    monkeypatch.setattr(jobs, "_enqueue", record, raising=False)
+    monkeypatch.setattr(common, "enqueue", record)  # the job layer's one way to enqueue
     return calls

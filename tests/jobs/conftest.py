@@ -15,7 +15,7 @@ import pytest
 from worker import jobs, tasks
 
 # Small, fast training settings (minilm-l6: 6 layers, hidden 384).
-FAST = {"layer_idx": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
+FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
         "total_steps": "20", "log_every": "5", "auto_save_interval": "10",
         "buffer_tokens": "2048", "eval_tokens": "256", "device": "cpu"}
 
