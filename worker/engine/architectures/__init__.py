@@ -22,10 +22,29 @@ from ..errors import ConfigError
 class MemoryTerms:
     """How a type's training step uses memory, for ``engine.memory`` (plain numbers, no torch).
 
-    Filled in by the architecture work; the defaults describe a dense ReLU step."""
+    Counts of tensors alive at the peak of a micro-batch's forward or backward, in units of
+    one [micro, d_sae] tensor at the activation dtype ("dense"), one [d_sae, d_in] fp32 matrix
+    and one k-per-token selection (values + int64 indices). The defaults describe a dense ReLU
+    step (standard)."""
 
     extra_params_per_latent: int = 0
     """Parameters per latent beyond W_enc, W_dec, b_enc (e.g. JumpReLU's threshold)."""
+    step_dense_forward: float = 3
+    """Forward: pre, the activation output, the L1 term (standard) or step output (jumprelu)."""
+    step_dense_backward: float = 4
+    """Backward: the saved output, the two gradients reaching it, the pre-activation gradient
+    (jumprelu: + its straight-through window)."""
+    step_selections: int = 0
+    """k-per-token selections alive in the step (topk 1; batchtopk 2: bags and their copy)."""
+    step_mask_bytes: int = 1
+    """Bytes per (token, latent) of bool masks in the step."""
+    step_weight_backward: int = 1
+    """[d_sae, d_in] fp32 buffers in backward (the sparse encoder backward's zeros + gradient:
+    2)."""
+    init_dense: int = 2
+    """Dense [4096, d_sae] fp32 copies in the initialisation encode (CPU)."""
+    eval_dense: float = 4.5
+    """Dense [chunk, d_sae] copies in the held-out evaluation forward."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +115,13 @@ def build(name: str, d_in: int, d_sae: int, **options: Any) -> Any:
 
 # ------------------------------------------------------------------------ the built-in types
 _AUXK = ("aux_k", "aux_k_coef", "aux_k_frac")
+_TOPK_MEMORY = dict(step_dense_forward=1, step_dense_backward=0, step_weight_backward=2)
 
 register(Architecture(
     "topk", "the k largest latents per token.",
     "worker.engine.architectures.topk:TopKSAE",
-    options=("k", *_AUXK), lr_base=2e-3))
+    options=("k", *_AUXK), lr_base=2e-3,
+    memory=MemoryTerms(**_TOPK_MEMORY, step_selections=1, step_mask_bytes=0, eval_dense=2)))
 register(Architecture(
     "standard", "ReLU with an L1 penalty.",
     "worker.engine.architectures.standard:StandardSAE",
@@ -109,9 +130,10 @@ register(Architecture(
     "jumprelu", "a learned threshold per latent with an L0 penalty.",
     "worker.engine.architectures.jumprelu:JumpReLUSAE",
     options=("l0_coef", "jumprelu_bandwidth", "jumprelu_init_threshold"), lr_base=2e-3,
-    memory=MemoryTerms(extra_params_per_latent=1)))
+    memory=MemoryTerms(extra_params_per_latent=1, step_dense_backward=5, init_dense=3)))
 register(Architecture(
     "batchtopk", "k latents per token on average across the batch, a fixed threshold "
     "afterwards.",
     "worker.engine.architectures.batchtopk:BatchTopKSAE",
-    options=("k", *_AUXK, "batchtopk_threshold_momentum"), lr_base=2e-3))
+    options=("k", *_AUXK, "batchtopk_threshold_momentum"), lr_base=2e-3,
+    memory=MemoryTerms(**_TOPK_MEMORY, step_selections=2, init_dense=3)))

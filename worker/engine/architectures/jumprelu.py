@@ -1,0 +1,116 @@
+"""JumpReLU SAE: f = pre * (pre > theta) with a learned threshold theta [d_sae] (kept >= 0).
+
+loss = mse + l0_coef * mean_tokens(L0) / d_in — i.e. (sum of squared errors + l0_coef x L0) /
+d_in per token, the GDM/SAELens loss on our per-element scale. The step function and the JumpReLU
+get a straight-through gradient for the threshold with a rectangle kernel of width
+``bandwidth`` (Rajamanoharan et al. 2024). Training takes the sparse CSR step on the CPU when
+few entries are active or inside the straight-through window (``kernels.threshold_pre_acts``).
+Decoder rows are kept at unit norm, so thresholds stay in input units.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from .base import SAE, ForwardOutput
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+
+class JumpReLUSAE(SAE):
+    encoder_type = "jumprelu"
+    saelens_architecture = "jumprelu"
+    unit_decoder = True
+
+    def __init__(self, d_in: int, d_sae: int, *, l0_coef: float = 0.0,
+                 jumprelu_bandwidth: float = 0.05, jumprelu_init_threshold: float | None = None,
+                 k: int = 32) -> None:
+        super().__init__(d_in, d_sae)
+        self.penalty = l0_coef
+        self.bandwidth = jumprelu_bandwidth
+        self.init_threshold = jumprelu_init_threshold
+        """The thresholds' start; None = where ``k`` latents per token fire on the
+        initialisation sample (BatchTopK's selection)."""
+        self.k = k
+        self.threshold = nn.Parameter(torch.full((d_sae,), float(jumprelu_init_threshold or 0.0)))
+        self.sparse_max_density = kernels.SPARSE_MAX_DENSITY
+        """Set to 0 to force the dense step, to 1 to force the sparse one (on the CPU)."""
+        self.sparse_steps = 0
+        """Forward passes that took the sparse path."""
+
+    @classmethod
+    def config_options(cls, cfg: TrainConfig, d_in: int, d_sae: int) -> dict[str, Any]:
+        """Plus ``k``: the initial thresholds are where cfg.k latents per token would fire,
+        unless jumprelu_init_threshold is set (k is not among the type's options, so the form
+        does not ask for it)."""
+        return dict(super().config_options(cfg, d_in, d_sae), k=cfg.k)
+
+    def thresholds(self) -> Tensor:
+        return self.threshold
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        return pre.relu() * (pre > self.threshold)
+
+    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+                dead_mask: Tensor | None = None) -> ForwardOutput:
+        # The sparse step keeps a superset of the active entries and of the straight-through
+        # window (pre - theta) / bw > -1/2; entries outside both get no value and no gradient.
+        floor = self.threshold.detach() - 0.75 * self.bandwidth
+        pre, csr = kernels.threshold_pre_acts(x, self.W_enc, self.enc_bias(), floor,
+                                              self.sparse_max_density)
+        if csr is None:
+            return self._dense(x, pre, sparsity_coef)
+        self.sparse_steps += 1
+        n = x.shape[0]
+        theta = self.threshold.index_select(0, csr.cols)
+        theta_c = theta.detach()
+        p = pre.detach().float()
+        active = p > theta_c
+        window = kernels.rectangle((p - theta_c) / self.bandwidth)
+        st = theta - theta_c  # value 0, gradient 1 to the threshold
+        f = pre.float() * active + st * (-(theta_c / self.bandwidth) * window)
+        decoded, l0, fired = kernels.csr_decode(f, self.W_dec, csr)
+        x_hat = decoded + self.b_dec
+        mse = self.mse(x, x_hat)
+        if sparsity_coef > 0:
+            step = active.float() + st * (-window / self.bandwidth)
+            aux = sparsity_coef * (step.sum() / n) / self.d_in
+        else:
+            aux = mse.new_zeros(())
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
+
+    def _dense(self, x: Tensor, pre: Tensor, l0_coef: float) -> ForwardOutput:
+        theta = self.threshold
+        f = kernels.JumpReLUFn.apply(pre, theta, self.bandwidth)
+        x_hat = f @ self.W_dec + self.b_dec
+        mse = self.mse(x, x_hat)
+        if l0_coef > 0:
+            l0_ste = kernels.StepFn.apply(pre, theta, self.bandwidth).sum(-1).mean()
+            aux = l0_coef * l0_ste / self.d_in
+        else:
+            aux = mse.new_zeros(())
+        l0, fired = kernels.active_stats(f.detach() > 0)
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
+
+    # ------------------------------------------------------------------ trainer hooks
+    def init_latents(self, x: Tensor) -> Tensor:
+        """BatchTopK's selection: k latents per token on average."""
+        return kernels.batch_topk_latents(self.pre_acts(x), self.k)
+
+    def start_thresholds(self, f: Tensor, factor: Tensor) -> None:
+        if self.init_threshold is not None:
+            self.threshold.fill_(self.init_threshold)
+        else:
+            kept = f[f > 0]
+            self.threshold.fill_(float(kept.min() * factor) if kept.numel() else 0.0)
+
+    @torch.no_grad()
+    def after_step(self, min_kept: Tensor | None) -> None:
+        super().after_step(min_kept)
+        self.threshold.clamp_(min=0.0)
