@@ -38,8 +38,9 @@ import torch  # noqa: E402
 
 from worker.engine.activations import LiveActivations  # noqa: E402
 from worker.engine.config import TrainConfig  # noqa: E402
+from worker.engine.devices import pick_device  # noqa: E402
 from worker.engine.pipeline import load_for_extraction  # noqa: E402
-from worker.engine.trainer import Callbacks, Trainer, pick_device  # noqa: E402
+from worker.engine.trainer import Callbacks, Trainer  # noqa: E402
 
 GOAL = 1 / 1.2
 

@@ -3,39 +3,42 @@
     trainer = Trainer(cfg, source, out_dir, callbacks=Callbacks(on_metrics=print))
     result = trainer.fit()            # or fit(resume="run/checkpoints/step_00000500.safetensors")
 
-Each step: set the learning rate, hear the caller (pause / stop / save), fetch ``batch_size``
-vectors, forward/backward in micro-batches (halved on CUDA out-of-memory, with the accumulation
-doubled so the effective batch is unchanged), check the loss is finite, clip, step, keep decoder
-rows at unit norm (topk, batchtopk, jumprelu), move BatchTopK's running threshold, update the
-dead-latent counters, log every ``log_every`` steps and
-auto-save every ``auto_save_interval`` steps. At the end: evaluate on held-out vectors, save the
-final checkpoint and export the SAELens folder.
+The SAE is the registered type ``cfg.encoder_type`` (``engine.architectures``); the loop asks it
+for what differs between types (its sparsity penalty, the constraints around a step, its
+initial thresholds). Each step: set the learning rate, hear the caller (pause / stop / save),
+fetch ``batch_size`` vectors, forward/backward in micro-batches (halved on CUDA out-of-memory,
+with the accumulation doubled so the effective batch is unchanged), clip, step, let the SAE
+keep its constraints (unit-norm decoder rows, thresholds), update the dead-latent counters. The
+step's statistics stay on the device: every ``log_every`` steps they are read at once, checked
+(a non-finite loss stops the run, and is checked again before any checkpoint is written, so a
+NaN is never saved) and logged; every ``auto_save_interval`` steps a checkpoint is saved. At the
+end: evaluate on held-out vectors, save the final checkpoint and export the SAELens folder.
 """
 
 from __future__ import annotations
 
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import architectures
 from . import checkpoints as ck
 from .activations import ActivationSource
 from .config import TrainConfig
+from .devices import autocast_dtype, halve_on_oom, peak_memory_mb, pick_device, pick_precision
 from .errors import CheckpointError, ConfigError, TrainingError
-from .sae import SAE
+from .export import export_saelens
 
-UNIT_DECODER_TYPES = ("topk", "batchtopk", "jumprelu")
-"""Encoder types whose decoder rows are kept at unit norm (the L0 / top-k sparsity cannot be
-gamed by rescaling, and a unit decoder keeps JumpReLU thresholds in input units)."""
+STEP_STATS = ("loss", "mse", "aux", "l0", "err", "var", "grad_norm")
+"""One row per step in the window, in this order (``err`` and ``var``: the squared error and
+the variance about the batch mean, summed over the batch's elements)."""
 
 
 def _noop(*_: Any) -> None:
@@ -71,45 +74,10 @@ class TrainResult:
     """Live extraction only: tokens seen and excluded (position 0, special, outliers), kept."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens": self.tokens,
-                "tokens_per_s": round(self.tokens_per_s, 1), "fvu": self.fvu, "l0": self.l0,
-                "dead_frac": self.dead_frac, "out": self.out, "checkpoint": self.checkpoint,
-                "stopped": self.stopped, "eval": self.eval, "filtered": self.filtered}
+        return dict(asdict(self), tokens_per_s=round(self.tokens_per_s, 1))
 
 
-# ---------------------------------------------------------------------------- device helpers
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested != "auto":
-        try:
-            dev = torch.device(requested)
-        except RuntimeError:
-            raise ConfigError(f"Unknown device '{requested}'; use auto, cpu, cuda, cuda:N "
-                              "or mps.") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("Device 'cuda' was requested but CUDA is not available here.")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("Device 'mps' was requested but MPS is not available here.")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
+# ---------------------------------------------------------------------------- the trainer
 def get_lr(step: int, cfg: TrainConfig, base: float) -> float:
     """Warm-up, then constant (with a final linear decay), linear or cosine decay to zero."""
     warm, total = cfg.warmup_steps(), cfg.total_steps
@@ -125,34 +93,19 @@ def get_lr(step: int, cfg: TrainConfig, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm, started from the mean."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1 / (x - y).norm(dim=1).clamp_min(eps)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < eps * y.norm().clamp_min(1):
-            return y_new
-        y = y_new
-    return y
+@dataclass
+class _Window:
+    """The steps since the last log line; their statistics stay on the device until read."""
+
+    first_step: int
+    fired: Tensor
+    """Firing count per latent [d_sae]."""
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    rows: list[Tensor] = field(default_factory=list)
+    """Per step, the ``STEP_STATS``."""
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated; CPU: the process's peak RSS — VmHWM where /proc has it (ru_maxrss
-    of a process started by fork+exec can carry its parent's peak)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-# ---------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(
         self,
@@ -174,79 +127,55 @@ class Trainer:
         if self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("fp16 needs a GPU; use fp32 or bf16 on the CPU.")
         self.base_lr = cfg.lr(self.d_sae)
-        self.k_aux = cfg.k_aux(self.d_in, self.d_sae)
         self.aux_window = min(cfg.dead_window_tokens, 10 * cfg.batch_size)
         self.ckpt_dir = self.out_dir / "checkpoints"
         torch.manual_seed(cfg.seed)
-        self.sae = SAE(self.d_in, self.d_sae, cfg.encoder_type, cfg.k,
-                       tie_weights=cfg.tie_weights, bandwidth=cfg.jumprelu_bandwidth,
-                       init_threshold=cfg.jumprelu_init_threshold or 0.0).to(self.device)
-        self.unit_decoder = cfg.encoder_type in UNIT_DECODER_TYPES
-        self.opt = self._make_optimizer()
+        sae_class = architectures.get(cfg.encoder_type).load()
+        self.sae = sae_class.from_config(self.d_in, self.d_sae, cfg).to(self.device)
+        opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_class(self.sae.parameters(), lr=self.base_lr,
+                             betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.micro = cfg.micro_batch_size or cfg.batch_size
-        self.step = 0
-        self.tokens = 0
-        self.scale = 1.0
+        self.step, self.tokens, self.scale = 0, 0, 1.0
+        """Steps and tokens trained; the input scale (E||scale x|| = sqrt(d_in))."""
         self.best_loss, self.best_step = math.inf, None
+        self._window_loss: float | None = None
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         self.protect: set[int] = set()
+        self.win = self._new_window()
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        cls = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
-        return cls(self.sae.parameters(), lr=self.base_lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                   weight_decay=self.cfg.weight_decay)
+    def _new_window(self) -> _Window:
+        return _Window(self.step, torch.zeros(self.d_sae, dtype=torch.long, device=self.device))
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def initialise(self) -> None:
-        """Input scale, b_dec and decoder directions from a sample of the data."""
+        """The input scale from a sample of the data, then the SAE's own initialisation on it
+        (b_dec, decoder directions, encoder scale, thresholds)."""
         cfg = self.cfg
         sample = self.source.sample(max(8192, min(self.d_sae, 65_536))).float()
         if cfg.normalize:
             self.scale = float(math.sqrt(self.d_in) / sample.norm(dim=1).mean().clamp_min(1e-8))
-        sample = sample * self.scale
-        if cfg.b_dec_init == "geometric_median":
-            b_dec = geometric_median(sample[:8192])
-        elif cfg.b_dec_init == "mean":
-            b_dec = sample.mean(0)
-        else:
-            b_dec = torch.zeros(self.d_in)
-        self.sae.b_dec.copy_(b_dec.to(self.device))
-        g = torch.Generator().manual_seed(cfg.seed)
-        directions = torch.randn(self.d_sae, self.d_in, generator=g)
-        if cfg.init_from_data:
-            n = min(self.d_sae, sample.shape[0])
-            pick = torch.randperm(sample.shape[0], generator=g)[:n]
-            directions[:n] = sample[pick] - b_dec
-        self.sae.set_decoder(directions.to(self.device))
-        # Scale the encoder so the first reconstructions have the right size: the least-squares
-        # factor between (x_hat - b_dec) and (x - b_dec) on the sample. Without it, k latents
-        # aligned with x each fire at ~||x|| and the SAE spends its first steps shrinking them.
-        # BatchTopK and JumpReLU are scaled with the BatchTopK selection (k per token on
-        # average); BatchTopK's running threshold then starts at the smallest kept activation
-        # (pre-activations scale with W_enc: b_enc is 0 here), as do JumpReLU's thresholds
-        # unless jumprelu_init_threshold is given.
-        x = sample[:4096].to(self.device)
-        centred = x - self.sae.b_dec
-        batchtopk = cfg.encoder_type in ("batchtopk", "jumprelu")
-        f = self.sae.encode_batch_topk(x) if batchtopk else self.sae.encode(x)
-        recon = self.sae.decode(f) - self.sae.b_dec
-        denom = recon.pow(2).sum()
-        if denom > 0:
-            factor = ((recon * centred).sum() / denom).clamp(1e-3, 1e3)
-            if self.sae.tie_weights:  # scaling W_enc scales the decoder too: recon ~ factor^2
-                factor = factor.sqrt()
-            self.sae.W_enc.mul_(factor)
-            if batchtopk:
-                kept = f[f > 0]
-                start = float(kept.min() * factor) if kept.numel() else 0.0
-                if cfg.encoder_type == "jumprelu" and cfg.jumprelu_init_threshold is not None:
-                    start = cfg.jumprelu_init_threshold
-                self.sae.threshold.fill_(start)
+        self.sae.init_from_sample(sample * self.scale, b_dec_init=cfg.b_dec_init,
+                                  from_data=cfg.init_from_data, seed=cfg.seed)
 
     # ------------------------------------------------------------------ checkpoints
+    def _read_window(self) -> list[list[float]]:
+        """The window's per-step statistics as numbers (one host sync); TrainingError naming
+        the first step whose loss is not finite."""
+        rows = torch.stack(self.win.rows).tolist() if self.win.rows else []
+        for i, row in enumerate(rows):
+            if not math.isfinite(row[0]):
+                last = ck.latest_checkpoint(self.ckpt_dir)
+                raise TrainingError(
+                    f"The loss became {row[0]} at step {self.win.first_step + i}; training "
+                    "stopped. " + (f"The last good checkpoint is {last}. " if last else "")
+                    + "Lower the learning rate or use fp32.")
+        return rows
+
     def save(self, reason: str = "auto") -> Path:
+        self._read_window()  # never save weights a non-finite loss has reached
         loss = self._window_loss if self._window_loss is not None else math.inf
         is_best = loss <= self.best_loss
         if is_best:
@@ -311,31 +240,30 @@ class Trainer:
         self.source.load_state_dict(m["data"])
 
     # ------------------------------------------------------------------ one step
-    def _autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return nullcontext()
+    def _dead(self, window: int) -> Tensor:
+        """Mask [d_sae] of the latents that have not fired in the last ``window`` tokens (or
+        not at all, early in a run)."""
+        return self.since_fired >= min(window, max(self.tokens, 1))
 
-    def _forward_backward(self, batch: Tensor, l1_coef: float, dead: Tensor) -> dict[str, Tensor]:
-        """Accumulate gradients over micro-batches; return summed statistics (on device).
+    def _autocast(self) -> AbstractContextManager[Any]:
+        dtype = autocast_dtype(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
-        ``l1_coef`` is the (warmed-up) sparsity coefficient: L1 for standard, L0 for jumprelu."""
+    def _forward_backward(self, batch: Tensor, coef: float, dead: Tensor,
+                          micro: int) -> dict[str, Tensor]:
+        """Accumulate gradients over micro-batches of ``micro`` vectors; return the summed
+        statistics (on the device). ``coef``: the (warmed-up) sparsity penalty coefficient."""
         n = batch.shape[0]
-        acc = {"loss": 0.0, "mse": 0.0, "aux": 0.0, "l0": 0.0, "err": 0.0, "var": 0.0}
+        acc: dict[str, Any] = dict.fromkeys(("loss", "mse", "aux", "l0", "err", "var"), 0.0)
         fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
-        coef = {"l0_coef" if self.cfg.encoder_type == "jumprelu" else "l1_coef": l1_coef}
-        for chunk in batch.split(self.micro):
+        for chunk in batch.split(micro):
             w = chunk.shape[0] / n
             with self._autocast():
-                out = self.sae(chunk, **coef, dead_mask=dead, k_aux=self.k_aux,
-                               aux_coef=self.cfg.aux_k_coef, aux_frac=self.cfg.aux_k_frac)
+                out = self.sae(chunk, sparsity_coef=coef, dead_mask=dead)
             self.scaler.scale(out.loss * w).backward()
             with torch.no_grad():
-                acc["loss"] += out.loss.detach() * w
-                acc["mse"] += out.mse.detach() * w
-                acc["aux"] += out.aux.detach() * w
-                acc["l0"] += out.l0.detach() * w
+                for key in ("loss", "mse", "aux", "l0"):
+                    acc[key] += getattr(out, key).detach() * w
                 acc["err"] += out.mse.detach() * chunk.numel()
                 acc["var"] += (chunk.float() - chunk.float().mean(0)).pow(2).sum()
                 fired += out.fired
@@ -344,31 +272,30 @@ class Trainer:
         acc["fired"] = fired
         return acc
 
-    def _train_step(self, batch: Tensor, l1_coef: float) -> dict[str, Tensor]:
-        dead = self.since_fired >= min(self.aux_window, max(self.tokens, 1))
-        while True:
-            try:
-                return self._forward_backward(batch, l1_coef, dead)
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not is_oom(exc):
-                    raise
-                self.opt.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.micro // 2 < self.cfg.min_micro_batch:
-                    raise TrainingError(
-                        f"Out of memory even at a micro-batch of {self.micro} vectors (minimum "
-                        f"{self.cfg.min_micro_batch}). Reduce the latent dimension or "
-                        "expansion factor, use bf16, or lower --batch-size.") from None
-                self.micro //= 2
-                self.cb.on_log(f"Out of memory at step {self.step}: micro-batch reduced to "
-                               f"{self.micro} ({self.cfg.batch_size // self.micro} accumulation "
-                               "steps, same effective batch).")
+    def _train_step(self, batch: Tensor, coef: float) -> dict[str, Tensor]:
+        """``_forward_backward`` at the current micro-batch, halved on out-of-memory."""
+        dead = self._dead(self.aux_window)
+
+        def halved(micro: int) -> None:
+            self.opt.zero_grad(set_to_none=True)
+            self.cb.on_log(f"Out of memory at step {self.step}: micro-batch reduced to "
+                           f"{micro} ({self.cfg.batch_size // micro} accumulation steps, same "
+                           "effective batch).")
+
+        def too_small(micro: int) -> TrainingError:
+            return TrainingError(
+                f"Out of memory even at a micro-batch of {micro} vectors (minimum "
+                f"{self.cfg.min_micro_batch}). Reduce the latent dimension or expansion "
+                "factor, use bf16, or lower --batch-size.")
+
+        acc, self.micro = halve_on_oom(
+            lambda micro: self._forward_backward(batch, coef, dead, micro), self.micro,
+            minimum=self.cfg.min_micro_batch, on_halve=halved, too_small=too_small)
+        return acc
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: Path | str | None = None) -> TrainResult:
         cfg = self.cfg
-        self._window_loss: float | None = None
         if resume:
             self.load(resume)
             self.cb.on_log(f"Resumed from {resume} at step {self.step}.")
@@ -377,10 +304,9 @@ class Trainer:
             self.cb.on_log(f"Started: {cfg.encoder_type} SAE {self.d_in} -> {self.d_sae}, "
                            f"{cfg.total_steps} steps of {cfg.batch_size} tokens on "
                            f"{self.device.type} ({self.precision}).")
-        win = {"t": time.perf_counter(), "tokens": 0, "loss": 0.0, "mse": 0.0, "aux": 0.0,
-               "l0": 0.0, "err": 0.0, "var": 0.0, "steps": 0, "grad": 0.0,
-               "fired": torch.zeros(self.d_sae, dtype=torch.long, device=self.device)}
+        self.win = self._new_window()
         train_time, stopped, start_tokens = 0.0, False, self.tokens
+        warm = cfg.l1_warmup_frac * cfg.total_steps
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -394,7 +320,7 @@ class Trainer:
                     time.sleep(self.cb.pause_poll_s)
                 if cmd != "stop":
                     self.cb.on_log(f"Resumed at step {self.step}.")
-                win["t"] = time.perf_counter()
+                self.win.start = time.perf_counter()
             if cmd == "stop":
                 stopped = True
                 self.cb.on_log(f"Stop requested at step {self.step}: finalising current weights.")
@@ -402,79 +328,61 @@ class Trainer:
             if cmd == "save":
                 self.save("manual")
 
-            # 2. learning rate and sparsity-coefficient warm-up (L1: standard, L0: jumprelu)
+            # 2. learning rate and the sparsity penalty's warm-up (L1: standard, L0: jumprelu)
             lr = get_lr(self.step, cfg, self.base_lr)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            warm_l1 = cfg.l1_warmup_frac * cfg.total_steps
-            alpha = cfg.l0_coef if cfg.encoder_type == "jumprelu" else cfg.l1_alpha
-            l1_coef = alpha * min(1.0, (self.step + 1) / warm_l1) if warm_l1 else alpha
+            penalty = self.sae.penalty
+            coef = penalty * min(1.0, (self.step + 1) / warm) if warm else penalty
 
-            # 3. data, forward/backward (OOM-safe), finiteness check
+            # 3. data, forward/backward (OOM-safe)
             t0 = time.perf_counter()
             batch = self.source.next_batch(cfg.batch_size).to(self.device, non_blocking=True)
             batch = batch * self.scale if self.scale != 1.0 else batch
-            acc = self._train_step(batch, l1_coef)
-            loss_value = float(acc["loss"])
-            if not math.isfinite(loss_value):
-                last = ck.latest_checkpoint(self.ckpt_dir)
-                raise TrainingError(
-                    f"The loss became {loss_value} at step {self.step}; training stopped. "
-                    + (f"The last good checkpoint is {last}. " if last else "")
-                    + "Lower the learning rate or use fp32.")
+            acc = self._train_step(batch, coef)
 
-            # 4. clip, step, keep decoder rows at unit norm (topk, batchtopk, jumprelu)
+            # 4. clip, step, the type's constraints (unit-norm decoder rows, thresholds)
             self.scaler.unscale_(self.opt)
-            if self.unit_decoder:
-                self.sae.remove_parallel_grad()
+            self.sae.constrain_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.sae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             self.scaler.step(self.opt)
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
-            if self.unit_decoder:
-                self.sae.normalize_decoder()
-            self.sae.clamp_threshold()
-            if "min_kept" in acc:  # BatchTopK's running inference threshold
-                self.sae.update_threshold(acc["min_kept"], cfg.batchtopk_threshold_momentum)
+            self.sae.after_step(acc.get("min_kept"))
 
-            # 5. dead-latent counters, window statistics
+            # 5. dead-latent counters, window statistics (on the device: no host sync)
             n = batch.shape[0]
             self.since_fired += n
-            self.since_fired[acc["fired"] > 0] = 0
+            self.since_fired.masked_fill_(acc["fired"] > 0, 0)
             self.step += 1
             self.tokens += n
-            train_time += time.perf_counter() - t0
-            win["tokens"] += n
-            win["steps"] += 1
-            win["fired"] += acc["fired"]
-            win["grad"] += float(grad_norm)
-            win["loss"] += loss_value
-            for key in ("mse", "aux", "l0", "err", "var"):
-                win[key] += float(acc[key])
+            self.win.tokens += n
+            self.win.fired += acc["fired"]
+            self.win.rows.append(torch.stack(
+                [acc[key].float() for key in STEP_STATS[:-1]] + [grad_norm.float()]))
 
-            # 6. log, auto-save
-            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
-                metrics = self._metrics(win, lr)
+            # 6. log (reading the window waits for the device), auto-save
+            log_now = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
+            rows = self._read_window() if log_now else []
+            train_time += time.perf_counter() - t0
+            if log_now:
+                metrics = self._metrics(rows, lr)
                 self._window_loss = metrics["loss"]
                 self.cb.on_metrics(metrics)
-                win.update(t=time.perf_counter(), tokens=0, loss=0.0, mse=0.0, aux=0.0, l0=0.0,
-                           err=0.0, var=0.0, steps=0, grad=0.0)
-                win["fired"].zero_()
+                self.win = self._new_window()
             if cfg.auto_save_interval and self.step % cfg.auto_save_interval == 0 \
                     and self.step < cfg.total_steps:
                 self.save("auto")
 
         # 7. evaluate on held-out vectors, final save, export
+        self._read_window()
         evaluation = self.evaluate()
         final = self.save("stop" if stopped else "final")
-        from .export import export_saelens  # noqa: PLC0415 - export imports trainer helpers
-
         export_dir = export_saelens(self.sae, self.out_dir / "saelens", scale=self.scale,
                                     meta=self.export_meta,
                                     sparsity=evaluation.pop("_freq", None))
-        dead_now = int((self.since_fired >= min(cfg.dead_window_tokens,
-                                                max(self.tokens, 1))).sum())
+        dead_now = int(self._dead(cfg.dead_window_tokens).sum())
         result = TrainResult(
             steps=self.step, tokens=self.tokens,
             tokens_per_s=(self.tokens - start_tokens) / train_time if train_time > 0 else 0.0,
@@ -492,24 +400,25 @@ class Trainer:
                        f"SAELens export in {export_dir}.")
         return result
 
-    def _metrics(self, win: dict[str, Any], lr: float) -> dict[str, Any]:
-        steps = max(1, win["steps"])
-        elapsed = max(1e-9, time.perf_counter() - win["t"])
-        fvu = win["err"] / win["var"] if win["var"] > 0 else float("nan")
-        freq = win["fired"].float() / max(1, win["tokens"])
-        dead = int((self.since_fired >= min(self.cfg.dead_window_tokens,
-                                            max(self.tokens, 1))).sum())
-        l0 = win["l0"] / steps
+    def _metrics(self, rows: list[list[float]], lr: float) -> dict[str, Any]:
+        """The log line of the window, from its statistics ``rows`` (``_read_window``)."""
+        win = self.win
+        steps = max(1, len(rows))
+        loss, mse, aux, l0, err, var, grad = (sum(col) for col in zip(*rows, strict=True))
+        elapsed = max(1e-9, time.perf_counter() - win.start)
+        fvu = err / var if var > 0 else float("nan")
+        freq = win.fired.float() / max(1, win.tokens)
+        dead, dense = torch.stack([self._dead(self.cfg.dead_window_tokens).sum(),
+                                   (freq > self.cfg.dense_threshold).sum()]).tolist()
+        l0 /= steps
         return {
-            "step": self.step, "tokens": self.tokens, "loss": win["loss"] / steps,
-            "mse": win["mse"] / steps, "aux_loss": win["aux"] / steps,
-            "sparsity_loss": win["aux"] / steps
-            if self.cfg.encoder_type in ("standard", "jumprelu") else 0.0,
+            "step": self.step, "tokens": self.tokens, "loss": loss / steps,
+            "mse": mse / steps, "aux_loss": aux / steps,
+            "sparsity_loss": aux / steps if self.sae.penalty else 0.0,
             "l0": l0, "l0_frac": l0 / self.d_sae, "fvu": fvu, "explained_variance": 1 - fvu,
-            "dead": dead, "dead_frac": dead / self.d_sae,
-            "dense": int((freq > self.cfg.dense_threshold).sum()),
-            "lr": lr, "grad_norm": win["grad"] / steps,
-            "tokens_per_s": win["tokens"] / elapsed,
+            "dead": dead, "dead_frac": dead / self.d_sae, "dense": dense,
+            "learning_rate": lr, "grad_norm": grad / steps,
+            "tokens_per_s": win.tokens / elapsed,
             "peak_memory_mb": peak_memory_mb(self.device), "micro_batch_size": self.micro,
         }
 
@@ -519,34 +428,27 @@ class Trainer:
         x = self.source.holdout()
         if not len(x):
             return {}
-        chunk_size = min(self.micro, 4096)
+        mean = (x.float().mean(0) * self.scale).to(self.device)
+
+        def run(chunk_size: int) -> dict[str, Any]:
+            err = var = l0 = 0.0
+            counts = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+            for chunk in x.split(chunk_size):
+                chunk = chunk.to(self.device).float() * self.scale
+                with self._autocast():
+                    out = self.sae(chunk)
+                err += float((out.x_hat.float() - chunk).pow(2).sum())
+                var += float((chunk - mean).pow(2).sum())
+                l0 += float(out.l0) * len(chunk)
+                counts += out.fired
+            freq = counts.float().cpu() / len(x)
+            fvu = err / var if var > 0 else float("nan")
+            return {"tokens": len(x), "fvu": fvu, "explained_variance": 1 - fvu,
+                    "l0": l0 / len(x), "dead_frac": float((counts == 0).float().mean()),
+                    "dense": int((freq > self.cfg.dense_threshold).sum()), "_freq": freq}
+
         self.sae.eval()  # BatchTopK encodes with its running threshold at inference
         try:
-            while True:
-                try:
-                    return self._evaluate(x, chunk_size)
-                except Exception as exc:  # noqa: BLE001 - only OOM is handled
-                    if not is_oom(exc) or chunk_size <= 1:
-                        raise
-                    torch.cuda.empty_cache()
-                    chunk_size //= 2
+            return halve_on_oom(run, min(self.micro, 4096))[0]
         finally:
             self.sae.train()
-
-    def _evaluate(self, x: Tensor, chunk_size: int) -> dict[str, Any]:
-        err = var = l0 = 0.0
-        counts = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
-        mean = (x.float().mean(0) * self.scale).to(self.device)
-        for chunk in x.split(chunk_size):
-            chunk = chunk.to(self.device).float() * self.scale
-            with self._autocast():
-                out = self.sae(chunk)
-            err += float((out.x_hat.float() - chunk).pow(2).sum())
-            var += float((chunk - mean).pow(2).sum())
-            l0 += float(out.l0) * len(chunk)
-            counts += out.fired
-        freq = counts.float().cpu() / len(x)
-        fvu = err / var if var > 0 else float("nan")
-        return {"tokens": len(x), "fvu": fvu, "explained_variance": 1 - fvu,
-                "l0": l0 / len(x), "dead_frac": float((counts == 0).float().mean()),
-                "dense": int((freq > self.cfg.dense_threshold).sum()), "_freq": freq}

@@ -28,6 +28,18 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm, started from the mean."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * y.norm().clamp_min(1):
+            return y_new
+        y = y_new
+    return y
+
+
 class ForwardOutput(NamedTuple):
     x_hat: Tensor
     loss: Tensor
@@ -126,6 +138,30 @@ class SAE(nn.Module):
         self.W_enc.copy_(w.T)
         if not self.tie_weights:
             self.W_dec.copy_(w)
+
+    @torch.no_grad()
+    def init_from_sample(self, sample: Tensor, *, b_dec_init: str = "geometric_median",
+                         from_data: bool = True, seed: int = 0) -> None:
+        """Initialise from ``sample`` [m, d_in] (normalised inputs, on the CPU): b_dec its
+        geometric median, mean or zeros; decoder rows (at unit norm) centred sample vectors
+        (``from_data``; random directions, drawn with ``seed``, for the rest); then the encoder's
+        scale and the thresholds (``init_encoder_scale`` on 4,096 of the vectors)."""
+        device = self.W_enc.device
+        if b_dec_init == "geometric_median":
+            b_dec = geometric_median(sample[:8192])
+        elif b_dec_init == "mean":
+            b_dec = sample.mean(0)
+        else:
+            b_dec = torch.zeros(self.d_in)
+        self.b_dec.copy_(b_dec.to(device))
+        g = torch.Generator().manual_seed(seed)
+        directions = torch.randn(self.d_sae, self.d_in, generator=g)
+        if from_data:
+            n = min(self.d_sae, sample.shape[0])
+            pick = torch.randperm(sample.shape[0], generator=g)[:n]
+            directions[:n] = sample[pick] - b_dec
+        self.set_decoder(directions.to(device))
+        self.init_encoder_scale(sample[:4096].to(device))
 
     def init_latents(self, x: Tensor) -> Tensor:
         """The latents that size the encoder at initialisation (``init_encoder_scale``)."""
