@@ -18,19 +18,20 @@ BatchTopK is written as ``"architecture": "jumprelu"`` with its running threshol
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import architectures
+from .architectures.base import SAE
 from .checkpoints import load_checkpoint
-from .errors import CheckpointError
-from .sae import SAE
+from .config import TrainConfig
+from .errors import CheckpointError, ConfigError
+from .files import replace_folder
 
 SAELENS_VERSION = "6.0.0"  # the layout version we write; the loader needs >= 6.0.0
 HOOK_NAMES = {"residual": "blocks.{layer}.hook_resid_post",
@@ -38,14 +39,8 @@ HOOK_NAMES = {"residual": "blocks.{layer}.hook_resid_post",
               "attn_out": "blocks.{layer}.hook_attn_out"}
 
 
-def export_saelens(
-    sae: SAE, folder: Path | str, *, scale: float = 1.0, meta: dict[str, Any] | None = None,
-    sparsity: torch.Tensor | None = None,
-) -> Path:
-    """Write the SAELens folder atomically (built beside it, then renamed into place)."""
-    folder = Path(folder)
-    meta = meta or {}
-    folder.parent.mkdir(parents=True, exist_ok=True)
+def saelens_weights(sae: SAE, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The SAELens tensors (fp32, on the CPU) with the input scale folded in."""
     with torch.no_grad():
         weights = {
             "W_enc": (sae.W_enc.float() * scale).cpu().contiguous(),
@@ -56,11 +51,23 @@ def export_saelens(
         thresholds = sae.thresholds()
         if thresholds is not None:  # pre-activations are scale-free: no folding
             weights["threshold"] = thresholds.float().cpu().contiguous()
+    return weights
+
+
+def export_saelens(
+    sae: SAE, folder: Path | str, *, scale: float = 1.0, meta: dict[str, Any] | None = None,
+    sparsity: torch.Tensor | None = None,
+) -> Path:
+    """Write the SAELens folder atomically (built beside it, then renamed into place)."""
+    folder = Path(folder)
+    meta = meta or {}
+    weights = saelens_weights(sae, scale)
     layer, hook_point = meta.get("layer"), meta.get("hook_point", "residual")
     hook_name = meta.get("hook_name") or (
         HOOK_NAMES.get(hook_point, hook_point).format(layer=layer) if layer is not None else "")
+    top, extra_meta = sae.saelens_cfg()
     cfg: dict[str, Any] = {
-        "architecture": "jumprelu" if sae.encoder_type == "batchtopk" else sae.encoder_type,
+        "architecture": sae.saelens_architecture,
         "d_in": sae.d_in, "d_sae": sae.d_sae,
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none", "reshape_activations": "none",
@@ -72,35 +79,22 @@ def export_saelens(
             "dataset_path": meta.get("dataset_path") or meta.get("dataset") or "",
             "exclude_special_tokens": meta.get("exclude_special", True),
             "trained_with": "sae-studio", "input_scale_folded": scale,
-            "trained_architecture": sae.encoder_type,
+            "trained_architecture": sae.encoder_type, **extra_meta,
         },
+        **top,
     }
-    if sae.encoder_type == "topk":
-        cfg["k"] = sae.k
-    if sae.encoder_type == "batchtopk":
-        cfg["metadata"]["k"] = sae.k  # the training k; SAELens runs it as jumprelu
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with replace_folder(folder) as tmp:
         save_file(weights, str(tmp / "sae_weights.safetensors"))
         if sparsity is not None:
             log_freq = torch.log10(sparsity.float().cpu() + 1e-10).contiguous()
             save_file({"sparsity": log_freq}, str(tmp / "sparsity.safetensors"))
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2))
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
 def load_saelens(folder: Path | str) -> SAE:
-    """Load a SAELens folder (ours or SAELens's standard/topk/jumprelu) into our SAE module.
+    """Load a SAELens folder (ours or SAELens's standard/topk/jumprelu) into our SAE module:
+    the registered type whose name is the folder's architecture and which SAELens runs as it.
 
     A BatchTopK export loads as the jumprelu it was saved as (the same inference)."""
     folder = Path(folder)
@@ -110,25 +104,32 @@ def load_saelens(folder: Path | str) -> SAE:
                               "sae_weights.safetensors).")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture", "standard")
-    if arch not in ("standard", "topk", "jumprelu"):
+    try:
+        cls = architectures.get(arch).load()
+    except ConfigError:
+        cls = None
+    if cls is None or cls.saelens_architecture != arch:
         raise CheckpointError(f"Architecture '{arch}' in '{folder}' is not supported yet.")
     w = load_file(str(w_path))
-    sae = SAE(int(cfg["d_in"]), int(cfg["d_sae"]), arch, int(cfg.get("k") or 0))
-    state = {k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if arch == "jumprelu":
-        if "threshold" not in w:
-            raise CheckpointError(f"'{folder}' is a jumprelu SAE without a threshold tensor.")
-        state["threshold"] = w["threshold"].float()
-    sae.load_state_dict(state)
+    sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), **cls.saelens_options(cfg))
+    missing = [name for name in sae.state_dict() if name not in w]
+    if missing:
+        raise CheckpointError(f"'{folder}' is a {arch} SAE without a {missing[0]} tensor.")
+    sae.load_state_dict({name: w[name].float() for name in sae.state_dict()})
     return sae
 
 
 def sae_from_checkpoint(checkpoint: Path | str) -> tuple[SAE, dict[str, Any]]:
     """The SAE a training checkpoint holds (on the CPU) and the checkpoint's metadata."""
     c = load_checkpoint(checkpoint)
-    cfg, m = c.meta["config"], c.meta
-    sae = SAE(int(m["d_in"]), int(m["d_sae"]), cfg["encoder_type"], int(cfg["k"]),
-              tie_weights=bool(cfg.get("tie_weights", False)))
+    m = c.meta
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in m["config"].items() if k in known})
+    try:
+        cls = architectures.get(cfg.encoder_type).load()
+    except ConfigError as exc:
+        raise CheckpointError(f"Checkpoint '{checkpoint}': {exc}") from None
+    sae = cls.from_config(int(m["d_in"]), int(m["d_sae"]), cfg)
     try:
         sae.load_state_dict(c.prefixed("sae."))
     except RuntimeError as exc:

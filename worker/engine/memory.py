@@ -19,9 +19,10 @@ run (initialisation, steps, evaluation, final checkpoint and export). It is the 
 - ``activations``: the transient working set of the phase that peaks, the largest of
   * a step's forward/backward on ``micro`` vectors: the dense pre-activations [micro, d_sae]
     (fp32, or 2 bytes under bf16/fp16 autocast), and per encoder type what lives with them
-    (standard: ReLU output, the L1 term and their gradients; jumprelu: the same plus the
-    threshold's straight-through masks; topk: values + int64 indices, k per token, and the
-    sparse backward's two [d_sae, d_in] buffers; batchtopk: a bool mask and k x micro selected
+    (the ``MemoryTerms`` of its registry entry in ``engine.architectures``. Standard: ReLU
+    output, the L1 term and their gradients; jumprelu: the same plus the threshold's
+    straight-through masks; topk: values + int64 indices, k per token, and the sparse
+    backward's two [d_sae, d_in] buffers; batchtopk: a bool mask and k x micro selected
     entries), plus Adam's per-parameter temporaries;
   * initialisation: the sample of max(8192, min(d_sae, 65,536)) vectors, random decoder
     directions [d_sae, d_in] and the dense encode of 4,096 vectors (fp32, no autocast);
@@ -40,6 +41,9 @@ tests/engine/test_memory.py); ``sae-studio info`` and the web form show it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from . import architectures
+from .architectures import MemoryTerms
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 MB = 2**20
@@ -85,28 +89,20 @@ class MemoryEstimate:
         return dict(d, total=self.total)
 
 
-def _phase_step(d_in: int, d_sae: int, encoder_type: str, k: int, micro: int, act: int,
-                n_params: int, device: str) -> int:
+def _phase_step(d_in: int, d_sae: int, terms: MemoryTerms, k: int, micro: int, act: int,
+                n_params: int) -> int:
     """Transient bytes of one micro-batch forward/backward and the optimizer step (no grads)."""
     dense = micro * d_sae * act
     w = 4 * d_in * d_sae  # one [d_sae, d_in] fp32 matrix
     rows = 4 * micro * d_in  # one [micro, d_in] fp32 tensor
     autocast = (d_in * d_sae + micro * d_in) * act if act < 4 else 0  # cached half casts
-    if encoder_type in ("topk", "batchtopk"):
-        sel = micro * k * (act + 8)  # values + int64 indices
-        if encoder_type == "batchtopk":
-            sel = sel * 2 + micro * d_sae  # + bool mask; nonzero() gives [k*micro, 2] int64
-        fwd = dense + sel + 3 * rows + autocast
-        bwd = 2 * w + sel + rows  # zeros [d_sae, d_in] + its embedding_bag gradient
-    else:
-        # pre, ReLU/JumpReLU output, the L1 term (standard) or step output (jumprelu), bool mask
-        fwd = 3 * dense + micro * d_sae + 3 * rows + autocast
-        # saved output, the two gradients reaching it (decoder, L1/L0 term), the pre-activation
-        # gradient; jumprelu adds its straight-through window
-        bwd = (5 if encoder_type == "jumprelu" else 4) * dense + micro * d_sae + rows + w
+    sel = terms.step_selections * micro * k * (act + 8)  # values + int64 indices
+    masks = terms.step_mask_bytes * micro * d_sae
+    fwd = terms.step_dense_forward * dense + sel + masks + 3 * rows + autocast
+    bwd = terms.step_dense_backward * dense + sel + masks + rows + terms.step_weight_backward * w
     opt = 2 * w  # Adam's sqrt / division temporaries, remove_parallel_grad's product
     grads = 4 * n_params
-    return max(fwd, bwd + grads, opt + grads)
+    return int(max(fwd, bwd + grads, opt + grads))
 
 
 def estimate_memory(
@@ -132,10 +128,11 @@ def estimate_memory(
     src = source or ("live" if model_params else "file")
     micro = max(1, min(micro_batch_size or batch_size, batch_size))
     act = DTYPE_BYTES.get(precision, 4)
-    tied = tie_weights and encoder_type == "standard"
+    arch = architectures.get(encoder_type)
+    terms = arch.memory
+    tied = tie_weights and "tie_weights" in arch.options
     n_params = d_in * d_sae * (1 if tied else 2) + d_sae + d_in
-    if encoder_type == "jumprelu":
-        n_params += d_sae  # log_threshold
+    n_params += terms.extra_params_per_latent * d_sae
     params = 4 * n_params
     moments = 8 * n_params
     w = 4 * d_in * d_sae
@@ -144,10 +141,9 @@ def estimate_memory(
     # --- each phase's SAE-side total (params, what else lives then, its transients)
     batch = 2 * batch_size * row  # the batch as read, then scaled
     grads = 4 * n_params
-    step = _phase_step(d_in, d_sae, encoder_type, k, micro, act, n_params, dev)
+    step = _phase_step(d_in, d_sae, terms, k, micro, act, n_params)
     n_sample = max(8192, min(d_sae, INIT_SAMPLE_MAX))
-    dense_copies = 3 if encoder_type in ("batchtopk", "jumprelu") else 2
-    init = 2 * n_sample * row + w + dense_copies * INIT_ENCODE_ROWS * d_sae * 4
+    init = 2 * n_sample * row + w + terms.init_dense * INIT_ENCODE_ROWS * d_sae * 4
     if dev == "cuda":
         # The sample stays on the host; on the device: the decoder directions and the dense
         # encode of 4,096 rows (fp32, no autocast) — the matmul output, the biased
@@ -155,9 +151,8 @@ def estimate_memory(
         # max_memory_allocated of TopK 4x/8x/16x: 139/272/548 MB).
         init = w + 3 * INIT_ENCODE_ROWS * d_sae * 4 + 2 * INIT_ENCODE_ROWS * row
     chunk = min(micro, EVAL_CHUNK_MAX)
-    # topk: pre (+ the matmul output it is added to); others: pre, output, L1 product, masks
-    eval_dense = 2 if encoder_type == "topk" else 4.5
-    evaluation = int(2 * eval_tokens * row + eval_dense * chunk * d_sae * act + 2 * chunk * row)
+    evaluation = int(2 * eval_tokens * row + terms.eval_dense * chunk * d_sae * act
+                     + 2 * chunk * row)
     save = params + moments  # safetensors serialises params + moments into one bytes copy
     # Live extraction's shuffle buffer (on the training device): between refills it holds 0.75
     # x buffer_tokens vectors (a served round + the kept half); a refill peaks at 1.25 x (the
