@@ -59,7 +59,7 @@ def test_jumprelu_threshold_learns_and_l0_coef_controls_sparsity(acts, tmp_path)
     x = sparse_activations(256, offset=3.0, seed=3) * start.scale
     for coef in (0.0, 1.0):
         start.sae.zero_grad()
-        start.sae(x, l0_coef=coef).loss.backward()
+        start.sae(x, sparsity_coef=coef).loss.backward()
         assert start.sae.threshold.grad is not None and start.sae.threshold.grad.abs().sum() > 0
 
 

@@ -17,6 +17,8 @@ from tests.engine.tiny_models import (
     TINY_VOCAB_SIZE,
     kjv_lines,
 )
+from worker.engine.architectures import build
+from worker.engine.architectures.base import SAE
 from worker.engine.errors import ConfigError, DataError
 from worker.engine.evaluate import (
     EvalOptions,
@@ -26,7 +28,6 @@ from worker.engine.evaluate import (
     save_evaluation,
 )
 from worker.engine.models import LoadedModel, extract_layer, hook_module, load_model
-from worker.engine.sae import SAE
 
 D = TINY_HIDDEN
 # the keys and tensors of docs/eval-format.md, in order
@@ -77,7 +78,7 @@ def _special(loaded: LoadedModel) -> list[int]:
 
 def _identity_sae(d: int = D) -> SAE:
     """Standard SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly."""
-    sae = SAE(d, 2 * d, "standard")
+    sae = build("standard", d, 2 * d)
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -97,7 +98,7 @@ def _zero_sae(d: int = D) -> SAE:
 
 def _topk_sae(d: int = D, d_sae: int = 8 * D, k: int = 8) -> SAE:
     torch.manual_seed(1)
-    sae = SAE(d, d_sae, "topk", k=k)
+    sae = build("topk", d, d_sae, k=k)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -484,7 +485,7 @@ def test_input_errors(tiny: dict[str, LoadedModel]) -> None:
     with pytest.raises(ConfigError, match="out of range"):
         evaluate_sae(sae, 1.0, loaded, ctx, 9, "residual")
     with pytest.raises(ConfigError, match="16-dimensional"):
-        evaluate_sae(SAE(16, 64, "topk", k=4), 1.0, loaded, ctx, 1, "residual")
+        evaluate_sae(build("topk", 16, 64, k=4), 1.0, loaded, ctx, 1, "residual")
     with pytest.raises(DataError, match="No held-out token was scored"):
         evaluate_sae(sae, 1.0, loaded, ctx[:, :1], 1, "residual")
     with pytest.raises(ConfigError, match="top_n"):

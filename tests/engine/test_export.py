@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from worker.engine.activations import CachedActivations
+from worker.engine.architectures import build
 from worker.engine.config import TrainConfig
 from worker.engine.export import export_checkpoint, export_saelens, load_saelens
 from worker.engine.trainer import Trainer
@@ -90,12 +91,10 @@ def test_export_round_trips_through_our_loader(trained, tmp_path):
 
 
 def test_export_replaces_existing_folder_atomically(tmp_path):
-    from worker.engine.sae import SAE
-
     folder = tmp_path / "sae"
-    export_saelens(SAE(8, 16, "topk", 2), folder)
+    export_saelens(build("topk", 8, 16, k=2), folder)
     (folder / "stale.txt").write_text("old")
-    export_saelens(SAE(8, 32, "topk", 2), folder)
+    export_saelens(build("topk", 8, 32, k=2), folder)
     assert not (folder / "stale.txt").exists()
     assert json.loads((folder / "cfg.json").read_text())["d_sae"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]

@@ -1,12 +1,20 @@
+"""Each SAE type's forward and gradients against a dense reference (real tensors)."""
+
 import pytest
 import torch
 
-from worker.engine.sae import SAE
+from worker.engine import kernels
+from worker.engine.architectures import build
+from worker.engine.architectures.standard import StandardSAE
+
+K_TYPES = ("topk", "batchtopk")
 
 
-def _sae(encoder_type="topk", d_in=16, d_sae=64, k=4):
+def _sae(encoder_type="topk", d_in=16, d_sae=64, k=4, **options):
     torch.manual_seed(0)
-    sae = SAE(d_in, d_sae, encoder_type, k)
+    if encoder_type in K_TYPES:
+        options["k"] = k
+    sae = build(encoder_type, d_in, d_sae, **options)
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
@@ -40,12 +48,12 @@ def test_topk_gradients_match_dense_reference():
 
 
 def test_auxk_only_uses_dead_latents_and_excludes_b_dec():
-    sae = _sae("topk")
+    sae = _sae("topk", aux_k=8, aux_k_coef=1.0)
     x = torch.randn(30, 16)
     dead = torch.zeros(64, dtype=torch.bool)
-    assert sae(x, dead_mask=dead, k_aux=8, aux_coef=1.0).aux == 0
+    assert sae(x, dead_mask=dead).aux == 0
     dead[:10] = True
-    out = sae(x, dead_mask=dead, k_aux=8, aux_coef=1.0)
+    out = sae(x, dead_mask=dead)
     # Reference: the residual is reconstructed from the top 8 dead pre-activations, no b_dec.
     with torch.no_grad():
         pre = sae.pre_acts(x)[:, :10]
@@ -63,12 +71,12 @@ def test_auxk_only_uses_dead_latents_and_excludes_b_dec():
 def test_standard_l1_is_weighted_by_decoder_norm():
     sae = _sae("standard")
     x = torch.randn(20, 16)
-    a = sae(x, l1_coef=1.0).aux
+    a = sae(x, sparsity_coef=1.0).aux
     with torch.no_grad():
         sae.W_dec.mul_(2)
-    b = sae(x, l1_coef=1.0).aux
+    b = sae(x, sparsity_coef=1.0).aux
     torch.testing.assert_close(b, 2 * a)
-    assert sae(x, l1_coef=0.0).aux == 0
+    assert sae(x, sparsity_coef=0.0).aux == 0
 
 
 def test_decoder_unit_norm_and_parallel_grad_removed():
@@ -84,23 +92,22 @@ def test_decoder_unit_norm_and_parallel_grad_removed():
 
 
 def test_init_ties_encoder_to_decoder():
-    sae = SAE(8, 32)
+    sae = build("topk", 8, 32, k=4)
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
 
 
 def test_batch_topk_selection_is_exact_even_when_one_row_takes_many():
-    from worker.engine.sae import _batch_topk_select
-
     g = torch.Generator().manual_seed(0)
     for trial in range(10):
         pre = torch.randn(50, 64, generator=g) * torch.rand(50, 1, generator=g) * 5
         if trial % 2:
             pre[3] += 100  # row 3 alone holds more than 2k of the top entries
-        mask = _batch_topk_select(pre, 200)
+        mask, entries = kernels.batch_topk_select(pre, 200)
         want = torch.zeros(50 * 64, dtype=torch.bool)
         want[pre.reshape(-1).topk(200).indices] = True
         assert torch.equal(mask.reshape(-1), want), trial
+        assert torch.equal(entries, mask.nonzero()), trial
 
 
 def test_batchtopk_forward_and_gradients_match_dense_reference():
@@ -147,7 +154,7 @@ def test_jumprelu_straight_through_gradients():
     f = sae.encode(x)
     torch.testing.assert_close(f, pre * (pre > theta))
     # L0 penalty alone: d/dtheta = -coef / d_in / n * sum_b rect((pre - theta) / bw) / bw.
-    out = sae(x, l0_coef=2.0)
+    out = sae(x, sparsity_coef=2.0)
     assert torch.isclose(out.l0, (f > 0).sum(-1).float().mean())
     torch.testing.assert_close(out.aux, 2.0 * (pre > theta).sum(-1).float().mean() / 16)
     out.aux.backward()
@@ -160,27 +167,29 @@ def test_jumprelu_straight_through_gradients():
     sae(x).mse.backward()
     torch.testing.assert_close(sae.threshold.grad,
                                -(theta / bw) * (window * f_ref.grad).sum(0), rtol=1e-4, atol=1e-7)
-    sae.clamp_threshold()
+    sae.after_step(None)  # thresholds clamped at 0, decoder rows at unit norm
     assert (sae.threshold >= 0).all()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
 
 
 def test_tied_weights_are_one_parameter():
-    sae = SAE(8, 32, "standard", tie_weights=True)
+    sae = StandardSAE(8, 32, tie_weights=True)
     assert list(sae.state_dict()) == ["W_enc", "b_enc", "b_dec"]
     assert sae.W_dec.data_ptr() == sae.W_enc.data_ptr()
     x = torch.randn(10, 8)
-    sae(x, l1_coef=0.1).loss.backward()
+    sae(x, sparsity_coef=0.1).loss.backward()
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
-    other = SAE(8, 32, "standard", tie_weights=True)
+    other = StandardSAE(8, 32, tie_weights=True)
     other.load_state_dict(sae.state_dict())
     torch.testing.assert_close(other.W_dec, sae.W_enc.T)
-    with pytest.raises(ValueError, match="standard"):
-        SAE(8, 32, "topk", tie_weights=True)
+    with pytest.raises(TypeError, match="tie_weights"):
+        build("topk", 8, 32, k=4, tie_weights=True)
 
 
 def _threshold_sae(encoder_type, shift, d_in=32, d_sae=128):
     torch.manual_seed(0)
-    sae = SAE(d_in, d_sae, encoder_type, bandwidth=0.2)
+    bandwidth = {"jumprelu_bandwidth": 0.2} if encoder_type == "jumprelu" else {}
+    sae = build(encoder_type, d_in, d_sae, **bandwidth)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1)
         sae.b_enc.normal_(shift, 0.1)
@@ -191,12 +200,11 @@ def _threshold_sae(encoder_type, shift, d_in=32, d_sae=128):
 
 def _dense_reference(sae, x, coef):
     """Standard / JumpReLU training loss from dense [n, d_sae] tensors (the pre-sparse code)."""
-    from worker.engine.sae import _JumpReLU, _Step
-
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     if sae.encoder_type == "jumprelu":
-        f = _JumpReLU.apply(pre, sae.threshold, sae.bandwidth)
-        aux = coef * _Step.apply(pre, sae.threshold, sae.bandwidth).sum(-1).mean() / sae.d_in
+        f = kernels.JumpReLUFn.apply(pre, sae.threshold, sae.bandwidth)
+        aux = coef * kernels.StepFn.apply(pre, sae.threshold, sae.bandwidth).sum(-1).mean() \
+            / sae.d_in
     else:
         f = pre.relu()
         aux = coef * (f * sae.W_dec.norm(dim=1)).sum(-1).mean() / sae.d_in
@@ -217,8 +225,7 @@ def test_threshold_sparse_and_dense_paths_match_dense_reference(encoder_type, sh
         sparse_expected = force == 1.0
     x = torch.randn(96, 32)
     coef = 0.7
-    kw = {"l0_coef": coef} if encoder_type == "jumprelu" else {"l1_coef": coef}
-    out = sae(x, **kw)
+    out = sae(x, sparsity_coef=coef)
     assert sae.sparse_steps == int(sparse_expected)
     x_hat, loss, l0, fired = _dense_reference(ref, x, coef)
     density = float(l0) / sae.d_sae
@@ -256,7 +263,7 @@ def test_jumprelu_sparse_threshold_gradient_covers_inactive_window():
 def test_threshold_sparse_path_with_nothing_active(encoder_type):
     sae = _threshold_sae(encoder_type, -50.0)
     x = torch.randn(8, 32)
-    out = sae(x, l1_coef=1.0, l0_coef=1.0)
+    out = sae(x, sparsity_coef=1.0)
     assert sae.sparse_steps == 1 and out.l0 == 0 and out.fired.sum() == 0
     torch.testing.assert_close(out.x_hat, sae.b_dec.expand(8, -1))
     out.loss.backward()
@@ -268,7 +275,7 @@ def test_threshold_sparse_path_under_bf16_autocast():
     ref.sparse_max_density = 0.0
     x = torch.randn(64, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        a, b = sae(x, l0_coef=1.0), ref(x, l0_coef=1.0)
+        a, b = sae(x, sparsity_coef=1.0), ref(x, sparsity_coef=1.0)
     assert sae.sparse_steps == 1 and ref.sparse_steps == 0
     torch.testing.assert_close(a.loss, b.loss, rtol=2e-2, atol=1e-3)
     a.loss.backward()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from worker.engine import checkpoints as ck
 from worker.engine.activations import CachedActivations
+from worker.engine.architectures.topk import TopKSAE
 from worker.engine.config import TrainConfig
 from worker.engine.errors import CheckpointError, ConfigError, TrainingError
 from worker.engine.trainer import Callbacks, Trainer, get_lr
@@ -30,7 +32,7 @@ def test_training_learns_and_reports_metrics(acts, tmp_path, encoder_type):
     _, result, rows = train(cfg, tmp_path)
     assert [r["step"] for r in rows] == list(range(10, 151, 10))
     keys = {"step", "tokens", "loss", "mse", "aux_loss", "l0", "l0_frac", "fvu",
-            "explained_variance", "dead", "dense", "lr", "grad_norm", "tokens_per_s",
+            "explained_variance", "dead", "dense", "learning_rate", "grad_norm", "tokens_per_s",
             "peak_memory_mb"}
     assert keys <= set(rows[-1])
     assert rows[-1]["tokens"] == 150 * 256
@@ -65,9 +67,7 @@ def test_oom_halves_micro_batch_and_keeps_effective_batch(acts, tmp_path, monkey
     logs: list[str] = []
     trainer_box = {}
     calls = {"n": 0}
-    from worker.engine import sae as sae_mod
-
-    real_forward = sae_mod.SAE.forward
+    real_forward = TopKSAE.forward
 
     def flaky_forward(self, x, **kw):
         calls["n"] += 1
@@ -75,7 +75,7 @@ def test_oom_halves_micro_batch_and_keeps_effective_batch(acts, tmp_path, monkey
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(self, x, **kw)
 
-    monkeypatch.setattr(sae_mod.SAE, "forward", flaky_forward)
+    monkeypatch.setattr(TopKSAE, "forward", flaky_forward)
     src = CachedActivations(cfg.activations, seed=0, holdout=2000)
     t = Trainer(cfg, src, tmp_path, callbacks=Callbacks(on_log=logs.append))
     trainer_box["t"] = t
@@ -84,42 +84,92 @@ def test_oom_halves_micro_batch_and_keeps_effective_batch(acts, tmp_path, monkey
     assert t.micro == 64
     assert sum("micro-batch reduced" in m for m in logs) == 2
     # Same run, same data, same effective batch: the losses match an unconstrained run.
-    monkeypatch.setattr(sae_mod.SAE, "forward", real_forward)
+    monkeypatch.setattr(TopKSAE, "forward", real_forward)
     _, ref, _ = train(cfg, tmp_path / "ref")
     assert math.isclose(result.fvu, ref.fvu, rel_tol=1e-3)
 
 
 def test_oom_below_minimum_fails_with_advice(acts, tmp_path, monkeypatch):
-    from worker.engine import sae as sae_mod
-
     def always_oom(self, x, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
-    monkeypatch.setattr(sae_mod.SAE, "forward", always_oom)
+    monkeypatch.setattr(TopKSAE, "forward", always_oom)
     cfg = _cfg(acts, total_steps=5, min_micro_batch=64)
     src = CachedActivations(cfg.activations, seed=0, holdout=2000)
     with pytest.raises(TrainingError, match="Reduce the latent dimension"):
         Trainer(cfg, src, tmp_path).fit()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(acts, tmp_path, monkeypatch):
-    cfg = _cfg(acts, total_steps=60, auto_save_interval=20)
+@pytest.mark.parametrize(("log_every", "save_every", "nan_at", "stop_at", "last_good"), [
+    (10, 20, 30, None, 20),  # found when the window is logged (step 40)
+    (50, 5, 32, None, 30),  # found before the save at step 35, which never happens
+    (50, 20, 30, 31, 20),  # found before the final save of a stopped run
+])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(acts, tmp_path, monkeypatch, log_every,
+                                                       save_every, nan_at, stop_at, last_good):
+    cfg = _cfg(acts, total_steps=60, auto_save_interval=save_every, log_every=log_every)
     src = CachedActivations(cfg.activations, seed=0, holdout=2000)
-    t = Trainer(cfg, src, tmp_path)
+    t = Trainer(cfg, src, tmp_path, callbacks=Callbacks(
+        control=lambda step: "stop" if step == stop_at else None))
     real_next = src.next_batch
 
     def poisoned(n):
         batch = real_next(n)
-        if t.step == 30:
+        if t.step == nan_at:
             batch[0, 0] = float("nan")
         return batch
 
     monkeypatch.setattr(src, "next_batch", poisoned)
-    with pytest.raises(TrainingError, match="step 30.*step_00000020"):
+    with pytest.raises(TrainingError, match=f"loss became nan at step {nan_at}; .*"
+                                            f"step_{last_good:08d}"):
         t.fit()
     saved = [s for s, _ in ck.list_checkpoints(tmp_path / "checkpoints")]
-    assert saved == [20]
-    assert ck.load_checkpoint(ck.checkpoint_path(tmp_path / "checkpoints", 20)).step == 20
+    assert max(saved) == last_good
+    assert ck.load_checkpoint(ck.checkpoint_path(tmp_path / "checkpoints", last_good)).step \
+        == last_good
+    assert not (tmp_path / "saelens").exists()
+
+
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__",
+               "__index__")
+STEP_CODE = (str(Path(ck.__file__).with_name("trainer.py")),
+             str(Path(ck.__file__).with_name("kernels.py")),
+             str(Path(ck.__file__).with_name("architectures")))
+"""The code of a training step (the data source reads host tensors, which never wait)."""
+
+
+@pytest.mark.parametrize("encoder_type", ["topk", "batchtopk", "standard", "jumprelu"])
+def test_steps_read_tensors_on_the_host_only_when_logging(acts, tmp_path, monkeypatch,
+                                                          encoder_type):
+    """On a GPU each read of a tensor's value waits for the device. The trainer and the SAE
+    types read none during a step (statistics stay on the device) except on the steps that
+    log; reads are counted where that code calls them (torch's own code is not counted)."""
+    reads: dict[int, list[str]] = {}
+    at = {"step": -1}  # the step being trained (set when the trainer polls between steps)
+
+    def counting(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(STEP_CODE):
+                where = f"{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}"
+                reads.setdefault(at["step"], []).append(where)
+            return real(self, *args, **kwargs)
+        return read
+
+    cfg = _cfg(acts, encoder_type=encoder_type, total_steps=25, log_every=10,
+               auto_save_interval=0, l1_alpha=0.2, l0_coef=0.02)
+    src = CachedActivations(cfg.activations, seed=0, holdout=2000)
+    t = Trainer(cfg, src, tmp_path, callbacks=Callbacks(control=lambda s: at.update(step=s)))
+    t.sae.sparse_max_density = 0.0  # standard, jumprelu: the dense step, as on a GPU
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    t.fit()
+    assert reads.get(-1), "initialisation reads the data sample's scale"
+    logging = {9, 19, 24}  # log_every 10 of 25 steps; the last also evaluates and exports
+    assert {s: r for s, r in reads.items() if s >= 0 and s not in logging} == {}
+    assert all(reads.get(s) for s in logging)
 
 
 def test_pause_save_and_stop_are_honoured_between_steps(acts, tmp_path):
