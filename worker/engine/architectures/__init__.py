@@ -2,11 +2,13 @@
 the memory estimate read these facts without loading an implementation.
 
 Each built-in type is one module beside this file (``standard.py``, ``topk.py``,
-``batchtopk.py``, ``jumprelu.py``) holding its ``nn.Module`` (encode/decode, loss terms, sparse
-step, SAELens export mapping), plus one ``register(Architecture(...))`` entry below naming the
-facts that must be known without torch: its description, the TrainConfig options it uses, its
-default learning-rate base and its memory terms. Adding a type is one module and one entry;
-a test may register a type of its own (``register(Architecture(..., impl=MyClass))``).
+``batchtopk.py``, ``jumprelu.py``) holding a subclass of ``base.SAE`` (encode/decode, loss
+terms, sparse step, SAELens export mapping, what the trainer asks of it; the shared kernels are
+in ``engine/kernels.py``), plus one ``register(Architecture(...))`` entry below naming the
+facts that must be known without torch: its description, the TrainConfig options it uses (its
+constructor's keyword names), its default learning-rate base and its memory terms. Adding a
+type is one module and one entry; a test may register a type of its own
+(``register(Architecture(..., impl=MyClass))``, tests/engine/test_plugin.py).
 """
 
 from __future__ import annotations

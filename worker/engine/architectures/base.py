@@ -6,10 +6,12 @@ layout, so export is a copy. On (normalised) inputs x every type computes
     pre = (x - b_dec) @ W_enc + b_enc,  f = its activation of pre,  x_hat = f @ W_dec + b_dec
 
 and a per-element MSE (comparable across widths) plus its own auxiliary term. A subclass sets
-the class attributes below and implements ``encode`` (dense latents at inference) and
-``forward`` (the training loss, a ``ForwardOutput``); it may override the hooks the trainer
-calls (``init_latents``, ``start_thresholds``, ``after_step``) and the SAELens mapping
-(``saelens_cfg``, ``saelens_options``, ``thresholds``).
+the class attributes below (and ``penalty`` when it has a sparsity penalty) and implements
+``encode`` (dense latents at inference) and ``forward`` (the training loss, a
+``ForwardOutput``); it may override ``config_options`` (constructor keywords derived from the
+config), the hooks the trainer calls (``init_latents``, ``start_thresholds``,
+``constrain_grads``, ``after_step``) and the SAELens mapping (``saelens_cfg``,
+``saelens_options``, ``thresholds``). The trainer never asks a type's name.
 
 With ``tie_weights`` (standard only) W_dec is the transpose of W_enc, not a parameter of its
 own; ``state_dict`` then holds W_enc, b_enc, b_dec only.
