@@ -82,15 +82,22 @@ class BaseModel(Model):
         return super().save(*args, **kwargs)
 
 
-class LanguageModel(BaseModel):
-    """A transformers model the user added (UI area "Models")."""
+class PreparedRow(BaseModel):
+    """The columns of a source the worker prepares (models and datasets): statuses ``queued,
+    preparing, ready, failed``, progress 0-1 with a message while preparing, the error's
+    sentence when it failed. Not a table of its own."""
 
     name = CharField()
-    source = CharField()
+    source = TextField()
     status = CharField(default="queued", index=True)
     error = TextField(null=True)
     progress = FloatField(default=0.0)
     message = TextField(null=True)
+
+
+class LanguageModel(PreparedRow):
+    """A transformers model the user added (UI area "Models")."""
+
     path = TextField(null=True)
     architecture = CharField(null=True)
     model_type = CharField(null=True)
@@ -106,15 +113,9 @@ class LanguageModel(BaseModel):
         table_name = "language_model"
 
 
-class Dataset(BaseModel):
+class Dataset(PreparedRow):
     """A corpus the user added (UI area "Datasets")."""
 
-    name = CharField()
-    source = TextField()
-    status = CharField(default="queued", index=True)
-    error = TextField(null=True)
-    progress = FloatField(default=0.0)
-    message = TextField(null=True)
     context_size = IntegerField(default=128)
     max_tokens = IntegerField(null=True)
     text_field = CharField(default="text")

@@ -16,7 +16,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,60 +82,53 @@ def _row_progress(model: type, row_id: int) -> Throttled:
                                                        message=message), PROGRESS_S)
 
 
-# ---------------------------------------------------------------------------- models
+# ---------------------------------------------------------------------------- models, datasets
+def _prepare(table: type, row_id: int, work: Callable[[Any, Throttled], dict[str, Any]],
+             first_message: str) -> None:
+    """Run ``work(row, report)`` for a model or dataset row: status ``preparing`` first, then
+    ``ready`` with the values ``work`` returns, or ``failed`` with the sentence of its error."""
+    with connection():
+        try:
+            row = table.get_or_none(table.id == row_id)
+            if row is None:
+                return
+            _update(table, row_id, status="preparing", error=None, progress=0.0,
+                    message=first_message)
+            values = work(row, _row_progress(table, row_id))
+            _update(table, row_id, status="ready", progress=1.0, error=None, **values)
+        except Exception as exc:  # stored on the row, logged with its traceback
+            log.exception("Preparing %s %s failed", table.__name__, row_id)
+            _update(table, row_id, status="failed", error=error_message(exc), message=None)
+
+
 @huey.task()
 def prepare_model(model_id: int) -> None:
     """Load the model once (downloading or converting it if needed) and store what it is."""
-    with connection():
-        try:
-            _prepare_model(model_id)
-        except Exception as exc:  # stored on the row, logged with its traceback
-            log.exception("Preparing model %s failed", model_id)
-            _update(LanguageModel, model_id, status="failed", error=error_message(exc),
-                    message=None)
+    _prepare(LanguageModel, model_id, _prepare_model, "Loading the model...")
 
 
-def _prepare_model(model_id: int) -> None:
-    model = LanguageModel.get_or_none(LanguageModel.id == model_id)
-    if model is None:
-        return
-    _update(LanguageModel, model_id, status="preparing", error=None, progress=0.0,
-            message="Loading the model...")
+def _prepare_model(model: LanguageModel, report: Throttled) -> dict[str, Any]:
     from .engine.models import load_model
 
-    report = _row_progress(LanguageModel, model_id)
     loaded = load_model(model.source, data_dir=settings.data_dir(),
                         progress=lambda message, fraction: report(fraction, message))
     info = loaded.info
-    _update(LanguageModel, model_id, status="ready", progress=1.0, message=None, error=None,
-            architecture=info.architecture, model_type=info.model_type,
-            n_layers=info.n_layers, hidden_dim=info.hidden_size, vocab_size=info.vocab_size,
-            n_params=info.n_params, dtype=info.dtype, is_causal=info.is_causal,
-            hook_points=list(info.hook_points), path=str(Path(info.path).resolve()))
-    del loaded
+    return dict(message=None, architecture=info.architecture, model_type=info.model_type,
+                n_layers=info.n_layers, hidden_dim=info.hidden_size,
+                vocab_size=info.vocab_size, n_params=info.n_params, dtype=info.dtype,
+                is_causal=info.is_causal, hook_points=list(info.hook_points),
+                path=str(Path(info.path).resolve()))
 
 
-# ---------------------------------------------------------------------------- datasets
 @huey.task()
 def prepare_dataset(dataset_id: int) -> None:
     """Count the documents; tokenise with the newest ready model's tokenizer (if any)."""
-    with connection():
-        try:
-            _prepare_dataset(dataset_id)
-        except Exception as exc:  # stored on the row, logged with its traceback
-            log.exception("Preparing dataset %s failed", dataset_id)
-            _update(Dataset, dataset_id, status="failed", error=error_message(exc), message=None)
+    _prepare(Dataset, dataset_id, _prepare_dataset, "Reading documents...")
 
 
-def _prepare_dataset(dataset_id: int) -> None:
-    ds = Dataset.get_or_none(Dataset.id == dataset_id)
-    if ds is None:
-        return
-    _update(Dataset, dataset_id, status="preparing", error=None, progress=0.0,
-            message="Reading documents...")
+def _prepare_dataset(ds: Dataset, report: Throttled) -> dict[str, Any]:
     from .engine.corpora import iter_documents
 
-    report = _row_progress(Dataset, dataset_id)
     n_docs, first = 0, []
     for text in iter_documents(ds.source, text_field=ds.text_field):
         n_docs += 1
@@ -151,9 +144,8 @@ def _prepare_dataset(dataset_id: int) -> None:
     model = (LanguageModel.select().where(LanguageModel.status == "ready")
              .order_by(LanguageModel.id.desc()).first())
     if model is None:
-        _update(Dataset, dataset_id, status="ready", progress=1.0, n_documents=n_docs,
-                n_tokens=None, samples=first, message="tokenised when a training starts")
-        return
+        return dict(n_documents=n_docs, n_tokens=None, samples=first,
+                    message="tokenised when a training starts")
 
     from transformers import AutoTokenizer
 
@@ -170,9 +162,9 @@ def _prepare_dataset(dataset_id: int) -> None:
         store = build_token_store(ds.source, tokenizer, out, context_size=ds.context_size,
                                   max_tokens=ds.max_tokens, text_field=ds.text_field,
                                   progress=report)
-    _update(Dataset, dataset_id, status="ready", progress=1.0, n_documents=n_docs,
-            n_tokens=store.n_tokens, samples=store.decode_samples(tokenizer, 3),
-            message=f"Tokenised with {model.name} ({store.n_contexts:,} contexts).")
+    return dict(n_documents=n_docs, n_tokens=store.n_tokens,
+                samples=store.decode_samples(tokenizer, 3),
+                message=f"Tokenised with {model.name} ({store.n_contexts:,} contexts).")
 
 
 # ---------------------------------------------------------------------------- trainings

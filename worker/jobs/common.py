@@ -90,10 +90,12 @@ def blank(raw: Any) -> bool:
     return raw is None or (isinstance(raw, str) and not raw.strip())
 
 
-def delete_with_trainings(row: Any, what: str) -> None:
-    """Delete a model or dataset row with its trainings' rows and run folders; Conflict while
-    one of them is queued or running: "Model 3 is used by training 5, which is training; stop
-    it first."."""
+def delete_with_trainings(table: type, kind: str, row_id: int | str) -> Any:
+    """Delete a model or dataset row (NotFound as ``get_row``) with its trainings' rows and run
+    folders; returns the deleted row. Conflict while one of them is queued or running: "Model 3
+    is used by training 5, which is training; stop it first."."""
+    row = get_row(table, kind, row_id)
+    what = f"{kind} {row.id}"
     trainings = list(row.trainings)
     active = [t for t in trainings if t.status == "queued" or t.status in RUNNING]
     if active:
@@ -104,3 +106,4 @@ def delete_with_trainings(row: Any, what: str) -> None:
         row.delete_instance(recursive=True)
     for t in trainings:
         remove_tree(t.out_dir)
+    return row

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from .. import settings
 from ..db import Dataset
+from ..engine.documents import looks_like_path
 from . import common
 from .errors import Invalid
 
@@ -24,8 +25,6 @@ DATASET_FIELDS = ("id", "name", "source", "status", "error", "progress", "messag
                   "samples", "created_at", "updated_at")
 """The keys of ``dataset_as_dict`` (the JSON API)."""
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".csv")
-_PATHLIKE_SUFFIXES = {".txt", ".text", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet",
-                      ".gz", ".md", ".zip", ".bz2", ".xz", ".arrow"}
 
 
 def list_datasets() -> list[Dataset]:
@@ -36,15 +35,6 @@ def list_datasets() -> list[Dataset]:
 def ready_datasets() -> list[Dataset]:
     """The datasets a training can use (status ``ready``), newest first."""
     return list(Dataset.select().where(Dataset.status == "ready").order_by(Dataset.id.desc()))
-
-
-def _looks_like_path(source: str) -> bool:
-    """Mirrors the engine's rule: what is not path-like is a Hugging Face dataset id."""
-    if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or source in (".", ".."):
-        return True
-    if "\\" in source or source.count("/") >= 2:
-        return True
-    return Path(source).suffix.lower() in _PATHLIKE_SUFFIXES
 
 
 def _safe_filename(filename: str) -> str:
@@ -84,7 +74,7 @@ def _check_source(source: str, upload: tuple[str, BinaryIO] | None,
                             "dataset id, or upload a file.")
     elif source.lower() == "kjv":
         return "kjv"
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         path = Path(source).expanduser()
         if not path.is_file():
             errors["source"] = f"The file '{source}' does not exist on the worker's machine."
@@ -171,8 +161,7 @@ def delete_dataset(dataset_id: int | str) -> None:
 
     Conflict while one of its trainings is queued or running.
     """
-    dataset = get_dataset(dataset_id)
-    common.delete_with_trainings(dataset, f"Dataset {dataset.id}")
+    dataset = common.delete_with_trainings(Dataset, "Dataset", dataset_id)
     src = Path(dataset.source)
     if src.is_file() and src.parent == settings.uploads_dir():
         src.unlink(missing_ok=True)

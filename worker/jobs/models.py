@@ -53,8 +53,7 @@ def delete_model(model_id: int | str) -> None:
 
     Conflict while one of its trainings is queued or running.
     """
-    model = get_model(model_id)
-    common.delete_with_trainings(model, f"Model {model.id}")
+    common.delete_with_trainings(LanguageModel, "Model", model_id)
 
 
 def model_as_dict(model: LanguageModel) -> dict[str, Any]:
