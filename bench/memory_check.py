@@ -337,8 +337,6 @@ def main() -> int:
         configs = [c for c in configs if any(s in c["name"] for s in keys)]
     if args.no_live:
         configs = [c for c in configs if c.get("source", "file") == "file"]
-    from worker.engine.architectures import names as encoder_types
-
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -348,14 +346,6 @@ def main() -> int:
                         total_steps=args.steps, eval_tokens=16_384, file_rows=args.file_rows)
             spec.update(c)
             spec["out"] = str(tmp / f"run{i}")
-            if spec["encoder_type"] not in encoder_types():
-                print(f"skip {spec['name']}: encoder type not in this sae.py yet",
-                      file=sys.stderr)
-                rows.append(dict(name=spec["name"], device=args.device, d_sae=spec[
-                    "expansion_factor"] * SYN_D_IN, batch_size=spec["batch_size"],
-                    precision=spec["precision"], estimate_bytes=estimate_for(spec)["total"],
-                    estimate=estimate_for(spec), skipped="encoder type not available"))
-                continue
             if spec["source"] == "file":
                 if acts is None:
                     acts = synthetic_file(tmp / "acts.safetensors", args.file_rows)

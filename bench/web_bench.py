@@ -175,7 +175,7 @@ def slowdown(tmp: Path) -> dict:
         while get(f"/models/{m['id']}")["status"] != "ready" or \
                 get(f"/datasets/{d['id']}")["status"] != "ready":
             time.sleep(0.5)
-        t = post("/trainings", {"model_id": m["id"], "dataset_id": d["id"], "layer_idx": 3,
+        t = post("/trainings", {"model_id": m["id"], "dataset_id": d["id"], "layer": 3,
                                 "encoder_type": "topk", "k": 32, "expansion_factor": 8,
                                 "batch_size": 1024, "total_steps": 150, "seed": 0,
                                 "auto_save_interval": 0})
@@ -191,7 +191,7 @@ def slowdown(tmp: Path) -> dict:
             try:
                 while watchers[i].receive(timeout=None) is not None:
                     received[i] += 1
-            except Exception:  # noqa: BLE001 - the server closes the socket at the end
+            except Exception:  # the server closes the socket at the end
                 return
 
         for i in range(2):
