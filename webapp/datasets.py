@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, redirect, render_template, request, url_for
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from worker import jobs
 
-from .render import is_fragment_request, json_response, page_or_fragment, wants_json
+from . import answers
 
 bp = Blueprint("datasets", __name__, url_prefix="/datasets")
 
@@ -25,10 +25,7 @@ def _ctx(**extra: Any) -> dict[str, Any]:
 
 @bp.get("")
 def index() -> ResponseReturnValue:
-    if wants_json():
-        return json_response({"items": [jobs.dataset_as_dict(d)
-                                        for d in jobs.list_datasets()]})
-    return page_or_fragment("datasets/index.html", "datasets/_list.html", **_ctx())
+    return answers.listing("datasets", jobs.dataset_as_dict, _ctx())
 
 
 @bp.post("")
@@ -44,34 +41,19 @@ def create() -> ResponseReturnValue:
             upload=(upload.filename, upload.stream) if upload and upload.filename else None)
     except jobs.Invalid as exc:
         errors = dict(exc.errors)
-        if "upload" in errors:
+        if "upload" in errors:  # the form's field for an upload is "file"
             errors.setdefault("file", errors["upload"])
-        if wants_json():
-            return json_response({"error": str(exc), "errors": errors}, 422)
-        ctx = _ctx(values=values, errors=errors)
-        if is_fragment_request():
-            return render_template("datasets/_form.html", **ctx), 422
-        return render_template("datasets/index.html", **ctx), 422
-    if wants_json():
-        return json_response(jobs.dataset_as_dict(dataset), 201)
-    if is_fragment_request():
-        return render_template("datasets/_created.html", dataset=dataset, **_ctx()), 201
-    return redirect(url_for("datasets.index"))
+        return answers.invalid("datasets", exc, _ctx(values=values, errors=errors))
+    return answers.created("datasets", dataset, jobs.dataset_as_dict, _ctx(dataset=dataset))
 
 
 @bp.get("/<int:dataset_id>")
 def detail(dataset_id: int) -> ResponseReturnValue:
     dataset = jobs.get_dataset(dataset_id)
-    if wants_json():
-        return json_response(jobs.dataset_as_dict(dataset))
-    return page_or_fragment("datasets/detail.html", "datasets/_row.html", dataset=dataset)
+    return answers.detail("datasets", dataset, jobs.dataset_as_dict, {"dataset": dataset})
 
 
 @bp.delete("/<int:dataset_id>")
 def delete(dataset_id: int) -> ResponseReturnValue:
     jobs.delete_dataset(dataset_id)
-    if wants_json():
-        return json_response({"deleted": dataset_id})
-    if is_fragment_request():
-        return ""
-    return redirect(url_for("datasets.index"))
+    return answers.deleted("datasets", dataset_id)

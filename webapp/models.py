@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, redirect, render_template, request, url_for
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from worker import jobs
 
-from .render import is_fragment_request, json_response, page_or_fragment, wants_json
+from . import answers
 
 bp = Blueprint("models", __name__, url_prefix="/models")
 
@@ -31,9 +31,7 @@ def _ctx(**extra: Any) -> dict[str, Any]:
 
 @bp.get("")
 def index() -> ResponseReturnValue:
-    if wants_json():
-        return json_response({"items": [jobs.model_as_dict(m) for m in jobs.list_models()]})
-    return page_or_fragment("models/index.html", "models/_list.html", **_ctx())
+    return answers.listing("models", jobs.model_as_dict, _ctx())
 
 
 @bp.post("")
@@ -42,34 +40,18 @@ def create() -> ResponseReturnValue:
     try:
         model = jobs.add_model(values["source"], name=values["name"] or None)
     except jobs.Invalid as exc:
-        if wants_json():
-            return json_response({"error": str(exc), "errors": exc.errors}, 422)
-        ctx = _ctx(values=values, errors=exc.errors)
-        if is_fragment_request():
-            return render_template("models/_form.html", **ctx), 422
-        return render_template("models/index.html", **ctx), 422
-    if wants_json():
-        return json_response(jobs.model_as_dict(model), 201)
-    if is_fragment_request():
-        # The fresh form, plus the new row at the top of the list (out of band).
-        return render_template("models/_created.html", model=model, **_ctx()), 201
-    return redirect(url_for("models.index"))
+        return answers.invalid("models", exc, _ctx(values=values, errors=exc.errors))
+    return answers.created("models", model, jobs.model_as_dict, _ctx(model=model))
 
 
 @bp.get("/<int:model_id>")
 def detail(model_id: int) -> ResponseReturnValue:
     model = jobs.get_model(model_id)
-    if wants_json():
-        return json_response(jobs.model_as_dict(model))
-    return page_or_fragment("models/detail.html", "models/_row.html", model=model,
-                            model_memory=model_memory)
+    return answers.detail("models", model, jobs.model_as_dict,
+                          {"model": model, "model_memory": model_memory})
 
 
 @bp.delete("/<int:model_id>")
 def delete(model_id: int) -> ResponseReturnValue:
     jobs.delete_model(model_id)
-    if wants_json():
-        return json_response({"deleted": model_id})
-    if is_fragment_request():
-        return ""
-    return redirect(url_for("models.index"))
+    return answers.deleted("models", model_id)

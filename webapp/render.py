@@ -185,6 +185,16 @@ def _tick_label(v: float) -> str:
     return fmt_sci(v)
 
 
+def _tick(cls: str, line: tuple[Any, Any, Any, Any], label_at: tuple[Any, Any], anchor: str,
+          value: float) -> str:
+    """One gridline or tick mark (``line``: x1, x2, y1, y2) and its value's label at
+    ``label_at`` (x, y); coordinates in SVG user units, as numbers or already formatted text."""
+    x1, x2, y1, y2 = line
+    x, y = label_at
+    return (f'<line class="{cls}" x1="{x1}" x2="{x2}" y1="{y1}" y2="{y2}"/>'
+            f'<text x="{x}" y="{y}" text-anchor="{anchor}">{escape(_tick_label(value))}</text>')
+
+
 def _axes(out: list[str], yticks: list[float], xticks: list[float],
           sx: Callable[[float], float], sy: Callable[[float], float],
           plot: tuple[float, float, float, float], label_y: float) -> None:
@@ -192,21 +202,34 @@ def _axes(out: list[str], yticks: list[float], xticks: list[float],
     left, top, pw, ph = plot
     out.append('<g class="axis axis-y">')
     for t in yticks:
-        y = sy(t)
-        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" '
-                   f'y2="{y:.1f}"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
-                   f'{escape(_tick_label(t))}</text>')
+        y = f"{sy(t):.1f}"
+        out.append(_tick("grid", (left, left + pw, y, y), (left - 6, f"{sy(t) + 3.5:.1f}"),
+                         "end", t))
     out.append('</g><g class="axis axis-x">')
     out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
                f'y2="{top + ph}"/>')
     for t in xticks:
-        x = sx(t)
-        out.append(f'<line class="tick" x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" '
-                   f'y2="{top + ph + 4}"/>')
-        out.append(f'<text x="{x:.1f}" y="{label_y}" text-anchor="middle">'
-                   f'{escape(_tick_label(t))}</text>')
+        x = f"{sx(t):.1f}"
+        out.append(_tick("tick", (x, x, top + ph, top + ph + 4), (x, label_y), "middle", t))
     out.append("</g>")
+
+
+def _svg_open(chart_id: str, cls: str, label: str, width: int, height: int, attrs: str,
+              data: str) -> str:
+    """A chart's opening ``<svg>`` (fixed viewBox of ``width`` x ``height`` user units, then
+    ``attrs``, the aria label and ``data``) and its ``<title>``."""
+    return (f'<svg id="{escape(chart_id)}" class="{cls}" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}" {attrs} aria-label="{escape(label)}" {data}>'
+            f'<title>{escape(label)}</title>')
+
+
+def _empty_plot(plot: tuple[float, float, float, float], text: str) -> str:
+    """The frame of the plot area (left, top, width, height in user units) with ``text`` in its
+    middle: a chart with nothing to draw."""
+    left, top, pw, ph = plot
+    return (f'<rect class="chart-frame" x="{left}" y="{top}" width="{pw}" height="{ph}"/>'
+            f'<text class="chart-empty" x="{left + pw / 2}" y="{top + ph / 2}" '
+            f'text-anchor="middle">{escape(text)}</text>')
 
 
 def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: str,
@@ -216,15 +239,10 @@ def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: s
     pts = downsample(points)
     left, right, top, bottom = 52, 12, 12, 26
     pw, ph = width - left - right, height - top - bottom
-    out = [f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {width} {height}" '
-           f'width="{width}" height="{height}" preserveAspectRatio="none" role="img" '
-           f'aria-label="{escape(label)}" data-points="{len(pts)}">',
-           f'<title>{escape(label)}</title>']
+    out = [_svg_open(chart_id, "chart", label, width, height,
+                     'preserveAspectRatio="none" role="img"', f'data-points="{len(pts)}"')]
     if not pts:
-        out.append(f'<rect class="chart-frame" x="{left}" y="{top}" width="{pw}" '
-                   f'height="{ph}"/>')
-        out.append(f'<text class="chart-empty" x="{left + pw / 2}" y="{top + ph / 2}" '
-                   'text-anchor="middle">Waiting for the first metrics…</text>')
+        out.append(_empty_plot((left, top, pw, ph), "Waiting for the first metrics…"))
         out.append("</svg>")
         return Markup("".join(out))
     xs = [p[0] for p in pts]
@@ -284,10 +302,8 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
     Fixed viewBox, scaled by CSS with its aspect ratio kept (the text stays undistorted)."""
     left, right, top, bottom = 52, 12, 12, 44
     pw, ph = width - left - right, height - top - bottom
-    out = [f'<svg id="{escape(chart_id)}" class="chart histogram" viewBox="0 0 {width} '
-           f'{height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="{escape(label)}" data-bins="{len(counts)}">',
-           f'<title>{escape(label)}</title>']
+    out = [_svg_open(chart_id, "chart histogram", label, width, height, 'role="img"',
+                     f'data-bins="{len(counts)}"')]
     axis_labels = (f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{height - 4}" '
                    f'text-anchor="middle">{escape(x_label)}</text>'
                    f'<text class="axis-label" x="12" y="{top + ph / 2:.1f}" '
@@ -301,11 +317,8 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
     ok = len(xs) == len(ys) + 1 and len(ys) > 0 and all(map(math.isfinite, xs + ys)) \
         and xs[-1] > xs[0]
     if not ok or max(ys) <= 0:
-        out.append(f'<rect class="chart-frame" x="{left}" y="{top}" width="{pw}" '
-                   f'height="{ph}"/>')
-        text = "No alive latents." if ok else "No histogram."
-        out.append(f'<text class="chart-empty" x="{left + pw / 2}" y="{top + ph / 2}" '
-                   f'text-anchor="middle">{text}</text>')
+        out.append(_empty_plot((left, top, pw, ph),
+                               "No alive latents." if ok else "No histogram."))
         out.append(axis_labels + "</svg>")
         return Markup("".join(out))
     x0, x1 = xs[0], xs[-1]

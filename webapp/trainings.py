@@ -33,6 +33,7 @@ from markupsafe import Markup
 from worker import jobs
 from worker.jobs import FINISHED, reports
 
+from . import answers
 from .forms import form_ctx, form_values
 from .render import (
     MAX_POINTS,
@@ -235,11 +236,7 @@ def detail(training_id: int) -> ResponseReturnValue:
 @bp.delete("/trainings/<int:training_id>")
 def delete(training_id: int) -> ResponseReturnValue:
     jobs.delete_training(training_id)
-    if wants_json():
-        return json_response({"deleted": training_id})
-    if is_fragment_request():
-        return ""
-    return redirect(url_for("trainings.index"))
+    return answers.deleted("trainings", training_id)
 
 
 @bp.post("/trainings/<int:training_id>/<any(stop, pause, resume, retry):action>")

@@ -14,6 +14,7 @@ dict), ``metrics`` (new rows), ``log`` (new lines) and ``checkpoints`` (all item
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, current_app, request
@@ -28,8 +29,24 @@ sock = Sock()
 bp = Blueprint("ws", __name__)
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in new if k != "row" and old.get(k) != new[k]]
+def _updates(ws: Any, training_id: int, tick: float, version: int | None, sig: dict[str, Any]
+             ) -> Iterator[tuple[Any, list[str]]]:
+    """Each tick (``tick`` seconds) on which the database changed since ``version``: the
+    training's row and the names of the card parts whose signature differs from the last one
+    (``sig``; maybe none). Ends when the training is deleted; raises ConnectionClosed when the
+    client leaves."""
+    while True:
+        ws.receive(timeout=tick)  # the tick
+        newer = jobs.changes_since(version)
+        if newer is None:
+            continue
+        version = newer
+        new = jobs.signatures(training_id)
+        if new is None:
+            return
+        changed = [k for k in new if k != "row" and sig.get(k) != new[k]]
+        sig = new
+        yield new["row"], changed
 
 
 def _html_stream(ws: Any, training_id: int, tick: float) -> None:
@@ -45,26 +62,15 @@ def _html_stream(ws: Any, training_id: int, tick: float) -> None:
         ws.send(render_card(view))
         return
     ws.send(render_parts(view))
-    while True:
-        ws.receive(timeout=tick)  # the tick; raises ConnectionClosed when the client leaves
-        changed_version = jobs.changes_since(version)
-        if changed_version is None:
-            continue
-        version = changed_version
-        new = jobs.signatures(training_id)
-        if new is None:
-            ws.send(f'<article id="training-{training_id}" class="card gone">'
-                    f'Training {training_id} was deleted.</article>')
-            return
-        changed = _changed(sig, new)
-        sig = new
-        if new["row"].status in FINISHED:
+    for row, changed in _updates(ws, training_id, tick, version, sig):
+        if row.status in FINISHED:
             # Final state: the whole card, without ws-connect (the socket is done).
-            ws.send(render_card(card_view(new["row"])))
+            ws.send(render_card(card_view(row)))
             return
         if changed:
-            view = card_view(new["row"], with_metrics="charts" in changed)
-            ws.send(render_parts(view, changed))
+            ws.send(render_parts(card_view(row, with_metrics="charts" in changed), changed))
+    ws.send(f'<article id="training-{training_id}" class="card gone">'
+            f'Training {training_id} was deleted.</article>')
 
 
 def _json_stream(ws: Any, training_id: int, tick: float) -> None:
@@ -86,21 +92,8 @@ def _json_stream(ws: Any, training_id: int, tick: float) -> None:
                         "items": [checkpoint_dict(c) for c in jobs.checkpoints(training_id)]}))
     if t.status in FINISHED:
         return
-    while True:
-        ws.receive(timeout=tick)
-        changed_version = jobs.changes_since(version)
-        if changed_version is None:
-            continue
-        version = changed_version
-        new = jobs.signatures(training_id)
-        if new is None:
-            ws.send(json.dumps({"type": "error", "error":
-                                f"Training {training_id} was deleted."}))
-            return
-        changed = set(_changed(sig, new))
-        sig = new
-        t = new["row"]
-        if changed & {"status", "progress", "tiles"}:
+    for t, changed in _updates(ws, training_id, tick, version, sig):
+        if set(changed) & {"status", "progress", "tiles"}:
             ws.send(json.dumps({"type": "status", **training_json(t)}))
         if "charts" in changed:
             rows = jobs.metrics_rows(training_id, after_step=last_step)
@@ -117,6 +110,7 @@ def _json_stream(ws: Any, training_id: int, tick: float) -> None:
                 checkpoint_dict(c) for c in jobs.checkpoints(training_id)]}))
         if t.status in FINISHED:
             return
+    ws.send(json.dumps({"type": "error", "error": f"Training {training_id} was deleted."}))
 
 
 @sock.route("/ws/trainings/<int:training_id>", bp=bp)
