@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from worker.cli import main
 from worker.engine.activations import ActivationFile
+from worker.engine.files import file_mode
 
 from .engine.synthetic import write_sparse_file
 from .engine.tiny_models import make_tiny_model
@@ -30,8 +32,13 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("cli-model") / "llama")
 
 
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
 def _last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
+    """The last stdout line, parsed strictly: NaN or Infinity fails."""
+    return json.loads(out.strip().splitlines()[-1], parse_constant=_no_constant)
 
 
 def _fails_cleanly(capsys, argv: list[str], match: str) -> None:
@@ -53,6 +60,14 @@ def test_train_on_activation_file(acts, tmp_path, capsys):
         assert key in result
     assert result["steps"] == 40 and result["tokens"] == 40 * 512
     assert result["out"] == str(out) and 0 < result["fvu"] < 1
+    # each figure says what it is measured on; held out: a tenth of the file
+    assert result["heldout_vectors"] == result["eval"]["tokens"] == 12_000 // 10
+    assert result["dead_window_tokens"] == 1_000_000
+    assert result["eval"]["measured_on"] == "heldout_vectors"
+    assert result["eval"]["fvu"] == result["fvu"]
+    assert set(result["definitions"]) == {"tokens_per_s", "fvu", "l0", "dead_frac", "eval"}
+    assert "1,200 held-out activation vectors" in result["definitions"]["fvu"]
+    assert "last 1,000,000 training tokens" in result["definitions"]["dead_frac"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000020.safetensors", "step_00000040.safetensors"]
     assert (out / "saelens" / "cfg.json").is_file()
@@ -93,6 +108,96 @@ def test_resume_from_run_folder(acts, tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--total-steps", "30"]) == 0
     result = _last_json(capsys.readouterr().out)
     assert result["steps"] == 30 and result["tokens"] == 30 * 256
+
+
+def test_final_json_is_strict_with_null_for_nan(acts, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = tmp_path / "m.jsonl"
+    assert main(["train", "--activations", str(acts), "--k", "4", "--batch-size", "256",
+                 "--total-steps", "4", "--log-every", "2", "--eval-tokens", "0",
+                 "--metrics-jsonl", str(metrics), "--out", str(out)]) == 0
+    result = _last_json(capsys.readouterr().out)  # the FVU of no held-out vector is NaN
+    assert result["fvu"] is None and result["l0"] is None and result["heldout_vectors"] == 0
+    assert result["eval"] == {} and "eval" not in result["definitions"]
+    rows = [json.loads(line, parse_constant=_no_constant)
+            for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def _train_run(acts: Path, out: Path, capsys, steps: int = 20) -> None:
+    assert main(["train", "--activations", str(acts), "--k", "4", "--expansion-factor", "2",
+                 "--batch-size", "256", "--total-steps", str(steps), "--auto-save-interval",
+                 "10", "--out", str(out)]) == 0
+    capsys.readouterr()
+
+
+def test_export_a_run_folder_like_the_web_export(acts, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_run(acts, run, capsys)
+    sae = tmp_path / "sae"
+    assert main(["export", str(run), "--out", str(sae)]) == 0
+    done = _last_json(capsys.readouterr().out)
+    assert done == {"out": str(sae), "checkpoint": str(run / "checkpoints" /
+                                                       "step_00000020.safetensors"),
+                    "sparsity": True}
+    # the run's own export (what the web zips): the same three files, byte for byte
+    names = sorted(p.name for p in sae.iterdir())
+    assert names == sorted(p.name for p in (run / "saelens").iterdir()) == [
+        "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    for name in names:
+        assert (sae / name).read_bytes() == (run / "saelens" / name).read_bytes(), name
+        assert (sae / name).stat().st_mode & 0o777 == file_mode()
+    assert sae.stat().st_mode & 0o777 == file_mode() | ((file_mode() & 0o444) >> 2)
+
+    # an existing folder is replaced only with --force
+    _fails_cleanly(capsys, ["export", str(run), "--out", str(sae)],
+                   f"'{sae}' already exists; pass --force to replace it.")
+    early = run / "checkpoints" / "step_00000010.safetensors"
+    assert main(["export", str(early), "--out", str(sae), "--force"]) == 0
+    captured = capsys.readouterr()
+    assert _last_json(captured.out)["sparsity"] is False
+    assert "No sparsity.safetensors" in captured.err and "step_00000010" in captured.err
+    assert sorted(p.name for p in sae.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert (sae / "sae_weights.safetensors").read_bytes() != \
+        (run / "saelens" / "sae_weights.safetensors").read_bytes()
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(acts, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_run(acts, run, capsys)
+    newest = run / "checkpoints" / "step_00000020.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # cut short, as an interrupted copy leaves it
+    assert main(["train", "--resume", str(run), "--total-steps", "30"]) == 0
+    captured = capsys.readouterr()
+    assert f"Skipping {newest}:" in captured.err and "Using an older checkpoint" in captured.err
+    assert "Resumed from" in captured.err and "step_00000010" in captured.err
+    result = _last_json(captured.out)
+    assert result["steps"] == 30 and result["tokens"] == 30 * 256
+    assert result["checkpoint"] == str(run / "checkpoints" / "step_00000030.safetensors")
+
+
+def test_options_are_checked_before_the_model_loads(tiny, tmp_path, capsys):
+    # A folder with the model's config.json and no weights: loading it would fail, so these
+    # errors prove the check came first (and no corpus was tokenised).
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(tiny / "config.json", folder / "config.json")
+    data = ["--data-dir", str(tmp_path / "data")]
+    _fails_cleanly(capsys, [*data, "train", "--model", str(folder), "--dataset", "kjv",
+                            "--k", "5000"],
+                   "k (5000) cannot exceed the number of latents (256).")
+    _fails_cleanly(capsys, [*data, "train", "--model", str(folder), "--dataset", "kjv",
+                            "--layer", "3"],
+                   "Layer 3 is out of range: the model has 3 layers (0-2).")
+    _fails_cleanly(capsys, [*data, "extract", "--model", str(folder), "--dataset", "kjv",
+                            "--layer", "5", "--max-tokens", "10", "--out", "x"],
+                   "Layer 5 is out of range")
+    _fails_cleanly(capsys, [*data, "info", str(folder), "--k", "300"],
+                   "k (300) cannot exceed the number of latents (256).")
+    assert not (tmp_path / "data" / "tokens").exists()
+    _fails_cleanly(capsys, [*data, "train", "--model", str(folder), "--dataset", "kjv"],
+                   "Could not load the model")  # the valid options pass on to the load
 
 
 def test_extract_then_train_and_info(tiny, tmp_path, capsys):

@@ -4,12 +4,15 @@
     sae-studio train   --activations acts.safetensors --encoder-type topk --k 32 --out runs/b
     sae-studio extract --model smollm2-135m --dataset kjv --layer 15 --max-tokens 500000 \\
                        --out acts.safetensors
-    sae-studio export  runs/a/checkpoints/step_00001000.safetensors --out sae_folder
+    sae-studio export  runs/a --out sae_folder          # or a checkpoint file; --force
     sae-studio evaluate runs/a          # CE loss recovered, KL, densities, top contexts
     sae-studio info    smollm2-135m --expansion-factor 16
 
-Bad input ends with one line on stderr and exit status 2. ``train`` prints, as its last stdout
-line, one JSON object: steps, tokens, tokens_per_s, fvu, l0, dead_frac, out, checkpoint, eval.
+Bad input ends with one line on stderr and exit status 2; what can be checked without the model
+(the options against the hidden size and layer count of a model already on disk) is checked
+before it loads. Every command's last stdout line is one strict JSON object (null, never NaN);
+``train``'s: steps, tokens, tokens_per_s, fvu, l0, dead_frac, heldout_vectors,
+dead_window_tokens, out, checkpoint, stopped, eval and ``definitions`` (a sentence per figure).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .engine.config import (
     range_text,
 )
 from .engine.errors import ConfigError, EngineError
+from .engine.files import json_safe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,6 +142,11 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data_dir) if args.data_dir else data_dir_default()
 
 
+def _print_json(values: dict[str, Any]) -> None:
+    """The command's result: one line of strict JSON (NaN and infinities as null)."""
+    print(json.dumps(json_safe(values), allow_nan=False))
+
+
 class _StderrProgress:
     """A tqdm bar on stderr, created on the first update (quiet when nothing is slow)."""
 
@@ -161,7 +170,9 @@ class _StderrProgress:
 
 class _StepBar:
     """The training's step bar on stderr (from the first metrics row; it closes the preparing
-    bar) and the ``--metrics-jsonl`` rows."""
+    bar) and the ``--metrics-jsonl`` rows. ``tok_s_window``: activation vectors per second over
+    the last metrics window (``log_every`` steps); the final JSON's ``tokens_per_s`` is the
+    whole run's training rate."""
 
     def __init__(self, total_steps: int, jsonl: str | None, preparing: _StderrProgress) -> None:
         self.total, self.jsonl, self.preparing, self.bar = total_steps, jsonl, preparing, None
@@ -175,11 +186,12 @@ class _StepBar:
                             dynamic_ncols=True)
         self.bar.n = m["step"]
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}",
-                             dead=m["dead"], tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+                             dead=m["dead"], tok_s_window=f"{m['tokens_per_s']:.0f}",
+                             refresh=False)
         self.bar.refresh()
         if self.jsonl:
             with open(self.jsonl, "a") as fh:
-                fh.write(json.dumps(m) + "\n")
+                fh.write(json.dumps(json_safe(m), allow_nan=False) + "\n")
 
     def close(self) -> None:
         self.preparing.close()
@@ -195,48 +207,51 @@ def _note(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- commands
+def _skipped(path: Path, exc: Exception) -> None:
+    _note(f"Skipping {path}: {exc} Using an older checkpoint.")
+
+
+def _checkpoint_of(path: str) -> Path:
+    """A checkpoint file, or a run folder's newest checkpoint that loads (a newer one that
+    does not, e.g. truncated by a crash, is skipped with a note on stderr)."""
+    from .engine.checkpoints import newest_loadable
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    found = p.is_dir() and (newest_loadable(p / "checkpoints", _skipped)
+                            or newest_loadable(p, _skipped))
+    if not found:
+        raise ConfigError(f"No checkpoint found at '{path}'.")
+    return found[0]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine.checkpoints import latest_checkpoint, load_checkpoint
+    from .engine.checkpoints import load_checkpoint
     from .engine.devices import pick_device
-    from .engine.pipeline import train_and_evaluate
+    from .engine.pipeline import check_before_loading, definitions, train_and_evaluate
     from .engine.trainer import Callbacks
 
-    resume = None
-    base = None
-    if args.resume:
-        rp = Path(args.resume)
-        resume = latest_checkpoint(rp / "checkpoints") or latest_checkpoint(rp) \
-            if rp.is_dir() else rp
-        if resume is None:
-            raise ConfigError(f"No checkpoint found in '{args.resume}'.")
-        base = load_checkpoint(resume).meta["config"]
+    resume = _checkpoint_of(args.resume) if args.resume else None
+    base = load_checkpoint(resume).meta["config"] if resume else None
     cfg = _build_config(args, base)
+    data_dir = _data_dir(args)
     out = Path(args.out) if args.out else (
-        Path(resume).parent.parent if resume else Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        resume.parent.parent if resume else Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     preparing, evaluating = _StderrProgress("preparing"), _StderrProgress("evaluate")
     steps = _StepBar(cfg.total_steps, args.metrics_jsonl, preparing)
     try:
+        check_before_loading(cfg, data_dir, preparing)
         values = train_and_evaluate(
-            cfg, out, data_dir=_data_dir(args), device=pick_device(cfg.device),
+            cfg, out, data_dir=data_dir, device=pick_device(cfg.device),
             callbacks=Callbacks(on_log=_note, on_metrics=steps), resume=resume,
             prepare_progress=preparing, after_fit=steps.close, evaluate=args.evaluate,
             eval_progress=evaluating, log=_note)
     finally:
         steps.close()
         evaluating.close()
-    print(json.dumps(values))
+    _print_json(dict(values, definitions=definitions(values)))
     return 0
-
-
-def _checkpoint_of(path: str) -> Path:
-    """A checkpoint file, or a run folder's newest checkpoint."""
-    from .engine.checkpoints import latest_checkpoint
-
-    p = Path(path)
-    found = (latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)) if p.is_dir() else p
-    if found is None or not Path(found).is_file():
-        raise ConfigError(f"No checkpoint found at '{path}'.")
-    return Path(found)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -269,8 +284,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     assert report is not None  # evaluation_skipped said it runs
-    print(json.dumps(dict(eval_summary(report), report=str(out / "eval"),
-                          checkpoint=str(ckpt))))
+    _print_json(dict(eval_summary(report), report=str(out / "eval"), checkpoint=str(ckpt)))
     return 0
 
 
@@ -278,31 +292,42 @@ def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
     from .engine.devices import pick_device
-    from .engine.pipeline import extract_to_file
+    from .engine.pipeline import check_before_loading, extract_to_file
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, layer=args.layer,
                       hook_point=args.hook_point, context_size=args.context_size,
                       seed=args.seed, device=args.device, text_field=args.text_field)
-    cfg.validate()
+    data_dir = _data_dir(args)
+    check_before_loading(cfg, data_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     prog = _StderrProgress("extract")
     t0 = time.perf_counter()
     try:
-        meta = extract_to_file(cfg, Path(args.out), data_dir=_data_dir(args),
+        meta = extract_to_file(cfg, Path(args.out), data_dir=data_dir,
                                device=pick_device(cfg.device), max_tokens=args.max_tokens,
                                dtype=dtype, progress=prog)
     finally:
         prog.close()
     meta["seconds"] = round(time.perf_counter() - t0, 2)
-    print(json.dumps(meta))
+    _print_json(meta)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint (or a run folder's newest) -> a SAELens folder; an existing folder is
+    replaced only with --force."""
     from .engine.export import export_checkpoint
 
-    folder = export_checkpoint(args.checkpoint, args.out)
-    print(json.dumps({"out": str(folder)}))
+    out = Path(args.out)
+    if (out.exists() or out.is_symlink()) and not args.force:
+        raise ConfigError(f"'{out}' already exists; pass --force to replace it.")
+    ckpt = _checkpoint_of(args.checkpoint)
+    folder = export_checkpoint(ckpt, out)
+    sparsity = (folder / "sparsity.safetensors").is_file()
+    if not sparsity:
+        _note(f"No sparsity.safetensors: firing frequencies are measured when a run ends, and "
+              f"{ckpt.name} is not the checkpoint its run's saelens/ export was written from.")
+    _print_json({"out": str(folder), "checkpoint": str(ckpt), "sparsity": sparsity})
     return 0
 
 
@@ -312,11 +337,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .engine.devices import pick_device, pick_precision
     from .engine.memory import estimate_memory
     from .engine.models import default_layer, load_model
+    from .engine.pipeline import check_before_loading
 
     cfg = TrainConfig(model=args.model, dataset="-", encoder_type=args.encoder_type,
                       expansion_factor=args.expansion_factor, latent_dim=args.latent_dim,
                       k=args.k, batch_size=args.batch_size, device=args.device)
-    cfg.validate()
+    check_before_loading(cfg, _data_dir(args))
     loaded = load_model(args.model, data_dir=_data_dir(args))
     info = loaded.info
     d_sae = cfg.d_sae(info.hidden_size)
@@ -337,7 +363,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                memory={**est.to_dict(), "device": str(device), "device_bytes": budget,
                        "fits": est.total < budget})
     if args.json:
-        print(json.dumps(out))
+        _print_json(out)
         return 0
     mb = 2**20
     print(f"{info.name}: {info.architecture} ({info.model_type}), {info.n_layers} layers, "
@@ -409,9 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Precision of the stored activations. [default: float32]")
     e.set_defaults(func=cmd_extract)
 
-    x = sub.add_parser("export", help="checkpoint -> SAELens folder")
-    x.add_argument("checkpoint", help="A checkpoint file (.safetensors).")
-    x.add_argument("--out", required=True, help="The SAELens folder to write.")
+    x = sub.add_parser("export", help="checkpoint or run folder -> SAELens folder")
+    x.add_argument("checkpoint", help="A checkpoint file (.safetensors), or a run folder (its "
+                                      "newest checkpoint that loads).")
+    x.add_argument("--out", required=True, help="The SAELens folder to write (as the web's "
+                                                "export: cfg.json, sae_weights.safetensors, "
+                                                "sparsity.safetensors for a run's last "
+                                                "checkpoint).")
+    x.add_argument("--force", action="store_true", help="Replace OUT if it exists.")
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="model layers, hook points and a memory estimate")

@@ -46,10 +46,12 @@ db = AppDatabase(None)
 
 MODEL_STATUSES = ("queued", "preparing", "ready", "failed")
 DATASET_STATUSES = MODEL_STATUSES
-TRAINING_STATUSES = ("queued", "initializing", "training", "paused", "stopping", "completed",
-                     "stopped", "failed", "interrupted")
-RUNNING = ("initializing", "training", "paused", "stopping")
-"""A worker holds the job: it must mark it finished (or the next start marks it interrupted)."""
+TRAINING_STATUSES = ("queued", "initializing", "training", "paused", "stopping", "evaluating",
+                     "completed", "stopped", "failed", "interrupted")
+RUNNING = ("initializing", "training", "paused", "stopping", "evaluating")
+"""A worker holds the job: it must mark it finished (or the next start marks it interrupted).
+``evaluating``: the last step is done and its weights saved; the worker evaluates them on
+held-out text before the run becomes ``completed`` or ``stopped``."""
 FINISHED = ("completed", "stopped", "failed", "interrupted")
 RETRYABLE = ("stopped", "failed", "interrupted")
 REQUESTS = ("pause", "resume", "stop", "save")
@@ -148,6 +150,8 @@ class Training(BaseModel):
     started_at = FloatField(null=True)
     finished_at = FloatField(null=True)
     device = CharField(null=True)
+    eval_progress = FloatField(null=True)
+    """Fraction (0-1) of the held-out evaluation done while the status is ``evaluating``."""
 
     class Meta:
         table_name = "training"
@@ -216,7 +220,13 @@ def _v1_to_v2(database: SqliteDatabase) -> None:
         table.update(status="failed").where(table.status == "error").execute()
 
 
-MIGRATIONS = [_v0_to_v1, _v1_to_v2]
+def _v2_to_v3(database: SqliteDatabase) -> None:
+    """Trainings get ``eval_progress`` (the ``evaluating`` status's progress)."""
+    if "eval_progress" not in {c.name for c in database.get_columns("training")}:
+        database.execute_sql("ALTER TABLE training ADD COLUMN eval_progress REAL")
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

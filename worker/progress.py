@@ -12,6 +12,10 @@
   ``pause`` (kept until ``resume``), ``stop``, ``save`` or None. ``interrupt`` (worker
   shutdown) answers ``stop`` and sets ``interrupted`` so the task marks the run interrupted.
 
+After the last step, ``start_evaluation()`` sets status ``evaluating`` and
+``evaluation_progress(fraction, message)`` writes ``Training.eval_progress`` (at most every
+0.5 s) and a log line (at most every 2 s) while the held-out evaluation runs.
+
 No write transaction is held while the engine runs a step: each callback opens and commits its
 own. Imports no torch at module level (the engine's Callbacks is imported in ``callbacks()``).
 
@@ -28,12 +32,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .db import Checkpoint, LogLine, Metric, Training, db
+from .db import REQUESTS, Checkpoint, LogLine, Metric, Training, db
 
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.5
 POLL_S = 0.25
+EVAL_ROW_S = 0.5
+"""Seconds between writes of ``Training.eval_progress``."""
+EVAL_LOG_S = 2.0
+"""Seconds between the evaluation's progress log lines."""
 _SAVED = re.compile(r"^Checkpoint saved at step \d+ \((\w+)")
 
 
@@ -66,6 +74,11 @@ class TrainingReporter:
         self.interrupted = False
         self.stop_requested = False
         self._last_reason = "auto"
+        self._eval_row = Throttled(lambda fraction, message: self._set(eval_progress=fraction),
+                                   EVAL_ROW_S)
+        self._eval_log = Throttled(lambda fraction, message: self.log(
+            f"Evaluating: {100 * fraction:.0f}%" + (f" ({message})" if message else "")),
+            EVAL_LOG_S)
 
     # ------------------------------------------------------------------ engine callbacks
     def callbacks(self) -> Any:
@@ -168,6 +181,22 @@ class TrainingReporter:
     def close(self) -> None:
         """Flush what is still buffered."""
         self.flush()
+
+    # ------------------------------------------------------------------ after the last step
+    def start_evaluation(self) -> None:
+        """Status ``evaluating`` (progress 0). A pause, resume, save or answered stop request
+        has nothing left to act on and is cleared; a shutdown's ``interrupt`` stays."""
+        with db.atomic():
+            Training.update(status="evaluating", eval_progress=0.0, updated_at=time.time()) \
+                .where(Training.id == self.training_id).execute()
+            Training.update(requested=None) \
+                .where((Training.id == self.training_id)
+                       & Training.requested.in_(REQUESTS)).execute()
+
+    def evaluation_progress(self, fraction: float, message: str = "") -> None:
+        """The held-out evaluation's progress (fraction 0-1, a short message)."""
+        self._eval_row(fraction, message)
+        self._eval_log(fraction, message)
 
     # ------------------------------------------------------------------ helpers
     def _clear(self, requested: str, **values: Any) -> None:

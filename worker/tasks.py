@@ -36,7 +36,7 @@ HEARTBEAT_S = 5.0
 PROGRESS_S = 0.5
 """Seconds between writes of a model's or dataset's progress."""
 LOG_PROGRESS_S = 2.0
-"""Seconds between a training's preparation or evaluation progress log lines."""
+"""Seconds between a training's preparation progress log lines."""
 INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
                        "from the newest checkpoint.")
 _init_lock = threading.Lock()
@@ -193,7 +193,8 @@ def _claim(training_id: int) -> bool:
         if others >= settings.max_concurrent_trainings():
             return False
         Training.update(status="initializing", started_at=time.time(), requested=None,
-                        error=None, finished_at=None, updated_at=time.time()) \
+                        error=None, finished_at=None, eval_progress=None,
+                        updated_at=time.time()) \
             .where(Training.id == training_id).execute()
         return True
 
@@ -208,7 +209,7 @@ def _run_training(training_id: int, resume: bool) -> None:
             run_training.schedule((training_id, resume), delay=2)
         return
 
-    from .engine.checkpoints import latest_checkpoint, list_checkpoints
+    from .engine.checkpoints import list_checkpoints, newest_loadable
     from .engine.config import TrainConfig
     from .engine.devices import pick_device
     from .engine.pipeline import train_and_evaluate
@@ -216,16 +217,19 @@ def _run_training(training_id: int, resume: bool) -> None:
 
     out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
     reporter = TrainingReporter(training_id)
-    # Always continue from the newest checkpoint when there is one (a fresh training's folder is
-    # empty): a stale queue entry of a retried training must not restart it from step 0.
-    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    # Always continue from the newest checkpoint that loads when there is one (a fresh
+    # training's folder is empty): a stale queue entry of a retried training must not restart
+    # it from step 0.
+    found = newest_loadable(out_dir / "checkpoints", lambda path, exc: reporter.log(
+        f"Skipping {path.name}: {exc} Continuing from an older checkpoint.", "warning"))
+    checkpoint = found[0] if found else None
     shutil.rmtree(out_dir / "eval", ignore_errors=True)  # a report is for the weights it read
     with db.atomic():
         if checkpoint is None:  # a fresh start: forget rows of an earlier attempt
             Metric.delete().where(Metric.training == training_id).execute()
             Checkpoint.delete().where(Checkpoint.training == training_id).execute()
         else:
-            step = list_checkpoints(out_dir / "checkpoints")[-1][0]
+            step = found[1].step
             Metric.delete().where((Metric.training == training_id) & (Metric.step > step)) \
                 .execute()
             on_disk = {str(p) for _, p in list_checkpoints(out_dir / "checkpoints")}
@@ -252,9 +256,7 @@ def _run_training(training_id: int, resume: bool) -> None:
             f"{message} ({100 * fraction:.0f}%)" if message
             else f"Preparing: {100 * fraction:.0f}%"), LOG_PROGRESS_S),
         after_fit=reporter.close, evaluate=lambda: not reporter.interrupted,
-        eval_progress=Throttled(lambda fraction, message: reporter.log(
-            f"Evaluating: {100 * fraction:.0f}%" + (f" ({message})" if message else "")),
-            LOG_PROGRESS_S),
+        on_eval_start=reporter.start_evaluation, eval_progress=reporter.evaluation_progress,
         log=reporter.log, on_eval_error=eval_failed)
     if reporter.interrupted:
         status, error = "interrupted", INTERRUPTED_MESSAGE

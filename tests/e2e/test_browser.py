@@ -2,9 +2,10 @@
 
 Adds minilm-l6 and kjv through the forms, starts a training of a few hundred steps, watches the
 progress bar, tiles and loss chart change without a reload (WebSocket fragments), pauses,
-resumes, sees `completed`, opens the SAE report (numbers, density histogram, latent search) and
-a latent's top contexts. Saves screenshots to tests/artifacts/screenshots/, or to
-docs/screenshots/ (the README shows them) with `make screenshots`.
+resumes, sees `evaluating` (with its progress) and then `completed`, opens the SAE report
+(numbers, density histogram, latent search) and a latent's top contexts. Saves screenshots to
+tests/artifacts/screenshots/, or to docs/screenshots/ (the README shows them) with
+`make screenshots`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def test_add_model_dataset_train_pause_resume_complete(app_url, page):
     assert page.inner_text(f"#training-{tid}-steps") == step_a, "a paused job kept stepping"
     shot(page, "training-paused")
     page.click(f"#training-{tid}-resume")
-    _wait_text(page, f"#training-{tid}-status", r"training|completed", 30)
+    _wait_text(page, f"#training-{tid}-status", r"training|evaluating|completed", 30)
+    # After the last step: `evaluating` (with its progress) on the card, then `completed`.
+    evaluating = _wait_text(page, f"#training-{tid}-status", r"evaluating|completed", 240)
+    assert re.search(r"evaluating\s+Evaluating on held-out text \d+%", evaluating), evaluating
     _wait_text(page, f"#training-{tid}-status", r"completed", 240)
     _wait_text(page, f"#training-{tid}-steps", r"Step 400 / 400", 10)
     assert page.evaluate("window.__no_reload_marker") == 42, "the page reloaded"

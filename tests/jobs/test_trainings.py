@@ -10,6 +10,7 @@ import pytest
 
 from worker import jobs, tasks
 from worker.db import Checkpoint, LanguageModel, Metric, Training, WorkerHeartbeat, db
+from worker.progress import TrainingReporter
 
 from .conftest import FAST, start_in_thread, status_of, wait_for
 
@@ -161,6 +162,51 @@ def test_training_completes(model: LanguageModel, dataset: Any, data_dir: Path) 
         jobs.request(t.id, "explode")
     jobs.delete_model(model.id)  # deletes its finished trainings and their folders
     assert not Path(t.out_dir).exists() and Metric.select().count() == 0
+
+
+def test_evaluating_between_the_last_step_and_completed(
+        model: LanguageModel, dataset: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real run (immediate mode): every log line records the row's status as it was written;
+    the evaluation's lines are written while the row is ``evaluating``, which refuses a stop,
+    a retry and a delete; a run without an evaluation never shows it."""
+    seen: list[tuple[str, float | None, str]] = []
+    refusals: list[str] = []
+    write_log = TrainingReporter.log
+
+    def log_and_look(reporter: TrainingReporter, message: str, level: str = "info") -> None:
+        write_log(reporter, message, level)
+        row = Training.get_by_id(reporter.training_id)
+        seen.append((row.status, row.eval_progress, message))
+        if row.status == "evaluating" and not refusals:
+            for action in ("stop", "retry"):
+                with pytest.raises(jobs.Conflict) as exc:
+                    jobs.request(row.id, action)
+                refusals.append(str(exc.value))
+            with pytest.raises(jobs.Conflict, match="stop it before deleting"):
+                jobs.delete_training(row.id)
+
+    monkeypatch.setattr(TrainingReporter, "log", log_and_look)
+    t = jobs.create_training(form(model, dataset))
+    assert t.status == "completed" and t.result["eval"]["report"] is True, t.error
+    statuses = [status for status, _, _ in seen]
+    last_step = next(i for i, (_, _, m) in enumerate(seen) if m.startswith("Finished at step"))
+    assert statuses[last_step] == "training"
+    evaluating = [(p, m) for status, p, m in seen if status == "evaluating"]
+    assert statuses.index("evaluating") > last_step and evaluating[0][1].startswith("Evaluating")
+    assert evaluating[-1][1].startswith("Report ready") and evaluating[-1][0] == 1.0
+    progress = [p for p, _ in evaluating]
+    assert progress == sorted(progress) and progress[0] == 0.0
+    assert refusals[0] == (f"Training {t.id} is evaluating: its training has ended and its "
+                           "weights are saved; wait for its held-out evaluation to finish "
+                           "(seconds to minutes).")
+    assert refusals[1].startswith(f"Training {t.id} is evaluating; only a stopped")
+    assert jobs.training_as_dict(t)["eval_progress"] == 1.0
+
+    seen.clear()
+    t = jobs.create_training(form(model, dataset, eval_tokens="0", total_steps="5"))
+    assert t.status == "completed" and t.result["eval"]["report"] is False, t.error
+    assert "evaluating" not in [status for status, _, _ in seen] and t.eval_progress is None
+    assert seen[-1][2] == "No report: eval_tokens is 0."
 
 
 def test_failed_training_is_reported(model: LanguageModel, dataset: Any, enqueued: list) -> None:

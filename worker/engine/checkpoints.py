@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ def list_checkpoints(ckpt_dir: Path | str) -> list[tuple[int, Path]]:
 def latest_checkpoint(ckpt_dir: Path | str) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
+
+
+def newest_loadable(
+    ckpt_dir: Path | str, on_skip: Callable[[Path, CheckpointError], None] | None = None,
+) -> tuple[Path, Checkpoint] | None:
+    """The newest checkpoint of the folder that loads, and its content; a newer file that does
+    not load (truncated, corrupt) is skipped and passed to ``on_skip``. None when none loads."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            if on_skip is not None:
+                on_skip(path, exc)
+    return None
 
 
 def apply_retention(

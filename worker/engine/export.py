@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,12 @@ def saelens_weights(sae: SAE, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 def export_saelens(
     sae: SAE, folder: Path | str, *, scale: float = 1.0, meta: dict[str, Any] | None = None,
-    sparsity: torch.Tensor | None = None,
+    sparsity: torch.Tensor | Path | None = None,
 ) -> Path:
-    """Write the SAELens folder atomically (built beside it, then renamed into place)."""
+    """Write the SAELens folder atomically (built beside it, then renamed into place).
+
+    ``sparsity``: the latents' firing frequencies [d_sae] (written as log10), or an existing
+    sparsity.safetensors to copy as it is, or None (no sparsity file)."""
     folder = Path(folder)
     meta = meta or {}
     weights = saelens_weights(sae, scale)
@@ -85,7 +89,9 @@ def export_saelens(
     }
     with replace_folder(folder) as tmp:
         save_file(weights, str(tmp / "sae_weights.safetensors"))
-        if sparsity is not None:
+        if isinstance(sparsity, Path):
+            shutil.copyfile(sparsity, tmp / "sparsity.safetensors")
+        elif sparsity is not None:
             log_freq = torch.log10(sparsity.float().cpu() + 1e-10).contiguous()
             save_file({"sparsity": log_freq}, str(tmp / "sparsity.safetensors"))
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2))
@@ -138,8 +144,29 @@ def sae_from_checkpoint(checkpoint: Path | str) -> tuple[SAE, dict[str, Any]]:
     return sae, m
 
 
+def run_sparsity(checkpoint: Path | str, weights: dict[str, torch.Tensor]) -> Path | None:
+    """The sparsity.safetensors of the checkpoint's run (``<run>/saelens/``, written at the end
+    of training from the held-out vectors' firing frequencies) when that export holds exactly
+    these SAELens ``weights``; None otherwise (another checkpoint's export, or none)."""
+    run_export = Path(checkpoint).parent.parent / "saelens"
+    w_path, s_path = run_export / "sae_weights.safetensors", run_export / "sparsity.safetensors"
+    if not (w_path.is_file() and s_path.is_file()):
+        return None
+    saved = load_file(str(w_path))
+    same = saved.keys() == weights.keys() and all(torch.equal(saved[k], w) for k, w in
+                                                  weights.items())
+    return s_path if same else None
+
+
 def export_checkpoint(checkpoint: Path | str, folder: Path | str) -> Path:
-    """``sae-studio export``: a training checkpoint -> SAELens folder."""
+    """``sae-studio export``: a training checkpoint -> SAELens folder, the same files as the
+    run's own export (and the web's) when the checkpoint is the one the run ended with.
+
+    sparsity.safetensors is copied from the run's export when that holds this checkpoint's
+    weights (``run_sparsity``); an earlier checkpoint has no measured frequencies, so its
+    folder has none."""
     sae, m = sae_from_checkpoint(checkpoint)
-    return export_saelens(sae, folder, scale=float(m.get("scale", 1.0)),
-                          meta=m.get("source_meta") or {})
+    scale = float(m.get("scale", 1.0))
+    sparsity = run_sparsity(checkpoint, saelens_weights(sae, scale))
+    return export_saelens(sae, folder, scale=scale, meta=m.get("source_meta") or {},
+                          sparsity=sparsity)

@@ -4,12 +4,16 @@
     values = train_and_evaluate(cfg, out_dir, data_dir=..., device=..., callbacks=...)
 
 which opens the source (``open_source``), trains (``Trainer.fit``), frees a live model and
-evaluates on held-out text (``evaluate_run``), returning the result dict with ``eval`` merged.
+evaluates on held-out text (``evaluate_run``), returning the result dict with ``eval`` merged;
+``definitions(values)`` says in a sentence per figure what each of that dict's numbers measures.
+``check_before_loading(cfg, data_dir)`` checks the options against the input size before
+anything slow (the CLI calls it first).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -149,6 +153,31 @@ def extract_to_file(
     return meta
 
 
+def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    return next((config[k] for k in keys if isinstance(config.get(k), int)), None)
+
+
+def check_before_loading(cfg: TrainConfig, data_dir: Path,
+                         progress: Progress | None = None) -> None:
+    """Check the options against the input size before anything slow: the activation file's
+    header, or the hidden size and layer count in the model's config.json when the model is on
+    disk (a local folder, a bundled model; the file is read, not the weights). A Hub id is
+    checked when it loads. SmolLM2's one-time conversion happens here (``progress``)."""
+    from .activations import ActivationFile
+    from .models import BUNDLED_MODELS, resolve_model_path
+
+    d_in = n_layers = None
+    if cfg.activations:
+        d_in = ActivationFile(cfg.activations).d_in
+    elif cfg.model and (cfg.model in BUNDLED_MODELS or Path(cfg.model).expanduser().is_dir()):
+        path = resolve_model_path(cfg.model, data_dir=data_dir, progress=(
+            None if progress is None else lambda message, fraction: progress(fraction, message)))
+        config = json.loads((path / "config.json").read_text())
+        d_in = _first_int(config, ("hidden_size", "d_model", "n_embd", "dim"))
+        n_layers = _first_int(config, ("num_hidden_layers", "n_layer", "num_layers"))
+    cfg.validate(d_in=d_in, n_layers=n_layers)
+
+
 # ---------------------------------------------------------------------------- evaluation
 def heldout_contexts(store: Any, eval_tokens: int) -> np.ndarray:
     """The last contexts of the token store: the ones ``LiveActivations`` holds out of training
@@ -232,18 +261,26 @@ def train_and_evaluate(
     prepare_progress: Progress | None = None, after_fit: Callable[[], None] | None = None,
     evaluate: bool | Callable[[], bool] = True, eval_progress: Progress | None = None,
     log: Callable[[str], None] = lambda message: None,
+    on_eval_start: Callable[[], None] | None = None,
     on_eval_error: Callable[[Exception], None] | None = None,
 ) -> dict[str, Any]:
     """Open the activation source, train (continuing from ``resume``), free a live model, then
-    evaluate on held-out text into ``out_dir/eval``. Returns ``TrainResult.to_dict()`` whose
-    ``eval`` also holds the report's headline numbers (``eval_summary``) and ``report``: the
-    eval folder's path when one was written, False when the config has none to write
-    (``evaluation_skipped``) or the evaluation failed.
+    evaluate on held-out text into ``out_dir/eval``. Returns ``TrainResult.to_dict()`` plus
+    ``heldout_vectors`` (the held-out activation vectors its ``fvu`` and ``l0`` are measured on)
+    and ``dead_window_tokens`` (the training window of its ``dead_frac``). ``eval`` holds one
+    evaluation, named by ``eval["measured_on"]``: ``"heldout_text"`` when the text evaluation
+    ran (the report's headline numbers, ``eval_summary``, with ``dead_frac = dead / latents``
+    over the same tokens), else ``"heldout_vectors"`` (the trainer's, over the held-out
+    vectors); empty without either. ``eval["report"]``: the eval folder's path when one was
+    written, False when the config has none to write (``evaluation_skipped``) or the
+    evaluation failed.
 
     ``names`` overrides the export metadata's names (the model and dataset as the user gave
     them). ``after_fit`` runs once training ends, even on an exception (flush metrics, close a
     bar). ``evaluate`` (a bool, or a predicate asked after training: the worker skips an
-    interrupted run) turns the evaluation off; the result then has no ``report`` key. ``log``
+    interrupted run) turns the evaluation off; the result then has no ``report`` key.
+    ``on_eval_start`` runs when the held-out evaluation begins (not when it is skipped: the
+    worker's ``evaluating`` status); ``eval_progress`` then gets (fraction, message). ``log``
     receives one sentence per evaluation stage. An evaluation failure raises unless
     ``on_eval_error`` takes it (the training's result stands).
     """
@@ -256,6 +293,10 @@ def train_and_evaluate(
         if after_fit is not None:
             after_fit()
     values = result.to_dict()
+    values.update(heldout_vectors=values["eval"].get("tokens", 0),
+                  dead_window_tokens=cfg.dead_window_tokens)
+    if values["eval"]:
+        values["eval"]["measured_on"] = "heldout_vectors"
     if not (evaluate() if callable(evaluate) else evaluate):
         return values
     del source, trainer.source  # free a live model before the evaluation loads it again
@@ -264,6 +305,8 @@ def train_and_evaluate(
         log(f"No report: {skipped}")
         values["eval"]["report"] = False
         return values
+    if on_eval_start is not None:
+        on_eval_start()
     log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
     try:
         report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=out_dir,
@@ -276,9 +319,38 @@ def train_and_evaluate(
         values["eval"]["report"] = False
         return values
     assert report is not None  # evaluation_skipped said it runs
-    values["eval"].update(eval_summary(report), report=str(Path(out_dir) / "eval"))
+    values["eval"].update(eval_summary(report), measured_on="heldout_text",
+                          dead_frac=report["dead"] / max(1, report["dead"] + report["alive"]),
+                          report=str(Path(out_dir) / "eval"))
     recovered = report.get("ce_loss_recovered")
     log("Report ready: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
         report["fvu"], report["l0"], report["dead"], report["dense"],
         f", CE loss recovered {100 * recovered:.1f}%" if recovered is not None else ""))
     return values
+
+
+def definitions(values: dict[str, Any]) -> dict[str, str]:
+    """A sentence per figure of ``train``'s JSON: what it measures, over which tokens."""
+    out = {
+        "tokens_per_s": "Activation vectors trained on per second over the whole run's "
+                        "training steps (batch fetching with any live extraction, forward, "
+                        "backward, optimizer step; not start-up, saves, pauses or evaluation). "
+                        "The progress bar's tok_s_window (a metrics row's tokens_per_s) is the "
+                        "same rate over the last log_every steps.",
+        "fvu": f"Fraction of variance unexplained after the last step on the "
+               f"{values['heldout_vectors']:,} held-out activation vectors (heldout_vectors; "
+               "never trained on); null without any.",
+        "l0": "Mean active latents per vector on the same held-out vectors.",
+        "dead_frac": f"Fraction of latents that did not fire in the last "
+                     f"{values['dead_window_tokens']:,} training tokens (dead_window_tokens); "
+                     "the web card's Dead latents.",
+    }
+    measured_on = (values.get("eval") or {}).get("measured_on")
+    if measured_on == "heldout_text":
+        out["eval"] = ("The held-out text evaluation of OUT/eval/report.json: fvu, l0 and the "
+                       "latent statistics over its scored_tokens (dead: latents that never "
+                       "fired on them, dead_frac = dead / latents), CE losses and KL.")
+    elif measured_on == "heldout_vectors":
+        out["eval"] = ("The evaluation on the held-out activation vectors (eval.tokens of "
+                       "them): fvu, l0, dead_frac (latents that never fired on them), dense.")
+    return out

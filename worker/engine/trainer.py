@@ -100,7 +100,8 @@ class _Window:
     first_step: int
     fired: Tensor
     """Firing count per latent [d_sae]."""
-    start: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+    """Time in the window's steps (s), counted as the run's training time is."""
     tokens: int = 0
     rows: list[Tensor] = field(default_factory=list)
     """Per step, the ``STEP_STATS``."""
@@ -320,7 +321,6 @@ class Trainer:
                     time.sleep(self.cb.pause_poll_s)
                 if cmd != "stop":
                     self.cb.on_log(f"Resumed at step {self.step}.")
-                self.win.start = time.perf_counter()
             if cmd == "stop":
                 stopped = True
                 self.cb.on_log(f"Stop requested at step {self.step}: finalising current weights.")
@@ -365,7 +365,9 @@ class Trainer:
             # 6. log (reading the window waits for the device), auto-save
             log_now = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
             rows = self._read_window() if log_now else []
-            train_time += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            train_time += spent
+            self.win.seconds += spent
             if log_now:
                 metrics = self._metrics(rows, lr)
                 self._window_loss = metrics["loss"]
@@ -405,7 +407,6 @@ class Trainer:
         win = self.win
         steps = max(1, len(rows))
         loss, mse, aux, l0, err, var, grad = (sum(col) for col in zip(*rows, strict=True))
-        elapsed = max(1e-9, time.perf_counter() - win.start)
         fvu = err / var if var > 0 else float("nan")
         freq = win.fired.float() / max(1, win.tokens)
         dead, dense = torch.stack([self._dead(self.cfg.dead_window_tokens).sum(),
@@ -418,7 +419,7 @@ class Trainer:
             "l0": l0, "l0_frac": l0 / self.d_sae, "fvu": fvu, "explained_variance": 1 - fvu,
             "dead": dead, "dead_frac": dead / self.d_sae, "dense": dense,
             "learning_rate": lr, "grad_norm": grad / steps,
-            "tokens_per_s": win.tokens / elapsed,
+            "tokens_per_s": win.tokens / max(1e-9, win.seconds),
             "peak_memory_mb": peak_memory_mb(self.device), "micro_batch_size": self.micro,
         }
 

@@ -3,8 +3,12 @@ and steer it.
 
 Trainings are steered through the database, never by killing a task: ``request(id, "pause")``
 sets ``Training.requested`` and the worker picks it up between steps (see ``worker.progress``).
-Statuses: ``queued, initializing, training, paused, stopping, completed, stopped, failed,
-interrupted``.
+Statuses: ``queued, initializing, training, paused, stopping, evaluating, completed, stopped,
+failed, interrupted``. ``evaluating`` comes after the last step (its weights are saved) while the
+worker evaluates the SAE on held-out text (``eval_progress`` 0-1); a run without an evaluation
+goes straight to ``completed`` or ``stopped``. It counts as running (no delete, no retry) and
+accepts no control: a stop is refused with 409 (nothing is left to stop; the evaluation
+takes seconds to minutes).
 
 Metrics rows are the engine's dicts. The engine names the learning rate ``learning_rate`` and
 the dead latent count ``dead``; the API also answers the older names ``lr`` and
@@ -39,7 +43,7 @@ from .estimates import estimate
 
 TRAINING_FIELDS = ("id", "status", "current_step", "total_steps", "error", "requested",
                    "config", "estimate", "out_dir", "device", "created_at", "updated_at",
-                   "started_at", "finished_at", "result")
+                   "started_at", "finished_at", "result", "eval_progress")
 LATEST_KEYS = ("step", "loss", "mse", "l0", "dead", "dead_neurons", "fvu", "learning_rate",
                "tokens_per_s")
 """The API's ``latest`` contract (``training_as_dict``)."""
@@ -96,8 +100,8 @@ def with_aliases(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def training_as_dict(training: Training) -> dict[str, Any]:
     """The API view: ``id, status, current_step, total_steps, error, latest`` (``LATEST_KEYS``
     or None), plus ``model_id, dataset_id, requested, config, estimate, created_at,
-    started_at, finished_at, result``, and ``metrics``: the newest metrics row in full (or
-    None)."""
+    started_at, finished_at, result, eval_progress`` (0-1 while ``evaluating``, else as the
+    evaluation left it or None), and ``metrics``: the newest metrics row in full (or None)."""
     out = common.row_dict(training, TRAINING_FIELDS)
     full = with_aliases(training.latest) if training.latest else None
     out["latest"] = {k: full.get(k) for k in LATEST_KEYS} if full else None
@@ -175,7 +179,7 @@ def signatures(training_id: int) -> dict[str, Any] | None:
     ckpts = tuple((c.id, c.is_best) for c in
                   Checkpoint.select(Checkpoint.id, Checkpoint.is_best)
                   .where(Checkpoint.training == training_id).order_by(Checkpoint.id))
-    status = (t.status, t.error, t.requested)
+    status = (t.status, t.error, t.requested, t.eval_progress)
     return {
         "row": t,
         "status": status,
@@ -194,10 +198,11 @@ def request(training_id: int | str, action: str) -> Training:
     """``stop``, ``pause``, ``resume`` or ``retry`` a training; returns the updated row.
 
     pause: training/initializing; resume: paused; stop: queued (stopped at once) or
-    initializing/training/paused (the worker finalises the current weights: ``stopping`` then
-    ``stopped``); retry: stopped/failed/interrupted (queued again; continues from the newest
-    checkpoint). Anything else raises Conflict, e.g. "Training 4 is completed; only a paused
-    training can be resumed."
+    initializing/training/paused (the worker finalises the current weights: ``stopping``, then
+    ``evaluating`` and ``stopped``); retry: stopped/failed/interrupted (queued again; continues
+    from the newest checkpoint). Anything else raises Conflict, e.g. "Training 4 is completed;
+    only a paused training can be resumed." An ``evaluating`` training has finished its steps
+    and saved its weights: a stop is refused with a sentence saying so.
     """
     if action not in ACTIONS:
         msg = f"Unknown action '{action}'; use one of {', '.join(ACTIONS)}."
@@ -221,6 +226,9 @@ def request(training_id: int | str, action: str) -> Training:
                 t.status, t.requested = "stopping", "stop"
             elif t.status == "stopping":
                 raise Conflict(f"{where} already; it finishes after the current step.")
+            elif t.status == "evaluating":
+                raise Conflict(f"{where}: its training has ended and its weights are saved; "
+                               "wait for its held-out evaluation to finish (seconds to minutes).")
             else:
                 raise Conflict(f"{where}; only a queued or running training can be stopped.")
         else:
