@@ -118,7 +118,7 @@ def test_final_json_is_strict_with_null_for_nan(acts, tmp_path, capsys):
                  "--metrics-jsonl", str(metrics), "--out", str(out)]) == 0
     result = _last_json(capsys.readouterr().out)  # the FVU of no held-out vector is NaN
     assert result["fvu"] is None and result["l0"] is None and result["heldout_vectors"] == 0
-    assert result["eval"] == {} and "eval" not in result["definitions"]
+    assert result["eval"] == {"report": False} and "eval" not in result["definitions"]
     rows = [json.loads(line, parse_constant=_no_constant)
             for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(r["tokens_per_s"] > 0 for r in rows)

@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from worker import jobs, tasks
-from worker.db import Checkpoint, LanguageModel, Metric, Training, WorkerHeartbeat, db
+from worker.db import (
+    SCHEMA_VERSION,
+    Checkpoint,
+    LanguageModel,
+    Metric,
+    Training,
+    WorkerHeartbeat,
+    db,
+    init_db,
+)
 from worker.progress import TrainingReporter
 
 from .conftest import FAST, start_in_thread, status_of, wait_for
@@ -207,6 +216,17 @@ def test_evaluating_between_the_last_step_and_completed(
     assert t.status == "completed" and t.result["eval"]["report"] is False, t.error
     assert "evaluating" not in [status for status, _, _ in seen] and t.eval_progress is None
     assert seen[-1][2] == "No report: eval_tokens is 0."
+
+
+def test_schema_v3_adds_eval_progress(data_dir: Path) -> None:
+    """A database of schema 2 gets the trainings' ``eval_progress`` column (null)."""
+    with db.connection_context():
+        db.execute_sql("ALTER TABLE training DROP COLUMN eval_progress")
+        db.execute_sql("PRAGMA user_version = 2")
+    init_db(data_dir / "app.db")
+    with db.connection_context():
+        assert "eval_progress" in {c.name for c in db.get_columns("training")}
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 def test_failed_training_is_reported(model: LanguageModel, dataset: Any, enqueued: list) -> None:
