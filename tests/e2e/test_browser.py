@@ -101,7 +101,8 @@ def test_add_model_dataset_train_pause_resume_complete(app_url, page):
     _wait_text(page, f"#training-{tid}-status", r"training|evaluating|completed", 30)
     # After the last step: `evaluating` (with its progress) on the card, then `completed`.
     evaluating = _wait_text(page, f"#training-{tid}-status", r"evaluating|completed", 240)
-    assert re.search(r"evaluating\s+Evaluating on held-out text \d+%", evaluating), evaluating
+    assert re.search(r"evaluating\s+Evaluating on held-out text \d+%", evaluating, re.I), \
+        evaluating
     _wait_text(page, f"#training-{tid}-status", r"completed", 240)
     _wait_text(page, f"#training-{tid}-steps", r"Step 400 / 400", 10)
     assert page.evaluate("window.__no_reload_marker") == 42, "the page reloaded"
