@@ -34,7 +34,7 @@ from worker import jobs
 from worker.jobs import FINISHED, reports
 
 from . import answers
-from .forms import form_ctx, form_values
+from .forms import MODEL_FIELDS, form_ctx, form_values
 from .render import (
     MAX_POINTS,
     is_fragment_request,
@@ -209,8 +209,11 @@ def form() -> ResponseReturnValue:
 
 @bp.get("/trainings/model-fields")
 def model_fields() -> ResponseReturnValue:
-    """The layer and hook point selects for the chosen model (re-rendered on model change)."""
-    return render_template("trainings/_model_fields.html", **form_ctx(form_values(request.args)))
+    """The layer and hook point selects for the chosen model (re-rendered on model change):
+    the new model's defaults (its middle layer, its first hook point), not the previous
+    model's choices, which the request still carries."""
+    values = {k: v for k, v in form_values(request.args).items() if k not in MODEL_FIELDS}
+    return render_template("trainings/_model_fields.html", **form_ctx(values))
 
 
 @bp.get("/trainings/estimate")

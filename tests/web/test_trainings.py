@@ -58,6 +58,29 @@ def test_model_fields_fragment(client, ready):
     assert [o.get("value") for o in hooks] == ["residual"]
 
 
+def test_model_change_resets_layer_and_hook_point(client, ready):
+    """The request still carries the previous model's layer and hook point (hx-include of the
+    form); the new model's defaults win: its middle layer, its first hook point."""
+    model, _ = ready
+    other = make_model(name="smollm", n_layers=30, hook_points=["residual", "mlp_out"])
+    frag = client.get(f"/trainings/model-fields?model_id={other.id}&layer=3"
+                      "&hook_point=mlp_out", headers=HX).data.decode()
+    layers = find_all(element_by_id(frag, "input-layer"), "option")
+    assert [o.get("value") for o in layers if "selected" in o.attrs] == ["15"]
+    hooks = find_all(element_by_id(frag, "input-hook_point"), "option")
+    assert [o.get("value") for o in hooks if "selected" in o.attrs] == ["residual"]
+
+
+def test_deletes_ask_first(client, ready):
+    model, dataset = ready
+    t = make_training(model, dataset, status="completed", steps=10, checkpoints=1)
+    card = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
+    assert "hx-confirm" in element_by_id(card, f"training-{t.id}-delete").attrs
+    models = client.get("/models").data.decode()
+    delete = [b for b in find_all(models, "button") if b.get("hx-delete")]
+    assert delete and all((b.get("hx-confirm") or "").startswith("Delete model") for b in delete)
+
+
 def test_estimate(client, ready):
     model, _ = ready
     frag = client.get(f"/trainings/estimate?model_id={model.id}&batch_size=4096", headers=HX)
