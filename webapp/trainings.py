@@ -194,7 +194,7 @@ def create() -> ResponseReturnValue:
     if is_fragment_request():
         body = render_card(card_view(t))
         form = render_template("trainings/_form.html", oob=True, **form_ctx(values))
-        return body + form + '<p id="jobs-empty" hx-swap-oob="delete"></p>', 201
+        return body + form, 201
     return redirect(url_for("trainings.index") + f"#training-{t.id}")
 
 

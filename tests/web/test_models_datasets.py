@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from ..html import ids
+from ..html import element_by_id, find_all, ids
 from .conftest import HX, JSON, make_dataset, make_model, make_training
 
 
@@ -102,3 +102,19 @@ def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):
     did = up.get_json()["id"]
     assert client.delete(f"/datasets/{did}", headers=JSON).get_json() == {"deleted": did}
     assert client.delete(f"/datasets/{did}", headers=JSON).status_code == 404
+
+
+def test_empty_state_stays_and_hides_by_css(client, enqueued):
+    """The empty message is always in the list and hidden by CSS while the list has a row, so it
+    comes back when the last row is deleted and an add needs no out-of-band removal (which logged
+    htmx:oobErrorNoTarget when the message was already gone)."""
+    for kind in ("models", "datasets"):
+        empty = client.get(f"/{kind}").data.decode()
+        assert element_by_id(empty, f"{kind}-empty").text.startswith(f"No {kind} yet")
+    make_model()
+    page = client.get("/models").data.decode()
+    assert "models-empty" in ids(page) and find_all(page, "li", class_="row")
+    created = client.post("/models", data={"source": "minilm-l6"}, headers=HX).data.decode()
+    assert "models-empty" not in ids(created)
+    css = client.get("/static/app.css").data.decode()
+    assert ".rows:has(> li) ~ .empty" in css and ".jobs:has(> article) > .empty" in css
