@@ -306,3 +306,13 @@ def test_reset_form(client, ready):
     assert b"training-jobs" in client.get("/trainings").data
     frag = client.get("/trainings", headers=HX).data.decode()
     assert frag.strip().startswith('<div id="jobs"')
+
+
+def test_field_help_whole_on_demand(client, ready):
+    """The form cuts help at two lines (CSS); the whole sentence is in the title and shows while
+    the field has focus."""
+    page = client.get("/").data.decode()
+    helps = find_all(element_by_id(page, "training-form"), "p", class_="help")
+    assert helps and all(h.get("title") == h.text for h in helps)
+    css = client.get("/static/app.css").data.decode()
+    assert ".field:focus-within .help" in css
