@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="A TOML file of options (keys are the option names with _ "
                                     "or -); flags override it.")
     t.add_argument("--resume", help="Continue from a checkpoint file, or a run folder's newest "
-                                    "checkpoint, with its configuration.")
+                                    "checkpoint that loads, with its configuration.")
     t.add_argument("--out", help="The run folder: checkpoints/, saelens/ and eval/ go here "
                                  "(default: runs/DATE-TIME, or the resumed run's folder).")
     t.add_argument("--metrics-jsonl", help="Also append every metrics row to this file.")
