@@ -47,3 +47,36 @@ def max_concurrent_trainings() -> int:
         return max(1, int(raw)) if raw else 1
     except ValueError:
         return 1
+
+
+def tokens_dir() -> Path:
+    """The engine's token stores: one folder per (corpus, tokenizer, context size)."""
+    return data_dir() / "tokens"
+
+
+def models_dir() -> Path:
+    """The engine's model cache (bundled models converted once, e.g. smollm2-135m)."""
+    return data_dir() / "models"
+
+
+def allowed_roots() -> list[Path]:
+    """Folders whose files a user may add as a local dataset or model, resolved: the uploads
+    folder, the model cache, and every folder in ``$SAE_STUDIO_ALLOWED_PATHS``
+    (``os.pathsep``-separated; ``run.py --allow-path DIR`` sets it)."""
+    named = os.environ.get("SAE_STUDIO_ALLOWED_PATHS", "").split(os.pathsep)
+    roots = [uploads_dir(), models_dir()]
+    roots += [Path(p).expanduser().resolve() for p in named if p.strip()]
+    return roots
+
+
+def max_upload_bytes() -> int:
+    """The largest upload accepted, in bytes: ``$SAE_STUDIO_MAX_UPLOAD_MB`` megabytes (MiB,
+    ``run.py --max-upload-mb``), default 1024."""
+    raw = os.environ.get("SAE_STUDIO_MAX_UPLOAD_MB", "").strip()
+    try:
+        mb = float(raw) if raw else 1024.0
+    except ValueError:
+        mb = 1024.0
+    if not 0 < mb < 2**40:  # NaN, negative or absurd: the default
+        mb = 1024.0
+    return int(mb * 2**20)

@@ -26,7 +26,7 @@ def _train(model: Any, dataset: Any, **overrides: str) -> Any:
 
 
 def test_causal_lm_training_has_ce_report(data_dir: Path) -> None:
-    folder = make_tiny_model("llama", data_dir / "tiny-llama")
+    folder = make_tiny_model("llama", data_dir / "models" / "tiny-llama")  # an allowed root
     m = jobs.add_model(str(folder))
     assert m.status == "ready", m.error
     d = jobs.add_dataset("kjv", context_size="32", max_tokens="16384")

@@ -98,7 +98,7 @@ def check_value(info: OptionInfo, value: Any) -> str | None:
             info.kind == "int" and not isinstance(value, int)):
         what = "a whole number" if info.kind == "int" else "a number"
         return f"{info.label} must be {what} (got {value!r})."
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # an int of any size is finite
         return f"{info.label} must be a finite number (got {value})."
     too_low = info.min is not None and (value <= info.min if info.min_exclusive
                                         else value < info.min)

@@ -12,7 +12,17 @@ from typing import Any
 from .. import settings
 from ..db import RUNNING, data_version, db, init_db
 from ..engine.files import json_safe
-from .errors import Conflict, NotFound
+from .errors import Conflict, Invalid, NotFound
+
+MAX_ID = 2**63 - 1
+"""The largest row id SQLite stores (a signed 64-bit integer); larger ids do not exist."""
+MAX_NAME = 200
+"""The longest name a model or dataset may have (characters)."""
+MAX_SOURCE = 1000
+"""The longest source (a path or Hub id) a model or dataset may have (characters)."""
+OUTSIDE_ROOTS = ("Local files must be under an allowed folder (uploads, or one named with "
+                 "--allow-path); see the README.")
+"""The one answer for a local path the user may not add, whether it exists or not."""
 
 
 # ---------------------------------------------------------------------------- the database
@@ -63,15 +73,43 @@ def queue_preparation(table: type, task_name: str, **values: Any) -> Any:
 
 # ---------------------------------------------------------------------------- rows
 def get_row(table: type, kind: str, row_id: int | str) -> Any:
-    """The row of ``table`` with id ``row_id``, or NotFound("Model 7 does not exist.")."""
-    try:
-        key = int(row_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"{kind} {row_id} does not exist.") from None
+    """The row of ``table`` with id ``row_id``, or NotFound("Model 7 does not exist.") (also for
+    an id that is not a whole number from 0 to 2**63 - 1)."""
+    text = str(row_id).strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_ID:
+        raise NotFound(f"{kind} {text[:30]} does not exist.")
+    key = int(text)
     row = table.get_or_none(table.id == key)
     if row is None:
         raise NotFound(f"{kind} {key} does not exist.")
     return row
+
+
+def check_length(value: str, limit: int, field: str, label: str, errors: dict[str, str]) -> None:
+    """Put "<label> is too long (N characters; at most LIMIT)." into ``errors[field]``."""
+    if len(value) > limit:
+        errors[field] = f"{label} is too long ({len(value):,} characters; at most {limit:,})."
+
+
+def local_path(source: str, *, pathlike: bool) -> Path | None:
+    """The resolved path (symlinks and ``..`` followed) a source names, or None when it is not a
+    local path: not ``pathlike`` and nothing exists there (a bundled name or a Hub id).
+
+    Raises Invalid({"source": OUTSIDE_ROOTS}) when it is local but not under one of
+    ``settings.allowed_roots()``, with the same words whether it exists or not.
+    """
+    try:
+        path = Path(source).expanduser()
+        if not (pathlike or path.exists()):
+            return None
+        resolved = path.resolve()
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, ~nobody
+        if not pathlike:
+            return None
+        raise Invalid(OUTSIDE_ROOTS, {"source": OUTSIDE_ROOTS}) from None
+    if not any(resolved.is_relative_to(root) for root in settings.allowed_roots()):
+        raise Invalid(OUTSIDE_ROOTS, {"source": OUTSIDE_ROOTS})
+    return resolved
 
 
 def row_dict(row: Any, fields: tuple[str, ...]) -> dict[str, Any]:

@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..db import Dataset, LanguageModel
-from ..engine.config import ALIASES, HOOK_POINTS, OptionInfo, TrainConfig, options, parse_value
+from ..engine.config import (
+    ALIASES,
+    HOOK_POINTS,
+    OptionInfo,
+    TrainConfig,
+    check_value,
+    options,
+    parse_value,
+)
 from ..engine.option_types import TRUE_WORDS
 from . import common
 from .errors import Invalid, NotFound
@@ -67,9 +75,13 @@ def _parse(form: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def lenient_values(model: LanguageModel | None, form: Mapping[str, Any]) -> dict[str, Any]:
-    """The form's values parsed where they parse; defaults for blank or unparseable ones (for
-    the estimate, which follows the form while it is being filled in)."""
-    return {**training_defaults(model), **_parse(form)[0]}
+    """The form's values parsed where they parse and within their bounds; defaults for blank,
+    unparseable or out-of-bounds ones (for the estimate, which follows the form while it is
+    being filled in)."""
+    by_name = {info.name: info for info in form_options()}
+    fine = {name: value for name, value in _parse(form)[0].items()
+            if check_value(by_name[name], value) is None}
+    return {**training_defaults(model), **fine}
 
 
 def _ready_row(table: type, kind: str, raw: Any, errors: dict[str, str], field: str) -> Any:

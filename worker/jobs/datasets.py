@@ -8,6 +8,7 @@ Adding one validates its values, inserts a row (status ``queued``) and enqueues
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -16,6 +17,7 @@ from typing import Any, BinaryIO
 
 from .. import settings
 from ..db import Dataset
+from ..engine.config import check_value, option, parse_value
 from ..engine.documents import looks_like_path
 from . import common
 from .errors import Invalid
@@ -42,23 +44,22 @@ def _safe_filename(filename: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:80] or "upload"
 
 
-def _parse_count(raw: Any, label: str) -> int:
-    """A whole number from a form string ("16_384", "16,384" and "1e4" too)."""
-    if isinstance(raw, bool):
-        raise ValueError(f"{label} must be a whole number.")
-    if isinstance(raw, int):
-        return raw
-    text = str(raw).strip().replace("_", "").replace(",", "")
+def _count(name: str, raw: Any, default: int | None, errors: dict[str, str]) -> int | None:
+    """The engine option ``name`` (context_size, max_tokens) from a form value, parsed and
+    checked against its bounds (blank: ``default``); its message into ``errors`` when bad."""
+    if common.blank(raw):
+        return default
+    info = option(name)
     try:
-        return int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{label} must be a whole number (got '{raw}').") from None
-        if not value.is_integer():
-            raise ValueError(f"{label} must be a whole number (got '{raw}').") from None
-        return int(value)
+        value = parse_value(info, raw)
+    except ValueError as exc:
+        errors[name] = str(exc)
+        return None
+    problem = check_value(info, value)
+    if problem:
+        errors[name] = problem
+        return None
+    return value
 
 
 def _check_source(source: str, upload: tuple[str, BinaryIO] | None,
@@ -74,14 +75,20 @@ def _check_source(source: str, upload: tuple[str, BinaryIO] | None,
                             "dataset id, or upload a file.")
     elif source.lower() == "kjv":
         return "kjv"
-    elif looks_like_path(source):
-        path = Path(source).expanduser()
+    else:
+        try:
+            path = common.local_path(source, pathlike=looks_like_path(source))
+        except Invalid as exc:
+            errors.update(exc.errors)
+            return source
+        if path is None:
+            return source
         if not path.is_file():
-            errors["source"] = f"The file '{source}' does not exist on the worker's machine."
+            errors["source"] = f"The file '{source}' does not exist in an allowed folder."
         elif path.suffix.lower() not in UPLOAD_SUFFIXES:
             errors["source"] = f"'{source}' is not a .txt, .jsonl or .csv file."
         else:
-            return str(path.resolve())
+            return str(path)
     return source
 
 
@@ -120,34 +127,31 @@ def add_dataset(
     if upload is not None and not upload[0]:
         upload = None
 
-    ctx: int | None = None
-    try:
-        ctx = 128 if common.blank(context_size) else _parse_count(context_size, "Context size")
-        if not 2 <= ctx <= 4096:
-            errors["context_size"] = f"Context size must be between 2 and 4096 tokens (got {ctx})."
-    except ValueError as exc:
-        errors["context_size"] = str(exc)
-    max_tok: int | None = None
-    try:
-        max_tok = None if common.blank(max_tokens) else _parse_count(max_tokens, "Max tokens")
-        if max_tok is not None and ctx is not None and max_tok < ctx:
-            errors["max_tokens"] = (f"Max tokens must be at least the context size ({ctx}), or "
-                                    "blank for the whole corpus.")
-    except ValueError as exc:
-        errors["max_tokens"] = str(exc)
+    ctx = _count("context_size", context_size, 128, errors)
+    if ctx is not None and not 2 <= ctx <= 4096:
+        errors["context_size"] = f"Context size must be between 2 and 4096 tokens (got {ctx})."
+    max_tok = _count("max_tokens", max_tokens, None, errors)
+    if max_tok is not None and ctx is not None and max_tok < ctx:
+        errors["max_tokens"] = (f"Max tokens must be at least the context size ({ctx}), or "
+                                "blank for the whole corpus.")
     text_field = (text_field or "").strip() or "text"
     if not re.fullmatch(r"[\w .-]{1,100}", text_field):
         errors["text_field"] = "The text field must be a column name (letters, digits, _ . -)."
-    source = _check_source((source or "").strip(), upload, errors)
+    source = (source or "").strip()
+    name = (name or "").strip()
+    common.check_length(name, common.MAX_NAME, "name", "The name", errors)
+    common.check_length(source, common.MAX_SOURCE, "source", "The source", errors)
+    if "source" not in errors:
+        source = _check_source(source, upload, errors)
     if errors:
         raise Invalid("Some dataset values need fixing.", errors)
 
     if upload is not None:
         filename, stream = upload
         source = str(_save_upload(filename, stream))
-        name = (name or "").strip() or Path(filename).name
+        name = name or Path(filename).name[:common.MAX_NAME]
     return common.queue_preparation(Dataset, "prepare_dataset", source=source,
-                                    name=(name or "").strip() or source, context_size=ctx,
+                                    name=name or source, context_size=ctx,
                                     max_tokens=max_tok, text_field=text_field)
 
 
@@ -157,14 +161,33 @@ def get_dataset(dataset_id: int | str) -> Dataset:
 
 
 def delete_dataset(dataset_id: int | str) -> None:
-    """Delete a dataset (its uploaded file too) and its finished trainings.
+    """Delete a dataset, its finished trainings, its uploaded file and its token stores (unless
+    another dataset has the same source).
 
     Conflict while one of its trainings is queued or running.
     """
     dataset = common.delete_with_trainings(Dataset, "Dataset", dataset_id)
-    src = Path(dataset.source)
-    if src.is_file() and src.parent == settings.uploads_dir():
-        src.unlink(missing_ok=True)
+    if Dataset.select().where(Dataset.source == dataset.source).exists():
+        return
+    for store in token_stores(dataset.source):
+        common.remove_tree(store)
+    upload = Path(dataset.source)
+    if upload.parent == settings.uploads_dir():
+        upload.unlink(missing_ok=True)
+
+
+def token_stores(source: str) -> list[Path]:
+    """The token stores under ``settings.tokens_dir()`` built from ``source`` (their
+    ``meta.json`` names it), whatever tokenizer and context size."""
+    found = []
+    for meta in settings.tokens_dir().glob("*/meta.json"):
+        try:
+            built_from = json.loads(meta.read_text(encoding="utf-8")).get("source")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if built_from == source:
+            found.append(meta.parent)
+    return found
 
 
 def dataset_as_dict(dataset: Dataset) -> dict[str, Any]:

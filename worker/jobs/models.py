@@ -16,6 +16,9 @@ MODEL_FIELDS = ("id", "name", "source", "status", "error", "progress", "message"
                 "architecture", "model_type", "n_layers", "hidden_dim", "vocab_size", "n_params",
                 "dtype", "is_causal", "hook_points", "created_at", "updated_at")
 """The keys of ``model_as_dict`` (the JSON API)."""
+BUNDLED = ("minilm-l6", "smollm2-135m")
+"""The engine's bundled model names (``worker.engine.models.BUNDLED_MODELS``, which imports
+torch)."""
 
 
 def list_models() -> list[LanguageModel]:
@@ -33,14 +36,28 @@ def add_model(source: str, name: str | None = None) -> LanguageModel:
     """Add a model (bundled name, local folder or Hub id) and enqueue its preparation.
 
     Returns the row (status ``queued``; in immediate mode already ``ready`` or ``failed``).
-    Raises Invalid({"source": ...}) when source is blank.
+    A local folder must be under ``settings.allowed_roots()`` (stored resolved). Raises Invalid
+    ({"source": ...}) when source is blank, too long or a folder outside those roots, and
+    ({"name": ...}) when the name is too long.
     """
     source = (source or "").strip()
+    name = (name or "").strip()
+    errors: dict[str, str] = {}
     if not source:
-        msg = "Give a model: a bundled name (minilm-l6, smollm2-135m), a folder or a Hub id."
-        raise Invalid(msg, {"source": msg})
+        errors["source"] = ("Give a model: a bundled name (minilm-l6, smollm2-135m), a folder or "
+                            "a Hub id.")
+    common.check_length(source, common.MAX_SOURCE, "source", "The source", errors)
+    common.check_length(name, common.MAX_NAME, "name", "The name", errors)
+    if errors:
+        raise Invalid(next(iter(errors.values())), errors)
+    if source not in BUNDLED:
+        pathlike = (source.startswith(("/", ".", "~")) or source.count("/") > 1
+                    or "\\" in source)  # as the engine's models._looks_like_path
+        path = common.local_path(source, pathlike=pathlike)
+        name = name or source
+        source = str(path) if path is not None else source
     return common.queue_preparation(LanguageModel, "prepare_model", source=source,
-                                    name=(name or "").strip() or source)
+                                    name=name or source)
 
 
 def get_model(model_id: int | str) -> LanguageModel:
