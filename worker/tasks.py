@@ -351,6 +351,27 @@ def _heartbeat_loop(name: str) -> None:
         time.sleep(HEARTBEAT_S)
 
 
+def sweep_temporary_files(root: Path) -> int:
+    """Delete the temporary files and folders an interrupted save left under ``root``: hidden
+    names with ``files.TMP_MARK`` (replace_folder) or ending ``.tmp`` / ``.raw`` (checkpoint
+    and activation files). Only at start-up, before any task could be writing one. Returns how
+    many were removed."""
+    from .engine.files import TMP_MARK
+
+    removed = 0
+    for folder, dirs, names in os.walk(root):
+        for name in [*dirs, *names]:
+            if name.startswith(".") and (TMP_MARK in name or name.endswith((".tmp", ".raw"))):
+                path = Path(folder) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    dirs.remove(name)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 _startup_lock = threading.Lock()
 _started = False
 
@@ -371,6 +392,9 @@ def on_worker_start() -> None:
             recover()
         except Exception:  # the worker still runs
             log.exception("Recovering stale jobs failed")
+        removed = sweep_temporary_files(settings.data_dir())
+        if removed:
+            log.info("Removed %d temporary files left by an interrupted save", removed)
         name = f"{socket.gethostname()}:{os.getpid()}"
         threading.Thread(target=_heartbeat_loop, args=(name,), name="sae-heartbeat",
                          daemon=True).start()
