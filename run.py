@@ -4,6 +4,10 @@
     python run.py --data-dir /srv/sae --host 0.0.0.0 --port 8000
     python run.py --no-worker           # web only (the worker runs elsewhere)
     python run.py --worker-only         # worker only (e.g. on the GPU box, same data dir)
+    python run.py --allow-path ~/corpora --max-upload-mb 512
+
+Off the loopback (``--host 0.0.0.0``, an IP or a name) every request needs the access token:
+``--token`` or ``$SAE_STUDIO_TOKEN``, else one is generated and the URL that carries it printed.
 
 Ctrl-C stops both cleanly: the worker finishes its current step, a running training is marked
 interrupted and can be retried from its newest checkpoint.
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +60,20 @@ def _stop_worker(worker: subprocess.Popen) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the SAE Studio web app and worker.")
     p.add_argument("--data-dir", default="data", help="SQLite files, models, runs (default ./data)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (off the loopback a token is required)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--token", default=os.environ.get("SAE_STUDIO_TOKEN") or None,
+                   help="access token (default $SAE_STUDIO_TOKEN; generated off the loopback; "
+                        "on the loopback none unless given)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another Host name the app answers to (repeatable; also "
+                        "$SAE_STUDIO_ALLOWED_HOSTS, comma-separated)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder whose files may be added as local datasets or models "
+                        "(repeatable; also $SAE_STUDIO_ALLOWED_PATHS)")
+    p.add_argument("--max-upload-mb", type=float, metavar="MB",
+                   help="largest upload in MB (default $SAE_STUDIO_MAX_UPLOAD_MB or 1024)")
     p.add_argument("--workers", type=int, default=2,
                    help="worker threads (one training per device at a time; the others "
                         "prepare models and datasets)")
@@ -63,10 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--no-worker", action="store_true", help="start only the web server")
     mode.add_argument("--worker-only", action="store_true", help="start only the worker")
     args = p.parse_args(argv)
+    if args.max_upload_mb is not None and not 0 < args.max_upload_mb < 2**40:
+        p.error("--max-upload-mb must be a positive number of megabytes")
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["SAE_STUDIO_DATA"] = str(data_dir)  # read by worker.settings in both processes
+    # Read by worker.settings in both processes.
+    os.environ["SAE_STUDIO_DATA"] = str(data_dir)
+    if args.allow_path:
+        named = [d for d in os.environ.get("SAE_STUDIO_ALLOWED_PATHS", "").split(os.pathsep) if d]
+        named += [str(Path(d).expanduser().resolve()) for d in args.allow_path]
+        os.environ["SAE_STUDIO_ALLOWED_PATHS"] = os.pathsep.join(named)
+    if args.max_upload_mb is not None:
+        os.environ["SAE_STUDIO_MAX_UPLOAD_MB"] = str(args.max_upload_mb)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
@@ -89,16 +116,29 @@ def main(argv: list[str] | None = None) -> int:
     from werkzeug.serving import make_server
 
     from webapp import create_app
+    from webapp.security import WILDCARDS, is_loopback
 
-    app = create_app({"DATA_DIR": str(data_dir)})
+    token = args.token
+    if token is None and not is_loopback(args.host):
+        token = secrets.token_urlsafe(24)
+    hosts = [h for h in os.environ.get("SAE_STUDIO_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    app = create_app({"DATA_DIR": str(data_dir), "BIND_HOST": args.host, "TOKEN": token,
+                      "ALLOWED_HOSTS": hosts + args.allowed_host})
     server = make_server(args.host, args.port, app, threaded=True)
     worker = None
     if not args.no_worker:
         worker = _start_worker(args.workers, env)
-    url = f"http://{args.host}:{server.server_port}/"
+    shown = socket.gethostname() if args.host in WILDCARDS else args.host
+    if ":" in shown:
+        shown = f"[{shown}]"  # an IPv6 address
+    url = f"http://{shown}:{server.server_port}/" + (f"?token={token}" if token else "")
     print(f"SAE Studio: {url}  (data in {data_dir}; "
           f"{'no worker' if worker is None else f'worker pid {worker.pid}'}; Ctrl-C to stop)",
           flush=True)
+    if not is_loopback(args.host):
+        print(f"Warning: SAE Studio listens on {args.host}, reachable from the network: anyone "
+              "with the token above can read and change everything. Keep it secret.",
+              flush=True)
 
     try:
         server.serve_forever()  # werkzeug returns quietly on KeyboardInterrupt

@@ -1,12 +1,13 @@
 // SAE Studio: htmx settings and one small form nicety. No framework.
 (function () {
-  // Swap 422 (forms re-render with their errors) and 409/404 (messages go to #flash).
+  // Swap 422 (forms re-render with their errors) and 409/404/413 (messages go to #flash).
   htmx.config.responseHandling = [
     {code: "204", swap: false},
     {code: "[23]..", swap: true},
     {code: "422", swap: true, error: false},
     {code: "409", swap: true, error: false},
     {code: "404", swap: true, error: false},
+    {code: "413", swap: true, error: false},
     {code: "[45]..", swap: false, error: true},
     {code: "...", swap: false},
   ];

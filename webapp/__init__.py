@@ -21,10 +21,9 @@ from . import render
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, template_folder="../templates", static_folder="../static")
     app.config.from_mapping(
-        SECRET_KEY="dev",
         DATA_DIR=None,
+        BIND_HOST="127.0.0.1",
         SOCK_SERVER_OPTIONS={"ping_interval": 25},
-        MAX_CONTENT_LENGTH=2 * 1024**3,
         WS_TICK_S=0.25,
     )
     if test_config is None:
@@ -36,7 +35,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if app.config.get("DATA_DIR"):
         os.environ["SAE_STUDIO_DATA"] = str(app.config["DATA_DIR"])
     app.config["DATA_DIR"] = str(settings.data_dir())
+    if app.config.get("MAX_CONTENT_LENGTH") is None:
+        app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes()
     jobs.open_database()
+
+    from . import datasets, models, reports, security, trainings, ws
+
+    security.init_app(app)  # first: a refused request opens no database connection
 
     @app.before_request
     def _connect() -> None:
@@ -68,8 +73,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             return render.json_response({"error": "Not found."}, 404)
         return render_template("error.html", message="This page does not exist.",
                                status=404), 404
-
-    from . import datasets, models, reports, trainings, ws
 
     app.register_blueprint(models.bp)
     app.register_blueprint(datasets.bp)
