@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hypothesis import HealthCheck, given, settings
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.security.test_fuzz import check, ensure_rows, requests  # noqa: E402
 from webapp import create_app  # noqa: E402
