@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,10 +62,8 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
     d = jobs.training_as_dict(t)
     cfg = t.config or {}
     latest = d.get("metrics") or {}
-    now = time.time()
     started = t.started_at
-    end = t.finished_at if t.status in FINISHED and t.finished_at else now
-    elapsed = max(0.0, end - started) if started else None
+    elapsed = jobs.elapsed_seconds(t)
     step, total = int(t.current_step or 0), int(t.total_steps or 0)
     fraction = min(1.0, step / total) if total else 0.0
     if t.status == "completed":

@@ -148,7 +148,12 @@ class Training(BaseModel):
     """The engine's final result (held-out evaluation) once finished."""
     estimate = JSONField(null=True)
     started_at = FloatField(null=True)
+    """When the first attempt started (a Retry keeps it)."""
     finished_at = FloatField(null=True)
+    attempt_started_at = FloatField(null=True)
+    """When the current (or last) attempt started: the first start, or the newest Retry's."""
+    elapsed_before_s = FloatField(default=0.0)
+    """Seconds the earlier attempts ran (start to finish each), summed when a Retry starts."""
     device = CharField(null=True)
     eval_progress = FloatField(null=True)
     """Fraction (0-1) of the held-out evaluation done while the status is ``evaluating``."""
@@ -226,7 +231,19 @@ def _v2_to_v3(database: SqliteDatabase) -> None:
         database.execute_sql("ALTER TABLE training ADD COLUMN eval_progress REAL")
 
 
-MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3]
+def _v3_to_v4(database: SqliteDatabase) -> None:
+    """Trainings keep their first start across Retry: ``attempt_started_at`` (the current
+    attempt's start) and ``elapsed_before_s`` (earlier attempts' seconds)."""
+    columns = {c.name for c in database.get_columns("training")}
+    if "attempt_started_at" not in columns:
+        database.execute_sql("ALTER TABLE training ADD COLUMN attempt_started_at REAL")
+        database.execute_sql("UPDATE training SET attempt_started_at = started_at")
+    if "elapsed_before_s" not in columns:
+        database.execute_sql("ALTER TABLE training ADD COLUMN elapsed_before_s REAL "
+                             "NOT NULL DEFAULT 0")
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from huey.signals import SIGNAL_INTERRUPTED
+from peewee import fn
 
 from . import settings
 from .db import RUNNING, Checkpoint, Dataset, LanguageModel, Metric, Training, WorkerHeartbeat, db
@@ -192,9 +193,10 @@ def _claim(training_id: int) -> bool:
                                          & (Training.id != training_id)).count()
         if others >= settings.max_concurrent_trainings():
             return False
-        Training.update(status="initializing", started_at=time.time(), requested=None,
-                        error=None, finished_at=None, eval_progress=None,
-                        updated_at=time.time()) \
+        now = time.time()
+        Training.update(status="initializing", started_at=fn.COALESCE(Training.started_at, now),
+                        attempt_started_at=now, requested=None, error=None, finished_at=None,
+                        eval_progress=None, updated_at=now) \
             .where(Training.id == training_id).execute()
         return True
 
@@ -376,6 +378,18 @@ _startup_lock = threading.Lock()
 _started = False
 
 
+def _import_engine() -> None:
+    """Import the engine and transformers once, before any task runs: two worker threads
+    importing transformers at the same time can see it half-initialised ("cannot import name
+    'AutoConfig' from 'transformers'")."""
+    import transformers
+
+    from .engine import evaluate, models, pipeline  # noqa: F401 - imported for their side effects
+
+    for name in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoTokenizer"):
+        getattr(transformers, name)  # resolves transformers' lazy attributes now
+
+
 @huey.on_startup()
 def on_worker_start() -> None:
     """Once per consumer process: recover stale rows and start the heartbeat thread.
@@ -388,6 +402,7 @@ def on_worker_start() -> None:
         if _started:
             return
         _started = True
+        _import_engine()
         try:
             recover()
         except Exception:  # the worker still runs

@@ -226,7 +226,7 @@ def test_schema_v3_adds_eval_progress(data_dir: Path) -> None:
     init_db(data_dir / "app.db")
     with db.connection_context():
         assert "eval_progress" in {c.name for c in db.get_columns("training")}
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_failed_training_is_reported(model: LanguageModel, dataset: Any, enqueued: list) -> None:
@@ -295,6 +295,8 @@ def test_state_machine_and_recovery(model: LanguageModel, dataset: Any, enqueued
     assert t.status == "stopped" and t.result["stopped"] and t.requested is None
     stopped_at = t.current_step
     assert jobs.checkpoints(t.id)[0].step == stopped_at and jobs.export_zip(t.id).is_file()
+    first_start, first_elapsed = t.started_at, jobs.elapsed_seconds(t)
+    assert first_elapsed == pytest.approx(t.finished_at - t.started_at)
 
     # retry: queued again, continues from the newest checkpoint; a shutdown interrupts it
     enqueued.clear()
@@ -307,6 +309,11 @@ def test_state_machine_and_recovery(model: LanguageModel, dataset: Any, enqueued
     t = jobs.get_training(t.id)
     assert t.status == "interrupted" and "Retry continues" in t.error
     interrupted_at = t.current_step
+    # Retry keeps the first start; Elapsed sums both attempts (not the time between them)
+    assert t.started_at == first_start and t.attempt_started_at > t.started_at
+    assert jobs.elapsed_seconds(t) == pytest.approx(
+        first_elapsed + t.finished_at - t.attempt_started_at)
+    assert jobs.training_as_dict(t)["elapsed_s"] == jobs.elapsed_seconds(t)
     assert interrupted_at > stopped_at
 
     # a worker that died mid-run: the start-up hook marks the row interrupted

@@ -97,12 +97,26 @@ def with_aliases(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return json_safe(row)
 
 
+def elapsed_seconds(training: Training, now: float | None = None) -> float | None:
+    """Seconds the training has run, summed over its attempts (a Retry adds to it): the
+    earlier attempts' start-to-finish times plus the current attempt's, up to its finish (or
+    now while it runs). None before it first started."""
+    start = training.attempt_started_at or training.started_at
+    if start is None:
+        return None
+    end = training.finished_at if training.status in FINISHED and training.finished_at \
+        else (now or time.time())
+    return (training.elapsed_before_s or 0.0) + max(0.0, end - start)
+
+
 def training_as_dict(training: Training) -> dict[str, Any]:
     """The API view: ``id, status, current_step, total_steps, error, latest`` (``LATEST_KEYS``
     or None), plus ``model_id, dataset_id, requested, config, estimate, created_at,
     started_at, finished_at, result, eval_progress`` (0-1 while ``evaluating``, else as the
-    evaluation left it or None), and ``metrics``: the newest metrics row in full (or None)."""
+    evaluation left it or None), ``elapsed_s`` (``elapsed_seconds``) and ``metrics``: the
+    newest metrics row in full (or None)."""
     out = common.row_dict(training, TRAINING_FIELDS)
+    out["elapsed_s"] = elapsed_seconds(training)
     full = with_aliases(training.latest) if training.latest else None
     out["latest"] = {k: full.get(k) for k in LATEST_KEYS} if full else None
     out["metrics"] = full
@@ -235,6 +249,9 @@ def request(training_id: int | str, action: str) -> Training:
             if t.status not in RETRYABLE:
                 raise Conflict(f"{where}; only a stopped, failed or interrupted training can be "
                                "retried.")
+            if t.finished_at and t.attempt_started_at:  # Elapsed sums the attempts
+                t.elapsed_before_s = (t.elapsed_before_s or 0.0) + max(
+                    0.0, t.finished_at - t.attempt_started_at)
             t.status, t.error, t.requested, t.finished_at = "queued", None, None, None
             retry = True
         t.save()
