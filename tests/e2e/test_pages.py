@@ -1,5 +1,6 @@
-"""The pages fit a 390 px phone screen: nothing wider than the viewport, on empty pages and with
-a model and a dataset row (added through the forms, as a user would)."""
+"""Pages in a real browser: they fit a 390 px phone screen (nothing wider than the viewport, on
+empty pages and with a model and a dataset row added through the forms), and the top bar says
+when the server cannot be reached."""
 
 from __future__ import annotations
 
@@ -41,3 +42,17 @@ def test_pages_fit_a_phone(app_url, browser):
         shot(page, "training-phone")
     finally:
         ctx.close()
+
+
+def test_top_bar_says_when_the_server_is_unreachable(app_url, page):
+    page.goto(app_url + "/models")
+    assert page.inner_text("#worker-alive") in ("worker alive", "worker offline")
+    page.route("**/healthz", lambda route: route.abort())  # the server stops answering
+    page.wait_for_function(
+        "document.getElementById('worker-alive').textContent === 'server unreachable'",
+        timeout=12_000)
+    assert "unreachable" in page.get_attribute("#worker-status", "class")
+    page.unroute("**/healthz")  # it answers again: the next poll restores the server's view
+    page.wait_for_function(
+        "document.getElementById('worker-alive').textContent !== 'server unreachable'",
+        timeout=12_000)
