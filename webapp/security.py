@@ -168,8 +168,12 @@ def init_app(app: Flask) -> None:
 
 def _too_large(_exc: RequestEntityTooLarge) -> ResponseReturnValue:
     limit = current_app.config.get("MAX_CONTENT_LENGTH") or 0
-    msg = (f"The upload is too large: the limit is {limit / 2**20:,.0f} MB "
-           "(run.py --max-upload-mb).")
+    if limit and (request.content_length or 0) > limit:
+        msg = (f"The upload is too large: the limit is {limit / 2**20:,.0f} MB "
+               "(run.py --max-upload-mb).")
+    else:  # one form field over Flask's MAX_FORM_MEMORY_SIZE
+        field_limit = current_app.config.get("MAX_FORM_MEMORY_SIZE") or 0
+        msg = f"A form field is too long: the limit is {field_limit / 1000:,.0f} kB."
     return error_response(TooLarge(msg, {"file": msg}))
 
 

@@ -376,3 +376,9 @@ def test_upload_limit_comes_from_settings(data_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SAE_STUDIO_MAX_UPLOAD_MB", "3")
     app = create_app({"TESTING": True, "DATA_DIR": str(data_dir)})
     assert app.config["MAX_CONTENT_LENGTH"] == 3 * 2**20
+
+
+def test_an_overlong_form_field_is_413_with_its_own_sentence(client: FlaskClient) -> None:
+    r = client.post("/datasets", data={"source": "kjv", "name": "n" * 600_000},
+                    headers=JSON, content_type="multipart/form-data")
+    assert r.status_code == 413 and "form field is too long" in r.get_json()["error"]
