@@ -33,8 +33,9 @@ from .trainings import card_view, checkpoint_dict, render_card, render_parts, tr
 
 QUEUE_UPDATES = 64
 """Updates a viewer may fall behind before it is dropped (``WS_QUEUE_UPDATES`` overrides)."""
-INCREMENTAL = {"metrics": ("rows", "step"), "log": ("lines", "id")}
-"""JSON events that carry only new items: kind -> (list field, the item's increasing key)."""
+INCREMENTAL = {"metrics": ("charts", "rows", "step"), "log": ("log", "lines", "id")}
+"""JSON events that carry only new items: kind -> (the card part whose change brings them, the
+list field, the items' increasing key)."""
 CLOSE_TOO_SLOW = (1013, "Too slow to follow the updates; reconnect.")
 CLOSE_ERROR = (1011, "The live updates failed; reconnect.")
 
@@ -53,7 +54,7 @@ class Event:
         when it has them all. The shared ``text`` unless the viewer's snapshot overlaps."""
         if self.kind not in INCREMENTAL:
             return self.text
-        name, key = INCREMENTAL[self.kind]
+        _, name, key = INCREMENTAL[self.kind]
         after = cursors[self.kind]
         cursors[self.kind] = max(after, self.rows[-1][key])
         if self.rows[0][key] > after:
@@ -116,19 +117,13 @@ class Poller:
     closed: bool = False
     """Set (under ``lock``) after the final update or when the last viewer left."""
     version: int | None = None
-    last_step: int = -1
-    last_log: int = 0
+    cursors: dict[str, int] = field(default_factory=dict)
+    """The newest metrics step and log line id read (``INCREMENTAL`` kinds)."""
 
     def __post_init__(self) -> None:
-        self.last_step = self._newest_step(self.sig)
-        self.last_log = int(self.sig.get("log") or 0)
+        self.cursors = sig_cursors(self.sig)
         self.thread = threading.Thread(target=self._run, name=f"ws-poller-{self.training_id}",
                                        daemon=True)
-
-    @staticmethod
-    def _newest_step(sig: dict[str, Any]) -> int:
-        newest = (sig.get("charts") or (None,))[0]
-        return -1 if newest is None else int(newest)
 
     def _run(self) -> None:
         # A request context for url_for in the templates and training_json; its own connection.
@@ -191,25 +186,21 @@ class Poller:
         """The JSON events of this tick, built once; without JSON viewers only the cursors
         move (to what this tick read, which no later viewer's snapshot precedes)."""
         if not any(v.as_json for v in self.viewers):
-            self.last_step = max(self.last_step, self._newest_step(self.sig))
-            self.last_log = max(self.last_log, int(self.sig.get("log") or 0))
+            self.cursors = {k: max(v, sig_cursors(self.sig)[k]) for k, v in self.cursors.items()}
             return ()
         tid = self.training_id
         events = []
         if set(changed) & {"status", "progress", "tiles"}:
             events.append(Event("status", json.dumps({"type": "status", **training_json(row)})))
-        if "charts" in changed:
-            rows = jobs.metrics_rows(tid, after_step=self.last_step)
-            if rows:
-                self.last_step = rows[-1]["step"]
-                events.append(Event("metrics", json.dumps({"type": "metrics", "rows": rows}),
-                                    tuple(rows)))
-        if "log" in changed:
-            lines = jobs.log_lines(tid, after_id=self.last_log)
-            if lines:
-                self.last_log = lines[-1]["id"]
-                events.append(Event("log", json.dumps({"type": "log", "lines": lines}),
-                                    tuple(lines)))
+        for kind, (part, name, key) in INCREMENTAL.items():
+            if part not in changed:
+                continue
+            after = self.cursors[kind]
+            items = (jobs.metrics_rows(tid, after_step=after) if kind == "metrics"
+                     else jobs.log_lines(tid, after_id=after))
+            if items:
+                self.cursors[kind] = items[-1][key]
+                events.append(Event(kind, json.dumps({"type": kind, name: items}), tuple(items)))
         if "checkpoints" in changed:
             items = [checkpoint_dict(c) for c in jobs.checkpoints(tid)]
             events.append(Event("checkpoints",
@@ -234,6 +225,12 @@ class Poller:
         self.viewers.clear()
         self.closed = True
         self.stop.set()
+
+
+def sig_cursors(sig: dict[str, Any]) -> dict[str, int]:
+    """The newest metrics step (-1: none) and log line id (0: none) in ``jobs.signatures``."""
+    newest = (sig.get("charts") or (None,))[0]
+    return {"metrics": -1 if newest is None else int(newest), "log": int(sig.get("log") or 0)}
 
 
 _POLLERS: dict[int, Poller] = {}
