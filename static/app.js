@@ -42,3 +42,16 @@ function saeShowEncoderFields() {
 document.addEventListener("change", saeShowEncoderFields);
 document.addEventListener("htmx:afterSettle", saeShowEncoderFields);
 document.addEventListener("DOMContentLoaded", saeShowEncoderFields);
+
+// The top bar says when the web server cannot be reached: an htmx request (the heartbeat poll
+// every 5 s, or any other) failed at the network level. The next poll that gets an answer
+// replaces the element with the server's view again.
+function saeServerUnreachable() {
+  var el = document.getElementById("worker-status");
+  if (!el) return;
+  el.className = "worker-status down unreachable";
+  el.title = "The web server does not answer; trying again every 5 s.";
+  var text = document.getElementById("worker-alive");
+  if (text) text.textContent = "server unreachable";
+}
+document.addEventListener("htmx:sendError", saeServerUnreachable);
