@@ -189,6 +189,10 @@ def test_forms_carry_the_csrf_field(client: FlaskClient, rows: dict[str, int]) -
         html = client.get(page).get_data(as_text=True)
         start = html.index(f'<form id="{form}"')
         assert field in html[start:html.index("</form>", start)], page
+    # the job card's plain forms (Pause / Stop / Save now) post without JavaScript too
+    card = client.get(f"/trainings/{rows['training']}").get_data(as_text=True)
+    posts = [part for part in card.split("<form")[1:] if 'method="post"' in part.split(">")[0]]
+    assert len(posts) >= 3 and all(field in p[:p.index("</form>")] for p in posts)
 
 
 def test_programs_without_browser_headers_need_no_token(
