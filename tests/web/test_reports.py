@@ -237,7 +237,8 @@ def test_report_page(client, done):
                  "0.9375"):
         assert text in html, text
     tile = element_by_id(html, "report-tile-latents")
-    assert "118" in [e.text for e in tile.iter()] and "2 dead · 3 dense" in tile.text
+    assert "118" in [e.text for e in tile.iter()]
+    assert "2 dead in 120 held-out tokens · 3 dense" in tile.text  # the window is stated
     svg = element_by_id(html, f"training-{done.id}-density")
     assert svg.tag == "svg" and len(find_all(svg, "rect")) == 28
     assert "log10 frequency" in svg.text and "latents" in [t.text for t in find_all(svg, "text")]

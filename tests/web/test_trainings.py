@@ -316,3 +316,15 @@ def test_field_help_whole_on_demand(client, ready):
     assert helps and all(h.get("title") == h.text for h in helps)
     css = client.get("/static/app.css").data.decode()
     assert ".field:focus-within .help" in css
+
+
+def test_card_states_windows_and_scales(client, ready):
+    """Dead latents say over which tokens (the dead window, or every token so far), MSE on which
+    scale, tokens/s over which window: the report's figures use other windows and scales."""
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", steps=300)  # 300 x 128 tokens so far
+    card = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
+    dead = element_by_id(card, f"training-{t.id}-dead-window")
+    assert "no fire in last 38.4k tokens" in dead.text and "38,400" in dead.get("title")
+    assert "(training scale)" in element_by_id(card, f"training-{t.id}-tile-loss").text
+    assert "(last window)" in element_by_id(card, f"training-{t.id}-throughput").text
