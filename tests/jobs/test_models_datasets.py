@@ -122,3 +122,11 @@ def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
     assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
     with db.connection_context():
         assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_same_source_added_twice_is_named_apart(enqueued: list) -> None:
+    """Two rows of the same corpus (or model) are told apart by their names."""
+    names = [jobs.add_dataset("kjv", context_size=64).name for _ in range(3)]
+    assert names == ["kjv", "kjv (2)", "kjv (3)"]
+    assert jobs.add_dataset("kjv", name="bible").name == "bible"
+    assert [jobs.add_model("minilm-l6").name for _ in range(2)] == ["minilm-l6", "minilm-l6 (2)"]

@@ -64,11 +64,24 @@ def enqueue(task_name: str, *args: Any) -> None:
 def queue_preparation(table: type, task_name: str, **values: Any) -> Any:
     """Insert a model or dataset row (status ``queued``), enqueue its preparation task
     ``task_name(row id)`` once the row is committed, and return the row as it is then (in
-    immediate mode the task already ran)."""
+    immediate mode the task already ran). A name already taken in the table is named apart:
+    ``kjv`` added twice becomes ``kjv (2)``."""
     with db.atomic():
+        values["name"] = unique_name(table, values["name"])
         row = table.create(status="queued", message="Waiting for the worker.", **values)
     enqueue(task_name, row.id)
     return table.get_by_id(row.id)
+
+
+def unique_name(table: type, name: str) -> str:
+    """``name``, or ``name (2)``, ``name (3)``... the first one no row of ``table`` has."""
+    taken = {r.name for r in table.select(table.name)
+             .where((table.name == name) | table.name.startswith(f"{name} ("))}
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name} ({n})"
+    return candidate
 
 
 # ---------------------------------------------------------------------------- rows
