@@ -1,16 +1,20 @@
 """Web app figures for the README: dashboard latency, metric -> WebSocket latency, and how much a
-watching browser/WebSocket client slows a training.
+hundred WebSocket viewers slow a training, and the Training page under 20 concurrent clients
+while a training runs.
 
-    .venv/bin/python bench/web_bench.py [--skip-slowdown]
+    .venv/bin/python bench/web_bench.py [--skip-training] [--viewers 100] [--page-clients 20]
 
 1. Dashboard: 10 jobs and 10,000 metric rows in a real SQLite file; GET / (the Training page,
    with every card and its SVG charts) 200 times through a live server; p50/p95 in ms.
 2. Latency: a live server, a WebSocket client on /ws/trainings/<id>?format=json; the "worker"
    (this script, another connection, as the Huey worker would) commits a metric row; the time
    until the client has the event, over 50 rows; median and max in ms.
-3. Slowdown: the same training (minilm-l6 + kjv, layer 3, TopK 8x, batch 1024, 150 steps) run
-   headless by the CLI, and by the Huey worker (run.py) with a JSON WebSocket client and an HTML
-   WebSocket client (as a browser tab) watching it; tokens/s of both.
+3. Training: the same training (minilm-l6 + kjv, layer 3, TopK 8x, batch 1024, 150 steps) run
+   headless by the CLI, then by the Huey worker under run.py (one app, trainings in turn): with
+   no viewer and with 100 WebSocket viewers (half HTML as browser tabs, half JSON; one
+   server-side poller serves them all), alternated twice, and with 20 concurrent clients loading
+   GET / (25 times each) while it trains: the training's tokens/s each time (mean per setting),
+   the page's p50/p95 in ms.
 """
 
 from __future__ import annotations
@@ -139,87 +143,170 @@ def latency(tmp: Path) -> dict:
 
 TRAIN = ["--encoder-type", "topk", "--k", "32", "--expansion-factor", "8", "--batch-size",
          "1024", "--total-steps", "150", "--seed", "0"]
+FORM = {"layer": 3, "encoder_type": "topk", "k": 32, "expansion_factor": 8, "batch_size": 1024,
+        "total_steps": 150, "seed": 0, "auto_save_interval": 0}
+"""The same training as ``TRAIN``, as the web form posts it."""
+FINISHED = ("completed", "failed", "stopped", "interrupted")
 
 
-def slowdown(tmp: Path) -> dict:
+def _tokens_per_s(result: dict) -> float | None:
+    """The run's training tokens/s from a result dict (``tokens_per_s``, or a key that names it
+    with its window)."""
+    if result.get("tokens_per_s") is not None:
+        return result["tokens_per_s"]
+    return next((v for k, v in result.items() if "tokens_per_s" in k and v is not None), None)
+
+
+class App:
+    """``run.py`` (web server + Huey worker) on a fresh data folder, driven over HTTP."""
+
+    def __init__(self, data: Path, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "run.py", "--data-dir", str(data),
+                                      "--port", "0"], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        self.base = re.search(r"http://[^ /]+", line).group(0)
+        self.host = self.base.split("//", 1)[1]
+
+    def post(self, path: str, fields: dict) -> dict:
+        req = urllib.request.Request(self.base + path, data="&".join(
+            f"{k}={v}" for k, v in fields.items()).encode(),
+            headers={"Accept": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    def get(self, path: str) -> dict:
+        req = urllib.request.Request(self.base + path, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    def wait_status(self, tid: int, statuses: tuple[str, ...], timeout: float = 900) -> dict:
+        deadline = time.time() + timeout
+        while (row := self.get(f"/trainings/{tid}"))["status"] not in statuses:
+            if time.time() > deadline:
+                raise SystemExit(f"training {tid} still {row['status']} after {timeout} s")
+            time.sleep(0.5)
+        return row
+
+    def stop(self) -> None:
+        self.proc.send_signal(2)
+        self.proc.wait(timeout=90)
+
+
+def _watchers(app: App, tid: int, n: int) -> tuple[list, list[int]]:
+    """``n`` WebSocket viewers of training ``tid`` (half HTML as a browser tab, half JSON),
+    each read by a thread until the server closes it; their message counts."""
+    import simple_websocket
+
+    clients = [simple_websocket.Client.connect(
+        f"ws://{app.host}/ws/trainings/{tid}" + ("?format=json" if i % 2 else ""))
+        for i in range(n)]
+    received = [0] * n
+
+    def read(i: int) -> None:
+        try:
+            while clients[i].receive(timeout=None) is not None:
+                received[i] += 1
+        except Exception:  # the server closes the socket after the final state
+            return
+
+    for i in range(n):
+        threading.Thread(target=read, args=(i,), daemon=True).start()
+    return clients, received
+
+
+def _page_load(app: App, tid: int, clients: int, per_client: int) -> dict:
+    """``clients`` threads each GET / (the Training page) up to ``per_client`` times while
+    training ``tid`` runs; latency p50/p95 in ms."""
+    app.wait_status(tid, ("training", *FINISHED))
+    times: list[float] = []
+    lock = threading.Lock()
+
+    def hit() -> None:
+        for _ in range(per_client):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(app.base + "/") as r:
+                r.read()
+            with lock:
+                times.append((time.perf_counter() - t0) * 1000)
+
+    threads = [threading.Thread(target=hit) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status = app.get(f"/trainings/{tid}")["status"]
+    times.sort()
+    return {"clients": clients, "requests": len(times), "p50_ms": statistics.median(times),
+            "p95_ms": times[int(0.95 * len(times)) - 1], "max_ms": times[-1],
+            "training_status_after": status}
+
+
+def training(tmp: Path, viewers: int, page_clients: int, pairs: int) -> dict:
+    """The same training (minilm-l6 + kjv) headless by the CLI, then by the worker under
+    run.py with 0 and with ``viewers`` WebSocket viewers (``pairs`` times each, alternated;
+    mean tokens/s), then with ``page_clients``
+    concurrent clients loading GET / while it trains; tokens/s of each."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    py = sys.executable
-    # Prime the token store and the model cache so both runs start warm.
-    cli = subprocess.run([py, "-m", "worker", "--data-dir", str(tmp / "cli"), "train",
-                          "--model", "minilm-l6", "--dataset", "kjv", "--layer", "3",
+    cli = subprocess.run([sys.executable, "-m", "worker", "--data-dir", str(tmp / "cli"),
+                          "train", "--model", "minilm-l6", "--dataset", "kjv", "--layer", "3",
                           "--max-tokens", "400000", *TRAIN, "--out", str(tmp / "cli-run")],
                          capture_output=True, text=True, env=env, check=True)
-    headless = json.loads(cli.stdout.strip().splitlines()[-1])["tokens_per_s"]
-
-    data = tmp / "web"
-    proc = subprocess.Popen([py, "run.py", "--data-dir", str(data), "--port", "0"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, text=True)
+    out: dict = {"cli_tokens_per_s": _tokens_per_s(json.loads(cli.stdout.strip()
+                                                              .splitlines()[-1]))}
+    app = App(tmp / "web", env)
     try:
-        line = proc.stdout.readline()
-        base = re.search(r"http://[^ ]+/", line).group(0).rstrip("/")
-
-        def post(path: str, fields: dict) -> dict:
-            req = urllib.request.Request(base + path, data="&".join(
-                f"{k}={v}" for k, v in fields.items()).encode(),
-                headers={"Accept": "application/json"})
-            with urllib.request.urlopen(req) as r:
-                return json.loads(r.read())
-
-        def get(path: str) -> dict:
-            req = urllib.request.Request(base + path, headers={"Accept": "application/json"})
-            with urllib.request.urlopen(req) as r:
-                return json.loads(r.read())
-
-        m = post("/models", {"source": "minilm-l6"})
-        d = post("/datasets", {"source": "kjv", "max_tokens": "400000"})
-        while get(f"/models/{m['id']}")["status"] != "ready" or \
-                get(f"/datasets/{d['id']}")["status"] != "ready":
+        m = app.post("/models", {"source": "minilm-l6"})
+        d = app.post("/datasets", {"source": "kjv", "max_tokens": "400000"})
+        while app.get(f"/models/{m['id']}")["status"] != "ready" or \
+                app.get(f"/datasets/{d['id']}")["status"] != "ready":
             time.sleep(0.5)
-        t = post("/trainings", {"model_id": m["id"], "dataset_id": d["id"], "layer": 3,
-                                "encoder_type": "topk", "k": 32, "expansion_factor": 8,
-                                "batch_size": 1024, "total_steps": 150, "seed": 0,
-                                "auto_save_interval": 0})
-        import simple_websocket
-
-        host = base.split("//", 1)[1]
-        watchers = [simple_websocket.Client.connect(f"ws://{host}/ws/trainings/{t['id']}"),
-                    simple_websocket.Client.connect(
-                        f"ws://{host}/ws/trainings/{t['id']}?format=json")]
-        received = [0, 0]
-
-        def watch(i: int) -> None:
-            try:
-                while watchers[i].receive(timeout=None) is not None:
-                    received[i] += 1
-            except Exception:  # the server closes the socket at the end
-                return
-
-        for i in range(2):
-            threading.Thread(target=watch, args=(i,), daemon=True).start()
-        while (row := get(f"/trainings/{t['id']}"))["status"] not in (
-                "completed", "failed", "stopped"):
-            time.sleep(1)
-        watched = row["result"]["tokens_per_s"] if row.get("result") else None
+        form = dict(FORM, model_id=m["id"], dataset_id=d["id"])
+        runs: dict[int, list[dict]] = {0: [], viewers: []}
+        for n in (0, viewers) * pairs:  # alternated: the machine's drift hits both alike
+            t = app.post("/trainings", form)
+            clients, received = _watchers(app, t["id"], n)
+            row = app.wait_status(t["id"], FINISHED)
+            runs[n].append({"status": row["status"],
+                            "tokens_per_s": _tokens_per_s(row.get("result") or {}),
+                            "messages_min": min(received, default=0),
+                            "messages_max": max(received, default=0)})
+            for c in clients:
+                if c.connected:  # the server closed the others after the final state
+                    c.close()
+        for n, done in runs.items():
+            out[f"viewers_{n}"] = {"runs": done, "mean_tokens_per_s": statistics.mean(
+                r["tokens_per_s"] for r in done if r["tokens_per_s"])}
+        t = app.post("/trainings", form)
+        load = _page_load(app, t["id"], page_clients, 25)
+        row = app.wait_status(t["id"], FINISHED)
+        out["page_load"] = dict(load, tokens_per_s=_tokens_per_s(row.get("result") or {}))
     finally:
-        proc.send_signal(2)
-        proc.wait(timeout=90)
-    return {"cli_tokens_per_s": headless, "worker_watched_tokens_per_s": watched,
-            "slowdown_pct": 100 * (1 - watched / headless) if watched else None,
-            "messages_html": received[0], "messages_json": received[1]}
+        app.stop()
+    quiet = out["viewers_0"]["mean_tokens_per_s"]
+    out["viewers_slowdown_pct"] = 100 * (1 - out[f"viewers_{viewers}"]["mean_tokens_per_s"]
+                                         / quiet)
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--skip-slowdown", action="store_true")
+    p.add_argument("--skip-training", action="store_true",
+                   help="only the dashboard and latency sections (no model, no training)")
+    p.add_argument("--viewers", type=int, default=100)
+    p.add_argument("--page-clients", type=int, default=20)
+    p.add_argument("--pairs", type=int, default=2,
+                   help="trainings with 0 and with --viewers viewers, alternated (each)")
     args = p.parse_args()
     out = {}
     with tempfile.TemporaryDirectory() as d:
         out["dashboard"] = dashboard(Path(d) / "a")
     with tempfile.TemporaryDirectory() as d:
         out["ws_latency"] = latency(Path(d) / "b")
-    if not args.skip_slowdown:
+    if not args.skip_training:
         with tempfile.TemporaryDirectory() as d:
-            out["slowdown"] = slowdown(Path(d))
+            out["training"] = training(Path(d), args.viewers, args.page_clients,
+                                       args.pairs)
     print(json.dumps(out, indent=2))
     return 0
 
