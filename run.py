@@ -22,6 +22,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +37,35 @@ def _consumer_cmd(workers: int) -> list[str]:
 def _start_worker(workers: int, env: dict[str, str]) -> subprocess.Popen:
     # Its own session: a terminal's Ctrl-C reaches run.py only, which then stops it in order.
     return subprocess.Popen(_consumer_cmd(workers), cwd=HERE, env=env, start_new_session=True)
+
+
+class Supervisor:
+    """The Huey consumer as run.py's child: it knows run.py's pid (``SAE_STUDIO_PARENT_PID``) and
+    stops by itself when run.py is gone, however run.py died (``worker.tasks``); a consumer that
+    dies on its own is started again within a second or two, and the new one marks the trainings
+    the dead one left running ``interrupted`` (Retry continues them)."""
+
+    def __init__(self, workers: int, env: dict[str, str]) -> None:
+        self.workers = workers
+        self.env = dict(env, SAE_STUDIO_PARENT_PID=str(os.getpid()))
+        self.proc = _start_worker(workers, self.env)
+        self.stopping = threading.Event()
+        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(1.0):
+            code = self.proc.poll()
+            if code is None or self.stopping.is_set():
+                continue
+            old = self.proc.pid
+            self.proc = _start_worker(self.workers, self.env)
+            print(f"The worker (pid {old}) exited with status {code}; started a new one (pid "
+                  f"{self.proc.pid}). Trainings it was running are interrupted: Retry continues "
+                  "them.", flush=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        _stop_worker(self.proc)
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:
@@ -103,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started with SIGINT ignored (a shell's `&`)
     if args.worker_only:
-        worker = _start_worker(args.workers, env)
-        print(f"SAE Studio worker: pid {worker.pid}, data in {data_dir}; Ctrl-C to stop",
-              flush=True)
+        supervisor = Supervisor(args.workers, env)
+        print(f"SAE Studio worker: pid {supervisor.proc.pid}, data in {data_dir}; Ctrl-C to "
+              "stop", flush=True)
         try:
-            return worker.wait()
+            while True:
+                time.sleep(3600)
         except KeyboardInterrupt:
             print("\nStopping...", flush=True)
-            _stop_worker(worker)
+            supervisor.stop()
             return 0
 
     from werkzeug.serving import make_server
@@ -125,15 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app({"DATA_DIR": str(data_dir), "BIND_HOST": args.host, "TOKEN": token,
                       "ALLOWED_HOSTS": hosts + args.allowed_host})
     server = make_server(args.host, args.port, app, threaded=True)
-    worker = None
-    if not args.no_worker:
-        worker = _start_worker(args.workers, env)
+    supervisor = None if args.no_worker else Supervisor(args.workers, env)
     shown = socket.gethostname() if args.host in WILDCARDS else args.host
     if ":" in shown:
         shown = f"[{shown}]"  # an IPv6 address
     url = f"http://{shown}:{server.server_port}/" + (f"?token={token}" if token else "")
     print(f"SAE Studio: {url}  (data in {data_dir}; "
-          f"{'no worker' if worker is None else f'worker pid {worker.pid}'}; Ctrl-C to stop)",
+          f"{'no worker' if supervisor is None else f'worker pid {supervisor.proc.pid}'}; "
+          "Ctrl-C to stop)",
           flush=True)
     if not is_loopback(args.host):
         print(f"Warning: SAE Studio listens on {args.host}, reachable from the network: anyone "
@@ -147,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("\nStopping...", flush=True)
         server.server_close()
-        if worker is not None:
-            _stop_worker(worker)
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -413,6 +414,30 @@ def on_worker_start() -> None:
         name = f"{socket.gethostname()}:{os.getpid()}"
         threading.Thread(target=_heartbeat_loop, args=(name,), name="sae-heartbeat",
                          daemon=True).start()
+        parent = os.environ.get("SAE_STUDIO_PARENT_PID", "")
+        if parent.isdigit():
+            threading.Thread(target=_watch_parent, args=(int(parent),), name="sae-parent",
+                             daemon=True).start()
+
+
+def _watch_parent(parent: int, poll_s: float = 1.0, grace_s: float = 120.0) -> None:
+    """Under run.py: stop when run.py is gone, however it died (a SIGKILL included), as run.py
+    would have stopped this worker — running trainings checkpoint and end ``interrupted``, then
+    the consumer shuts down (SIGINT); if a task does not end within ``grace_s``, exit anyway.
+    Without this an orphaned worker would go on training beside the next run.py's worker."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    log.warning("run.py (pid %s) is gone: interrupting running trainings and stopping", parent)
+    try:
+        with connection():
+            with db.atomic():
+                Training.update(requested="interrupt").where(Training.status.in_(RUNNING)) \
+                    .execute()
+    except Exception:  # still stop
+        log.exception("Asking running trainings to stop failed")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(grace_s)
+    os._exit(1)
 
 
 @huey.signal(SIGNAL_INTERRUPTED)
