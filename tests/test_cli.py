@@ -14,7 +14,7 @@ import torch
 
 from worker.cli import main
 from worker.engine.activations import ActivationFile
-from worker.engine.files import file_mode
+from worker.engine.files import file_mode, folder_lock
 
 from .engine.synthetic import write_sparse_file
 from .engine.tiny_models import make_tiny_model
@@ -108,6 +108,18 @@ def test_resume_from_run_folder(acts, tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--total-steps", "30"]) == 0
     result = _last_json(capsys.readouterr().out)
     assert result["steps"] == 30 and result["tokens"] == 30 * 256
+
+
+def test_train_refuses_a_run_folder_in_use(acts, tmp_path, capsys):
+    """Another trainer (the web's worker, an earlier CLI run) holds the folder: one line, exit
+    2, nothing written there."""
+    out = tmp_path / "run"
+    with folder_lock(out):
+        assert main(["train", "--activations", str(acts), "--k", "4", "--batch-size", "256",
+                     "--total-steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sae-studio: error: ") and f"pid {os.getpid()}" in err[-1]
+    assert not (out / "checkpoints").exists()
 
 
 def test_final_json_is_strict_with_null_for_nan(acts, tmp_path, capsys):

@@ -37,7 +37,7 @@ from .engine.config import (
     range_text,
 )
 from .engine.errors import ConfigError, EngineError
-from .engine.files import json_safe
+from .engine.files import folder_lock, json_safe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -242,11 +242,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = _StepBar(cfg.total_steps, args.metrics_jsonl, preparing)
     try:
         check_before_loading(cfg, data_dir, preparing)
-        values = train_and_evaluate(
-            cfg, out, data_dir=data_dir, device=pick_device(cfg.device),
-            callbacks=Callbacks(on_log=_note, on_metrics=steps), resume=resume,
-            prepare_progress=preparing, after_fit=steps.close, evaluate=args.evaluate,
-            eval_progress=evaluating, log=_note)
+        with folder_lock(out):  # one trainer per run folder (a worker may train there)
+            values = train_and_evaluate(
+                cfg, out, data_dir=data_dir, device=pick_device(cfg.device),
+                callbacks=Callbacks(on_log=_note, on_metrics=steps), resume=resume,
+                prepare_progress=preparing, after_fit=steps.close, evaluate=args.evaluate,
+                eval_progress=evaluating, log=_note)
     finally:
         steps.close()
         evaluating.close()

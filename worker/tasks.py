@@ -212,13 +212,29 @@ def _run_training(training_id: int, resume: bool) -> None:
             run_training.schedule((training_id, resume), delay=2)
         return
 
+    from .engine.errors import FolderInUse
+    from .engine.files import folder_lock
+
+    out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
+    try:
+        with folder_lock(out_dir):  # never beside another trainer of this run (an orphan)
+            _train(t, out_dir)
+    except FolderInUse as exc:
+        with db.atomic():
+            Training.update(status="interrupted", error=f"{exc} Retry continues from the "
+                            "newest checkpoint then.", requested=None, finished_at=time.time(),
+                            updated_at=time.time()).where(Training.id == training_id).execute()
+
+
+def _train(t: Training, out_dir: Path) -> None:
+    """Run a claimed training in ``out_dir`` (its folder lock held) and store how it ended."""
     from .engine.checkpoints import list_checkpoints, newest_loadable
     from .engine.config import TrainConfig
     from .engine.devices import pick_device
     from .engine.pipeline import train_and_evaluate
     from .progress import TrainingReporter
 
-    out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
+    training_id = t.id
     reporter = TrainingReporter(training_id)
     # Always continue from the newest checkpoint that loads when there is one (a fresh
     # training's folder is empty): a stale queue entry of a retried training must not restart

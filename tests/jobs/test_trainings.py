@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from worker.db import (
     db,
     init_db,
 )
+from worker.engine.files import folder_lock
 from worker.progress import TrainingReporter
 
 from .conftest import FAST, start_in_thread, status_of, wait_for
@@ -227,6 +229,21 @@ def test_schema_v3_adds_eval_progress(data_dir: Path) -> None:
     with db.connection_context():
         assert "eval_progress" in {c.name for c in db.get_columns("training")}
         assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_never_beside_another_trainer_of_the_run(model: LanguageModel, dataset: Any,
+                                               enqueued: list) -> None:
+    """While another trainer (an orphaned worker, the CLI) holds the run folder, the task does
+    not train: the row ends interrupted, naming the holder; Retry later trains normally."""
+    t = jobs.create_training(form(model, dataset))
+    with folder_lock(t.out_dir):
+        tasks.run_training.call_local(t.id)
+        row = jobs.get_training(t.id)
+        assert row.status == "interrupted" and f"pid {os.getpid()}" in row.error
+        assert row.current_step == 0 and not jobs.checkpoints(t.id)
+    jobs.request(t.id, "retry")
+    tasks.run_training.call_local(t.id, True)
+    assert jobs.get_training(t.id).status == "completed"
 
 
 def test_failed_training_is_reported(model: LanguageModel, dataset: Any, enqueued: list) -> None:

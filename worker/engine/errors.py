@@ -35,3 +35,7 @@ class CheckpointError(EngineError):
 
 class TrainingError(EngineError):
     """Training cannot go on (NaN loss, out of memory at the smallest batch)."""
+
+
+class FolderInUse(EngineError):
+    """A run folder is locked by another trainer (another process, thread or machine)."""

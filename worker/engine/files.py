@@ -3,13 +3,15 @@
 - ``replace_folder(folder)``: build a folder's new content in a sibling temporary folder, then
   swap it into place with renames (the old one is put back if the swap fails);
 - ``file_mode()`` / ``fsync_dir()``: the modes a plain ``open()`` gives, durable renames;
-- ``json_safe(value)``: NaN and infinities become None, recursively (standard JSON has no NaN).
+- ``json_safe(value)``: NaN and infinities become None, recursively (standard JSON has no NaN);
+- ``folder_lock(folder)``: one trainer per run folder (an exclusive lock on ``folder/.lock``).
 
 No torch: the web and the job layer import this module too.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import shutil
@@ -19,6 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import FolderInUse
+
+LOCK_FILE = ".lock"
+"""Held (``flock``) by the process training in a run folder; it holds that process's pid."""
 TMP_MARK = ".tmp-"
 """Temporary files and folders carry this in their name (``.<name>.tmp-XXXX``), so a start-up
 sweep can find the ones an interrupted write left behind."""
@@ -111,3 +117,26 @@ def json_safe(value: Any) -> Any:
     if callable(item) and getattr(value, "ndim", 0) == 0:
         return json_safe(item())
     return value
+
+
+@contextmanager
+def folder_lock(folder: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder/.lock`` for the block: one trainer per run folder,
+    whether the other one is a thread, another process (an orphaned worker, the CLI) or another
+    machine on the same filesystem. Raises FolderInUse, naming the holder's pid, when it is
+    taken. The lock goes with the process: a killed trainer leaves no stale lock."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderInUse(f"The run folder {folder} is in use by another trainer (pid "
+                              f"{holder}); wait until it has stopped.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
