@@ -188,6 +188,11 @@ class App:
             time.sleep(0.5)
         return row
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the web server process has used so far (Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(2)
         self.proc.wait(timeout=90)
@@ -264,11 +269,13 @@ def training(tmp: Path, viewers: int, page_clients: int, pairs: int) -> dict:
         form = dict(FORM, model_id=m["id"], dataset_id=d["id"])
         runs: dict[int, list[dict]] = {0: [], viewers: []}
         for n in (0, viewers) * pairs:  # alternated: the machine's drift hits both alike
+            cpu, start = app.cpu_s(), time.time()
             t = app.post("/trainings", form)
             clients, received = _watchers(app, t["id"], n)
             row = app.wait_status(t["id"], FINISHED)
             runs[n].append({"status": row["status"],
                             "tokens_per_s": _tokens_per_s(row.get("result") or {}),
+                            "seconds": time.time() - start, "web_cpu_s": app.cpu_s() - cpu,
                             "messages_min": min(received, default=0),
                             "messages_max": max(received, default=0)})
             for c in clients:
