@@ -359,3 +359,16 @@ def test_config_file_values_parse_like_flags(acts, tmp_path, capsys):
     cfg.write_text(f'[train]\nactivations = "{acts}"\nlayer_idx = 1\nbatch-size = "4_096x"\n')
     _fails_cleanly(capsys, ["train", "--config", str(cfg)],
                    "Batch size must be a whole number (got '4_096x').")
+
+
+def test_a_failed_train_leaves_no_empty_run_folder(tmp_path, capsys):
+    """The run folder's lock is taken before the model loads; a run that fails before its first
+    save removes the folder it created."""
+    out = tmp_path / "runs" / "a"
+    acts = tmp_path / "acts.safetensors"
+    write_sparse_file(acts, n=2048)
+    # fails when the trainer is built (fp16 on the CPU): after the lock made the folder
+    assert main(["train", "--activations", str(acts), "--k", "4", "--precision", "fp16",
+                 "--device", "cpu", "--out", str(out)]) == 2
+    assert "fp16 needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

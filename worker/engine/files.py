@@ -124,10 +124,14 @@ def folder_lock(folder: Path | str) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder/.lock`` for the block: one trainer per run folder,
     whether the other one is a thread, another process (an orphaned worker, the CLI) or another
     machine on the same filesystem. Raises FolderInUse, naming the holder's pid, when it is
-    taken. The lock goes with the process: a killed trainer leaves no stale lock."""
+    taken. The lock goes with the process: a killed trainer leaves no stale lock. A folder this
+    call created (with its parents) is removed again when nothing but the lock file was written
+    in it: a run that failed before its first save leaves no empty folder behind."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,8 +139,16 @@ def folder_lock(folder: Path | str) -> Iterator[Path]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise FolderInUse(f"The run folder {folder} is in use by another trainer (pid "
                               f"{holder}); wait until it has stopped.") from None
+        held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield folder
     finally:
+        if held and created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()  # still held: nobody else locks the unlinked file
+            for path in created:  # the folders this call made, as long as they are empty
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
         os.close(fd)  # closing the descriptor releases the lock
