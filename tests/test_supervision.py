@@ -100,3 +100,23 @@ def test_a_worker_that_dies_is_started_again(tmp_path: Path) -> None:
         for pid in (run.proc.pid, run.worker, new):
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_one_worker_per_data_folder(data_dir: Path) -> None:
+    """A second worker on the same data folder (a new run.py's, while a killed one's orphan still
+    checkpoints) waits before it recovers rows or takes tasks, until the first has exited."""
+    from worker import tasks
+    from worker.engine.files import take_lock
+
+    first = take_lock(data_dir / "worker.lock")  # the other worker
+    second = threading.Thread(target=tasks._hold_worker_lock, daemon=True)
+    second.start()
+    time.sleep(1.5)
+    assert second.is_alive() and tasks._worker_lock is None  # still waiting
+    os.close(first)  # the other worker exits
+    second.join(5)
+    assert not second.is_alive() and tasks._worker_lock is not None
+    held_by = (data_dir / "worker.lock").read_text()
+    os.close(tasks._worker_lock)
+    tasks._worker_lock = None
+    assert held_by == str(os.getpid())

@@ -395,6 +395,31 @@ _startup_lock = threading.Lock()
 _started = False
 
 
+_worker_lock: int | None = None
+
+
+def _hold_worker_lock() -> None:
+    """One worker per data folder: hold ``<data>/worker.lock`` for the life of this process.
+    A second worker (e.g. a new run.py's, while the orphan of a killed one still checkpoints its
+    training) waits here, before recovering rows or taking tasks, until the first has exited."""
+    global _worker_lock
+    from .engine.errors import FolderInUse
+    from .engine.files import take_lock
+
+    path = settings.data_dir() / "worker.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    waited = 0
+    while _worker_lock is None:
+        try:
+            _worker_lock = take_lock(path)
+        except FolderInUse as exc:
+            if waited % 10 == 0:
+                log.warning("Another worker (pid %s) works on %s; waiting for it to stop",
+                            exc.holder, settings.data_dir())
+            time.sleep(1.0)
+            waited += 1
+
+
 def _import_engine() -> None:
     """Import the engine and transformers once, before any task runs: two worker threads
     importing transformers at the same time can see it half-initialised ("cannot import name
@@ -419,6 +444,7 @@ def on_worker_start() -> None:
         if _started:
             return
         _started = True
+        _hold_worker_lock()
         _import_engine()
         try:
             recover()

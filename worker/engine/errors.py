@@ -38,4 +38,9 @@ class TrainingError(EngineError):
 
 
 class FolderInUse(EngineError):
-    """A run folder is locked by another trainer (another process, thread or machine)."""
+    """A run folder (or the data folder's worker lock) is held by another process or thread."""
+
+    def __init__(self, message: str, holder: str = "unknown") -> None:
+        super().__init__(message)
+        self.holder = holder
+        """The pid the holder wrote into the lock file."""

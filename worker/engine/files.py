@@ -130,21 +130,15 @@ def folder_lock(folder: Path | str) -> Iterator[Path]:
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    held = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise FolderInUse(f"The run folder {folder} is in use by another trainer (pid "
-                              f"{holder}); wait until it has stopped.") from None
-        held = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        fd = take_lock(folder / LOCK_FILE)
+    except FolderInUse as exc:
+        raise FolderInUse(f"The run folder {folder} is in use by another trainer (pid "
+                          f"{exc.holder}); wait until it has stopped.", exc.holder) from None
+    try:
         yield folder
     finally:
-        if held and created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
             (folder / LOCK_FILE).unlink()  # still held: nobody else locks the unlinked file
             for path in created:  # the folders this call made, as long as they are empty
                 try:
@@ -152,3 +146,20 @@ def folder_lock(folder: Path | str) -> Iterator[Path]:
                 except OSError:
                     break
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def take_lock(path: Path) -> int:
+    """Open ``path`` (created if missing) and take an exclusive ``flock`` on it without waiting,
+    writing this process's pid into it. Returns the descriptor: closing it (or the process
+    ending, however it ends) releases the lock. FolderInUse (``holder``: the pid written by the
+    process that has it) when it is taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderInUse(f"{path} is held by process {holder}.", holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
