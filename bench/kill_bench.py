@@ -14,104 +14,24 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.processes import RunPy, alive, consumers, stop_all, wait_for  # noqa: E402
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def wait(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise SystemExit(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def stop_all(data_dir: Path) -> None:
-    """SIGKILL whatever still runs on this data folder (run.py, workers): nothing outlives the
-    script, whatever made it stop."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(data_dir).encode() in cmd or f"SAE_STUDIO_DATA={data_dir}".encode() in env:
-            if int(proc.name) != os.getpid():
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
-def consumers(data_dir: Path) -> list[int]:
-    """Huey consumers working on this data folder (from /proc: command line and environment)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or not alive(int(proc.name)):
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if b"huey_consumer" in cmd and f"SAE_STUDIO_DATA={data_dir}".encode() in env:
-            found.append(int(proc.name))
-    return found
-
-
-class App:
-    def __init__(self, data_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "run.py", "--data-dir", str(data_dir), "--port", "0"], cwd=ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-        self.url = wait(lambda: self.find(r"(http://127\.0\.0\.1:\d+)/"), 60, "run.py")
-
-    def find(self, pattern: str) -> str | None:
-        hits = [m.group(1) for line in list(self.lines) if (m := re.search(pattern, line))]
-        return hits[-1] if hits else None
-
-    def worker(self) -> int:
-        """The current worker: the one the URL line names, or the supervisor's newest."""
-        return int(self.find(r"(?:worker pid|started a new one \(pid) (\d+)"))
-
-    def call(self, path: str, data: dict | None = None, method: str | None = None) -> dict:
-        body = None if data is None else urllib.parse.urlencode(data).encode()
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Accept": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.load(r)
-
-
-def status(app: App, tid: int) -> dict:
+def status(app: RunPy, tid: int) -> dict:
     return app.call(f"/trainings/{tid}")
 
 
-def kill_once(app: App, data: Path, run: Path, tid: int, i: int, rng: random.Random,
-              args: argparse.Namespace) -> tuple[App, dict | None]:
+def kill_once(app: RunPy, data: Path, run: Path, tid: int, i: int, rng: random.Random,
+              args: argparse.Namespace) -> tuple[RunPy, dict | None]:
     """Let the run go a random number of steps (up to three save intervals: sometimes mid-step,
     sometimes mid-save), SIGKILL run.py (even kills) or the worker alone (odd kills), check the
     aftermath, Retry. Returns the app now serving and what was seen (None: the run is too near
@@ -120,23 +40,23 @@ def kill_once(app: App, data: Path, run: Path, tid: int, i: int, rng: random.Ran
     target = start + rng.randint(1, 3 * args.save_every)
     if target >= args.steps:
         return app, None
-    wait(lambda: status(app, tid)["current_step"] >= target, 300, "steps")
+    wait_for(lambda: status(app, tid)["current_step"] >= target, 300, "steps")
     at = status(app, tid)["current_step"]
     victim = "run.py" if i % 2 == 0 else "worker"
     worker = app.worker()
-    restarts = sum("started a new one" in line for line in app.lines)
+    restarts = app.restarts()
     if victim == "run.py":
         os.kill(app.proc.pid, signal.SIGKILL)
-        app.proc.wait(10)
-        wait(lambda: not alive(worker), 180, "the orphaned worker to stop")
-        app = App(data)
+        app.proc.wait_for(10)
+        wait_for(lambda: not alive(worker), 180, "the orphaned worker to stop")
+        app = RunPy(data)
     else:
         os.kill(worker, signal.SIGKILL)
-        wait(lambda: sum("started a new one" in line for line in app.lines) > restarts, 30,
+        wait_for(lambda: app.restarts() > restarts, 30,
              "the supervisor's new worker")
     # interrupted — or completed, when the kill came within its last steps and the trainer
     # finished them before it heard the stop
-    row = wait(lambda: (r := status(app, tid))["status"] in ("interrupted", "completed") and r,
+    row = wait_for(lambda: (r := status(app, tid))["status"] in ("interrupted", "completed") and r,
                180, "the training to be interrupted")
     problems = []
     n_workers = len(consumers(data))  # a second one may only wait on <data>/worker.lock
@@ -159,7 +79,7 @@ def kill_once(app: App, data: Path, run: Path, tid: int, i: int, rng: random.Ran
         problems.append(f"kill {i}: {lost} steps lost (save interval {args.save_every})")
     if row["status"] == "interrupted":
         app.call(f"/trainings/{tid}/retry", {}, "POST")
-        wait(lambda: status(app, tid)["status"] in ("training", "completed"), 240,
+        wait_for(lambda: status(app, tid)["status"] in ("training", "completed"), 240,
              "the retried run to train")
     return app, {"kill": i, "victim": victim, "at_step": at, "resumed_from": resume_from,
                  "lost_steps": lost, "stale_tmp": tmp, "corrupt": broken,
@@ -175,11 +95,11 @@ def main() -> int:
     args = p.parse_args()
     rng = random.Random(args.seed)
     data = Path(tempfile.mkdtemp(prefix="sae-kill-"))
-    app = App(data)
+    app = RunPy(data)
     m = app.call("/models", {"source": "minilm-l6"})
     d = app.call("/datasets", {"source": "kjv", "max_tokens": "200000", "context_size": "64"})
-    wait(lambda: app.call(f"/models/{m['id']}")["status"] == "ready", 300, "the model")
-    wait(lambda: app.call(f"/datasets/{d['id']}")["status"] == "ready", 300, "the dataset")
+    wait_for(lambda: app.call(f"/models/{m['id']}")["status"] == "ready", 300, "the model")
+    wait_for(lambda: app.call(f"/datasets/{d['id']}")["status"] == "ready", 300, "the dataset")
     t = app.call("/trainings", {"model_id": m["id"], "dataset_id": d["id"], "layer": 3,
                                 "encoder_type": "topk", "k": 16, "expansion_factor": 4,
                                 "batch_size": 512, "total_steps": args.steps, "log_every": 5,
@@ -193,12 +113,12 @@ def main() -> int:
         events.append(event)
         problems += event.pop("problems")
         print(json.dumps(event), file=sys.stderr, flush=True)
-    final = wait(lambda: (r := status(app, tid))["status"] in
+    final = wait_for(lambda: (r := status(app, tid))["status"] in
                  ("completed", "failed") and r, 900, "the training to end")
     if final["status"] != "completed":
         problems.append(f"the run ended {final['status']}: {final['error']}")
     app.proc.send_signal(signal.SIGINT)
-    app.proc.wait(120)
+    app.proc.wait_for(120)
     out = {"kills": len(events), "events": events, "final_status": final["status"],
            "final_step": final["current_step"], "problems": problems,
            "settings": vars(args), "data_dir": str(data)}

@@ -5,8 +5,6 @@ to run and wait for a training."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +30,6 @@ def dataset(model: Any) -> Any:
     d = jobs.add_dataset("kjv", context_size="64", max_tokens="16384")
     assert d.status == "ready", d.error
     return d
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def status_of(training_id: int) -> str:

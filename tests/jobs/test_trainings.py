@@ -23,7 +23,8 @@ from worker.db import (
 from worker.engine.files import folder_lock
 from worker.progress import TrainingReporter
 
-from .conftest import FAST, start_in_thread, status_of, wait_for
+from ..processes import wait_for
+from .conftest import FAST, start_in_thread, status_of
 
 
 def form(model: Any, dataset: Any, **overrides: str) -> dict[str, str]:
