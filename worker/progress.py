@@ -72,7 +72,6 @@ class TrainingReporter:
         self.last_poll = 0.0
         self.paused = False
         self.interrupted = False
-        self.stop_requested = False
         self._last_reason = "auto"
         self._eval_row = Throttled(lambda fraction, message: self._set(eval_progress=fraction),
                                    EVAL_ROW_S)
@@ -152,7 +151,6 @@ class TrainingReporter:
         if requested in ("stop", "interrupt"):
             self.flush()
             self.paused = False
-            self.stop_requested = True
             if requested == "interrupt":
                 self.interrupted = True
             else:

@@ -116,11 +116,6 @@ def _cached(path: Path, load: Any) -> dict[str, Any]:
     return value
 
 
-def clear_cache() -> None:
-    with _LOCK:
-        _CACHE.clear()
-
-
 def _open(path: Path) -> Any:
     from safetensors import safe_open
 
