@@ -20,72 +20,13 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from worker.supervisor import Supervisor
+
 HERE = Path(__file__).resolve().parent
-
-
-def _consumer_cmd(workers: int) -> list[str]:
-    return [sys.executable, "-m", "huey.bin.huey_consumer", "worker.tasks.huey",
-            "-w", str(workers), "-k", "thread", "-q"]
-
-
-def _start_worker(workers: int, env: dict[str, str]) -> subprocess.Popen:
-    # Its own session: a terminal's Ctrl-C reaches run.py only, which then stops it in order.
-    return subprocess.Popen(_consumer_cmd(workers), cwd=HERE, env=env, start_new_session=True)
-
-
-class Supervisor:
-    """The Huey consumer as run.py's child: it knows run.py's pid (``SAE_STUDIO_PARENT_PID``) and
-    stops by itself when run.py is gone, however run.py died (``worker.tasks``); a consumer that
-    dies on its own is started again within a second or two, and the new one marks the trainings
-    the dead one left running ``interrupted`` (Retry continues them)."""
-
-    def __init__(self, workers: int, env: dict[str, str]) -> None:
-        self.workers = workers
-        self.env = dict(env, SAE_STUDIO_PARENT_PID=str(os.getpid()))
-        self.proc = _start_worker(workers, self.env)
-        self.stopping = threading.Event()
-        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
-
-    def _watch(self) -> None:
-        while not self.stopping.wait(1.0):
-            code = self.proc.poll()
-            if code is None or self.stopping.is_set():
-                continue
-            old = self.proc.pid
-            self.proc = _start_worker(self.workers, self.env)
-            print(f"The worker (pid {old}) exited with status {code}; started a new one (pid "
-                  f"{self.proc.pid}). Trainings it was running are interrupted: Retry continues "
-                  "them.", flush=True)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        _stop_worker(self.proc)
-
-
-def _stop_worker(worker: subprocess.Popen) -> None:
-    """Ask running trainings to checkpoint and stop as `interrupted`, then stop the consumer."""
-    if worker.poll() is not None:
-        return
-    from worker.db import init_db
-    from worker.jobs import interrupt_running
-    from worker.settings import app_db_path
-
-    init_db(app_db_path())
-    n = interrupt_running()
-    if n:
-        print(f"Checkpointing {n} running training(s); Retry continues them.", flush=True)
-    worker.send_signal(signal.SIGINT)  # huey: finish the current task, then exit
-    try:
-        worker.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
