@@ -1,6 +1,7 @@
 """run.py supervises its worker: a SIGKILLed run.py leaves no orphan worker behind (the orphan
 would go on training beside the next run.py's worker), and a worker that dies alone is started
-again. Real processes: run.py, its Huey consumer, signals."""
+again, and one that hangs (no heartbeat) is killed and replaced. Real processes: run.py, its Huey
+consumer, signals."""
 
 from __future__ import annotations
 
@@ -62,3 +63,47 @@ def test_one_worker_per_data_folder(data_dir: Path) -> None:
     os.close(tasks._worker_lock)
     tasks._worker_lock = None
     assert held_by == str(os.getpid())
+
+
+def test_a_hung_worker_is_killed_and_its_training_interrupted(tmp_path: Path) -> None:
+    """A worker that is alive but silent (SIGSTOP: no heartbeat) is found within a few seconds:
+    /healthz says so, its training becomes ``interrupted``, run.py kills it and starts a new
+    one, and Retry then finishes the training on the new worker."""
+    run = RunPy(tmp_path)
+    hung, new = run.worker(), None
+    try:
+        m = run.call("/models", {"source": "minilm-l6"})
+        d = run.call("/datasets", {"source": "kjv", "max_tokens": "20000", "context_size": "64"})
+        wait_for(lambda: run.call(f"/models/{m['id']}")["status"] == "ready", 120, "the model")
+        wait_for(lambda: run.call(f"/datasets/{d['id']}")["status"] == "ready", 120, "the data")
+        t = run.call("/trainings", {"model_id": m["id"], "dataset_id": d["id"], "layer": 3,
+                                    "expansion_factor": 2, "batch_size": 128,
+                                    "total_steps": 100_000, "log_every": 5, "eval_tokens": 0})
+        tid = t["id"]
+        wait_for(lambda: run.call(f"/trainings/{tid}")["status"] == "training", 120, "training")
+        assert run.call("/healthz")["worker_alive"]
+        os.kill(hung, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for(lambda: not run.call("/healthz")["worker_alive"], 10, "healthz to see it")
+        row = wait_for(lambda: (r := run.call(f"/trainings/{tid}"))["status"] == "interrupted"
+                       and r, 15, "the training to be interrupted")
+        assert time.monotonic() - stopped_at < 12
+        assert "no heartbeat" in row["error"]
+        wait_for(lambda: not alive(hung), 10, "the hung worker to be killed")
+        assert run.restarts() == 1
+        new = run.worker()
+        assert new != hung and alive(new)
+        wait_for(run.worker_started, 90, "the new worker's start-up")
+        retried = run.call(f"/trainings/{tid}/retry", {}, "POST")
+        assert retried["status"] == "queued"
+        wait_for(lambda: run.call(f"/trainings/{tid}")["status"] == "training", 120, "again")
+        run.call(f"/trainings/{tid}/stop", {}, "POST")
+        final = wait_for(lambda: (r := run.call(f"/trainings/{tid}"))["status"] in
+                         ("stopped", "completed", "failed") and r, 120, "the stop")
+        assert final["status"] == "stopped", final
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(90) == 0
+    finally:
+        for pid in (run.proc.pid, hung, new):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)

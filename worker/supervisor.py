@@ -3,18 +3,23 @@
 ``Supervisor(workers, env)`` starts ``huey_consumer worker.tasks.huey`` in its own session (a
 terminal's Ctrl-C reaches run.py only, which then stops it in order) and watches it once a
 second: a consumer that exits is started again, and the new one marks the trainings the dead one
-left running ``interrupted`` (Retry continues them). ``stop()`` asks running trainings to
-checkpoint, then stops the consumer. The consumer knows run.py's pid (``SAE_STUDIO_PARENT_PID``)
-and stops by itself when run.py is gone, however run.py died (``worker.tasks``).
+left running ``interrupted`` (Retry continues them). A consumer that is alive but has not
+heartbeat for ``HEARTBEAT_ALIVE_S`` (5 s; it beats every second) is hung: it is killed, its
+trainings are marked ``interrupted`` at once, and a new one is started. ``stop()`` asks running
+trainings to checkpoint, then stops the consumer. The consumer knows run.py's pid
+(``SAE_STUDIO_PARENT_PID``) and stops by itself when run.py is gone, however run.py died
+(``worker.tasks``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +37,22 @@ def start_worker(workers: int, env: dict[str, str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _db() -> None:
+    from .db import db, init_db
+    from .settings import app_db_path
+
+    if db.deferred:  # not bound yet in this process
+        init_db(app_db_path())
+
+
 def stop_worker(worker: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Ask running trainings to checkpoint and stop as ``interrupted``, then stop the consumer
     (SIGINT: huey finishes its current task, then exits); SIGKILL after ``timeout_s``."""
     if worker.poll() is not None:
         return
-    from .db import init_db
     from .jobs import interrupt_running
-    from .settings import app_db_path
 
-    init_db(app_db_path())
+    _db()
     n = interrupt_running()
     if n:
         print(f"Checkpointing {n} running training(s); Retry continues them.", flush=True)
@@ -54,25 +65,66 @@ def stop_worker(worker: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 
 class Supervisor:
-    """One consumer on the data folder, started again when it exits."""
+    """One consumer on the data folder, started again when it exits or hangs."""
 
     def __init__(self, workers: int, env: dict[str, str]) -> None:
         self.workers = workers
         self.env = dict(env, SAE_STUDIO_PARENT_PID=str(os.getpid()))
-        self.proc = start_worker(workers, self.env)
         self.stopping = threading.Event()
+        self._start()
         threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
 
+    def _start(self) -> None:
+        self.started_at = time.time()
+        self.proc = start_worker(self.workers, self.env)
+
+    def silent_for(self) -> float | None:
+        """Seconds since the current consumer's last heartbeat; None before its first (start-up
+        waits for the data folder's worker lock and imports the engine: not judged)."""
+        from .db import db
+        from .jobs import heartbeat_age
+
+        _db()
+        with db.connection_context():
+            return heartbeat_age(f"{socket.gethostname()}:{self.proc.pid}", self.started_at)
+
     def _watch(self) -> None:
+        from .jobs import HEARTBEAT_ALIVE_S
+
         while not self.stopping.wait(1.0):
             code = self.proc.poll()
-            if code is None or self.stopping.is_set():
-                continue
+            if self.stopping.is_set():
+                break
+            if code is not None:
+                why = f"exited with status {code}"
+            else:
+                try:
+                    silent = self.silent_for()
+                except Exception as exc:  # a busy database: judge it next second
+                    print(f"Reading the worker's heartbeat failed: {exc}", flush=True)
+                    continue
+                if silent is None or silent < HEARTBEAT_ALIVE_S:
+                    continue
+                why = self._kill_hung(silent)
             old = self.proc.pid
-            self.proc = start_worker(self.workers, self.env)
-            print(f"The worker (pid {old}) exited with status {code}; started a new one (pid "
-                  f"{self.proc.pid}). Trainings it was running are interrupted: Retry continues "
-                  "them.", flush=True)
+            self._start()
+            print(f"The worker (pid {old}) {why}; started a new one (pid {self.proc.pid}). "
+                  "Trainings it was running are interrupted: Retry continues them.", flush=True)
+
+    def _kill_hung(self, silent: float) -> str:
+        """Kill the hung consumer (its whole session) and mark its trainings interrupted now."""
+        from .db import db
+        from .jobs import mark_interrupted
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        why = f"stopped responding (no heartbeat for {silent:.0f} s) and was killed"
+        with db.connection_context():
+            mark_interrupted(f"The worker {why}; Retry continues from the newest checkpoint.")
+        return why
 
     def stop(self) -> None:
         self.stopping.set()

@@ -34,7 +34,8 @@ __all__ = ["huey", "prepare_model", "prepare_dataset", "run_training"]
 
 log = logging.getLogger("worker.tasks")
 
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 1.0
+"""Seconds between heartbeats (``jobs.health``: alive when younger than 5 s)."""
 PROGRESS_S = 0.5
 """Seconds between writes of a model's or dataset's progress."""
 LOG_PROGRESS_S = 2.0

@@ -43,7 +43,7 @@ from .datasets import (
 )
 from .errors import Conflict, Invalid, JobError, NotFound
 from .estimates import estimate
-from .health import health
+from .health import HEARTBEAT_ALIVE_S, health, heartbeat_age
 from .models import add_model, delete_model, get_model, list_models, model_as_dict, ready_models
 from .trainings import (
     ACTIONS,
@@ -57,6 +57,7 @@ from .trainings import (
     interrupt_running,
     list_trainings,
     log_lines,
+    mark_interrupted,
     metrics_rows,
     request,
     signatures,
@@ -65,14 +66,14 @@ from .trainings import (
 )
 
 __all__ = [
-    "ACTIONS", "ALIASES", "FINISHED", "HOOK_POINTS", "LATEST_KEYS", "METRIC_ALIASES", "RUNNING",
-    "UPLOAD_SUFFIXES", "Conflict", "Invalid", "JobError", "NotFound", "OptionInfo", "add_dataset",
-    "add_model", "card_data", "changes_since", "checkpoint_as_dict", "checkpoints", "common",
-    "connect", "create_training", "dataset_as_dict", "delete_checkpoint", "delete_dataset",
-    "delete_model", "delete_training", "disconnect", "elapsed_seconds", "estimate",
-    "export_zip", "form_options",
-    "get_checkpoint", "get_dataset", "get_model", "get_training", "has_export", "health",
-    "interrupt_running", "list_datasets", "list_models", "list_trainings", "log_lines",
+    "ACTIONS", "ALIASES", "Conflict", "FINISHED", "HEARTBEAT_ALIVE_S", "HOOK_POINTS", "Invalid",
+    "JobError", "LATEST_KEYS", "METRIC_ALIASES", "NotFound", "OptionInfo", "RUNNING",
+    "UPLOAD_SUFFIXES", "add_dataset", "add_model", "card_data", "changes_since",
+    "checkpoint_as_dict", "checkpoints", "common", "connect", "create_training", "dataset_as_dict",
+    "delete_checkpoint", "delete_dataset", "delete_model", "delete_training", "disconnect",
+    "elapsed_seconds", "estimate", "export_zip", "form_options", "get_checkpoint", "get_dataset",
+    "get_model", "get_training", "has_export", "health", "heartbeat_age", "interrupt_running",
+    "list_datasets", "list_models", "list_trainings", "log_lines", "mark_interrupted",
     "metrics_rows", "model_as_dict", "open_database", "ready_datasets", "ready_models", "reports",
     "request", "save_checkpoint_now", "signatures", "training_as_dict", "training_defaults",
     "with_aliases",

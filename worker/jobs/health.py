@@ -7,8 +7,10 @@ from typing import Any
 
 from ..db import WorkerHeartbeat
 
-HEARTBEAT_ALIVE_S = 15.0
-"""A worker whose newest heartbeat is younger than this (seconds) is alive."""
+HEARTBEAT_ALIVE_S = 5.0
+"""A worker whose newest heartbeat is younger than this (seconds) is alive; one that beats every
+second (``worker.tasks.HEARTBEAT_S``) and falls silent this long is hung (``worker.supervisor``
+kills and restarts it)."""
 
 
 def newest_heartbeat() -> WorkerHeartbeat | None:
@@ -18,7 +20,7 @@ def newest_heartbeat() -> WorkerHeartbeat | None:
 
 def health() -> dict[str, Any]:
     """The newest worker heartbeat: ``{alive, age_s, name, device, device_name,
-    device_memory (bytes), gflops}`` (alive: seen in the last 15 s; all None but alive=False
+    device_memory (bytes), gflops}`` (alive: seen in the last 5 s; all None but alive=False
     when no worker ever ran)."""
     hb = newest_heartbeat()
     if hb is None:
@@ -28,3 +30,12 @@ def health() -> dict[str, Any]:
     return {"alive": age < HEARTBEAT_ALIVE_S, "age_s": round(age, 1), "name": hb.name,
             "device": hb.device, "device_name": hb.device_name,
             "device_memory": hb.device_memory, "gflops": hb.gflops}
+
+
+def heartbeat_age(name: str, since: float) -> float | None:
+    """Seconds since the worker ``name`` (``host:pid``) last beat, counting only beats after
+    ``since`` (epoch seconds: when it was started, so an old row of a reused pid does not count);
+    None before its first beat."""
+    hb = WorkerHeartbeat.get_or_none((WorkerHeartbeat.name == name)
+                                     & (WorkerHeartbeat.updated_at >= since))
+    return None if hb is None else max(0.0, time.time() - hb.updated_at)

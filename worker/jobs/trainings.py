@@ -279,3 +279,14 @@ def interrupt_running() -> int:
     with db.atomic():
         return Training.update(requested="interrupt").where(Training.status.in_(RUNNING)) \
             .execute()
+
+
+def mark_interrupted(reason: str) -> int:
+    """Mark every running training ``interrupted`` now, with ``reason`` as its error: its worker
+    is gone (killed as hung), so nobody else will. Retry continues from the newest checkpoint.
+    Returns how many were marked."""
+    now = time.time()
+    with db.atomic():
+        return Training.update(status="interrupted", error=reason, requested=None,
+                               finished_at=now, updated_at=now) \
+            .where(Training.status.in_(RUNNING)).execute()
