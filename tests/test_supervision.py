@@ -19,6 +19,7 @@ def test_sigkill_of_run_py_leaves_no_worker(tmp_path: Path) -> None:
     worker = run.worker()
     try:
         wait_for(run.worker_started, 90, "the worker's start-up")
+        assert os.readlink(f"/proc/{worker}/cwd") == str(tmp_path / "worker")  # empty, its own
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait(10)
         wait_for(lambda: not alive(worker), 20, f"the orphaned worker {worker} to stop")

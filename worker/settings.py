@@ -40,6 +40,13 @@ def trainings_dir() -> Path:
     return data_dir() / "trainings"
 
 
+def work_dir() -> Path:
+    """The worker's working directory, an empty folder: a source that is not a path (a bundled
+    name, a Hub id such as ``org/name``) is never read as a file or folder relative to wherever
+    the worker was started."""
+    return data_dir() / "worker"
+
+
 def max_concurrent_trainings() -> int:
     """Trainings that may run at once (``$SAE_STUDIO_MAX_TRAININGS``, default 1 per device)."""
     raw = os.environ.get("SAE_STUDIO_MAX_TRAININGS", "").strip()

@@ -446,6 +446,8 @@ def on_worker_start() -> None:
             return
         _started = True
         _hold_worker_lock()
+        settings.work_dir().mkdir(parents=True, exist_ok=True)
+        os.chdir(settings.work_dir())  # names that are not paths are never read from elsewhere
         _import_engine()
         try:
             recover()

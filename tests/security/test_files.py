@@ -58,6 +58,27 @@ def test_paths_outside_the_roots_get_one_answer_whether_they_exist_or_not(
     assert enqueued == []
 
 
+def test_names_that_are_not_paths_are_never_looked_up_on_disk(
+        client: FlaskClient, tmp_path: Path, enqueued: list[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundled name or Hub id (``org/name``) gets one answer whether or not something of that
+    name exists where the server runs (no existence oracle); the worker reads such names in its
+    own empty folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    (tmp_path / "org" / "model" / "config.json").write_text("{}")
+    (tmp_path / "org" / "corpus").write_text("secret")
+    answers = []
+    for source in ("org/model", "org/missing", "org/corpus", "org/nothing"):
+        for route in ("/models", "/datasets"):
+            response = client.post(route, data={"source": source}, headers=JSON)
+            answers.append((response.status_code, response.get_json()["source"]))
+    assert {code for code, _ in answers} == {201}
+    assert [s for _, s in answers] == [s for s in ("org/model", "org/missing", "org/corpus",
+                                                   "org/nothing") for _ in range(2)]
+    assert settings.work_dir() == settings.data_dir() / "worker"
+
+
 def test_an_allowed_root_and_the_uploads_folder_work(
         client: FlaskClient, data_dir: Path, outside: Path, enqueued: list[Any],
         monkeypatch: pytest.MonkeyPatch) -> None:

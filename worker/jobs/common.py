@@ -105,20 +105,19 @@ def check_length(value: str, limit: int, field: str, label: str, errors: dict[st
 
 
 def local_path(source: str, *, pathlike: bool) -> Path | None:
-    """The resolved path (symlinks and ``..`` followed) a source names, or None when it is not a
-    local path: not ``pathlike`` and nothing exists there (a bundled name or a Hub id).
+    """The resolved path (symlinks and ``..`` followed) a source names, or None when it is not
+    ``pathlike`` (a bundled name or a Hub id: never looked up on disk, so the answer does not
+    depend on what exists; the worker reads such names in its own empty folder,
+    ``settings.work_dir()``).
 
-    Raises Invalid({"source": OUTSIDE_ROOTS}) when it is local but not under one of
+    Raises Invalid({"source": OUTSIDE_ROOTS}) when it is a path but not under one of
     ``settings.allowed_roots()``, with the same words whether it exists or not.
     """
+    if not pathlike:
+        return None
     try:
-        path = Path(source).expanduser()
-        if not (pathlike or path.exists()):
-            return None
-        resolved = path.resolve()
+        resolved = Path(source).expanduser().resolve()
     except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, ~nobody
-        if not pathlike:
-            return None
         raise Invalid(OUTSIDE_ROOTS, {"source": OUTSIDE_ROOTS}) from None
     if not any(resolved.is_relative_to(root) for root in settings.allowed_roots()):
         raise Invalid(OUTSIDE_ROOTS, {"source": OUTSIDE_ROOTS})
