@@ -93,6 +93,27 @@ def get_lr(step: int, cfg: TrainConfig, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def hear(cb: Callbacks, step: int, trainers: list[Trainer]) -> bool:
+    """Between steps, ask the caller (``cb.control``): "pause" saves every trainer's checkpoint
+    and waits until told otherwise, "save" saves them all, "stop" returns True."""
+    cmd = cb.control(step)
+    if cmd == "pause":
+        for trainer in trainers:
+            trainer.save("pause")
+        cb.on_log(f"Paused at step {step}.")
+        while (cmd := cb.control(step)) == "pause":
+            time.sleep(cb.pause_poll_s)
+        if cmd != "stop":
+            cb.on_log(f"Resumed at step {step}.")
+    if cmd == "stop":
+        cb.on_log(f"Stop requested at step {step}: finalising current weights.")
+        return True
+    if cmd == "save":
+        for trainer in trainers:
+            trainer.save("manual")
+    return False
+
+
 @dataclass
 class _Window:
     """The steps since the last log line; their statistics stay on the device until read."""
@@ -145,6 +166,8 @@ class Trainer:
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         self.protect: set[int] = set()
         self.win = self._new_window()
+        self.train_time, self.start_tokens, self.lr_now = 0.0, 0, self.base_lr
+        """Seconds spent in training steps and the tokens trained before them (this attempt)."""
 
     def _new_window(self) -> _Window:
         return _Window(self.step, torch.zeros(self.d_sae, dtype=torch.long, device=self.device))
@@ -296,6 +319,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: Path | str | None = None) -> TrainResult:
+        """Train to ``cfg.total_steps`` (continuing from the checkpoint ``resume``), then
+        evaluate on held-out vectors, save the final checkpoint and export (``finish``)."""
+        self.begin(resume)
+        stopped = False
+        while self.step < self.cfg.total_steps:
+            if hear(self.cb, self.step, [self]):  # 1. the caller: pause / stop / save
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            self.learn(self.source.next_batch(self.cfg.batch_size))  # 2.-5.
+            rows = self.read_if_logging()  # 6. (reading the window waits for the device)
+            self.end_step(time.perf_counter() - t0, rows)
+        return self.finish(stopped)
+
+    def begin(self, resume: Path | str | None = None) -> None:
+        """Load ``resume`` or initialise from a sample of the data; start the run's clocks."""
         cfg = self.cfg
         if resume:
             self.load(resume)
@@ -306,78 +345,73 @@ class Trainer:
                            f"{cfg.total_steps} steps of {cfg.batch_size} tokens on "
                            f"{self.device.type} ({self.precision}).")
         self.win = self._new_window()
-        train_time, stopped, start_tokens = 0.0, False, self.tokens
-        warm = cfg.l1_warmup_frac * cfg.total_steps
+        self.train_time, self.start_tokens = 0.0, self.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-        while self.step < cfg.total_steps:
-            # 1. hear the caller between steps
-            cmd = self.cb.control(self.step)
-            if cmd == "pause":
-                self.save("pause")
-                self.cb.on_log(f"Paused at step {self.step}.")
-                while (cmd := self.cb.control(self.step)) == "pause":
-                    time.sleep(self.cb.pause_poll_s)
-                if cmd != "stop":
-                    self.cb.on_log(f"Resumed at step {self.step}.")
-            if cmd == "stop":
-                stopped = True
-                self.cb.on_log(f"Stop requested at step {self.step}: finalising current weights.")
-                break
-            if cmd == "save":
-                self.save("manual")
+    def learn(self, batch: Tensor) -> None:
+        """One optimiser step on ``batch`` [batch_size, d_in] (statistics stay on the device)."""
+        cfg = self.cfg
+        # 2. learning rate and the sparsity penalty's warm-up (L1: standard, L0: jumprelu)
+        lr = get_lr(self.step, cfg, self.base_lr)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        warm = cfg.l1_warmup_frac * cfg.total_steps
+        penalty = self.sae.penalty
+        coef = penalty * min(1.0, (self.step + 1) / warm) if warm else penalty
 
-            # 2. learning rate and the sparsity penalty's warm-up (L1: standard, L0: jumprelu)
-            lr = get_lr(self.step, cfg, self.base_lr)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            penalty = self.sae.penalty
-            coef = penalty * min(1.0, (self.step + 1) / warm) if warm else penalty
+        # 3. forward/backward (OOM-safe)
+        batch = batch.to(self.device, non_blocking=True)
+        batch = batch * self.scale if self.scale != 1.0 else batch
+        acc = self._train_step(batch, coef)
 
-            # 3. data, forward/backward (OOM-safe)
-            t0 = time.perf_counter()
-            batch = self.source.next_batch(cfg.batch_size).to(self.device, non_blocking=True)
-            batch = batch * self.scale if self.scale != 1.0 else batch
-            acc = self._train_step(batch, coef)
+        # 4. clip, step, the type's constraints (unit-norm decoder rows, thresholds)
+        self.scaler.unscale_(self.opt)
+        self.sae.constrain_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.sae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sae.after_step(acc.get("min_kept"))
 
-            # 4. clip, step, the type's constraints (unit-norm decoder rows, thresholds)
-            self.scaler.unscale_(self.opt)
-            self.sae.constrain_grads()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.sae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
-            self.sae.after_step(acc.get("min_kept"))
+        # 5. dead-latent counters, window statistics (on the device: no host sync)
+        n = batch.shape[0]
+        self.since_fired += n
+        self.since_fired.masked_fill_(acc["fired"] > 0, 0)
+        self.step += 1
+        self.tokens += n
+        self.win.tokens += n
+        self.win.fired += acc["fired"]
+        self.win.rows.append(torch.stack(
+            [acc[key].float() for key in STEP_STATS[:-1]] + [grad_norm.float()]))
+        self.lr_now = lr
 
-            # 5. dead-latent counters, window statistics (on the device: no host sync)
-            n = batch.shape[0]
-            self.since_fired += n
-            self.since_fired.masked_fill_(acc["fired"] > 0, 0)
-            self.step += 1
-            self.tokens += n
-            self.win.tokens += n
-            self.win.fired += acc["fired"]
-            self.win.rows.append(torch.stack(
-                [acc[key].float() for key in STEP_STATS[:-1]] + [grad_norm.float()]))
+    def _logs_now(self) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps
 
-            # 6. log (reading the window waits for the device), auto-save
-            log_now = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
-            rows = self._read_window() if log_now else []
-            spent = time.perf_counter() - t0
-            train_time += spent
-            self.win.seconds += spent
-            if log_now:
-                metrics = self._metrics(rows, lr)
-                self._window_loss = metrics["loss"]
-                self.cb.on_metrics(metrics)
-                self.win = self._new_window()
-            if cfg.auto_save_interval and self.step % cfg.auto_save_interval == 0 \
-                    and self.step < cfg.total_steps:
-                self.save("auto")
+    def read_if_logging(self) -> list[list[float]] | None:
+        """The window's statistics when this step logs (one host sync), else None."""
+        return self._read_window() if self._logs_now() else None
 
-        # 7. evaluate on held-out vectors, final save, export
+    def end_step(self, spent: float, rows: list[list[float]] | None) -> None:
+        """Count ``spent`` seconds as training time; log the window (``rows`` from
+        ``read_if_logging``) and auto-save when due."""
+        cfg = self.cfg
+        self.train_time += spent
+        self.win.seconds += spent
+        if rows is not None:
+            metrics = self._metrics(rows, self.lr_now)
+            self._window_loss = metrics["loss"]
+            self.cb.on_metrics(metrics)
+            self.win = self._new_window()
+        if cfg.auto_save_interval and self.step % cfg.auto_save_interval == 0 \
+                and self.step < cfg.total_steps:
+            self.save("auto")
+
+    def finish(self, stopped: bool) -> TrainResult:
+        """7. Evaluate on held-out vectors, save the final checkpoint, export for SAELens."""
+        cfg = self.cfg
         self._read_window()
         evaluation = self.evaluate()
         final = self.save("stop" if stopped else "final")
@@ -385,9 +419,10 @@ class Trainer:
                                     meta=self.export_meta,
                                     sparsity=evaluation.pop("_freq", None))
         dead_now = int(self._dead(cfg.dead_window_tokens).sum())
+        trained = self.tokens - self.start_tokens
         result = TrainResult(
             steps=self.step, tokens=self.tokens,
-            tokens_per_s=(self.tokens - start_tokens) / train_time if train_time > 0 else 0.0,
+            tokens_per_s=trained / self.train_time if self.train_time > 0 else 0.0,
             fvu=evaluation.get("fvu", float("nan")), l0=evaluation.get("l0", float("nan")),
             dead_frac=dead_now / self.d_sae, out=str(self.out_dir), checkpoint=str(final),
             stopped=stopped, eval=evaluation)
