@@ -68,13 +68,16 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
     fraction = min(1.0, step / total) if total else 0.0
     if t.status == "completed":
         fraction = 1.0
-    eta = None
+    eta, eta_to = None, "last step"
     if t.status == "training" and total > step:
         tps, batch = latest.get("tokens_per_s"), cfg.get("batch_size")
         if tps and batch:
             eta = (total - step) * float(batch) / float(tps)
         elif elapsed and step:
             eta = elapsed / step * (total - step)
+        after = jobs.after_training_s(t.model_id, t.device, int(cfg.get("eval_tokens") or 0))
+        if eta is not None and after is not None:  # the evaluation and finishing, as measured
+            eta, eta_to = eta + after, "completed"
     estimate = t.estimate or {}
     d_sae = estimate.get("d_sae") or cfg.get("latent_dim")
     if d_sae is None and t.model.hidden_dim:
@@ -94,6 +97,7 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
         "layer": cfg.get("layer"), "hook": cfg.get("hook_point", "residual"),
         "created_at": t.created_at, "started_at": started, "finished_at": t.finished_at,
         "step": step, "total": total, "fraction": fraction, "elapsed": elapsed, "eta": eta,
+        "eta_to": eta_to,
         "latest": latest, "d_sae": d_sae, "l0_frac": l0_frac, "dead_frac": dead_frac,
         "log": data["log"], "checkpoints": [checkpoint_dict(c) for c in data["checkpoints"]],
         "can_export": jobs.has_export(t),

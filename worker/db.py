@@ -212,7 +212,46 @@ class WorkerHeartbeat(BaseModel):
         table_name = "worker_heartbeat"
 
 
-TABLES = [LanguageModel, Dataset, Training, Metric, Checkpoint, LogLine, WorkerHeartbeat]
+class Calibration(BaseModel):
+    """How long the newest clean attempt of a model's training took on a device, phase by phase
+    (the time estimate's basis). One row per (model, device); a later attempt replaces it.
+
+    Clean: a fresh start (not a Retry from a checkpoint) that ended ``completed``; its paused
+    seconds are left out. Seconds are wall-clock.
+    """
+
+    model = ForeignKeyField(LanguageModel, backref="calibrations", on_delete="CASCADE")
+    device = CharField()
+    """The training row's ``device`` ("cpu", "cuda:0", ...)."""
+    training_id = IntegerField()
+    """The training measured (a plain number: the row may be deleted, its timings stay)."""
+    setup_s = FloatField()
+    """Claim to the first training step (model load, activation buffer fill), without
+    ``token_build_s``."""
+    token_build_s = FloatField(default=0.0)
+    """Building the token store in that attempt (0 when it existed): it does not recur."""
+    train_s = FloatField()
+    """First step to the last step's metrics, pauses left out (live extraction and saves
+    included)."""
+    train_tokens = IntegerField()
+    flops_per_token = FloatField()
+    """The config's FLOPs per trained token (``estimates.flops_per_token``)."""
+    eval_s = FloatField(default=0.0)
+    """The held-out evaluation (status ``evaluating``); 0 when it did not run."""
+    eval_tokens = IntegerField(default=0)
+    """The config's ``eval_tokens`` (0 when the evaluation did not run)."""
+    finish_s = FloatField()
+    """The rest: the final save and export, the result."""
+    total_s = FloatField()
+    """Start to ``completed``, paused seconds left out."""
+
+    class Meta:
+        table_name = "calibration"
+        indexes = ((("model", "device"), True),)
+
+
+TABLES = [LanguageModel, Dataset, Training, Metric, Checkpoint, LogLine, WorkerHeartbeat,
+          Calibration]
 
 
 def _v0_to_v1(database: SqliteDatabase) -> None:
@@ -243,7 +282,12 @@ def _v3_to_v4(database: SqliteDatabase) -> None:
                              "NOT NULL DEFAULT 0")
 
 
-MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4]
+def _v4_to_v5(database: SqliteDatabase) -> None:
+    """The time estimate's measurements: table ``calibration``."""
+    database.create_tables([Calibration])
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

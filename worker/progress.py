@@ -16,6 +16,10 @@ After the last step, ``start_evaluation()`` sets status ``evaluating`` and
 ``evaluation_progress(fraction, message)`` writes ``Training.eval_progress`` (at most every
 0.5 s) and a log line (at most every 2 s) while the held-out evaluation runs.
 
+``timings`` (``AttemptTimings``) notes when the attempt's phases began, from these callbacks
+and ``preparing(fraction, message)`` (the token store build's progress): the worker stores them
+as the time estimate's calibration when the attempt completes.
+
 No write transaction is held while the engine runs a step: each callback opens and commits its
 own. Imports no torch at module level (the engine's Callbacks is imported in ``callbacks()``).
 
@@ -30,6 +34,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .db import REQUESTS, Checkpoint, LogLine, Metric, Training, db
@@ -42,6 +47,8 @@ EVAL_ROW_S = 0.5
 """Seconds between writes of ``Training.eval_progress``."""
 EVAL_LOG_S = 2.0
 """Seconds between the evaluation's progress log lines."""
+PREPARE_LOG_S = 2.0
+"""Seconds between the preparation's (token store build's) progress log lines."""
 _SAVED = re.compile(r"^Checkpoint saved at step \d+ \((\w+)")
 
 
@@ -61,6 +68,31 @@ class Throttled:
         self.write(max(0.0, min(1.0, float(fraction))), message)
 
 
+@dataclass
+class AttemptTimings:
+    """When one attempt's phases began, in epoch seconds (``time.time()``, like the row's
+    ``attempt_started_at`` and ``finished_at``); None for a phase not reached."""
+
+    build_started: float | None = None
+    """The token store build's first progress call (fraction 0)."""
+    build_ended: float | None = None
+    """Its last one (fraction 1)."""
+    first_step: float | None = None
+    """The engine asked whether to run its first step (setup is over)."""
+    last_metrics: float | None = None
+    """The newest metrics row arrived (after the last step: the loop is over)."""
+    eval_started: float | None = None
+    paused_s: float = 0.0
+    """Seconds spent paused (between a pause and its resume)."""
+    paused_since: float | None = None
+
+    def build_s(self) -> float:
+        """Seconds the token store build took in this attempt (0 when none ran)."""
+        if self.build_started is None or self.build_ended is None:
+            return 0.0
+        return max(0.0, self.build_ended - self.build_started)
+
+
 class TrainingReporter:
     """Writes one training's progress to the database and relays the web's requests."""
 
@@ -73,6 +105,10 @@ class TrainingReporter:
         self.paused = False
         self.interrupted = False
         self._last_reason = "auto"
+        self.timings = AttemptTimings()
+        self._prepare_log = Throttled(lambda fraction, message: self.log(
+            f"{message} ({100 * fraction:.0f}%)" if message
+            else f"Preparing: {100 * fraction:.0f}%"), PREPARE_LOG_S)
         self._eval_row = Throttled(lambda fraction, message: self._set(eval_progress=fraction),
                                    EVAL_ROW_S)
         self._eval_log = Throttled(lambda fraction, message: self.log(
@@ -88,7 +124,17 @@ class TrainingReporter:
                          on_checkpoint=self.on_checkpoint, control=self.control,
                          pause_poll_s=0.1)
 
+    def preparing(self, fraction: float, message: str = "") -> None:
+        """The token store build's progress (fraction 0-1): timed, and logged at most every
+        ``PREPARE_LOG_S``."""
+        now = time.time()
+        if self.timings.build_started is None:
+            self.timings.build_started = now
+        self.timings.build_ended = now
+        self._prepare_log(fraction, message)
+
     def on_metrics(self, metrics: dict[str, Any]) -> None:
+        self.timings.last_metrics = time.time()
         self.pending.append(dict(metrics))
         if not self.flushed_any or time.monotonic() - self.last_flush >= FLUSH_S:
             self.flush()
@@ -139,6 +185,8 @@ class TrainingReporter:
 
     def control(self, step: int) -> str | None:
         """Answer the engine between steps: "pause", "stop", "save" or None."""
+        if self.timings.first_step is None:
+            self.timings.first_step = time.time()
         now = time.monotonic()
         if self.pending and now - self.last_flush >= FLUSH_S:
             self.flush()
@@ -151,6 +199,7 @@ class TrainingReporter:
         if requested in ("stop", "interrupt"):
             self.flush()
             self.paused = False
+            self._pause_ended()
             if requested == "interrupt":
                 self.interrupted = True
             else:
@@ -159,6 +208,7 @@ class TrainingReporter:
         if self.paused:
             if requested == "resume":
                 self.paused = False
+                self._pause_ended()
                 self._clear("resume", status="training")
                 return None
             if requested in ("save", "pause"):
@@ -166,6 +216,7 @@ class TrainingReporter:
             return "pause"
         if requested == "pause":
             self.paused = True
+            self.timings.paused_since = time.time()
             self.flush()  # the card must show the step it paused at, not an older one
             self._clear("pause", status="paused")
             return "pause"
@@ -184,6 +235,7 @@ class TrainingReporter:
     def start_evaluation(self) -> None:
         """Status ``evaluating`` (progress 0). A pause, resume, save or answered stop request
         has nothing left to act on and is cleared; a shutdown's ``interrupt`` stays."""
+        self.timings.eval_started = time.time()
         with db.atomic():
             Training.update(status="evaluating", eval_progress=0.0, updated_at=time.time()) \
                 .where(Training.id == self.training_id).execute()
@@ -197,6 +249,11 @@ class TrainingReporter:
         self._eval_log(fraction, message)
 
     # ------------------------------------------------------------------ helpers
+    def _pause_ended(self) -> None:
+        if self.timings.paused_since is not None:
+            self.timings.paused_s += time.time() - self.timings.paused_since
+            self.timings.paused_since = None
+
     def _clear(self, requested: str, **values: Any) -> None:
         """Clear the request we answered, unless the web has replaced it meanwhile (a stop)."""
         with db.atomic():

@@ -38,8 +38,6 @@ HEARTBEAT_S = 1.0
 """Seconds between heartbeats (``jobs.health``: alive when younger than 5 s)."""
 PROGRESS_S = 0.5
 """Seconds between writes of a model's or dataset's progress."""
-LOG_PROGRESS_S = 2.0
-"""Seconds between a training's preparation progress log lines."""
 INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
                        "from the newest checkpoint.")
 _init_lock = threading.Lock()
@@ -272,10 +270,8 @@ def _train(t: Training, out_dir: Path) -> None:
         # the names the user gave, for the export and the report
         names={"model": t.model.source, "model_name": t.model.source,
                "dataset": t.dataset.source, "dataset_path": t.dataset.source},
-        prepare_progress=Throttled(lambda fraction, message: reporter.log(
-            f"{message} ({100 * fraction:.0f}%)" if message
-            else f"Preparing: {100 * fraction:.0f}%"), LOG_PROGRESS_S),
-        after_fit=reporter.close, evaluate=lambda: not reporter.interrupted,
+        prepare_progress=reporter.preparing, after_fit=reporter.close,
+        evaluate=lambda: not reporter.interrupted,
         on_eval_start=reporter.start_evaluation, eval_progress=reporter.evaluation_progress,
         log=reporter.log, on_eval_error=eval_failed)
     if reporter.interrupted:
@@ -284,12 +280,22 @@ def _train(t: Training, out_dir: Path) -> None:
         status, error = "stopped", None
     else:
         status, error = "completed", None
+    eval_ended = time.time()
+    evaluated = bool(values["eval"].get("report"))  # the held-out report was written
     if "report" in values["eval"]:
         values["eval"]["report"] = bool(values["eval"]["report"])  # the API's flag
     with db.atomic():
         Training.update(status=status, error=error, result=values,
                         current_step=values["steps"], requested=None, finished_at=time.time(),
                         updated_at=time.time()).where(Training.id == training_id).execute()
+    if status == "completed" and checkpoint is None:  # a clean sample: a fresh start
+        from .jobs.estimates import record_calibration
+
+        try:
+            record_calibration(training_id, cfg, reporter.timings, tokens=values["tokens"],
+                               evaluated=evaluated, eval_ended=eval_ended)
+        except Exception:  # the training stands; only the time estimate misses it
+            log.exception("Recording the timings of training %s failed", training_id)
 
 
 # ---------------------------------------------------------------------------- worker start-up

@@ -42,7 +42,7 @@ from .datasets import (
     ready_datasets,
 )
 from .errors import Conflict, Invalid, JobError, NotFound
-from .estimates import estimate
+from .estimates import after_training_s, estimate
 from .health import HEARTBEAT_ALIVE_S, health, heartbeat_age
 from .models import add_model, delete_model, get_model, list_models, model_as_dict, ready_models
 from .trainings import (
@@ -68,8 +68,9 @@ from .trainings import (
 __all__ = [
     "ACTIONS", "ALIASES", "Conflict", "FINISHED", "HEARTBEAT_ALIVE_S", "HOOK_POINTS", "Invalid",
     "JobError", "LATEST_KEYS", "METRIC_ALIASES", "NotFound", "OptionInfo", "RUNNING",
-    "UPLOAD_SUFFIXES", "add_dataset", "add_model", "card_data", "changes_since",
-    "checkpoint_as_dict", "checkpoints", "common", "connect", "create_training", "dataset_as_dict",
+    "UPLOAD_SUFFIXES", "add_dataset", "add_model", "after_training_s", "card_data",
+    "changes_since", "checkpoint_as_dict", "checkpoints", "common", "connect", "create_training",
+    "dataset_as_dict",
     "delete_checkpoint", "delete_dataset", "delete_model", "delete_training", "disconnect",
     "elapsed_seconds", "estimate", "export_zip", "form_options", "get_checkpoint", "get_dataset",
     "get_model", "get_training", "has_export", "health", "heartbeat_age", "interrupt_running",

@@ -17,7 +17,6 @@ from ..engine.config import (
     HOOK_POINTS,
     OptionInfo,
     TrainConfig,
-    check_value,
     options,
     parse_value,
 )
@@ -25,8 +24,8 @@ from ..engine.option_types import TRUE_WORDS
 from . import common
 from .errors import Invalid, NotFound
 
-__all__ = ["ALIASES", "HOOK_POINTS", "OptionInfo", "build_config", "form_options",
-           "lenient_values", "training_defaults"]
+__all__ = ["ALIASES", "HOOK_POINTS", "OptionInfo", "build_config", "check_form", "form_options",
+           "training_defaults"]
 
 def form_options() -> list[OptionInfo]:
     """The options the form has (``in_form``), in the form's order; read now, so an encoder type
@@ -74,16 +73,6 @@ def _parse(form: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return values, errors
 
 
-def lenient_values(model: LanguageModel | None, form: Mapping[str, Any]) -> dict[str, Any]:
-    """The form's values parsed where they parse and within their bounds; defaults for blank,
-    unparseable or out-of-bounds ones (for the estimate, which follows the form while it is
-    being filled in)."""
-    by_name = {info.name: info for info in form_options()}
-    fine = {name: value for name, value in _parse(form)[0].items()
-            if check_value(by_name[name], value) is None}
-    return {**training_defaults(model), **fine}
-
-
 def _ready_row(table: type, kind: str, raw: Any, errors: dict[str, str], field: str) -> Any:
     if common.blank(raw):
         errors[field] = f"Choose a {kind.lower()}."
@@ -99,19 +88,13 @@ def _ready_row(table: type, kind: str, raw: Any, errors: dict[str, str], field: 
     return row
 
 
-def build_config(form: Mapping[str, Any]) -> tuple[TrainConfig, LanguageModel, Dataset]:
-    """The TrainConfig the form describes, with its ready model and dataset.
-
-    Values may be strings (a form) or typed (JSON); blank ones take their defaults, a blank
-    layer the model's middle one. The data options come from the rows: the model's folder, the
-    dataset's source, context size, token limit and text field. Raises Invalid with every bad
-    field's message (``{field: sentence}``, by form name; a problem of no field under "form").
-    """
-    errors: dict[str, str] = {}
-    model = _ready_row(LanguageModel, "Model", form.get("model_id"), errors, "model_id")
-    dataset = _ready_row(Dataset, "Dataset", form.get("dataset_id"), errors, "dataset_id")
-    values, parse_errors = _parse(form)
-    errors.update(parse_errors)
+def check_form(form: Mapping[str, Any], model: LanguageModel | None,
+               dataset: Dataset | None = None) -> tuple[TrainConfig, dict[str, str]]:
+    """The TrainConfig of the form's option fields (bad ones left at their defaults) and every
+    bad field's message, ``{field: sentence}``: unparseable, out of bounds, or wrong for the
+    model (when given). ``build_config`` checks these and the model and dataset rows; the
+    estimate checks these alone."""
+    values, errors = _parse(form)
     if model is not None and model.hook_points \
             and values.get("hook_point", model.hook_points[0]) not in model.hook_points:
         errors["hook_point"] = (f"Hook point '{values.pop('hook_point')}' is not available for "
@@ -130,6 +113,22 @@ def build_config(form: Mapping[str, Any]) -> tuple[TrainConfig, LanguageModel, D
     in_form = {info.name for info in form_options()}
     for name, message in cfg.errors(d_in=d_in, n_layers=n_layers).items():
         errors.setdefault(name if name in in_form else "form", message)
+    return cfg, errors
+
+
+def build_config(form: Mapping[str, Any]) -> tuple[TrainConfig, LanguageModel, Dataset]:
+    """The TrainConfig the form describes, with its ready model and dataset.
+
+    Values may be strings (a form) or typed (JSON); blank ones take their defaults, a blank
+    layer the model's middle one. The data options come from the rows: the model's folder, the
+    dataset's source, context size, token limit and text field. Raises Invalid with every bad
+    field's message (``{field: sentence}``, by form name; a problem of no field under "form").
+    """
+    errors: dict[str, str] = {}
+    model = _ready_row(LanguageModel, "Model", form.get("model_id"), errors, "model_id")
+    dataset = _ready_row(Dataset, "Dataset", form.get("dataset_id"), errors, "dataset_id")
+    cfg, field_errors = check_form(form, model, dataset)
+    errors.update(field_errors)
     if errors:
         first = next(iter(errors.values()))
         raise Invalid(f"Some training settings need fixing: {first}", errors)

@@ -1,88 +1,217 @@
-"""The memory and time estimate of a training the form describes (plain arithmetic, no torch).
+"""The memory and time estimate of a training the form describes (plain arithmetic, no torch),
+and the measurements the time estimate is calibrated from.
 
 The memory budget is the newest worker's device memory, or the reference device's when no
-worker reported yet; the time needs a worker's measured speed (``WorkerHeartbeat.gflops``).
+worker reported yet. The time comes from what the worker measured: when a training of this
+model completed on this device, its phases (``db.Calibration``: setup, the training loop,
+the held-out evaluation, finishing; written by ``record_calibration``) scaled to the form's
+steps, sizes and evaluation tokens give one figure. Before that, a range from the worker's
+matmul speed (``WorkerHeartbeat.gflops``) and a wide band of the fraction of it a training
+reaches, labelled as a guess. A form with a bad field gets neither figure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..db import LanguageModel
+from ..db import Calibration, LanguageModel, Training, db
 from ..engine.memory import estimate_memory
-from .configs import lenient_values
+from .configs import check_form
 from .health import newest_heartbeat
+
+if TYPE_CHECKING:
+    from ..engine.config import TrainConfig
+    from ..progress import AttemptTimings
 
 REFERENCE_BUDGET = 6 * 10**9
 """Memory budget without a worker heartbeat (bytes): the reference Jetson Orin Nano (6 GB
 usable)."""
-MFU = 0.5
-"""The fraction of the measured matmul speed a training step reaches (time estimate)."""
+MFU_BAND = (0.03, 0.6)
+"""The fraction of the measured matmul speed an uncalibrated run's FLOPs are assumed to reach,
+lowest and highest: the range's high and low end."""
+SETUP_BAND_S = (5.0, 60.0)
+"""An uncalibrated run's setup and finishing (model load, buffer fill, saves), seconds."""
+EVAL_PASSES = 3
+"""Whole-model forward passes per held-out token in the text evaluation (clean, with the SAE
+spliced in, with the layer zeroed)."""
+FIX_FIELDS = "Fix the highlighted fields to see an estimate."
+
+
+def device_key(device: str) -> str:
+    """A device as the calibration is keyed: ``cuda:0`` is ``cuda`` (what ``auto`` picks)."""
+    return device.removesuffix(":0")
+
+
+def model_flops_per_token(model: LanguageModel, layers: int) -> float:
+    """Forward FLOPs per token of the model's first ``layers`` layers: 2 per weight, the
+    embedding table (a lookup, no FLOPs) left out, the rest shared equally by the layers."""
+    n_layers = max(1, int(model.n_layers or 1))
+    embedding = int(model.vocab_size or 0) * int(model.hidden_dim or 0)
+    weights = max(0, int(model.n_params or 0) - embedding)
+    return 2.0 * weights * min(layers, n_layers) / n_layers
+
+
+def sae_flops_per_token(d_in: int, d_sae: int) -> float:
+    """An SAE training step's FLOPs per token, as its time grows: both matrices, forward (2
+    FLOPs per weight) and backward (4). TopK's sparse decoder and encoder backward do fewer
+    FLOPs, but on the CPU its step time still grows with the latents like this (measured:
+    choosing the top k among every pre-activation, AuxK over the dead latents and Adam over all
+    weights cost in proportion), so one formula serves every type."""
+    return 12.0 * d_in * d_sae
+
+
+def flops_per_token(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int) -> float:
+    """FLOPs per trained token of ``cfg``: the model's forward up to its layer (live
+    activations) plus the SAE's step."""
+    return (model_flops_per_token(model, int(cfg.layer or 0) + 1)
+            + sae_flops_per_token(d_in, d_sae))
+
+
+# ---------------------------------------------------------------------------- the worker's side
+def record_calibration(training_id: int, cfg: TrainConfig, timings: AttemptTimings, *,
+                       tokens: int, evaluated: bool, eval_ended: float) -> Calibration | None:
+    """Store how a completed fresh attempt's phases took (one row per model and device,
+    replaced), from the row's ``attempt_started_at`` and ``finished_at`` and the reporter's
+    ``timings``; ``tokens`` trained, ``evaluated`` when the held-out evaluation ran, ending at
+    ``eval_ended`` (epoch seconds). Returns None when the attempt never stepped."""
+    t = Training.get_by_id(training_id)
+    model = t.model
+    if timings.first_step is None or timings.last_metrics is None or not model.hidden_dim \
+            or t.attempt_started_at is None or t.finished_at is None or not t.device:
+        return None
+    d_in = int(model.hidden_dim)
+    build = timings.build_s()
+    total = t.finished_at - t.attempt_started_at - timings.paused_s - build
+    setup = max(0.0, timings.first_step - t.attempt_started_at - build)
+    train = max(1e-3, timings.last_metrics - timings.first_step - timings.paused_s)
+    eval_s = max(0.0, eval_ended - timings.eval_started) \
+        if evaluated and timings.eval_started is not None else 0.0
+    values = dict(training_id=training_id, setup_s=setup, token_build_s=build, train_s=train,
+                  train_tokens=max(1, tokens),
+                  flops_per_token=flops_per_token(model, cfg, d_in, cfg.d_sae(d_in)),
+                  eval_s=eval_s, eval_tokens=cfg.eval_tokens if eval_s else 0,
+                  finish_s=max(0.0, total - setup - train - eval_s), total_s=total)
+    key = device_key(t.device)
+    with db.atomic():
+        Calibration.delete().where((Calibration.model == model.id)
+                                   & (Calibration.device == key)).execute()
+        return Calibration.create(model=model.id, device=key, **values)
+
+
+def calibration(model_id: int, device: str | None) -> Calibration | None:
+    """The measurements of ``model_id``'s newest clean training on ``device`` (or None)."""
+    if device is None:
+        return None
+    return Calibration.get_or_none((Calibration.model == model_id)
+                                   & (Calibration.device == device_key(device)))
+
+
+def eval_seconds(cal: Calibration, eval_tokens: int) -> float:
+    """The held-out evaluation of ``eval_tokens`` at the calibration's rate (0 when off); at
+    its training FLOP rate when it measured no evaluation."""
+    if eval_tokens <= 0:
+        return 0.0
+    if cal.eval_tokens:
+        return cal.eval_s * eval_tokens / cal.eval_tokens
+    flop_rate = cal.flops_per_token * cal.train_tokens / cal.train_s
+    return eval_tokens * EVAL_PASSES * model_flops_per_token(cal.model, 10**9) / flop_rate
+
+
+def after_training_s(model_id: int, device: str | None, eval_tokens: int) -> float | None:
+    """Seconds from the last training step to ``completed`` (evaluation and finishing) at the
+    calibration of ``model_id`` on ``device``; None without one (the card's ETA)."""
+    cal = calibration(model_id, device)
+    if cal is None:
+        return None
+    return eval_seconds(cal, eval_tokens) + cal.finish_s
+
+
+# ---------------------------------------------------------------------------- the form's side
+def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device: str | None,
+          gflops: float | None) -> dict[str, Any]:
+    """The time keys of the estimate: calibrated (a point figure), a guessed range, or none."""
+    tokens = cfg.total_steps * cfg.batch_size
+    fpt = flops_per_token(model, cfg, d_in, d_sae)
+    cal = calibration(model.id, device)
+    if cal is not None:
+        train = tokens * cal.train_s / cal.train_tokens * fpt / cal.flops_per_token
+        seconds = round(cal.setup_s + train + eval_seconds(cal, cfg.eval_tokens)
+                        + cal.finish_s, 1)
+        return {"time_s": seconds, "seconds": seconds, "time_range_s": None, "calibrated": True,
+                "time_basis": f"Measured on {cal.device} from training #{cal.training_id}, "
+                              "scaled to these steps, sizes and evaluation tokens (a dataset's "
+                              "first tokenisation adds to it)."}
+    if not gflops:
+        return {"time_basis": "No worker has reported its speed yet."}
+    flops = tokens * fpt + cfg.eval_tokens * EVAL_PASSES * model_flops_per_token(model, 10**9)
+    speed = float(gflops) * 1e9
+    low = SETUP_BAND_S[0] + flops / (speed * MFU_BAND[1])
+    high = SETUP_BAND_S[1] + flops / (speed * MFU_BAND[0])
+    return {"time_range_s": [round(low, 1), round(high, 1)],
+            "time_basis": f"A guess from {device}'s matmul speed ({float(gflops):,.0f} GFLOP/s) "
+                          f"until a training of {model.name} completes there."}
 
 
 def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Memory and time estimate for the form's current values.
-
-    Unparseable values fall back to their defaults. Returns::
+    """Memory and time estimate for the form's current values. Returns::
 
         {"memory_bytes": int | None, "parts": {sae_params, optimizer, activations, batch,
-         model, buffer, runtime, file_pages, allocator} (bytes), "budget_bytes": int,
-         "budget_source": "cuda: NVIDIA ..." |
-         "no worker seen: 6 GB (Jetson Orin Nano)", "fits": bool, "warning": str | None,
-         "time_s": float | None (None until a worker reported its speed), "d_in": int | None,
-         "d_sae": int | None, "precision": "fp32" | "bf16" | ..., "device": str | None}
+         model, buffer, runtime, file_pages, allocator} (bytes) | None, "budget_bytes": int,
+         "budget_source": "cuda: NVIDIA ..." | "no worker seen: 6 GB (Jetson Orin Nano)",
+         "fits": bool, "warning": str | None, "d_in": int | None, "d_sae": int | None,
+         "precision": "fp32" | "bf16" | ..., "device": str | None,
+         "time_s": float | None, "seconds": float | None, "time_range_s": [low, high] | None,
+         "calibrated": bool, "time_basis": str | None, "invalid": {field: sentence}}
 
-    ``seconds`` is the same as ``time_s``. Without a model every size is None and ``warning``
-    says to choose one.
+    ``time_s`` (and its older name ``seconds``): start to ``completed`` in seconds, measured
+    (``calibrated``) or None; ``time_range_s``: the guessed range before a calibration;
+    ``time_basis`` says which. A bad field (``invalid``, the form's own checks) leaves every
+    size and time None; without a model too, and ``warning`` says what to do.
     """
-    v = lenient_values(model, values)
     hb = newest_heartbeat()
-    device = hb.device if hb is not None else None
     if hb is not None and hb.device_memory:
         budget = int(hb.device_memory)
         source = f"{hb.device}: {hb.device_name or hb.device}"
     else:
         budget, source = REFERENCE_BUDGET, "no worker seen: 6 GB (Jetson Orin Nano)"
-    precision = str(v.get("precision") or "auto")
-    if precision == "auto":
-        precision = "bf16" if (device or "").startswith("cuda") else "fp32"
     out: dict[str, Any] = {"memory_bytes": None, "parts": None, "budget_bytes": budget,
                            "budget_source": source, "fits": True, "warning": None,
-                           "time_s": None, "seconds": None, "d_in": None, "d_sae": None,
-                           "precision": precision, "device": device}
+                           "time_s": None, "seconds": None, "time_range_s": None,
+                           "calibrated": False, "time_basis": None, "invalid": {},
+                           "d_in": None, "d_sae": None, "precision": None,
+                           "device": hb.device if hb is not None else None}
     if model is None or not model.hidden_dim:
         out["warning"] = "Choose a ready model to see the memory and time estimate."
         return out
+    cfg, invalid = check_form(values, model)
+    if invalid:
+        out.update(invalid=invalid, warning=FIX_FIELDS)
+        return out
+    device = cfg.device if cfg.device != "auto" else out["device"]
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if (device or "").startswith("cuda") else "fp32"
     d_in = int(model.hidden_dim)
-    latent = v.get("latent_dim")
-    d_sae = max(1, int(latent) if latent else int(v.get("expansion_factor") or 8) * d_in)
-    batch = max(1, int(v.get("batch_size") or 4096))
-    micro = v.get("micro_batch_size") or None
-    n_params = int(model.n_params or 0)
+    d_sae = cfg.d_sae(d_in)
     n_layers = max(1, int(model.n_layers or 1))
-    layer = v.get("layer")
-    layer = n_layers // 2 if layer is None else min(max(0, int(layer)), n_layers - 1)
-    est = estimate_memory(d_in, d_sae, encoder_type=str(v.get("encoder_type") or "topk"),
-                          k=int(v.get("k") or 32), batch_size=batch,
-                          micro_batch_size=int(micro) if micro else None, precision=precision,
-                          model_params=n_params, model_dtype=str(model.dtype or "float32"),
-                          buffer_tokens=max(0, int(v.get("buffer_tokens") or 0)),
+    est = estimate_memory(d_in, d_sae, encoder_type=cfg.encoder_type, k=cfg.k,
+                          batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+                          precision=precision, model_params=int(model.n_params or 0),
+                          model_dtype=str(model.dtype or "float32"),
+                          buffer_tokens=cfg.buffer_tokens,
                           # no worker seen: the reference device, a Jetson's GPU
                           device="cpu" if device == "cpu" else "cuda", source="live",
-                          layer=layer, n_layers=n_layers, tie_weights=bool(v.get("tie_weights")),
-                          eval_tokens=max(0, int(v.get("eval_tokens") or 16_384)),
-                          total_steps=max(1, int(v.get("total_steps") or 1000)))
+                          layer=int(cfg.layer or 0), n_layers=n_layers,
+                          tie_weights=cfg.tie_weights, eval_tokens=cfg.eval_tokens,
+                          total_steps=cfg.total_steps)
     parts = est.to_dict()
     total = parts.pop("total")
-    out.update(memory_bytes=total, parts=parts, d_in=d_in, d_sae=d_sae, fits=total <= budget)
+    out.update(memory_bytes=total, parts=parts, d_in=d_in, d_sae=d_sae, fits=total <= budget,
+               precision=precision, device=device)
     if total > budget:
         out["warning"] = (f"This run needs about {total / 2**30:.1f} GiB but the budget is "
                           f"{budget / 2**30:.1f} GiB ({source}); lower the batch size, "
                           "micro-batch size or number of latents.")
-    if hb is not None and hb.gflops:
-        steps = max(0, int(v.get("total_steps") or 0))
-        flops_per_token = 6 * d_in * d_sae + 2 * n_params * (layer + 1) / n_layers
-        seconds = steps * batch * flops_per_token / (float(hb.gflops) * 1e9 * MFU)
-        out["time_s"] = out["seconds"] = round(seconds, 1)
+    out.update(_time(model, cfg, d_in, d_sae, device, hb.gflops if hb is not None else None))
     return out
