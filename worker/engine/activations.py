@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .errors import DataError
 from .files import file_mode, fsync_dir
-from .models import extract_layer
+from .models import extract_layer, extract_layers
 
 ACT_KEY = "activations"
 _ST_DTYPES = {"F32": (np.float32, torch.float32, 4), "BF16": (np.int16, torch.bfloat16, 2),
@@ -245,8 +245,13 @@ class LiveActivations:
         max_epochs: int | None = None,
         meta: dict[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        extract: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.model, self.store, self.layer, self.hook_point = model, store, layer, hook_point
+        self.extract = extract or (lambda ids: extract_layer(model, ids, layer, hook_point))
+        """Token ids [B, T] -> activations [B, T, d] (``SharedExtraction.for_hook`` in a group)."""
+        self._sample: Tensor | None = None
+        self._holdout: tuple[float | None, Tensor] | None = None
         self.seed, self.device, self.max_epochs = seed, torch.device(device), max_epochs
         self.half = max(1, buffer_tokens // 2)
         self.exclude_special, self.exclude_pos0 = exclude_special, exclude_pos0
@@ -295,8 +300,7 @@ class LiveActivations:
     def _run(self, ctx_ids: np.ndarray, median: float | None) -> tuple[Tensor, Tensor]:
         """Forward some contexts; return (kept vectors [m, d] float32, candidate norms)."""
         ids = torch.from_numpy(np.asarray(self.store.contexts[np.sort(ctx_ids)], dtype=np.int64))
-        acts = extract_layer(self.model, ids.to(self.device), self.layer, self.hook_point)
-        acts = acts.float()
+        acts = self.extract(ids.to(self.device)).float()
         mask = torch.ones(ids.shape, dtype=torch.bool)
         n_total = mask.numel()
         if self.exclude_pos0:
@@ -425,6 +429,10 @@ class LiveActivations:
         self.stats = FilterStats(**state.get("stats", {}))
 
     def sample(self, n: int) -> Tensor:
+        """The first ``n`` kept vectors of the first epoch's order (not consumed). The largest
+        sample taken is kept: SAEs of a group share it."""
+        if self._sample is not None and len(self._sample) >= n:
+            return self._sample[:n]
         saved = (self._epoch, self._perm, self.stats)
         parts, got, cursor = [], 0, 0
         while got < n and cursor < self.n_train_ctx:
@@ -435,13 +443,60 @@ class LiveActivations:
         self._epoch, self._perm, self.stats = saved
         if not parts:
             raise DataError("The corpus gave no activations to sample.")
-        return torch.cat(parts)[:n]
+        self._sample = torch.cat(parts)[:n]
+        return self._sample
 
     def holdout(self) -> Tensor:
+        """The held-out contexts' kept vectors (outliers judged by the current median); kept
+        while the median stays, so the SAEs of a group share one extraction."""
         if not len(self.holdout_ids):
             return torch.empty(0, self.d_in)
+        if self._holdout is not None and self._holdout[0] == self.median:
+            return self._holdout[1]
         saved = self.stats
         parts = [self._run(self.holdout_ids[i:i + self.batch_contexts], self.median)[0]
                  for i in range(0, len(self.holdout_ids), self.batch_contexts)]
         self.stats = saved
-        return torch.cat(parts)
+        self._holdout = (self.median, torch.cat(parts))
+        return self._holdout[1]
+
+
+class SharedExtraction:
+    """One forward pass for several hooks of one model (a group's sources).
+
+    The sources of a group visit the same contexts in the same order (one data seed), so the
+    first hook to ask for a batch of contexts runs the model once, stopping after the deepest
+    hook (``models.extract_layers``), and the other hooks' activations wait in their queues
+    until they ask for the same token ids. A hook that asks for ids not in its queue drops what
+    queued before them (batches it skipped) only when the ids are found; otherwise the model
+    runs again. At most ``max_pending`` batches wait per hook.
+    """
+
+    def __init__(self, model: torch.nn.Module, hooks: list[tuple[int, str]],
+                 max_pending: int = 64) -> None:
+        self.model, self.hooks, self.max_pending = model, list(dict.fromkeys(hooks)), max_pending
+        self.pending: dict[tuple[int, str], dict[bytes, Tensor]] = {h: {} for h in self.hooks}
+        self.forwards = 0
+        """Forward passes run (a test and the bench read it)."""
+
+    def for_hook(self, hook: tuple[int, str]) -> Callable[[Tensor], Tensor]:
+        """The ``extract`` function of the source reading ``hook``."""
+        return lambda ids: self.get(hook, ids)
+
+    def get(self, hook: tuple[int, str], ids: Tensor) -> Tensor:
+        key = ids.cpu().numpy().tobytes()
+        queue = self.pending[hook]
+        if key in queue:
+            for old in list(queue):
+                if old == key:
+                    return queue.pop(old)
+                del queue[old]  # a batch this hook skipped
+        outputs = extract_layers(self.model, ids, self.hooks)
+        self.forwards += 1
+        for other, acts in zip(self.hooks, outputs, strict=True):
+            if other != hook:
+                waiting = self.pending[other]
+                waiting[key] = acts
+                while len(waiting) > self.max_pending:
+                    del waiting[next(iter(waiting))]
+        return outputs[self.hooks.index(hook)]

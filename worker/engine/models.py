@@ -421,23 +421,39 @@ def run_to(model: nn.Module, layer: int, hook_point: str, **inputs: Tensor) -> T
     LM head never run; the pass goes through ``model.base_model`` where there is one. Gradients
     are as the caller's context sets them. ``ConfigError`` when the pass never reaches the module.
     """
-    module = hook_module(model, layer, hook_point)
-    captured: list[Tensor] = []
+    return run_to_many(model, [(layer, hook_point)], **inputs)[0]
 
-    def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-        raise _StopForward
 
-    handle = module.register_forward_hook(stop)
+def run_to_many(model: nn.Module, hooks: list[tuple[int, str]], **inputs: Tensor
+                ) -> list[Tensor]:
+    """``run_to`` for several (layer, hook point) pairs in one pass: each module's output, in
+    the order of ``hooks``; the pass stops once the last of them has run. Outputs of modules
+    that are not the last are copied (a later block may not change them)."""
+    modules = [hook_module(model, layer, hook_point) for layer, hook_point in hooks]
+    captured: dict[int, Tensor] = {}
+
+    def capture(i: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if i not in captured:
+                captured[i] = out
+            if len(captured) == len(modules):
+                raise _StopForward
+            captured[i] = out.clone()
+        return hook
+
+    handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(modules)]
     try:
         getattr(model, "base_model", model)(**inputs)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise hook_not_reached(model, layer, hook_point)
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in range(len(modules)) if i not in captured]
+    if missing:
+        raise hook_not_reached(model, *hooks[missing[0]])
+    return [captured[i] for i in range(len(modules))]
 
 
 def extract_layer(
@@ -452,12 +468,19 @@ def extract_layer(
     The forward pass stops at the hooked module (``run_to``), so later blocks (and the LM head)
     never run.
     """
+    return extract_layers(model, input_ids, [(layer, hook_point)], attention_mask)[0]
+
+
+def extract_layers(model: nn.Module, input_ids: Tensor, hooks: list[tuple[int, str]],
+                   attention_mask: Tensor | None = None) -> list[Tensor]:
+    """``extract_layer`` for several (layer, hook point) pairs from one forward pass that stops
+    after the last of them: float32 ``[B, T, d]`` tensors in the order of ``hooks``."""
     device = next(model.parameters()).device
     inputs = {"input_ids": input_ids.to(device)}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask.to(device)
     with torch.no_grad():
-        output = run_to(model, layer, hook_point, **inputs)
+        outputs = run_to_many(model, hooks, **inputs)
     batch, seq = input_ids.shape[:2]
     # Some blocks (OPT) run their MLP on flattened [B*T, d] tokens.
-    return output.reshape(batch, seq, -1).float()
+    return [output.reshape(batch, seq, -1).float() for output in outputs]

@@ -292,14 +292,32 @@ def train_and_evaluate(
     finally:
         if after_fit is not None:
             after_fit()
+    values = result_values(result, cfg)
+    if not (evaluate() if callable(evaluate) else evaluate):
+        return values
+    del source, trainer.source  # free a live model before the evaluation loads it again
+    return held_out_evaluation(values, cfg, trainer, out_dir, data_dir=data_dir, meta=meta,
+                               log=log, on_eval_start=on_eval_start,
+                               eval_progress=eval_progress, on_eval_error=on_eval_error)
+
+
+def result_values(result: Any, cfg: TrainConfig) -> dict[str, Any]:
     values = result.to_dict()
     values.update(heldout_vectors=values["eval"].get("tokens", 0),
                   dead_window_tokens=cfg.dead_window_tokens)
     if values["eval"]:
         values["eval"]["measured_on"] = "heldout_vectors"
-    if not (evaluate() if callable(evaluate) else evaluate):
-        return values
-    del source, trainer.source  # free a live model before the evaluation loads it again
+    return values
+
+
+def held_out_evaluation(
+    values: dict[str, Any], cfg: TrainConfig, trainer: Trainer, out_dir: Path, *,
+    data_dir: Path, meta: dict[str, Any], log: Callable[[str], None] = lambda message: None,
+    on_eval_start: Callable[[], None] | None = None, eval_progress: Progress | None = None,
+    on_eval_error: Callable[[Exception], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a trained SAE on held-out text into ``out_dir/eval`` and merge its headline
+    figures into ``values["eval"]`` (see ``train_and_evaluate``)."""
     skipped = evaluation_skipped(cfg)
     if skipped:
         log(f"No report: {skipped}")

@@ -1,0 +1,172 @@
+"""Sweeps: several SAEs trained together from one forward pass on a real tiny model over the
+bundled KJV corpus; each is the same SAE a training alone would give."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from worker.engine.config import TrainConfig
+from worker.engine.errors import ConfigError
+from worker.engine.group import resume_points
+from worker.engine.pipeline import train_and_evaluate
+from worker.engine.sweep import expand, run_name, train_group, unique_names
+from worker.engine.trainer import Callbacks
+
+from .tiny_models import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
+    model = make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+    return TrainConfig(model=str(model), dataset="kjv", context_size=32, max_tokens=32 * 300,
+                       k=4, expansion_factor=4, batch_size=128, total_steps=30, log_every=5,
+                       auto_save_interval=10, eval_tokens=256, buffer_tokens=2048, seed=0,
+                       layer=1)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "saelens" / "sae_weights.safetensors"))
+
+
+def test_expand_is_the_product_without_duplicates_or_foreign_options(base: TrainConfig) -> None:
+    runs = expand(base, {"encoder_type": ["topk", "standard"], "k": [8, 16],
+                         "l1_alpha": [1.0, 2.0], "seed": [0, 1]})
+    # topk ignores l1_alpha, standard ignores k: 2 k x 2 seeds + 2 alphas x 2 seeds
+    assert len(runs) == 8
+    names = unique_names(runs)
+    assert len(set(names)) == 8
+    assert "L1-topk-k8-x4-s0" in names and "L1-standard-a2-x4-s1" in names
+    assert run_name(base.replace(layer=15, k=32, expansion_factor=8)) == "L15-topk-k32-x8-s0"
+    with pytest.raises(ConfigError, match="batch_size cannot take several values"):
+        expand(base, {"batch_size": [1, 2]})
+
+
+def test_two_layer_sweep_matches_solo_runs_and_exports_name_their_layer(
+        base: TrainConfig, tmp_path: Path) -> None:
+    runs = expand(base, {"layer": [0, 1], "k": [4, 8]})
+    names = unique_names(runs)
+    logs: list[str] = []
+    out = train_group(runs, [tmp_path / n for n in names], data_dir=tmp_path / "data",
+                      device=CPU, callbacks=Callbacks(on_log=logs.append))
+    assert [Path(r["out"]).name for r in out["runs"]] == names
+    assert out["tokens"] == 30 * 128 and out["tokens_per_s"] > 0
+    solo = train_and_evaluate(runs[1], tmp_path / "solo", data_dir=tmp_path / "data",
+                              device=CPU, evaluate=False)
+    group_w, solo_w = _weights(tmp_path / names[1]), _weights(tmp_path / "solo")
+    for key in solo_w:
+        torch.testing.assert_close(group_w[key], solo_w[key], rtol=0, atol=0)
+    assert out["runs"][1]["fvu"] == solo["fvu"]
+    for name, cfg, values in zip(names, runs, out["runs"], strict=True):
+        folder = tmp_path / name
+        meta = json.loads((folder / "saelens" / "cfg.json").read_text())
+        assert meta["metadata"]["hook_name"] == f"blocks.{cfg.layer}.hook_resid_post"
+        assert (folder / "eval" / "report.json").is_file()
+        assert values["eval"]["measured_on"] == "heldout_text"
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir())[-1] == \
+            "step_00000030.safetensors"
+
+
+@pytest.mark.skipif(not SAELENS_PY.exists(), reason="make saelens-venv builds SAELens's venv")
+def test_sweep_exports_load_in_saelens(base: TrainConfig, tmp_path: Path) -> None:
+    runs = expand(base.replace(total_steps=10), {"layer": [0, 1]})
+    names = unique_names(runs)
+    train_group(runs, [tmp_path / n for n in names], data_dir=tmp_path / "data", device=CPU,
+                evaluate=False)
+    save_file({"x": torch.randn(20, 32)}, str(tmp_path / "in.safetensors"))
+    for name in names:
+        proc = subprocess.run(
+            [str(SAELENS_PY), str(ROOT / "tests" / "saelens_bridge.py"),
+             str(tmp_path / name / "saelens"), str(tmp_path / "in.safetensors"),
+             str(tmp_path / "out.safetensors")],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert info["architecture"] == "topk"
+
+
+def test_hooks_share_one_forward_pass(base: TrainConfig, tmp_path: Path) -> None:
+    """Two hooks of one model read the same stream as a source alone, for as many forward
+    passes as that source alone runs."""
+    from worker.engine.activations import LiveActivations, SharedExtraction
+    from worker.engine.corpora import build_token_store
+    from worker.engine.models import extract_layer, load_model
+
+    loaded = load_model(base.model)
+    store = build_token_store("kjv", loaded.tokenizer, tmp_path / "tokens", context_size=32,
+                              max_tokens=32 * 300)
+    opts = dict(seed=3, buffer_tokens=2048, holdout_tokens=256, batch_contexts=8)
+    calls = [0]
+
+    def counted(ids: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return extract_layer(loaded.model, ids, 1, "residual")
+
+    alone = LiveActivations(loaded.model, store, 1, "residual", extract=counted, **opts)
+    shared = SharedExtraction(loaded.model, [(0, "residual"), (1, "residual")])
+    pair = [LiveActivations(loaded.model, store, layer, "residual",
+                            extract=shared.for_hook((layer, "residual")), **opts)
+            for layer in (0, 1)]
+    for _ in range(12):
+        want = alone.next_batch(300)
+        got = [src.next_batch(300) for src in pair]
+        torch.testing.assert_close(got[1], want, rtol=0, atol=0)
+        assert not torch.equal(got[0], got[1])
+    torch.testing.assert_close(pair[1].holdout(), alone.holdout(), rtol=0, atol=0)
+    pair[0].holdout()
+    assert shared.forwards == calls[0]
+    assert all(not queue for queue in shared.pending.values())
+
+
+def test_a_stopped_group_resumes_exactly(base: TrainConfig, tmp_path: Path) -> None:
+    runs = expand(base, {"layer": [0, 1], "seed": [0, 1]})
+    names = unique_names(runs)
+    data = tmp_path / "data"
+    full = train_group(runs, [tmp_path / "full" / n for n in names], data_dir=data, device=CPU,
+                       evaluate=False)
+    part_dirs = [tmp_path / "part" / n for n in names]
+    stopped = train_group(runs, part_dirs, data_dir=data, device=CPU, evaluate=False,
+                          callbacks=Callbacks(control=lambda s: "stop" if s == 20 else None))
+    assert {r["steps"] for r in stopped["runs"]} == {20}
+    points = resume_points(part_dirs)
+    assert points is not None and all(p.name == "step_00000020.safetensors" for p in points)
+    resumed = train_group(runs, part_dirs, data_dir=data, device=CPU, evaluate=False,
+                          resume=points)
+    for a, b, name in zip(full["runs"], resumed["runs"], names, strict=True):
+        assert a["steps"] == b["steps"] == 30
+        assert abs(a["fvu"] - b["fvu"]) < 1e-5, name
+        wa = _weights(tmp_path / "full" / name)
+        wb = _weights(tmp_path / "part" / name)
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_points_fall_back_past_a_truncated_checkpoint(base: TrainConfig,
+                                                             tmp_path: Path) -> None:
+    runs = expand(base.replace(total_steps=20), {"k": [4, 8]})
+    dirs = [tmp_path / n for n in unique_names(runs)]
+    train_group(runs, dirs, data_dir=tmp_path / "data", device=CPU, evaluate=False)
+    newest = dirs[1] / "checkpoints" / "step_00000020.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    skipped: list[Path] = []
+    points = resume_points(dirs, on_skip=lambda path, exc: skipped.append(path))
+    assert skipped == [newest]
+    assert points is not None and [p.name for p in points] == ["step_00000010.safetensors"] * 2
+
+
+def test_a_group_must_share_its_source_and_steps(base: TrainConfig, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="share total_steps"):
+        train_group([base, base.replace(total_steps=5)], [tmp_path / "a", tmp_path / "b"],
+                    data_dir=tmp_path, device=CPU)
+    with pytest.raises(ConfigError, match="share context_size"):
+        train_group([base, base.replace(context_size=64)], [tmp_path / "a", tmp_path / "b"],
+                    data_dir=tmp_path, device=CPU)
