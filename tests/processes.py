@@ -41,6 +41,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = proc.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(proc.parent.name))
+    return found
+
+
 def _processes() -> Iterator[tuple[int, bytes, bytes]]:
     """(pid, command line, environment) of every live process we may read."""
     for proc in Path("/proc").iterdir():
@@ -67,11 +80,13 @@ def stop_all(data_dir: Path) -> None:
 
 
 class RunPy:
-    """run.py on ``data_dir`` and a free port; its output collected line by line."""
+    """run.py on ``data_dir`` and a free port (more options in ``args``); its output collected
+    line by line."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "run.py", "--data-dir", str(data_dir), "--port", "0"], cwd=ROOT,
+            [sys.executable, "run.py", "--data-dir", str(data_dir), "--port", "0", *args],
+            cwd=ROOT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []

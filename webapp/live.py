@@ -38,6 +38,7 @@ INCREMENTAL = {"metrics": ("charts", "rows", "step"), "log": ("log", "lines", "i
 list field, the items' increasing key)."""
 CLOSE_TOO_SLOW = (1013, "Too slow to follow the updates; reconnect.")
 CLOSE_ERROR = (1011, "The live updates failed; reconnect.")
+CLOSE_GOING_AWAY = (1001, "The server is stopping.")
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,15 @@ _POLLERS: dict[int, Poller] = {}
 """The running poller of each watched training."""
 _LOCK = threading.Lock()
 """Guards ``_POLLERS``; taken before a poller's own lock, never after."""
+
+
+def close_all(reason: tuple[int, str] = CLOSE_GOING_AWAY) -> None:
+    """Drop every viewer of every poller with ``reason`` (the server is stopping): each viewer's
+    socket is closed within a tick, so that no open WebSocket holds the server's shutdown."""
+    with _LOCK:
+        for running in list(_POLLERS.values()):
+            with running.lock:
+                running._close_all(reason)
 
 
 def poller(training_id: int) -> Poller | None:
