@@ -3,7 +3,9 @@
 Adds minilm-l6 and kjv through the forms, starts a training of a few hundred steps, watches the
 progress bar, tiles and loss chart change without a reload (WebSocket fragments), pauses,
 resumes, sees `evaluating` (with its progress) and then `completed`, opens the SAE report
-(numbers, density histogram, latent search) and a latent's top contexts. Saves screenshots to
+(numbers, density histogram, latent search) and a latent's top contexts; then a second run of
+the same settings, whose time estimate (calibrated by the first) must be within 30% of its
+start-to-completed time. Saves screenshots to
 tests/artifacts/screenshots/, or to docs/screenshots/ (the README shows them) with
 `make screenshots`.
 """
@@ -33,6 +35,29 @@ def _wait_text(page, selector: str, pattern: str, timeout_s: float) -> str:
     raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
 
 
+def _seconds(duration: str) -> int:
+    """The seconds of a shown duration: "42s", "1m 05s", "2h 03m"."""
+    m = re.fullmatch(r"(?:(\d+)h\s*)?(?:(\d+)m\s*)?(?:(\d+)s)?", duration.strip())
+    assert m and any(m.groups()), duration
+    h, mins, s = (int(g or 0) for g in m.groups())
+    return 3600 * h + 60 * mins + s
+
+
+def _fill_training_form(page, app_url: str) -> None:
+    """The training form with both ready rows chosen and a few hundred small steps."""
+    page.goto(f"{app_url}/")
+    page.select_option("#input-model_id", index=1)
+    page.select_option("#input-dataset_id", index=1)
+    page.wait_for_selector("#start-training:not([disabled])", timeout=10_000)
+    page.click("#training-advanced > summary")
+    page.fill("#input-total_steps", "400")
+    page.fill("#input-batch_size", "256")
+    page.fill("#input-auto_save_interval", "100")
+    if page.locator("#input-log_every").count():
+        page.fill("#input-log_every", "5")
+    page.keyboard.press("Tab")  # the last field's change event: the estimate follows it
+
+
 def test_add_model_dataset_train_pause_resume_complete(app_url, page):
     # Models: add the bundled MiniLM and wait until the worker has it ready.
     page.goto(f"{app_url}/models")
@@ -52,17 +77,9 @@ def test_add_model_dataset_train_pause_resume_complete(app_url, page):
     _wait_text(page, "li[id^=dataset-] .row-status .badge", r"^ready$", 120)
     shot(page, "datasets")
 
-    # Training: choose both, a few hundred small steps;
-    page.goto(f"{app_url}/")
-    page.select_option("#input-model_id", index=1)
-    page.select_option("#input-dataset_id", index=1)
-    page.wait_for_selector("#start-training:not([disabled])", timeout=10_000)
-    page.click("#training-advanced > summary")
-    page.fill("#input-total_steps", "400")
-    page.fill("#input-batch_size", "256")
-    page.fill("#input-auto_save_interval", "100")
-    if page.locator("#input-log_every").count():
-        page.fill("#input-log_every", "5")
+    # Training: choose both, a few hundred small steps; before any training the time is a guess.
+    _fill_training_form(page, app_url)
+    _wait_text(page, "#estimate-time", r"\(a guess\)", 10)
     page.evaluate("window.__no_reload_marker = 42")  # gone if the page reloads
     page.click("#start-training")
 
@@ -137,3 +154,21 @@ def test_add_model_dataset_train_pause_resume_complete(app_url, page):
     alpha = page.locator("#latent-contexts .tok-center").first.get_attribute("style")
     assert re.search(r"rgba\(91, 156, 255, (0\.[1-9]|1)", alpha), alpha
     shot(page, "latent")
+
+    # A second run of the same settings: the estimate is now measured (from the first run) and
+    # within 30% of the time from start to completed.
+    _fill_training_form(page, app_url)
+    _wait_text(page, "#estimate-basis", rf"from training #{tid}\b", 10)
+    time.sleep(1.0)  # any refresh still on its way lands
+    shown = page.inner_text("#estimate-time")
+    estimate_s = _seconds(shown)
+    page.click("#start-training")
+    second = f"article[id^=training-]:not(#training-{tid})"
+    page.wait_for_selector(second, timeout=20_000)
+    tid2 = page.locator(second).first.get_attribute("id").split("-")[1]
+    _wait_text(page, f"#training-{tid2}-status", r"completed", 300)
+    row = page.request.get(f"{app_url}/trainings/{tid2}",
+                           headers={"Accept": "application/json"}).json()
+    real_s = row["finished_at"] - row["started_at"]
+    assert abs(estimate_s - real_s) <= 0.3 * real_s, \
+        f"estimate {shown} ({estimate_s} s) vs {real_s:.1f} s from start to completed"
