@@ -79,10 +79,11 @@ def _help(info: OptionInfo, shown_default: str | None = None) -> str:
 
 def _add_option(p: argparse.ArgumentParser, name: str, *, default: Any = argparse.SUPPRESS,
                 required: bool = False, shown_default: str | None = None,
-                info: OptionInfo | None = None) -> None:
+                info: OptionInfo | None = None, one_value: bool = False) -> None:
     """The flag of TrainConfig option ``name`` (``--batch-size`` for batch_size ...), its help
     and choices from ``options()``; ``default=SUPPRESS`` leaves it out of the namespace unless
-    given."""
+    given. ``one_value``: a comma is refused (a sweep lists several values only for the options
+    it can sweep), not read as a thousands separator."""
     info = info or option(name)
     help_text = _help(info, shown_default)
     if info.kind == "bool":
@@ -90,7 +91,14 @@ def _add_option(p: argparse.ArgumentParser, name: str, *, default: Any = argpars
                        default=default, help=help_text)
         return
     choices = info.choices if info.kind == "choice" else None
-    p.add_argument(info.flag, dest=name, type=_parser_type(info), default=default,
+    parse = _parser_type(info)
+    if one_value:
+        def parse_one(raw: str, parse: Callable[[str], Any] = parse) -> Any:
+            if "," in raw:
+                raise argparse.ArgumentTypeError(
+                    f"{name} cannot take several values in a sweep")
+            return parse(raw)
+    p.add_argument(info.flag, dest=name, type=parse_one if one_value else parse, default=default,
                    required=required, choices=choices, help=help_text,
                    metavar=None if choices else name.upper())
 
@@ -98,6 +106,12 @@ def _add_option(p: argparse.ArgumentParser, name: str, *, default: Any = argpars
 def _load_toml(path: str) -> dict[str, Any]:
     """A TOML file's options (keys with ``_`` or ``-``; a ``[train]`` table or the top level),
     each through ``parse_value``."""
+    data = read_toml(path)
+    return parse_options(data.get("train", data), path)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """A TOML file's tables and keys; ConfigError when missing or not TOML."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -106,10 +120,14 @@ def _load_toml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"Config file '{path}' does not exist.")
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file '{path}' is not valid TOML ({exc}).") from None
-    data = data.get("train", data)
+
+
+def parse_options(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Options by name (keys with ``_`` or ``-``, aliases accepted), each through
+    ``parse_value``; ConfigError naming ``where`` and the first bad value."""
     known = {info.name: info for info in options()}
     values: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -119,7 +137,7 @@ def _load_toml(path: str) -> dict[str, Any]:
         try:
             values[name] = parse_value(known[name], raw) if name in known else raw
         except ValueError as exc:
-            errors[name] = f"{path}: {exc}"
+            errors[name] = f"{where}: {exc}"
     if errors:
         raise ConfigError(next(iter(errors.values())), errors=errors)
     return values
@@ -453,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_option(i, name, default=option(name).default)
     i.add_argument("--json", action="store_true", help="Print one JSON object.")
     i.set_defaults(func=cmd_info)
+
+    from .sweep_cli import add_parser
+
+    add_parser(sub)
     return p
 
 

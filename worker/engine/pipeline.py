@@ -158,11 +158,12 @@ def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
 
 
 def check_before_loading(cfg: TrainConfig, data_dir: Path,
-                         progress: Progress | None = None) -> None:
+                         progress: Progress | None = None) -> tuple[int | None, int | None]:
     """Check the options against the input size before anything slow: the activation file's
     header, or the hidden size and layer count in the model's config.json when the model is on
     disk (a local folder, a bundled model; the file is read, not the weights). A Hub id is
-    checked when it loads. SmolLM2's one-time conversion happens here (``progress``)."""
+    checked when it loads. SmolLM2's one-time conversion happens here (``progress``). Returns
+    (hidden size, layer count) where known."""
     from .activations import ActivationFile
     from .models import BUNDLED_MODELS, resolve_model_path
 
@@ -176,6 +177,7 @@ def check_before_loading(cfg: TrainConfig, data_dir: Path,
         d_in = _first_int(config, ("hidden_size", "d_model", "n_embd", "dim"))
         n_layers = _first_int(config, ("num_hidden_layers", "n_layer", "num_layers"))
     cfg.validate(d_in=d_in, n_layers=n_layers)
+    return d_in, n_layers
 
 
 # ---------------------------------------------------------------------------- evaluation

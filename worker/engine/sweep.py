@@ -44,7 +44,7 @@ SOURCE_SHARED = ("model", "dataset", "activations", "context_size", "max_tokens"
 run's seed)."""
 
 
-def _applies(option: str, encoder_type: str) -> bool:
+def applies(option: str, encoder_type: str) -> bool:
     users = architectures.applies_to(option)
     return users is None or encoder_type in users
 
@@ -65,7 +65,7 @@ def expand(base: TrainConfig, lists: Mapping[str, Sequence[Any]]) -> list[TrainC
         values = dict(zip(names, combo, strict=True))
         encoder = values.get("encoder_type", base.encoder_type)
         for name in names:
-            if not _applies(name, encoder):
+            if not applies(name, encoder):
                 values[name] = defaults[name]
         if "latent_dim" in values and "expansion_factor" in values \
                 and values["latent_dim"] is not None:
@@ -92,11 +92,11 @@ def run_name(cfg: TrainConfig) -> str:
     if cfg.hook_point != "residual":
         parts.append(cfg.hook_point.replace("_", ""))
     parts.append(cfg.encoder_type)
-    if _applies("k", cfg.encoder_type):
+    if applies("k", cfg.encoder_type):
         parts.append(f"k{cfg.k}")
-    if _applies("l1_alpha", cfg.encoder_type):
+    if applies("l1_alpha", cfg.encoder_type):
         parts.append(f"a{_num(cfg.l1_alpha)}")
-    if _applies("l0_coef", cfg.encoder_type):
+    if applies("l0_coef", cfg.encoder_type):
         parts.append(f"c{_num(cfg.l0_coef)}")
     parts.append(f"d{cfg.latent_dim}" if cfg.latent_dim else f"x{cfg.expansion_factor}")
     if cfg.learning_rate is not None:
@@ -170,7 +170,7 @@ def train_group(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Train ``cfgs`` together into ``out_dirs`` (one ``train``-like folder each) and evaluate
-    each on held-out text. Returns ``{"runs": [values as train_and_evaluate's], "tokens",
+    each on held-out text. Returns ``{"runs": [values as train_and_evaluate's], "d_in", "tokens",
     "tokens_per_s" (the group's training steps: every run's tokens/s), "wall_s" (load to
     last report), "forwards" (model forward passes of the shared extraction, None without)}``.
     """
@@ -193,6 +193,7 @@ def train_group(
             log(f"Evaluating {i + 1} of {len(runs)}: {member.out_dir.name}")
             held_out_evaluation(values[i], cfg, trainer, member.out_dir, data_dir=data_dir,
                                 meta=member.export_meta or {}, log=log)
-    return {"runs": values, "tokens": results[0].tokens, "tokens_per_s": results[0].tokens_per_s,
+    return {"runs": values, "d_in": group.trainers[0].d_in, "tokens": results[0].tokens,
+            "tokens_per_s": results[0].tokens_per_s,
             "wall_s": round(time.perf_counter() - start, 1),
             "forwards": shared.forwards if shared is not None else None}

@@ -1,0 +1,235 @@
+"""``sae-studio sweep``: many SAEs from one forward pass (``engine.sweep``).
+
+    sae-studio sweep --model smollm2-135m --dataset kjv --layer 15 --k 16,32,64,128 \\
+                     --seed 0,1 --out sweeps/k
+    sae-studio sweep --config sweep.toml --out sweeps/mixed     # [[runs]] tables
+
+Every ``train`` flag works; ``engine.sweep.SWEEP_FIELDS`` (``--layer``, ``--hook-point``,
+``--encoder-type``, ``--k``, ``--l1-alpha``, ``--l0-coef``, ``--expansion-factor``,
+``--latent-dim``, ``--learning-rate``, ``--seed``) take comma-separated lists and the sweep is
+their cartesian product. ``--out DIR`` gets ``DIR/<name>/`` per SAE, laid out as a ``train
+--out`` folder, and ``DIR/sweep.json``; the last stdout line is one JSON object (``RESULT_KEYS``
+per run, then ``tokens``, ``tokens_per_s``, ``wall_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from .cli import (
+    _add_option,
+    _data_dir,
+    _help,
+    _note,
+    _print_json,
+    _StderrProgress,
+    parse_options,
+    read_toml,
+)
+from .engine.config import ALIASES, TrainConfig, option, options, parse_value
+from .engine.errors import ConfigError
+from .engine.files import folder_lock, json_safe
+from .engine.sweep import SWEEP_FIELDS, applies, check_group, expand, unique_names
+
+RESULT_KEYS = ("name", "out", "layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef",
+               "latent_dim", "learning_rate", "seed", "fvu", "l0", "dead_frac",
+               "ce_loss_recovered", "kl_div")
+"""A run's entry in the final JSON (null where a figure does not apply)."""
+
+
+def _list_type(name: str) -> Any:
+    info = option(name)
+
+    def parse(raw: str) -> list[Any]:
+        try:
+            return [parse_value(info, part.strip()) for part in raw.split(",") if part.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def add_parser(sub: Any) -> None:
+    """The ``sweep`` subcommand on the ``sae-studio`` parser's subparsers."""
+    s = sub.add_parser("sweep", help="train many SAEs from one forward pass (lists of values: "
+                                     "their cartesian product)")
+    s.add_argument("--config", help="A TOML file: shared options at the top level (a list "
+                                    "for a sweepable option is swept), and optionally "
+                                    "[[runs]] tables, one per run; flags override it.")
+    s.add_argument("--out", help="The sweep folder: DIR/<run name>/ per SAE (as train --out) "
+                                 "and DIR/sweep.json (default: sweeps/DATE-TIME).")
+    s.add_argument("--resume", action="store_true",
+                   help="Continue the sweep in --out from the newest step at which every run "
+                        "has a checkpoint that loads.")
+    s.add_argument("--metrics-jsonl", help="Also append every run's metrics rows (with its "
+                                           "name under \"run\") to this file.")
+    s.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="After training, evaluate each SAE on held-out text into "
+                        "DIR/<name>/eval. [default: on]")
+    for info in options():
+        if info.name in SWEEP_FIELDS:
+            s.add_argument(info.flag, dest=info.name, type=_list_type(info.name),
+                           default=argparse.SUPPRESS, metavar=info.name.upper() + "[,...]",
+                           help=_help(info) + " Several values: comma-separated.")
+        else:
+            _add_option(s, info.name, info=info, one_value=True)
+    s.set_defaults(func=cmd_sweep)
+
+
+def _toml(path: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[Any]]]:
+    """(shared options, explicit runs, swept lists) of a sweep file: top-level keys are shared,
+    a list for a sweepable option is swept, each ``[[runs]]`` table is one run."""
+    data = read_toml(path)
+    runs = data.pop("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ConfigError(f"{path}: runs must be [[runs]] tables.")
+    lists = {k: v for k, v in data.items() if isinstance(v, list)}
+    shared = parse_options({k: v for k, v in data.items() if k not in lists}, path)
+    explicit = [parse_options(run, f"{path}: run {i}") for i, run in enumerate(runs, 1)]
+    swept: dict[str, list[Any]] = {}
+    for key, values in lists.items():
+        name = ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in SWEEP_FIELDS:
+            raise ConfigError(f"{path}: {name} cannot take several values in a sweep; these "
+                              f"can: {', '.join(SWEEP_FIELDS)}.")
+        swept[name] = [parse_options({name: v}, path)[name] for v in values]
+    return shared, explicit, swept
+
+
+def sweep_runs(args: argparse.Namespace) -> list[TrainConfig]:
+    """The runs the flags and the config file describe, in order, without duplicates."""
+    shared, explicit, lists = _toml(args.config) if args.config else ({}, [], {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    lists.update({k: v for k, v in given.items() if k in SWEEP_FIELDS})
+    shared.update({k: v for k, v in given.items() if k not in SWEEP_FIELDS})
+    empty = [k for k, v in lists.items() if not v]
+    if empty:
+        raise ConfigError(f"--{empty[0].replace('_', '-')} needs at least one value.")
+    bases = [TrainConfig.from_dict({**shared, **run}) for run in explicit or [{}]]
+    runs, seen = [], set()
+    for base in bases:
+        for cfg in expand(base, lists):
+            key = repr(sorted(cfg.to_dict().items()))
+            if key not in seen:
+                seen.add(key)
+                runs.append(cfg)
+    return runs
+
+
+def _entry(name: str, cfg: TrainConfig, values: dict[str, Any], d_in: int) -> dict[str, Any]:
+    ev = values.get("eval") or {}
+    d_sae = cfg.d_sae(d_in)
+    return {
+        "name": name, "out": values["out"], "layer": cfg.layer, "hook_point": cfg.hook_point,
+        "encoder_type": cfg.encoder_type,
+        "k": cfg.k if applies("k", cfg.encoder_type) else None,
+        "l1_alpha": cfg.l1_alpha if applies("l1_alpha", cfg.encoder_type) else None,
+        "l0_coef": cfg.l0_coef if applies("l0_coef", cfg.encoder_type) else None,
+        "latent_dim": d_sae, "learning_rate": cfg.lr(d_sae),
+        "seed": cfg.seed, "fvu": ev.get("fvu"), "l0": ev.get("l0"),
+        "dead_frac": ev.get("dead_frac"), "ce_loss_recovered": ev.get("ce_loss_recovered"),
+        "kl_div": ev.get("kl_div"), "measured_on": ev.get("measured_on"),
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+class _GroupBar:
+    """The group's step bar on stderr (from the first run's metrics) and the metrics rows."""
+
+    def __init__(self, total: int, jsonl: str | None, preparing: _StderrProgress) -> None:
+        self.total, self.jsonl, self.preparing, self.bar = total, jsonl, preparing, None
+
+    def row(self, name: str, first: bool) -> Any:
+        def on_metrics(m: dict[str, Any]) -> None:
+            if first:
+                if self.bar is None:
+                    from tqdm import tqdm
+
+                    self.preparing.close()
+                    self.bar = tqdm(total=self.total, desc="sweep", unit="step",
+                                    file=sys.stderr, dynamic_ncols=True)
+                self.bar.n = m["step"]
+                self.bar.set_postfix(tok_s_window=f"{m['tokens_per_s']:.0f}", refresh=False)
+                self.bar.refresh()
+            if self.jsonl:
+                with open(self.jsonl, "a") as fh:
+                    fh.write(json.dumps(json_safe(dict(m, run=name)), allow_nan=False) + "\n")
+        return on_metrics
+
+    def close(self) -> None:
+        self.preparing.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .engine.devices import pick_device
+    from .engine.group import resume_points
+    from .engine.models import default_layer
+    from .engine.pipeline import check_before_loading
+    from .engine.sweep import train_group
+    from .engine.trainer import Callbacks
+
+    runs = sweep_runs(args)
+    data_dir = _data_dir(args)
+    preparing = _StderrProgress("preparing")
+    n_layers = None
+    for cfg in runs:
+        n_layers = check_before_loading(cfg, data_dir, preparing)[1]
+    if n_layers is not None:  # name the middle layer by its number
+        runs = [cfg if cfg.layer is not None or cfg.activations
+                else cfg.replace(layer=default_layer(n_layers)) for cfg in runs]
+    check_group(runs)
+    names = unique_names(runs)
+    out = Path(args.out) if args.out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
+    dirs = [out / name for name in names]
+    resume = None
+    if args.resume:
+        resume = resume_points(dirs, lambda path, exc: _note(
+            f"Skipping {path}: {exc} Using an older step for every run."))
+        if resume is None:
+            raise ConfigError(f"No step at which every run in '{out}' has a checkpoint; "
+                              "nothing to resume.")
+    elif any((d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir()) for d in dirs):
+        raise ConfigError(f"'{out}' already holds checkpoints of these runs; pass --resume to "
+                          "continue them or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = {"runs": [{"name": n, "out": str(d), "config": c.to_dict()}
+                      for n, d, c in zip(names, dirs, runs, strict=True)],
+             "created_at": time.time()}
+    _write_json(out / "sweep.json", sweep)
+    bar = _GroupBar(runs[0].total_steps, args.metrics_jsonl, preparing)
+    member_cbs = [Callbacks(on_log=lambda m, n=n: _note(f"[{n}] {m}"),
+                            on_metrics=bar.row(n, i == 0)) for i, n in enumerate(names)]
+    with ExitStack() as locks:
+        for d in dirs:
+            locks.enter_context(folder_lock(d))
+        try:
+            values = train_group(runs, dirs, data_dir=data_dir,
+                                 device=pick_device(runs[0].device),
+                                 callbacks=Callbacks(on_log=_note), member_callbacks=member_cbs,
+                                 resume=resume, prepare_progress=preparing,
+                                 evaluate=args.evaluate, log=_note)
+        finally:
+            bar.close()
+    result = {"runs": [_entry(n, c, v, values["d_in"])
+                       for n, c, v in zip(names, runs, values["runs"], strict=True)],
+              "tokens": values["tokens"], "tokens_per_s": round(values["tokens_per_s"], 1),
+              "wall_s": values["wall_s"]}
+    _write_json(out / "sweep.json", dict(sweep, result=result, finished_at=time.time()))
+    _print_json(result)
+    return 0
