@@ -1,14 +1,14 @@
 """Web app figures for the README: dashboard latency, metric -> WebSocket latency, and how much a
 hundred WebSocket viewers slow a training, and the Training page under 20 concurrent clients
-while a training runs.
+while a training runs. Every part talks to ``run.py`` (gunicorn, as users meet it).
 
     .venv/bin/python bench/web_bench.py [--skip-training] [--viewers 100] [--page-clients 20]
 
 1. Dashboard: 10 jobs and 10,000 metric rows in a real SQLite file; GET / (the Training page,
-   with every card and its SVG charts) 200 times through a live server; p50/p95 in ms.
-2. Latency: a live server, a WebSocket client on /ws/trainings/<id>?format=json; the "worker"
-   (this script, another connection, as the Huey worker would) commits a metric row; the time
-   until the client has the event, over 50 rows; median and max in ms.
+   with every card and its SVG charts) 200 times through ``run.py --no-worker``; p50/p95 in ms.
+2. Latency: ``run.py --no-worker``, a WebSocket client on /ws/trainings/<id>?format=json; the
+   "worker" (this script, another connection, as the Huey worker would) commits a metric row;
+   the time until the client has the event, over 50 rows; median and max in ms.
 3. Training: the same training (minilm-l6 + kjv, layer 3, TopK 8x, batch 1024, 150 steps) run
    headless by the CLI, then by the Huey worker under run.py (one app, trainings in turn): with
    no viewer and with 100 WebSocket viewers (half HTML as browser tabs, half JSON; one
@@ -34,17 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _live_server(data_dir: Path):
-    from werkzeug.serving import make_server
-
-    from webapp import create_app
-
-    app = create_app({"DATA_DIR": str(data_dir)})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"127.0.0.1:{server.server_port}"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def _seed_jobs(n_jobs: int, rows_per_job: int) -> list[int]:
@@ -87,33 +77,44 @@ def dashboard(tmp: Path) -> dict:
     os.environ["SAE_STUDIO_DATA"] = str(tmp)
     init_db(tmp / "app.db")
     ids = _seed_jobs(10, 1000)
-    server, host = _live_server(tmp)
+    app = App(tmp, "--no-worker")
     times = []
-    for i in range(220):
-        t = time.perf_counter()
-        with urllib.request.urlopen(f"http://{host}/") as r:
-            body = r.read()
-        if i >= 20:  # warm-up
-            times.append((time.perf_counter() - t) * 1000)
+    try:
+        for i in range(220):
+            t = time.perf_counter()
+            with urllib.request.urlopen(app.base + "/") as r:
+                body = r.read()
+            if i >= 20:  # warm-up
+                times.append((time.perf_counter() - t) * 1000)
+    finally:
+        app.stop()
     assert body.count(b"<svg") >= 10, "the page should show every card's charts"
     times.sort()
     out = {"jobs": len(ids), "metric_rows": 10_000, "requests": len(times),
            "p50_ms": statistics.median(times), "p95_ms": times[int(0.95 * len(times)) - 1],
            "page_kb": len(body) / 1024}
-    server.shutdown()
     return out
 
 
 def latency(tmp: Path) -> dict:
-    import simple_websocket
-
-    from worker.db import Metric, Training, db, init_db
+    from worker.db import init_db
 
     os.environ["SAE_STUDIO_DATA"] = str(tmp)
     init_db(tmp / "app.db")
     (tid,) = _seed_jobs(1, 10)
-    server, host = _live_server(tmp)
-    ws = simple_websocket.Client.connect(f"ws://{host}/ws/trainings/{tid}?format=json")
+    app = App(tmp, "--no-worker")
+    try:
+        return _latency(app, tid)
+    finally:
+        app.stop()
+
+
+def _latency(app: App, tid: int) -> dict:
+    import simple_websocket
+
+    from worker.db import Metric, Training, db
+
+    ws = simple_websocket.Client.connect(f"ws://{app.host}/ws/trainings/{tid}?format=json")
     deadline = time.time() + 5
     while time.time() < deadline:  # drain the snapshot
         if ws.receive(timeout=0.5) is None:
@@ -136,7 +137,6 @@ def latency(tmp: Path) -> dict:
         delays.append((time.perf_counter() - t0) * 1000)
         time.sleep(0.3)
     ws.close()
-    server.shutdown()
     return {"events": len(delays), "median_ms": statistics.median(delays),
             "max_ms": max(delays)}
 
@@ -158,14 +158,19 @@ def _tokens_per_s(result: dict) -> float | None:
 
 
 class App:
-    """``run.py`` (web server + Huey worker) on a fresh data folder, driven over HTTP."""
+    """``run.py`` (gunicorn + Huey worker; ``args`` e.g. ``--no-worker``) on a data folder,
+    driven over HTTP."""
 
-    def __init__(self, data: Path, env: dict) -> None:
+    def __init__(self, data: Path, *args: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "run.py", "--data-dir", str(data),
-                                      "--port", "0"], cwd=ROOT, env=env,
+                                      "--port", "0", *args], cwd=ROOT, env=ENV,
                                      stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        self.base = re.search(r"http://[^ /]+", line).group(0)
+        for line in self.proc.stdout:
+            if found := re.search(r"SAE Studio: (http://[^ /]+)", line):
+                break
+        else:
+            raise SystemExit("run.py stopped before it printed its URL")
+        self.base = found.group(1)
         self.host = self.base.split("//", 1)[1]
 
     def post(self, path: str, fields: dict) -> dict:
@@ -189,9 +194,21 @@ class App:
         return row
 
     def cpu_s(self) -> float:
-        """CPU seconds (user + system) the web server process has used so far (Linux)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds (user + system) the web server has used so far (Linux): run.py, the
+        gunicorn master, and its web worker (a fork: the same command line; not the Huey
+        consumer)."""
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                ours = int(stat.parent.name) == self.proc.pid or (
+                    int(fields[1]) == self.proc.pid
+                    and b"run.py" in (stat.parent / "cmdline").read_bytes())
+            except (OSError, IndexError):
+                continue
+            if ours:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.send_signal(2)
@@ -252,14 +269,13 @@ def training(tmp: Path, viewers: int, page_clients: int, pairs: int) -> dict:
     run.py with 0 and with ``viewers`` WebSocket viewers (``pairs`` times each, alternated;
     mean tokens/s), then with ``page_clients``
     concurrent clients loading GET / while it trains; tokens/s of each."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     cli = subprocess.run([sys.executable, "-m", "worker", "--data-dir", str(tmp / "cli"),
                           "train", "--model", "minilm-l6", "--dataset", "kjv", "--layer", "3",
                           "--max-tokens", "400000", *TRAIN, "--out", str(tmp / "cli-run")],
-                         capture_output=True, text=True, env=env, check=True)
+                         capture_output=True, text=True, env=ENV, check=True)
     out: dict = {"cli_tokens_per_s": _tokens_per_s(json.loads(cli.stdout.strip()
                                                               .splitlines()[-1]))}
-    app = App(tmp / "web", env)
+    app = App(tmp / "web")
     try:
         m = app.post("/models", {"source": "minilm-l6"})
         d = app.post("/datasets", {"source": "kjv", "max_tokens": "400000"})

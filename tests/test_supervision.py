@@ -91,6 +91,7 @@ def test_a_hung_worker_is_killed_and_its_training_interrupted(tmp_path: Path) ->
         assert time.monotonic() - stopped_at < 12
         assert "no heartbeat" in row["error"]
         wait_for(lambda: not alive(hung), 10, "the hung worker to be killed")
+        wait_for(run.restarts, 10, "the new worker")  # printed after the hung one is reaped
         assert run.restarts() == 1
         new = run.worker()
         assert new != hung and alive(new)
