@@ -231,3 +231,17 @@ def test_the_doors_hold_on_the_real_server(server: RunPy, rows: dict[str, int]) 
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(post, timeout=10)
     assert refused.value.code == 403
+
+
+def test_an_oversize_upload_is_answered_413(data_dir: Path) -> None:
+    """gunicorn answers the app's 413 to a body over --max-upload-mb (no reset connection)."""
+    import requests
+
+    run = RunPy(data_dir, "--no-worker", "--max-upload-mb", "0.0625")
+    try:
+        r = requests.post(run.url + "/datasets", headers={"Accept": "application/json"},
+                          files={"file": ("big.txt", b"word " * 200_000)}, timeout=30)
+        assert r.status_code == 413 and "too large" in r.json()["error"]
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(30) == 0
