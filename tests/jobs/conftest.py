@@ -18,6 +18,11 @@ FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
         "buffer_tokens": "2048", "eval_tokens": "256", "device": "cpu"}
 
 
+def form(model: Any, dataset: Any, **overrides: str) -> dict[str, str]:
+    """The training form for ``model`` and ``dataset`` with the FAST settings, and overrides."""
+    return {"model_id": str(model.id), "dataset_id": str(dataset.id), **FAST, **overrides}
+
+
 @pytest.fixture
 def model(data_dir: Path) -> Any:
     m = jobs.add_model("minilm-l6")

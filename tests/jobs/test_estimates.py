@@ -25,11 +25,7 @@ from worker.jobs.estimates import FIX_FIELDS, calibration
 
 from ..html import element_by_id
 from ..processes import wait_for
-from .conftest import FAST, start_in_thread, status_of
-
-
-def form(model: Any, dataset: Any, **overrides: str) -> dict[str, str]:
-    return {"model_id": str(model.id), "dataset_id": str(dataset.id), **FAST, **overrides}
+from .conftest import form, start_in_thread, status_of
 
 
 @pytest.fixture

@@ -23,11 +23,7 @@ from worker.engine.files import folder_lock
 from worker.progress import TrainingReporter
 
 from ..processes import wait_for
-from .conftest import FAST, start_in_thread, status_of
-
-
-def form(model: Any, dataset: Any, **overrides: str) -> dict[str, str]:
-    return {"model_id": str(model.id), "dataset_id": str(dataset.id), **FAST, **overrides}
+from .conftest import form, start_in_thread, status_of
 
 
 # ---------------------------------------------------------------------------- the form
