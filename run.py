@@ -174,7 +174,7 @@ def serve_production(config: dict, host: str, port: int, threads: int,
     settings = {
         "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
         "workers": 1, "worker_class": "gthread", "threads": threads,
-        "graceful_timeout": GRACE_S, "loglevel": "warning", "proc_name": "sae-studio",
+        "graceful_timeout": GRACE_S, "loglevel": "warning",
         "control_socket_disable": True,  # else every run.py would share ~/.gunicorn/gunicorn.ctl
         "when_ready": lambda arbiter: ready(arbiter.LISTENERS[0].sock.getsockname()[1]),
         "worker_int": lambda worker: live.close_all(),  # the worker got SIGINT or SIGQUIT

@@ -93,6 +93,11 @@ class RunPy:
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
         self.url = wait_for(lambda: self.find(r"(http://127\.0\.0\.1:\d+)/"), 60, "run.py")
 
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 90) -> int:
+        """Send ``sig`` (Ctrl-C by default) and wait: run.py's exit status."""
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
     def find(self, pattern: str) -> str | None:
         """The first group of the newest output line matching ``pattern``."""
         hits = [m.group(1) for line in list(self.lines) if (m := re.search(pattern, line))]

@@ -44,8 +44,7 @@ def server(data_dir: Path, rows: dict[str, int]) -> Iterator[RunPy]:
     run = RunPy(data_dir, "--no-worker")
     yield run
     if run.proc.poll() is None:
-        run.proc.send_signal(signal.SIGINT)
-        run.proc.wait(30)
+        run.stop()
 
 
 def address(run: RunPy) -> str:
@@ -82,16 +81,24 @@ def _frame(s: socket.socket, buf: bytearray) -> tuple[int, bytes]:
     return b0 & 0x0F, _read_exactly(s, buf, size)
 
 
+def upgrade(address: str, path: str, **headers: str) -> socket.socket:
+    """A socket that has sent a browser's WebSocket upgrade request for ``path`` (Host and
+    Origin its own unless given)."""
+    host, port = address.split(":")
+    lines = {"Host": address, "Origin": f"http://{address}", **headers}
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall((f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in lines.items())
+               + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    return s
+
+
 def raw_websocket(address: str, path: str) -> tuple[list[tuple[int, bytes]], bytes]:
     """Open ``path`` as a browser does, read the frames up to the server's close frame, then
     read until the server ends the connection: the frames (opcode, payload) and every byte that
     came after the close frame."""
-    host, port = address.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nOrigin: http://{address}\r\n"
-                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    with upgrade(address, path) as s:
         buf = bytearray()
         while b"\r\n\r\n" not in buf:
             chunk = s.recv(65536)
@@ -116,14 +123,12 @@ def test_run_py_serves_with_gunicorn_and_debug_with_werkzeug(data_dir: Path) -> 
         assert server_header(run) == "gunicorn"
         assert "no worker" in run.find(r"(SAE Studio: http.*)")
     finally:
-        run.proc.send_signal(signal.SIGINT)
-        assert run.proc.wait(30) == 0
+        assert run.stop() == 0
     debug = RunPy(data_dir, "--no-worker", "--debug")
     try:
         assert server_header(debug).startswith("Werkzeug/")
     finally:
-        debug.proc.send_signal(signal.SIGINT)
-        assert debug.proc.wait(30) == 0
+        assert debug.stop() == 0
 
 
 @pytest.mark.parametrize("which", ["completed", "missing"])
@@ -186,8 +191,7 @@ def test_a_signal_stops_at_once_and_closes_the_viewers(server: RunPy, rows: dict
     for ws in viewers:
         assert ws.receive(timeout=10)
     start = time.monotonic()
-    server.proc.send_signal(sig)
-    assert server.proc.wait(30) == 0
+    assert server.stop(sig, 30) == 0
     assert time.monotonic() - start < 4
     for ws in viewers:
         with pytest.raises(simple_websocket.ConnectionClosed):
@@ -200,7 +204,7 @@ def test_the_web_worker_exits_when_run_py_is_killed(server: RunPy,
                                                     rows: dict[str, int]) -> None:
     """gunicorn's worker checks its parent: SIGKILL of run.py (the master) leaves no web worker
     behind, not even one with a viewer connected."""
-    (web,) = children(server.proc.pid)
+    (web,) = wait_for(lambda: children(server.proc.pid), 10, "the web worker")
     ws = simple_websocket.Client.connect(
         f"ws://{address(server)}/ws/trainings/{rows['training']}")
     try:
@@ -215,16 +219,10 @@ def test_the_web_worker_exits_when_run_py_is_killed(server: RunPy,
 
 def test_the_doors_hold_on_the_real_server(server: RunPy, rows: dict[str, int]) -> None:
     """The app's Host and Origin checks see the headers as sent through gunicorn."""
-    host = address(server)
-    evil = {"Host": "evil.example", "Origin": f"http://{host}"}
-    for headers, status in ((evil, 403), ({"Origin": "http://evil.example"}, 403),
-                            ({"Origin": f"http://{host}"}, 101)):
-        lines = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host, **headers}.items())
-        with socket.create_connection(("127.0.0.1", int(host.split(":")[1])), timeout=10) as s:
-            s.sendall(f"GET /ws/trainings/{rows['training']} HTTP/1.1\r\n{lines}"
-                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                      "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    path = f"/ws/trainings/{rows['training']}"
+    for headers, status in (({"Host": "evil.example"}, 403),
+                            ({"Origin": "http://evil.example"}, 403), ({}, 101)):
+        with upgrade(address(server), path, **headers) as s:
             assert int(s.recv(4096).split()[1]) == status, headers
     post = urllib.request.Request(server.url + f"/trainings/{rows['training']}/stop",
                                   data=b"", headers={"Origin": "http://evil.example"})
@@ -243,5 +241,4 @@ def test_an_oversize_upload_is_answered_413(data_dir: Path) -> None:
                           files={"file": ("big.txt", b"word " * 200_000)}, timeout=30)
         assert r.status_code == 413 and "too large" in r.json()["error"]
     finally:
-        run.proc.send_signal(signal.SIGINT)
-        assert run.proc.wait(30) == 0
+        assert run.stop() == 0
