@@ -68,6 +68,15 @@ def test_calibrated_by_a_real_training(model: LanguageModel, dataset: Any,
     wider = jobs.estimate(model, dict(values, expansion_factor="16"))
     assert wider["time_s"] > same["time_s"] + 0.3 * cal.train_s
 
+    # Another model on this device: a range around this one's FLOP rate and set-up, until it
+    # has a training of its own (a copy of MiniLM's row: the range holds MiniLM's figure).
+    copy = LanguageModel.create(**{f: getattr(model, f) for f in model._meta.fields
+                                   if f not in ("id", "name")}, name="minilm copy")
+    other = jobs.estimate(copy, values)
+    low, high = other["time_range_s"]
+    assert other["time_s"] is None and low < same["time_s"] < high
+    assert f"training #{t.id} of another model" in other["time_basis"]
+
     # A second completed run replaces the row; a Retry's (resumed) attempt is no clean sample.
     again = jobs.create_training(values)
     assert calibration(model.id, "cpu").training_id == again.id

@@ -5,9 +5,10 @@ The memory budget is the newest worker's device memory, or the reference device'
 worker reported yet. The time comes from what the worker measured: when a training of this
 model completed on this device, its phases (``db.Calibration``: setup, the training loop,
 the held-out evaluation, finishing; written by ``record_calibration``) scaled to the form's
-steps, sizes and evaluation tokens give one figure. Before that, a range from the worker's
-matmul speed (``WorkerHeartbeat.gflops``) and a wide band of the fraction of it a training
-reaches, labelled as a guess. A form with a bad field gets neither figure.
+steps, sizes and evaluation tokens give one figure. Before that, a range labelled as a guess:
+from the FLOP rate another model's training reached on the device, else from the worker's
+matmul speed (``WorkerHeartbeat.gflops``) with a wide band of the fraction of it a training
+reaches. A form with a bad field gets neither figure.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ MFU_BAND = (0.03, 0.6)
 lowest and highest: the range's high and low end."""
 SETUP_BAND_S = (5.0, 60.0)
 """An uncalibrated run's setup and finishing (model load, buffer fill, saves), seconds."""
+OTHER_MODEL_BAND = 2.5
+"""Before this model's calibration, with another model's on the device: the range is its FLOP
+rate and set-up and finishing seconds divided and multiplied by this."""
 EVAL_PASSES = 3
 """Whole-model forward passes per held-out token in the text evaluation (clean, with the SAE
 spliced in, with the layer zeroed)."""
@@ -142,15 +146,26 @@ def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device:
                 "time_basis": f"Measured on {cal.device} from training #{cal.training_id}, "
                               "scaled to these steps, sizes and evaluation tokens (a dataset's "
                               "first tokenisation adds to it)."}
-    if not gflops:
-        return {"time_basis": "No worker has reported its speed yet."}
     flops = tokens * fpt + cfg.eval_tokens * EVAL_PASSES * model_flops_per_token(model, 10**9)
-    speed = float(gflops) * 1e9
-    low = SETUP_BAND_S[0] + flops / (speed * MFU_BAND[1])
-    high = SETUP_BAND_S[1] + flops / (speed * MFU_BAND[0])
-    return {"time_range_s": [round(low, 1), round(high, 1)],
-            "time_basis": f"A guess from {device}'s matmul speed ({float(gflops):,.0f} GFLOP/s) "
-                          f"until a training of {model.name} completes there."}
+    until = f"until a training of {model.name} completes there."
+    other = None if device is None else Calibration.select() \
+        .where(Calibration.device == device_key(device)) \
+        .order_by(Calibration.updated_at.desc()).first()
+    if other is not None:  # another model's training on this device: its FLOP rate and set-up
+        rate = other.flops_per_token * other.train_tokens / other.train_s
+        fixed = other.setup_s + other.finish_s
+        low = fixed / OTHER_MODEL_BAND + flops / (rate * OTHER_MODEL_BAND)
+        high = fixed * OTHER_MODEL_BAND + flops * OTHER_MODEL_BAND / rate
+        basis = (f"A guess from the speed training #{other.training_id} of another model "
+                 f"reached on {other.device} ({rate / 1e9:,.0f} GFLOP/s) {until}")
+    elif gflops:
+        speed = float(gflops) * 1e9
+        low = SETUP_BAND_S[0] + flops / (speed * MFU_BAND[1])
+        high = SETUP_BAND_S[1] + flops / (speed * MFU_BAND[0])
+        basis = f"A guess from {device}'s matmul speed ({float(gflops):,.0f} GFLOP/s) {until}"
+    else:
+        return {"time_basis": "No worker has reported its speed yet."}
+    return {"time_range_s": [round(low, 1), round(high, 1)], "time_basis": basis}
 
 
 def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str, Any]:
