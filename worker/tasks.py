@@ -281,7 +281,6 @@ def _train(t: Training, out_dir: Path) -> None:
     else:
         status, error = "completed", None
     eval_ended = time.time()
-    evaluated = bool(values["eval"].get("report"))  # the held-out report was written
     if "report" in values["eval"]:
         values["eval"]["report"] = bool(values["eval"]["report"])  # the API's flag
     with db.atomic():
@@ -292,8 +291,7 @@ def _train(t: Training, out_dir: Path) -> None:
         from .jobs.estimates import record_calibration
 
         try:
-            record_calibration(training_id, cfg, reporter.timings, tokens=values["tokens"],
-                               evaluated=evaluated, eval_ended=eval_ended)
+            record_calibration(training_id, cfg, reporter.timings, values, eval_ended)
         except Exception:  # the training stands; only the time estimate misses it
             log.exception("Recording the timings of training %s failed", training_id)
 

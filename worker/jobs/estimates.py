@@ -73,12 +73,13 @@ def flops_per_token(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: in
 
 
 # ---------------------------------------------------------------------------- the worker's side
-def record_calibration(training_id: int, cfg: TrainConfig, timings: AttemptTimings, *,
-                       tokens: int, evaluated: bool, eval_ended: float) -> Calibration | None:
-    """Store how a completed fresh attempt's phases took (one row per model and device,
-    replaced), from the row's ``attempt_started_at`` and ``finished_at`` and the reporter's
-    ``timings``; ``tokens`` trained, ``evaluated`` when the held-out evaluation ran, ending at
-    ``eval_ended`` (epoch seconds). Returns None when the attempt never stepped."""
+def record_calibration(training_id: int, cfg: TrainConfig, timings: AttemptTimings,
+                       values: Mapping[str, Any], eval_ended: float) -> Calibration | None:
+    """Store how long a completed fresh attempt's phases took (one row per model and device,
+    replaced), from the row's ``attempt_started_at`` and ``finished_at``, the reporter's
+    ``timings``, the run's result ``values`` (its ``tokens``; its ``eval["report"]`` when the
+    held-out evaluation wrote one) and when that evaluation ended (``eval_ended``, epoch
+    seconds). Returns None when the attempt never stepped."""
     t = Training.get_by_id(training_id)
     model = t.model
     if timings.first_step is None or timings.last_metrics is None or not model.hidden_dim \
@@ -89,18 +90,18 @@ def record_calibration(training_id: int, cfg: TrainConfig, timings: AttemptTimin
     total = t.finished_at - t.attempt_started_at - timings.paused_s - build
     setup = max(0.0, timings.first_step - t.attempt_started_at - build)
     train = max(1e-3, timings.last_metrics - timings.first_step - timings.paused_s)
-    eval_s = max(0.0, eval_ended - timings.eval_started) \
-        if evaluated and timings.eval_started is not None else 0.0
-    values = dict(training_id=training_id, setup_s=setup, token_build_s=build, train_s=train,
-                  train_tokens=max(1, tokens),
-                  flops_per_token=flops_per_token(model, cfg, d_in, cfg.d_sae(d_in)),
-                  eval_s=eval_s, eval_tokens=cfg.eval_tokens if eval_s else 0,
-                  finish_s=max(0.0, total - setup - train - eval_s), total_s=total)
+    began = timings.eval_started
+    eval_s = max(0.0, eval_ended - began) if began and values["eval"].get("report") else 0.0
+    row = dict(training_id=training_id, setup_s=setup, token_build_s=build, train_s=train,
+               train_tokens=max(1, int(values["tokens"])),
+               flops_per_token=flops_per_token(model, cfg, d_in, cfg.d_sae(d_in)),
+               eval_s=eval_s, eval_tokens=cfg.eval_tokens if eval_s else 0,
+               finish_s=max(0.0, total - setup - train - eval_s), total_s=total)
     key = device_key(t.device)
     with db.atomic():
         Calibration.delete().where((Calibration.model == model.id)
                                    & (Calibration.device == key)).execute()
-        return Calibration.create(model=model.id, device=key, **values)
+        return Calibration.create(model=model.id, device=key, **row)
 
 
 def calibration(model_id: int, device: str | None) -> Calibration | None:
