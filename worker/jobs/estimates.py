@@ -28,9 +28,14 @@ if TYPE_CHECKING:
 REFERENCE_BUDGET = 6 * 10**9
 """Memory budget without a worker heartbeat (bytes): the reference Jetson Orin Nano (6 GB
 usable)."""
-MFU_BAND = (0.03, 0.6)
+MFU_BAND = (0.03, 1.5)
 """The fraction of the measured matmul speed an uncalibrated run's FLOPs are assumed to reach,
-lowest and highest: the range's high and low end."""
+lowest and highest: the range's high and low end. Above 1: the worker's small fp32 matmul
+(``tasks.measure_device``) runs below the speed of a training's larger ones (measured on this
+2-core CPU: MiniLM at 0.05-1.5 times it)."""
+HALF_SPEEDUP = 4.0
+"""bf16 / fp16 runs: how much faster than the measured fp32 matmul they may get (tensor cores);
+the band's highest fraction is multiplied by it."""
 SETUP_BAND_S = (5.0, 60.0)
 """An uncalibrated run's setup and finishing (model load, buffer fill, saves), seconds."""
 OTHER_MODEL_BAND = 2.5
@@ -134,7 +139,7 @@ def after_training_s(model_id: int, device: str | None, eval_tokens: int) -> flo
 
 # ---------------------------------------------------------------------------- the form's side
 def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device: str | None,
-          gflops: float | None) -> dict[str, Any]:
+          precision: str, gflops: float | None) -> dict[str, Any]:
     """The time keys of the estimate: calibrated (a point figure), a guessed range, or none."""
     tokens = cfg.total_steps * cfg.batch_size
     fpt = flops_per_token(model, cfg, d_in, d_sae)
@@ -161,7 +166,8 @@ def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device:
                  f"reached on {other.device} ({rate / 1e9:,.0f} GFLOP/s) {until}")
     elif gflops:
         speed = float(gflops) * 1e9
-        low = SETUP_BAND_S[0] + flops / (speed * MFU_BAND[1])
+        fastest = MFU_BAND[1] * (HALF_SPEEDUP if precision in ("bf16", "fp16") else 1.0)
+        low = SETUP_BAND_S[0] + flops / (speed * fastest)
         high = SETUP_BAND_S[1] + flops / (speed * MFU_BAND[0])
         basis = f"A guess from {device}'s matmul speed ({float(gflops):,.0f} GFLOP/s) {until}"
     else:
@@ -229,5 +235,6 @@ def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str
         out["warning"] = (f"This run needs about {total / 2**30:.1f} GiB but the budget is "
                           f"{budget / 2**30:.1f} GiB ({source}); lower the batch size, "
                           "micro-batch size or number of latents.")
-    out.update(_time(model, cfg, d_in, d_sae, device, hb.gflops if hb is not None else None))
+    out.update(_time(model, cfg, d_in, d_sae, device, precision,
+                     hb.gflops if hb is not None else None))
     return out
