@@ -68,16 +68,19 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
     fraction = min(1.0, step / total) if total else 0.0
     if t.status == "completed":
         fraction = 1.0
-    eta, eta_to = None, "last step"
+    eta, eta_to, after = None, "last step", None
+    if t.status in ("training", "evaluating"):  # the evaluation and finishing, as measured
+        after = jobs.after_training_s(t.model_id, t.device, int(cfg.get("eval_tokens") or 0))
     if t.status == "training" and total > step:
         tps, batch = latest.get("tokens_per_s"), cfg.get("batch_size")
         if tps and batch:
             eta = (total - step) * float(batch) / float(tps)
         elif elapsed and step:
             eta = elapsed / step * (total - step)
-        after = jobs.after_training_s(t.model_id, t.device, int(cfg.get("eval_tokens") or 0))
-        if eta is not None and after is not None:  # the evaluation and finishing, as measured
+        if eta is not None and after is not None:
             eta, eta_to = eta + after, "completed"
+    elif t.status == "evaluating" and after is not None:
+        eta, eta_to = after * (1.0 - float(t.eval_progress or 0.0)), "completed"
     estimate = t.estimate or {}
     d_sae = estimate.get("d_sae") or cfg.get("latent_dim")
     if d_sae is None and t.model.hidden_dim:

@@ -180,7 +180,13 @@ def test_card_eta_to_completed(model: LanguageModel, dataset: Any, client: Any,
     assert "ETA (to completed)" in facts
     assert jobs.after_training_s(model.id, "cpu", 256) == pytest.approx(after)
     with db.atomic():
-        Training.update(device="mps").where(Training.id == running.id).execute()
+        Training.update(status="evaluating", eval_progress=1.0).where(Training.id == running.id) \
+            .execute()
+    html = client.get(f"/trainings/{running.id}", headers={"HX-Request": "true"}).data.decode()
+    assert "ETA (to completed) 0s" in element_by_id(html, f"training-{running.id}-progress").text
+    with db.atomic():  # no calibration on this device: the steps' ETA alone, labelled so
+        Training.update(status="training", device="mps").where(Training.id == running.id) \
+            .execute()
     html = client.get(f"/trainings/{running.id}", headers={"HX-Request": "true"}).data.decode()
     assert "ETA (to last step) 10s" in element_by_id(html, f"training-{running.id}-progress") \
         .text
