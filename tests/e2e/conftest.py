@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import RunPy
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,32 +28,15 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    data = tmp_path_factory.mktemp("e2e-data")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "run.py", "--data-dir", str(data), "--port", "0"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    url = None
-    deadline = time.time() + 60
-    lines = []
-    while time.time() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-        if m:
-            url = m.group(1)
-    if url is None:
-        proc.kill()
-        pytest.fail("run.py did not print its URL:\n" + "".join(lines))
-    yield url
-    proc.send_signal(signal.SIGINT)
+    """run.py (gunicorn + a Huey consumer) on a fresh data folder: its URL. Its output is read
+    all along (a full pipe would stall it); Ctrl-C at the end must stop it with status 0."""
+    run = RunPy(tmp_path_factory.mktemp("e2e-data"))
+    yield run.url
     try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    assert proc.returncode == 0, "run.py should stop cleanly on Ctrl-C"
+        assert run.stop() == 0, "run.py should stop cleanly on Ctrl-C:\n" + "".join(run.lines)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
 
 
 @pytest.fixture(scope="module")
