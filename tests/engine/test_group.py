@@ -57,15 +57,23 @@ def test_two_layer_sweep_matches_solo_runs_and_exports_name_their_layer(
     names = unique_names(runs)
     logs: list[str] = []
     out = train_group(runs, [tmp_path / n for n in names], data_dir=tmp_path / "data",
-                      device=CPU, callbacks=Callbacks(on_log=logs.append))
+                      device=CPU, log=logs.append)
     assert [Path(r["out"]).name for r in out["runs"]] == names
     assert out["tokens"] == 30 * 128 and out["tokens_per_s"] > 0
     solo = train_and_evaluate(runs[1], tmp_path / "solo", data_dir=tmp_path / "data",
-                              device=CPU, evaluate=False)
+                              device=CPU)
     group_w, solo_w = _weights(tmp_path / names[1]), _weights(tmp_path / "solo")
     for key in solo_w:
         torch.testing.assert_close(group_w[key], solo_w[key], rtol=0, atol=0)
     assert out["runs"][1]["fvu"] == solo["fvu"]
+    # One evaluation pass for the group (a shared clean forward) reports what one SAE's does
+    group_report = json.loads((tmp_path / names[1] / "eval" / "report.json").read_text())
+    solo_report = json.loads((tmp_path / "solo" / "eval" / "report.json").read_text())
+    for key in ("fvu", "l0", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "kl_div",
+                "dead", "dense", "scored_tokens"):
+        assert group_report[key] == pytest.approx(solo_report[key], rel=1e-6), key
+    assert group_report["histogram"] == solo_report["histogram"]
+    assert any("Report ready (L1-topk-k8-x4-s0)" in line for line in logs)
     for name, cfg, values in zip(names, runs, out["runs"], strict=True):
         folder = tmp_path / name
         meta = json.loads((folder / "saelens" / "cfg.json").read_text())

@@ -34,11 +34,12 @@ from torch import Tensor, nn
 
 from .devices import halve_on_oom
 from .errors import ConfigError, DataError
-from .evaluator import EvalOptions, Evaluator, TopN, Totals
+from .evaluator import BatchCache, EvalOptions, Evaluator, TopN, Totals
 from .files import json_safe, replace_folder
 from .models import LoadedModel
 
-__all__ = ["EvalOptions", "Evaluation", "evaluate_sae", "load_evaluation", "save_evaluation"]
+__all__ = ["EvalOptions", "Evaluation", "GroupSAE", "evaluate_sae", "evaluate_saes",
+           "load_evaluation", "save_evaluation"]
 
 FORMAT = "sae-studio-eval/1"
 LATENTS_FORMAT = "sae-studio-latents/1"
@@ -176,41 +177,86 @@ def evaluate_sae(
     ``model`` (default: the model's name), ``step`` and ``created_at``. ``progress(fraction,
     message)`` is called after each batch. The top contexts' indices are rows of ``contexts``.
     """
+    return evaluate_saes([GroupSAE(sae, scale, layer, hook_point, meta or {})], loaded, contexts,
+                         special_ids=special_ids, device=device, autocast_dtype=autocast_dtype,
+                         options=options, progress=progress)[0]
+
+
+@dataclass
+class GroupSAE:
+    """One SAE of ``evaluate_saes``: trained on activations times ``scale`` at ``hook_point``
+    of block ``layer``; ``meta`` as ``evaluate_sae``'s."""
+
+    sae: nn.Module
+    scale: float
+    layer: int
+    hook_point: str
+    meta: dict[str, Any]
+
+
+def evaluate_saes(
+    saes: Sequence[GroupSAE],
+    loaded: LoadedModel,
+    contexts: np.ndarray | Tensor,
+    *,
+    special_ids: Sequence[int] = (),
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    options: EvalOptions | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[Evaluation]:
+    """``evaluate_sae`` for several SAEs of one model on the same contexts, in one pass over
+    them: per batch the clean forward runs once for all (``evaluator.BatchCache``), the
+    zero-ablated forward once per hook, the spliced forward once per SAE. One Evaluation per
+    SAE, in order; each is what ``evaluate_sae`` gives for that SAE alone."""
     opts = options or EvalOptions()
     _check_options(opts)
-    meta = dict(meta or {})
     n, t = _check_contexts(contexts, loaded)
     dev = torch.device(device)
     model = loaded.model
-    model_training, sae_training = model.training, sae.training
+    model_training = model.training
+    sae_training = [g.sae.training for g in saes]
     model.to(dev).eval()
-    sae.to(dev).eval()
+    for g in saes:
+        g.sae.to(dev).eval()
     special = torch.tensor(sorted({int(i) for i in special_ids}), dtype=torch.long, device=dev)
-    ev = Evaluator(sae, scale, loaded, layer, hook_point, special, dev, autocast_dtype, opts)
-    total = Totals(ev.d_sae, dev)
-    top = TopN.empty(ev.d_sae, opts.top_n, ev.W, dev)
+    evs = [Evaluator(g.sae, g.scale, loaded, g.layer, g.hook_point, special, dev,
+                     autocast_dtype, opts) for g in saes]
+    totals = [Totals(ev.d_sae, dev) for ev in evs]
+    tops = [TopN.empty(ev.d_sae, opts.top_n, ev.W, dev) for ev in evs]
 
-    def batch_at(a: int, size: int) -> tuple[Totals, TopN]:
-        """Contexts ``a`` to ``a + size - 1``."""
-        return ev.run_batch(_batch(contexts, a, a + size, dev), a)
+    def batch_at(a: int, size: int) -> list[tuple[Totals, TopN]]:
+        """Contexts ``a`` to ``a + size - 1``, through every SAE."""
+        ids = _batch(contexts, a, a + size, dev)
+        shared = BatchCache(evs)
+        return [ev.run_batch(ids, a, shared) for ev in evs]
 
     try:
         with torch.no_grad():
             a, size = 0, opts.batch_contexts
             while a < n:
-                (stats, batch_top), size = halve_on_oom(partial(batch_at, a), min(size, n - a))
-                total.merge(stats)
-                top = top.merge(batch_top)
+                results, size = halve_on_oom(partial(batch_at, a), min(size, n - a))
+                for i, (stats, batch_top) in enumerate(results):
+                    totals[i].merge(stats)
+                    tops[i] = tops[i].merge(batch_top)
                 a += size
                 if progress is not None:
                     progress(a / n, f"Evaluated {a} of {n} held-out contexts")
     finally:
         model.train(model_training)
-        sae.train(sae_training)
+        for g, was in zip(saes, sae_training, strict=True):
+            g.sae.train(was)
 
-    if total.n == 0:
+    if totals[0].n == 0:
         raise DataError("No held-out token was scored: every position is position 0 or a "
                         "special token; use longer contexts.")
+    return [_evaluation(ev, total, top, loaded, dict(g.meta), n, t)
+            for ev, total, top, g in zip(evs, totals, tops, saes, strict=True)]
+
+
+def _evaluation(ev: Evaluator, total: Totals, top: TopN, loaded: LoadedModel,
+                meta: dict[str, Any], n: int, t: int) -> Evaluation:
+    """One SAE's report, per-latent tensors and vocabulary from its totals and top-N."""
     report = _report(ev, total, loaded, meta, n, t)
     fired = total.fired.cpu()
     freq = fired.double() / total.n

@@ -16,6 +16,10 @@
    positions replaced by the reconstructions (the other positions unchanged);
 3. (causal LMs only) zero-ablated forward: the scored positions set to 0.
 
+In a group (``BatchCache``, several SAEs of one model on one batch) the clean forward runs once
+for every SAE, capturing every hook, and the zero-ablated forward once per hook; the spliced
+forward is each SAE's own.
+
 CE losses and KL come from the model's logits (log-softmax in float32), over every predicted
 position (``T - 1`` per context). Memory is bounded by the batch: the dense latents of one group
 of contexts (``_CHUNK_ELEMENTS``), the batch's logits, and the top-N ``[d_sae, N, W]``.
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .models import LoadedModel, hook_module, hook_not_reached, run_to
+from .models import LoadedModel, hook_module, hook_not_reached, run_to_many
 
 _CHUNK_ELEMENTS = 1 << 25  # dense latents per SAE chunk (128 MiB in float32); >= 1 context
 
@@ -164,6 +168,7 @@ class Evaluator:
         self.causal = bool(loaded.info.is_causal)
         self.d_sae, self.d_in = int(sae.d_sae), int(sae.d_in)
         self.W = options.window_before + 1 + options.window_after
+        self.hook = (layer, hook_point)
         self.module = hook_module(self.model, layer, hook_point)
         # the hook of the causal forwards: mode "capture" | "splice" | "zero"
         self._mode = "capture"
@@ -221,37 +226,32 @@ class Evaluator:
             raise hook_not_reached(self.model, self.layer, self.hook_point)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    def _clean(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The clean forward: activations ``[B, T, d_in]`` float32 and the logits (None for a
-        model that is not a causal LM: it runs only as far as the hooked module)."""
-        b, t = ids.shape
-        if not self.causal:
-            act = self._checked(run_to(self.model, self.layer, self.hook_point, input_ids=ids),
-                                b, t)
-            return act.detach().reshape(b, t, -1).to(torch.float32, copy=True), None
-        logits = self._forward(ids, "capture")
-        acts, self._captured = self._captured, None
-        return acts, logits
-
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- one batch of contexts
-    def run_batch(self, ids: Tensor, start: int) -> tuple[Totals, TopN]:
-        """Evaluate ``ids`` [B, T] (global context indices start at ``start``)."""
-        b, t = ids.shape
-        mask = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+    def scored(self, ids: Tensor) -> Tensor:
+        """The positions of ``ids`` [B, T] that are scored: not position 0, not special ids."""
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         if self.opt.exclude_pos0:
             mask[:, 0] = False
         if self.opt.exclude_special and len(self.special):
             mask &= ~torch.isin(ids, self.special)
-        self._mask = mask
+        return mask
+
+    def run_batch(self, ids: Tensor, start: int, shared: BatchCache | None = None
+                  ) -> tuple[Totals, TopN]:
+        """Evaluate ``ids`` [B, T] (global context indices start at ``start``); ``shared``
+        holds what this SAE's group shares for the batch (a fresh one for an SAE alone)."""
+        shared = shared or BatchCache([self])
+        b, t = ids.shape
+        mask = self._mask = self.scored(ids)
         stats = Totals(self.d_sae, self.device)
         top = TopN.empty(self.d_sae, self.opt.top_n, self.W, self.device)
 
-        acts, clean = self._clean(ids)
+        acts, clean = shared.clean(self, ids)
         recon, top = self._sae_pass(acts, ids, mask, start, stats, top)
         del acts
 
@@ -270,14 +270,20 @@ class Evaluator:
                 kl = torch.where(p_clean > 0, p_clean * (lp_clean - lp_spliced), 0.0)
                 stats.kl += float(kl.sum())
             del spliced
-            zero = self._forward(ids, "zero")
-            for i in range(b):
-                lp_zero = F.log_softmax(zero[i, :-1].float(), dim=-1)
-                stats.ce_zero -= float(lp_zero.gather(1, targets[i].unsqueeze(1)).sum())
-            del zero
+            stats.ce_zero -= shared.zero_log_likelihood(self, ids)
             stats.n_pred = b * (t - 1)
         self._mask = None
         return stats, top
+
+    def zero_log_likelihood(self, ids: Tensor) -> float:
+        """Summed next-token log-likelihood of the zero-ablated forward (causal LMs)."""
+        zero = self._forward(ids, "zero")
+        targets = ids[:, 1:]
+        total = 0.0
+        for i in range(ids.shape[0]):
+            lp_zero = F.log_softmax(zero[i, :-1].float(), dim=-1)
+            total += float(lp_zero.gather(1, targets[i].unsqueeze(1)).sum())
+        return total
 
     def _sae_pass(self, acts: Tensor, ids: Tensor, mask: Tensor, start: int, stats: Totals,
                   top: TopN) -> tuple[Tensor, TopN]:
@@ -335,3 +341,54 @@ class Evaluator:
         # running.merge(cand) keeps N columns even when k < N
         return TopN(vals.T.contiguous(), (ctx + start).T.contiguous(), pos.T.contiguous(),
                     tokens.contiguous(), window_acts.contiguous())
+
+
+class BatchCache:
+    """What the SAEs of one model share on one batch of contexts: the clean forward (one pass
+    that captures every evaluator's hook; the logits of a causal LM) and, per hook, the
+    zero-ablated forward's log-likelihood. Made for each batch; ``evaluators`` in any order."""
+
+    def __init__(self, evaluators: list[Evaluator]) -> None:
+        self.evaluators = evaluators
+        self._clean: tuple[dict[tuple[int, str], Tensor], Tensor | None] | None = None
+        self._zero: dict[tuple[int, str], float] = {}
+
+    def clean(self, ev: Evaluator, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``ev``'s activations ``[B, T, d_in]`` float32 and the logits (None for a model that
+        is not a causal LM: it runs only as far as the deepest hook)."""
+        if self._clean is None:
+            self._clean = self._clean_pass(ev, ids)
+        acts, logits = self._clean
+        return acts[ev.hook], logits
+
+    def _clean_pass(self, asking: Evaluator, ids: Tensor
+                    ) -> tuple[dict[tuple[int, str], Tensor], Tensor | None]:
+        b, t = ids.shape
+        by_hook = {e.hook: e for e in self.evaluators}
+        if not asking.causal:
+            outs = run_to_many(asking.model, list(by_hook), input_ids=ids)
+            return {hook: by_hook[hook]._checked(out, b, t).detach().reshape(b, t, -1)
+                    .to(torch.float32, copy=True) for hook, out in zip(by_hook, outs,
+                                                                      strict=True)}, None
+        handles = []
+        for e in by_hook.values():
+            e._mode, e._calls, e._mask = "capture", 0, asking._mask
+            handles.append(e.module.register_forward_hook(e._hook))
+        try:
+            out = asking.model(input_ids=ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        acts = {}
+        for hook, e in by_hook.items():
+            if e._calls == 0:
+                raise hook_not_reached(e.model, *hook)
+            acts[hook], e._captured = e._captured, None
+            if e is not asking:
+                e._mask = None
+        return acts, out.logits if hasattr(out, "logits") else out[0]
+
+    def zero_log_likelihood(self, ev: Evaluator, ids: Tensor) -> float:
+        if ev.hook not in self._zero:
+            self._zero[ev.hook] = ev.zero_log_likelihood(ids)
+        return self._zero[ev.hook]

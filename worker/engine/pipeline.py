@@ -17,6 +17,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,37 +214,61 @@ def evaluate_run(
     trained.
     Returns the report dict, or None when ``evaluation_skipped(cfg)`` gives a reason.
     """
-    from .evaluate import EvalOptions, evaluate_sae, save_evaluation
-
     if evaluation_skipped(cfg):
         return None
-    meta = meta or {}
-    layer = cfg.layer if cfg.layer is not None else meta.get("layer")
-    cfg = cfg.replace(layer=layer, hook_point=meta.get("hook_point", cfg.hook_point),
-                      context_size=meta.get("context_size") or cfg.context_size)
-    loaded, store, layer = load_for_extraction(cfg, data_dir, device, progress)
+    return evaluate_runs([EvalTarget(cfg, sae, scale, Path(out_dir), step, meta or {})],
+                         data_dir=data_dir, device=device, precision=precision,
+                         progress=progress)[0]
+
+
+@dataclass
+class EvalTarget:
+    """A trained SAE to evaluate: its config, weights, input scale, run folder, step and the
+    activation source's metadata (``evaluate_run``'s arguments)."""
+
+    cfg: TrainConfig
+    sae: Any
+    scale: float
+    out_dir: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def evaluate_runs(targets: list[EvalTarget], *, data_dir: Path, device: torch.device,
+                  precision: str = "fp32", progress: Progress | None = None
+                  ) -> list[dict[str, Any]]:
+    """``evaluate_run`` for SAEs of one model and corpus (a sweep's): the model and the
+    held-out contexts are loaded once and every batch's clean forward serves them all
+    (``evaluate.evaluate_saes``). Returns each one's report, in order."""
+    from .evaluate import EvalOptions, GroupSAE, evaluate_saes, save_evaluation
+
+    cfgs = []
+    for t in targets:
+        layer = t.cfg.layer if t.cfg.layer is not None else t.meta.get("layer")
+        cfgs.append(t.cfg.replace(
+            layer=layer, hook_point=t.meta.get("hook_point", t.cfg.hook_point),
+            context_size=t.meta.get("context_size") or t.cfg.context_size))
+    cfg = cfgs[0]
+    loaded, store, _ = load_for_extraction(cfg, data_dir, device, progress)
     contexts = heldout_contexts(store, cfg.eval_tokens)
     if not len(contexts):
         raise DataError(f"The corpus has too few contexts ({store.n_contexts}) to hold any out "
                         "for evaluation.")
     options = EvalOptions(dense_threshold=cfg.dense_threshold, exclude_pos0=cfg.exclude_pos0,
                           exclude_special=cfg.exclude_special)
-    was_training = sae.training
-    sae.eval()
-    try:
-        ev = evaluate_sae(
-            sae, scale, loaded, contexts, layer, cfg.hook_point,
-            special_ids=store.special_ids if cfg.exclude_special else (), device=device,
-            autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-            options=options,
-            meta={"model": meta.get("model_name") or loaded.info.name, "layer": layer,
-                  "hook_point": cfg.hook_point,
-                  "step": step, "context_size": store.context_size},
-            progress=progress)
-    finally:
-        sae.train(was_training)
-    save_evaluation(ev, Path(out_dir) / "eval")
-    return ev.report
+    saes = [GroupSAE(t.sae, t.scale, c.layer, c.hook_point,
+                     {"model": t.meta.get("model_name") or loaded.info.name, "layer": c.layer,
+                      "hook_point": c.hook_point, "step": t.step,
+                      "context_size": store.context_size})
+            for t, c in zip(targets, cfgs, strict=True)]
+    evaluations = evaluate_saes(
+        saes, loaded, contexts,
+        special_ids=store.special_ids if cfg.exclude_special else (), device=device,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+        options=options, progress=progress)
+    for ev, t in zip(evaluations, targets, strict=True):
+        save_evaluation(ev, t.out_dir / "eval")
+    return [ev.report for ev in evaluations]
 
 
 EVAL_SUMMARY_KEYS = ("tokens", "scored_tokens", "fvu", "explained_variance", "l0",
@@ -298,9 +323,9 @@ def train_and_evaluate(
     if not (evaluate() if callable(evaluate) else evaluate):
         return values
     del source, trainer.source  # free a live model before the evaluation loads it again
-    return held_out_evaluation(values, cfg, trainer, out_dir, data_dir=data_dir, meta=meta,
+    return held_out_evaluation([values], [trainer], [out_dir], data_dir=data_dir, metas=[meta],
                                log=log, on_eval_start=on_eval_start,
-                               eval_progress=eval_progress, on_eval_error=on_eval_error)
+                               eval_progress=eval_progress, on_eval_error=on_eval_error)[0]
 
 
 def result_values(result: Any, cfg: TrainConfig) -> dict[str, Any]:
@@ -313,39 +338,46 @@ def result_values(result: Any, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def held_out_evaluation(
-    values: dict[str, Any], cfg: TrainConfig, trainer: Trainer, out_dir: Path, *,
-    data_dir: Path, meta: dict[str, Any], log: Callable[[str], None] = lambda message: None,
+    values: list[dict[str, Any]], trainers: list[Trainer], out_dirs: list[Path], *,
+    data_dir: Path, metas: list[dict[str, Any]],
+    log: Callable[[str], None] = lambda message: None,
     on_eval_start: Callable[[], None] | None = None, eval_progress: Progress | None = None,
     on_eval_error: Callable[[Exception], None] | None = None,
-) -> dict[str, Any]:
-    """Evaluate a trained SAE on held-out text into ``out_dir/eval`` and merge its headline
-    figures into ``values["eval"]`` (see ``train_and_evaluate``)."""
+) -> list[dict[str, Any]]:
+    """Evaluate trained SAEs (one, or a sweep's, sharing their source) on held-out text into
+    each ``out_dir/eval`` and merge the headline figures into each ``values["eval"]`` (see
+    ``train_and_evaluate``)."""
+    cfg = trainers[0].cfg
     skipped = evaluation_skipped(cfg)
     if skipped:
         log(f"No report: {skipped}")
-        values["eval"]["report"] = False
+        for v in values:
+            v["eval"]["report"] = False
         return values
     if on_eval_start is not None:
         on_eval_start()
     log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
+    targets = [EvalTarget(t.cfg, t.sae, t.scale, Path(out), t.step, meta)
+               for t, out, meta in zip(trainers, out_dirs, metas, strict=True)]
     try:
-        report = evaluate_run(cfg, trainer.sae, trainer.scale, out_dir=out_dir,
-                              data_dir=data_dir, device=trainer.device, step=trainer.step,
-                              meta=meta, precision=trainer.precision, progress=eval_progress)
+        reports = evaluate_runs(targets, data_dir=data_dir, device=trainers[0].device,
+                                precision=trainers[0].precision, progress=eval_progress)
     except Exception as exc:
         if on_eval_error is None:
             raise
         on_eval_error(exc)
-        values["eval"]["report"] = False
+        for v in values:
+            v["eval"]["report"] = False
         return values
-    assert report is not None  # evaluation_skipped said it runs
-    values["eval"].update(eval_summary(report), measured_on="heldout_text",
-                          dead_frac=report["dead"] / max(1, report["dead"] + report["alive"]),
-                          report=str(Path(out_dir) / "eval"))
-    recovered = report.get("ce_loss_recovered")
-    log("Report ready: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
-        report["fvu"], report["l0"], report["dead"], report["dense"],
-        f", CE loss recovered {100 * recovered:.1f}%" if recovered is not None else ""))
+    for v, report, out in zip(values, reports, out_dirs, strict=True):
+        v["eval"].update(eval_summary(report), measured_on="heldout_text",
+                         dead_frac=report["dead"] / max(1, report["dead"] + report["alive"]),
+                         report=str(Path(out) / "eval"))
+        recovered = report.get("ce_loss_recovered")
+        log("Report ready{}: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
+            f" ({Path(out).name})" if len(values) > 1 else "",
+            report["fvu"], report["l0"], report["dead"], report["dense"],
+            f", CE loss recovered {100 * recovered:.1f}%" if recovered is not None else ""))
     return values
 
 

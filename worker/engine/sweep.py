@@ -39,9 +39,9 @@ SWEEP_FIELDS = ("layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef
 """The options a sweep may list several values of (comma-separated in the CLI and the form)."""
 SOURCE_SHARED = ("model", "dataset", "activations", "context_size", "max_tokens", "text_field",
                  "buffer_tokens", "eval_tokens", "exclude_special", "exclude_pos0",
-                 "outlier_factor")
-"""Options of the activation source: one for the whole group (its data seed is the first
-run's seed)."""
+                 "outlier_factor", "dense_threshold")
+"""Options of the activation source and the held-out evaluation: one for the whole group (its
+data seed is the first run's seed)."""
 
 
 def applies(option: str, encoder_type: str) -> bool:
@@ -167,7 +167,7 @@ def train_group(
     callbacks: Callbacks | None = None, member_callbacks: list[Callbacks] | None = None,
     resume: list[Path] | None = None, names: dict[str, Any] | None = None,
     prepare_progress: Progress | None = None, evaluate: bool = True,
-    log: Callable[[str], None] = lambda message: None,
+    eval_progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Train ``cfgs`` together into ``out_dirs`` (one ``train``-like folder each) and evaluate
     each on held-out text. Returns ``{"runs": [values as train_and_evaluate's], "d_in", "tokens",
@@ -187,12 +187,10 @@ def train_group(
     sources.clear()
     for trainer in group.trainers:
         trainer.source = None  # free a live model before the evaluations load it again
-    if evaluate:
-        for i, (cfg, trainer, member) in enumerate(zip(runs, group.trainers, members,
-                                                        strict=True)):
-            log(f"Evaluating {i + 1} of {len(runs)}: {member.out_dir.name}")
-            held_out_evaluation(values[i], cfg, trainer, member.out_dir, data_dir=data_dir,
-                                meta=member.export_meta or {}, log=log)
+    if evaluate:  # one pass over the held-out contexts for every run
+        held_out_evaluation(values, group.trainers, [m.out_dir for m in members],
+                            data_dir=data_dir, metas=[m.export_meta or {} for m in members],
+                            log=log, eval_progress=eval_progress)
     return {"runs": values, "d_in": group.trainers[0].d_in, "tokens": results[0].tokens,
             "tokens_per_s": results[0].tokens_per_s,
             "wall_s": round(time.perf_counter() - start, 1),
