@@ -129,6 +129,36 @@ class Dataset(PreparedRow):
         table_name = "dataset"
 
 
+class Sweep(BaseModel):
+    """Many SAEs trained from one activation source (UI area "Sweeps"). Each SAE is a Training
+    row with ``sweep`` set; the sweep's status is derived from theirs (``jobs.sweeps``)."""
+
+    name = CharField()
+    model = ForeignKeyField(LanguageModel, backref="sweeps", on_delete="CASCADE")
+    dataset = ForeignKeyField(Dataset, backref="sweeps", on_delete="CASCADE")
+    config = JSONField()
+    """``{"form": the shared form values, "lists": {option: [values]}}`` as submitted."""
+    groups = JSONField(default=list)
+    """The sub-groups: lists of training ids, each trained by one task (one forward pass)."""
+    memory = JSONField(null=True)
+    """The group memory estimate (bytes per sub-group, the budget) it was split by."""
+
+    class Meta:
+        table_name = "sweep"
+
+
+class Template(BaseModel):
+    """A saved configuration the form starts from: a training's or a sweep's fields."""
+
+    name = CharField()
+    kind = CharField(default="training")
+    """``training`` or ``sweep`` (a sweep's list fields hold lists)."""
+    fields = JSONField()
+
+    class Meta:
+        table_name = "template"
+
+
 class Training(BaseModel):
     """One SAE training job. ``config`` is the engine's TrainConfig as a dict."""
 
@@ -157,6 +187,13 @@ class Training(BaseModel):
     device = CharField(null=True)
     eval_progress = FloatField(null=True)
     """Fraction (0-1) of the held-out evaluation done while the status is ``evaluating``."""
+    sweep = ForeignKeyField(Sweep, null=True, backref="trainings", on_delete="CASCADE")
+    task_group = CharField(null=True)
+    """The sub-group it trains in (``"<sweep id>.<index>"``): its members train in one task and
+    take one training slot; None for a training on its own."""
+    name = CharField(null=True)
+    """The user's name for it (None: the default name, ``jobs.trainings.default_name``)."""
+    tags = JSONField(default=list)
 
     class Meta:
         table_name = "training"
@@ -250,8 +287,8 @@ class Calibration(BaseModel):
         indexes = ((("model", "device"), True),)
 
 
-TABLES = [LanguageModel, Dataset, Training, Metric, Checkpoint, LogLine, WorkerHeartbeat,
-          Calibration]
+TABLES = [LanguageModel, Dataset, Sweep, Template, Training, Metric, Checkpoint, LogLine,
+          WorkerHeartbeat, Calibration]
 
 
 def _v0_to_v1(database: SqliteDatabase) -> None:
@@ -287,7 +324,21 @@ def _v4_to_v5(database: SqliteDatabase) -> None:
     database.create_tables([Calibration])
 
 
-MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5]
+def _v5_to_v6(database: SqliteDatabase) -> None:
+    """Sweeps and templates (tables ``sweep``, ``template``); trainings get ``sweep_id``,
+    ``task_group``, ``name`` and ``tags``."""
+    database.create_tables([Sweep, Template])
+    columns = {c.name for c in database.get_columns("training")}
+    added = {"sweep_id": "INTEGER REFERENCES sweep (id) ON DELETE CASCADE",
+             "task_group": "VARCHAR(255)", "name": "VARCHAR(255)",
+             "tags": "TEXT NOT NULL DEFAULT '[]'"}
+    for column, kind in added.items():
+        if column not in columns:
+            database.execute_sql(f"ALTER TABLE training ADD COLUMN {column} {kind}")
+    database.execute_sql("CREATE INDEX IF NOT EXISTS training_sweep_id ON training (sweep_id)")
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
