@@ -347,3 +347,174 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
                    f'height="{top + ph - y:.1f}"><title>{tip}</title></rect>')
     out.append("</g>" + axis_labels + "</svg>")
     return Markup("".join(out))
+
+
+# ---------------------------------------------------------------------------- comparison charts
+SERIES_COLORS = ("#5b9cff", "#f5a524", "#3ddc97", "#ff6b6b", "#c792ea", "#7fdbff", "#ffd166",
+                 "#f78fb3", "#a3be8c", "#d8dee9")
+"""One colour per run, bright on the dark page; after ten the dash pattern changes."""
+SERIES_DASHES = ("", "6 3", "2 3", "8 3 2 3")
+
+
+def series_color(index: int) -> str:
+    return SERIES_COLORS[index % len(SERIES_COLORS)]
+
+
+def series_dash(index: int) -> str:
+    return SERIES_DASHES[(index // len(SERIES_COLORS)) % len(SERIES_DASHES)]
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values of a log axis covering [lo, hi] (both > 0): whole decades, with 2 and 5
+    between them when the range spans fewer than three decades."""
+    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    steps = (1.0,) if b - a > 3 else (1.0, 2.0, 5.0)
+    ticks = [round(m * 10.0 ** e, 12) for e in range(a, b + 1) for m in steps]
+    inside = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+    return inside if len(inside) >= 2 else [lo, hi]
+
+
+class _Scale:
+    """A linear or log axis mapping values in [lo, hi] to pixels in [start, start + size]
+    (``flip``: the pixel grows as the value falls, for y)."""
+
+    def __init__(self, values: Sequence[float], log: bool, start: float, size: float,
+                 flip: bool, count: int = 4) -> None:
+        self.log, self.start, self.size, self.flip = log, start, size, flip
+        lo, hi = min(values), max(values)
+        if log:
+            if hi / lo < 1.5:
+                lo, hi = lo / 1.25, hi * 1.25
+            self.ticks = log_ticks(lo, hi)
+            self.lo, self.hi = min(lo, self.ticks[0]), max(hi, self.ticks[-1])
+        else:
+            if hi - lo < 1e-12:
+                pad = abs(hi) * 0.1 or 1.0
+                lo, hi = lo - pad, hi + pad
+            self.ticks = nice_ticks(lo, hi, count)
+            self.lo, self.hi = min(lo, self.ticks[0]), max(hi, self.ticks[-1])
+
+    def _t(self, v: float) -> float:
+        return math.log10(v) if self.log else v
+
+    def __call__(self, v: float) -> float:
+        span = self._t(self.hi) - self._t(self.lo) or 1.0
+        f = (self._t(v) - self._t(self.lo)) / span
+        return self.start + (1 - f if self.flip else f) * self.size
+
+
+def _axis_labels(plot: tuple[float, float, float, float], height: int, x_label: str,
+                 y_label: str) -> str:
+    left, top, pw, ph = plot
+    return (f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{height - 4}" '
+            f'text-anchor="middle">{escape(x_label)}</text>'
+            f'<text class="axis-label" x="12" y="{top + ph / 2:.1f}" text-anchor="middle" '
+            f'transform="rotate(-90 12 {top + ph / 2:.1f})">{escape(y_label)}</text>')
+
+
+def _usable(value: Any, log: bool) -> float | None:
+    v = _finite(value)
+    return None if v is None or (log and v <= 0) else v
+
+
+def multi_line_chart(series: Sequence[dict[str, Any]], *, label: str, chart_id: str,
+                     x_label: str = "tokens seen (training)", y_label: str = "",
+                     log_y: bool = False, digits: int = 4, width: int = 560,
+                     height: int = 240) -> Markup:
+    """Several runs' curves over each other in one inline SVG, in ``line_chart``'s style.
+
+    ``series``: ``{"key", "name", "points": [(x, y)], "index"?}`` each (``index`` picks the
+    colour, ``series_color``; default its position). Each run is a ``<g class="series"
+    data-series=key>`` with its path (a ``<title>`` naming the run) and a marker on its last
+    point (hover: its value). ``log_y`` draws the y axis on a log scale (values <= 0 left out)
+    and says so in the axis label. Fixed viewBox, scaled by CSS with its aspect ratio kept."""
+    left, right, top, bottom = 58, 14, 12, 44
+    pw, ph = width - left - right, height - top - bottom
+    plot = (left, top, pw, ph)
+    shown = []
+    for i, s in enumerate(series):
+        pts = [(float(x), y) for x, y in ((p[0], _usable(p[1], log_y)) for p in s["points"])
+               if y is not None and _finite(x) is not None]
+        shown.append((s, int(s.get("index", i)), downsample(pts)))
+    y_text = f"{y_label} (log scale)" if log_y else y_label
+    out = [_svg_open(chart_id, "chart multi-chart", label, width, height, 'role="img"',
+                     f'data-series="{sum(1 for _, _, p in shown if p)}"')]
+    xs = [x for _, _, pts in shown for x, _ in pts]
+    ys = [y for _, _, pts in shown for _, y in pts]
+    if not xs:
+        out.append(_empty_plot(plot, "No metrics yet."))
+        out.append(_axis_labels(plot, height, x_label, y_text) + "</svg>")
+        return Markup("".join(out))
+    if max(xs) <= min(xs):
+        xs = xs + [min(xs) + 1]
+    sx = _Scale(xs, False, left, pw, flip=False, count=5)
+    sy = _Scale(ys, log_y, top, ph, flip=True)
+    xticks = [t for t in sx.ticks if min(xs) <= t <= max(xs)]
+    _axes(out, sy.ticks, xticks, sx, sy, plot, label_y=top + ph + 16)
+    for s, index, pts in shown:
+        if not pts:
+            continue
+        name = escape(s["name"])
+        dash = series_dash(index)
+        d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}"
+                     for i, (x, y) in enumerate(pts))
+        x, y = pts[-1]
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
+        out.append(f'<g class="series" data-series="{escape(str(s["key"]))}" '
+                   f'style="--series:{series_color(index)}">'
+                   f'<path class="line" d="{d}"{dashed}>'
+                   f'<title>{name}</title></path>'
+                   f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3"><title>{name}: '
+                   f'{escape(label)} {fmt_num(y, digits)} at {fmt_compact(x)} tokens</title>'
+                   f'</circle></g>')
+    out.append(_axis_labels(plot, height, x_label, y_text) + "</svg>")
+    return Markup("".join(out))
+
+
+def pareto_chart(points: Sequence[dict[str, Any]], frontier: Sequence[Any], *, label: str,
+                 chart_id: str, y_label: str, x_label: str = "L0 (active latents per token)",
+                 digits: int = 4, width: int = 560, height: int = 260) -> Markup:
+    """L0 (log x axis) against a figure: one linked dot per run and the frontier as a line.
+
+    ``points``: ``{"key", "name", "x" (L0), "y", "href", "index"?, "live"?}`` each (a live
+    run's dot is hollow: its figures are the training window's); ``frontier``: the keys on the
+    frontier in L0 order (``jobs.pareto_front``). Points without an L0 > 0 or a y are left out
+    (``data-points`` counts the drawn ones)."""
+    left, right, top, bottom = 58, 14, 12, 44
+    pw, ph = width - left - right, height - top - bottom
+    plot = (left, top, pw, ph)
+    pts = []
+    for i, p in enumerate(points):
+        x, y = _usable(p.get("x"), True), _finite(p.get("y"))
+        if x is not None and y is not None:
+            pts.append((p, int(p.get("index", i)), x, y))
+    out = [_svg_open(chart_id, "chart pareto-chart", label, width, height, 'role="img"',
+                     f'data-points="{len(pts)}"')]
+    if not pts:
+        out.append(_empty_plot(plot, "No run has both figures yet."))
+        out.append(_axis_labels(plot, height, x_label + " (log scale)", y_label) + "</svg>")
+        return Markup("".join(out))
+    sx = _Scale([x for *_, x, _ in pts], True, left, pw, flip=False)
+    sy = _Scale([y for *_, y in pts], False, top, ph, flip=True)
+    _axes(out, sy.ticks, sx.ticks, sx, sy, plot, label_y=top + ph + 16)
+    by_key = {p["key"]: (x, y) for p, _, x, y in pts}
+    front = [by_key[k] for k in frontier if k in by_key]
+    if front:
+        d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}"
+                     for i, (x, y) in enumerate(front))
+        out.append(f'<path class="frontier" d="{d}" data-keys="'
+                   f'{escape(",".join(str(k) for k in frontier if k in by_key))}"/>')
+    out.append('<g class="points">')
+    on_front = {str(k) for k in frontier}
+    for p, index, x, y in pts:
+        cls = "point" + (" on-frontier" if str(p["key"]) in on_front else "") \
+            + (" live" if p.get("live") else "")
+        tip = (f"{p['name']}: L0 {fmt_num(x, 1)}, {y_label} {fmt_num(y, digits)}"
+               + (" (training window, still running)" if p.get("live") else ""))
+        out.append(f'<a href="{escape(p["href"])}">'
+                   f'<circle class="{cls}" data-series="{escape(str(p["key"]))}" '
+                   f'cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" '
+                   f'style="--series:{series_color(index)}"><title>{escape(tip)}</title>'
+                   f'</circle></a>')
+    out.append("</g>" + _axis_labels(plot, height, x_label + " (log scale)", y_label) + "</svg>")
+    return Markup("".join(out))

@@ -31,6 +31,7 @@ from .checkpoints import (
     save_checkpoint_now,
 )
 from .common import changes_since, connect, disconnect, open_database
+from .compare import compare_trainings, final_figures, pareto_front
 from .configs import ALIASES, HOOK_POINTS, OptionInfo, form_options, training_defaults
 from .datasets import (
     UPLOAD_SUFFIXES,
@@ -44,6 +45,7 @@ from .datasets import (
 from .errors import Conflict, Invalid, JobError, NotFound
 from .estimates import after_training_s, estimate
 from .health import HEARTBEAT_ALIVE_S, health, heartbeat_age
+from .labels import all_tags, default_name, display_name, label, rename, set_tags
 from .models import add_model, delete_model, get_model, list_models, model_as_dict, ready_models
 from .trainings import (
     ACTIONS,
@@ -78,4 +80,7 @@ __all__ = [
     "metrics_rows", "model_as_dict", "open_database", "ready_datasets", "ready_models", "reports",
     "request", "save_checkpoint_now", "signatures", "training_as_dict", "training_defaults",
     "with_aliases",
+    # names, tags and the comparison page
+    "all_tags", "compare_trainings", "default_name", "display_name", "final_figures", "label",
+    "pareto_front", "rename", "set_tags",
 ]

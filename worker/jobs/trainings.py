@@ -72,12 +72,86 @@ def create_training(form: Mapping[str, Any]) -> Training:
     return Training.get_by_id(training.id)
 
 
-def list_trainings() -> list[Training]:
-    """All trainings with their model and dataset, newest first."""
-    return list(Training.select(Training, LanguageModel, Dataset)
-                .join(LanguageModel, on=(Training.model == LanguageModel.id))
-                .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id))
-                .order_by(Training.id.desc()))
+LIST_SORTS = {"created": "desc", "name": "asc", "status": "asc", "fvu": "asc", "l0": "asc",
+              "step": "desc"}
+"""``list_trainings``'s sort keys and their default order."""
+
+
+def list_trainings(status: str | None = None, model: Any = None, encoder_type: str | None = None,
+                   tag: str | None = None, sweep: Any = None, sort: str | None = None,
+                   order: str | None = None) -> list[Training]:
+    """Trainings with their model and dataset, newest first; filtered by ``status``, ``model``
+    (id), ``encoder_type``, ``tag`` (ignoring case) and ``sweep`` (id) when given, sorted by
+    ``sort`` (``LIST_SORTS``: created, name (the display name), status (in lifecycle order),
+    fvu, l0 (the final figures, ``compare.final_figures``; none last), step) in ``order`` (asc
+    or desc; each key has its default). Invalid with every bad parameter at once (an unknown
+    status, encoder type, model or sweep id, sort or order)."""
+    from peewee import fn
+
+    from ..db import TRAINING_STATUSES, Sweep
+    from ..engine import architectures
+    from .compare import check_order, final_figures, sort_rows
+    from .errors import NotFound
+    from .labels import TAG_MAX, display_names
+
+    blank = (None, "")
+    errors: dict[str, str] = {}
+    if status not in blank and status not in TRAINING_STATUSES:
+        errors["status"] = (f"Unknown status '{str(status)[:30]}'; use one of "
+                            f"{', '.join(TRAINING_STATUSES)}.")
+    if encoder_type not in blank and encoder_type not in architectures.names():
+        errors["encoder_type"] = (f"Unknown encoder type '{str(encoder_type)[:30]}'; use one of "
+                                  f"{', '.join(architectures.names())}.")
+    ids: dict[str, int] = {}
+    for field, value, table, kind in (("model", model, LanguageModel, "Model"),
+                                      ("sweep", sweep, Sweep, "Sweep")):
+        if value in blank:
+            continue
+        try:
+            ids[field] = common.get_row(table, kind, value).id
+        except NotFound as exc:
+            errors[field] = str(exc)
+    tag = " ".join(str(tag).split()) if tag not in blank else None
+    if tag is not None and len(tag) > TAG_MAX:
+        errors["tag"] = f"A tag has at most {TAG_MAX} characters."
+    if sort not in blank and sort not in LIST_SORTS:
+        errors["sort"] = (f"Unknown sort '{str(sort)[:30]}'; use one of "
+                          f"{', '.join(LIST_SORTS)}.")
+    try:
+        order = check_order(order)
+    except Invalid as exc:
+        errors.update(exc.errors)
+    if errors:
+        raise Invalid(" ".join(errors.values()), errors)
+    query = (Training.select(Training, LanguageModel, Dataset)
+             .join(LanguageModel, on=(Training.model == LanguageModel.id))
+             .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id)))
+    if status not in blank:
+        query = query.where(Training.status == status)
+    if "model" in ids:
+        query = query.where(Training.model == ids["model"])
+    if "sweep" in ids:
+        query = query.where(Training.sweep == ids["sweep"])
+    if encoder_type not in blank:
+        query = query.where(fn.coalesce(fn.json_extract(Training.config, "$.encoder_type"),
+                                        "topk") == encoder_type)
+    rows = list(query.order_by(Training.id.desc()))
+    if tag is not None:
+        rows = [t for t in rows if tag.casefold() in {str(x).casefold() for x in t.tags or []}]
+    sort = sort or "created"
+    desc = (order or LIST_SORTS[sort]) == "desc"
+    if sort == "created":
+        return rows if desc else rows[::-1]
+    if sort == "name":
+        names = display_names(rows)
+        return sort_rows(rows, lambda t: names[t.id].casefold(), desc)
+    if sort == "status":
+        return sort_rows(rows, lambda t: TRAINING_STATUSES.index(t.status)
+                         if t.status in TRAINING_STATUSES else len(TRAINING_STATUSES), desc)
+    if sort == "step":
+        return sort_rows(rows, lambda t: int(t.current_step or 0), desc)
+    figures = {t.id: final_figures(t)[sort] for t in rows}
+    return sort_rows(rows, lambda t: figures[t.id], desc)
 
 
 def get_training(training_id: int | str) -> Training:
@@ -113,8 +187,11 @@ def training_as_dict(training: Training) -> dict[str, Any]:
     """The API view: ``id, status, current_step, total_steps, error, latest`` (``LATEST_KEYS``
     or None), plus ``model_id, dataset_id, requested, config, estimate, created_at,
     started_at, finished_at, result, eval_progress`` (0-1 while ``evaluating``, else as the
-    evaluation left it or None), ``elapsed_s`` (``elapsed_seconds``) and ``metrics``: the
-    newest metrics row in full (or None)."""
+    evaluation left it or None), ``elapsed_s`` (``elapsed_seconds``), ``metrics``: the
+    newest metrics row in full (or None), ``name`` (``labels.display_name``: the user's name or
+    the default), ``tags`` and ``sweep_id`` (None for a training on its own)."""
+    from .labels import display_name
+
     out = common.row_dict(training, TRAINING_FIELDS)
     out["elapsed_s"] = elapsed_seconds(training)
     full = with_aliases(training.latest) if training.latest else None
@@ -122,6 +199,9 @@ def training_as_dict(training: Training) -> dict[str, Any]:
     out["metrics"] = full
     out["model_id"] = training.model_id
     out["dataset_id"] = training.dataset_id
+    out["name"] = display_name(training)
+    out["tags"] = list(training.tags or [])
+    out["sweep_id"] = training.sweep_id
     return out
 
 
