@@ -95,7 +95,9 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
     return {
         "id": t.id, "t": t, "d": d, "status": t.status, "error": t.error,
         "requested": t.requested, "finished": t.status in FINISHED,
-        "title": f"{t.model.name} + {t.dataset.name}",
+        "title": d["name"], "subtitle": f"{t.model.name} + {t.dataset.name}",
+        "user_name": t.name or "", "default_name": jobs.default_name(t) if t.name else d["name"],
+        "tags": d["tags"], "sweep_id": d["sweep_id"],
         "encoder": cfg.get("encoder_type", "topk"),
         "layer": cfg.get("layer"), "hook": cfg.get("hook_point", "residual"),
         "created_at": t.created_at, "started_at": started, "finished_at": t.finished_at,
@@ -154,23 +156,56 @@ def training_json(t: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- pages
 def _page_ctx(**extra: Any) -> dict[str, Any]:
-    trainings = jobs.list_trainings()
-    return {"cards": [card_html(t) for t in trainings], **form_ctx(), **extra}
+    trainings, filters = filtered_trainings()
+    return {"cards": [card_html(t) for t in trainings], **form_ctx(), **filters, **extra}
+
+
+LIST_FILTERS = ("status", "model", "encoder_type", "tag", "sweep", "sort", "order")
+"""The jobs list's query parameters (``jobs.list_trainings``'s arguments)."""
+
+
+def filtered_trainings() -> tuple[list[Any], dict[str, Any]]:
+    """The trainings the query's filters and sort select, and the filter bar's context
+    (``job_filters``: the values, ``filter_errors``, ``filter_choices``). Bad values give every
+    training (newest first) with their messages in ``filter_errors``."""
+    values = {k: request.args.get(k, "").strip() for k in LIST_FILTERS}
+    errors: dict[str, str] = {}
+    try:
+        trainings = jobs.list_trainings(**{k: v or None for k, v in values.items()})
+    except jobs.Invalid as exc:
+        errors = exc.errors
+        trainings = jobs.list_trainings()
+    choices = {"status": list(jobs.TRAINING_STATUSES), **jobs.filter_choices(),
+               "sort": list(jobs.LIST_SORTS)}
+    return trainings, {"job_filters": values, "filter_errors": errors,
+                       "filter_choices": choices,
+                       "filtering": any(values[k] for k in LIST_FILTERS[:5])}
 
 
 @bp.get("/")
 def index() -> ResponseReturnValue:
-    return render_template("trainings/index.html", **_page_ctx())
+    ctx = _page_ctx()
+    return render_template("trainings/index.html", **ctx), 422 if ctx["filter_errors"] else 200
 
 
 @bp.get("/trainings")
+@bp.get("/trainings/list")
 def list_trainings() -> ResponseReturnValue:
+    """The jobs list, filtered by ``status``, ``model`` (id), ``encoder_type``, ``tag``,
+    ``sweep`` (id) and sorted by ``sort`` (created, name, status, fvu, l0, step) in ``order``
+    (asc | desc): ``{"items": [...]}`` as JSON, the ``#jobs`` list for htmx, else the page.
+    Bad values: 422 (JSON ``{"error", "errors"}``; HTML: every job, the messages above)."""
     if wants_json():
-        return json_response({"items": [training_json(t) for t in jobs.list_trainings()]})
+        values = {k: request.args.get(k, "").strip() or None for k in LIST_FILTERS}
+        trainings = jobs.list_trainings(**values)
+        return json_response({"items": [training_json(t) for t in trainings]})
     if is_fragment_request():
-        return render_template("trainings/_jobs.html",
-                               cards=[card_html(t) for t in jobs.list_trainings()])
-    return render_template("trainings/index.html", **_page_ctx())
+        trainings, filters = filtered_trainings()
+        return (render_template("trainings/_jobs.html",
+                                cards=[card_html(t) for t in trainings], **filters),
+                422 if filters["filter_errors"] else 200)
+    ctx = _page_ctx()
+    return render_template("trainings/index.html", **ctx), 422 if ctx["filter_errors"] else 200
 
 
 @bp.post("/trainings")
@@ -238,6 +273,27 @@ def detail(training_id: int) -> ResponseReturnValue:
     if is_fragment_request():
         return render_card(view)
     return render_template("trainings/detail.html", card=view)
+
+
+@bp.patch("/trainings/<int:training_id>")
+@bp.post("/trainings/<int:training_id>")
+def update(training_id: int) -> ResponseReturnValue:
+    """Name and tag a training: form fields or a JSON object with ``name`` (blank or null: back
+    to the default name) and ``tags`` (a comma-separated string or a list), either may be left
+    out. Answers the card (htmx) or the training as JSON; 422 ``{"error", "errors": {"name",
+    "tags"}}`` for a name over 200 characters, more than 20 tags, a tag over 40 characters or
+    with a comma (JSON list). POST is the no-JavaScript fallback (then back to the card)."""
+    posted = request.get_json(silent=True) if request.is_json else request.form
+    if not isinstance(posted, Mapping):
+        msg = "Send a JSON object or form fields with name and/or tags."
+        raise jobs.Invalid(msg, {"form": msg})
+    changes = {k: posted.get(k) for k in ("name", "tags") if k in posted}
+    t = jobs.label(training_id, **changes)
+    if wants_json():
+        return json_response(training_json(t))
+    if is_fragment_request():
+        return render_card(card_view(t))
+    return redirect(url_for("trainings.index") + f"#training-{t.id}")
 
 
 @bp.delete("/trainings/<int:training_id>")

@@ -19,7 +19,7 @@ The names below are the public services; ``from worker import jobs; jobs.add_mod
 
 from __future__ import annotations
 
-from ..db import FINISHED, RUNNING
+from ..db import FINISHED, RUNNING, TRAINING_STATUSES
 from . import common, reports
 from .checkpoints import (
     checkpoint_as_dict,
@@ -45,11 +45,20 @@ from .datasets import (
 from .errors import Conflict, Invalid, JobError, NotFound
 from .estimates import after_training_s, estimate
 from .health import HEARTBEAT_ALIVE_S, health, heartbeat_age
-from .labels import all_tags, default_name, display_name, label, rename, set_tags
+from .labels import (
+    all_tags,
+    default_name,
+    display_name,
+    filter_choices,
+    label,
+    rename,
+    set_tags,
+)
 from .models import add_model, delete_model, get_model, list_models, model_as_dict, ready_models
 from .trainings import (
     ACTIONS,
     LATEST_KEYS,
+    LIST_SORTS,
     METRIC_ALIASES,
     card_data,
     create_training,
@@ -82,5 +91,5 @@ __all__ = [
     "with_aliases",
     # names, tags and the comparison page
     "all_tags", "compare_trainings", "default_name", "display_name", "final_figures", "label",
-    "pareto_front", "rename", "set_tags",
+    "pareto_front", "rename", "set_tags", "LIST_SORTS", "TRAINING_STATUSES", "filter_choices",
 ]

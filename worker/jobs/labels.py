@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..db import Training, db
+from ..db import LanguageModel, Training, db
 from ..engine import architectures
 from . import common
 from .errors import Invalid
@@ -222,3 +222,13 @@ def all_tags() -> list[str]:
         for tag in row.tags or []:
             tags.setdefault(str(tag).casefold(), str(tag))
     return sorted(tags.values(), key=str.casefold)
+
+
+def filter_choices() -> dict[str, list[Any]]:
+    """What the jobs list's filters offer: ``model`` [(id, name)] and ``tag`` [tags] of the
+    trainings there are, ``encoder_type`` [every registered type]."""
+    models = (LanguageModel.select(LanguageModel.id, LanguageModel.name)
+              .join(Training, on=(Training.model == LanguageModel.id)).distinct()
+              .order_by(LanguageModel.name, LanguageModel.id))
+    return {"model": [(m.id, m.name) for m in models], "tag": all_tags(),
+            "encoder_type": list(architectures.names())}
