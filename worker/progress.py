@@ -16,6 +16,10 @@ After the last step, ``start_evaluation()`` sets status ``evaluating`` and
 ``evaluation_progress(fraction, message)`` writes ``Training.eval_progress`` (at most every
 0.5 s) and a log line (at most every 2 s) while the held-out evaluation runs.
 
+``GroupReporter(ids)`` does the same for a sweep's sub-group trained in one task: each member's
+rows through its own reporter, the group's control (a request on any member applies to all)
+and status through this one.
+
 ``timings`` (``AttemptTimings``) notes when the attempt's phases began, from these callbacks
 and ``preparing(fraction, message)`` (the token store build's progress): the worker stores them
 as the time estimate's calibration when the attempt completes.
@@ -98,6 +102,9 @@ class TrainingReporter:
 
     def __init__(self, training_id: int) -> None:
         self.training_id = training_id
+        self.ids = [training_id]
+        """The rows its status, requests and evaluation progress are written to (a group's
+        reporter: every member's)."""
         self.pending: list[dict[str, Any]] = []
         self.last_flush = 0.0
         self.flushed_any = False
@@ -193,9 +200,11 @@ class TrainingReporter:
         if now - self.last_poll < POLL_S:
             return "pause" if self.paused else None
         self.last_poll = now
-        row = Training.select(Training.requested, Training.status) \
-            .where(Training.id == self.training_id).first()
-        requested = row.requested if row is not None else "stop"
+        rows = list(Training.select(Training.requested).where(Training.id.in_(self.ids)))
+        asked = {row.requested for row in rows}
+        # a deleted row stops its run; of a group's requests the strongest wins
+        requested = "stop" if len(rows) < len(self.ids) else next(
+            (r for r in ("interrupt", "stop", "pause", "save", "resume") if r in asked), None)
         if requested in ("stop", "interrupt"):
             self.flush()
             self.paused = False
@@ -238,10 +247,9 @@ class TrainingReporter:
         self.timings.eval_started = time.time()
         with db.atomic():
             Training.update(status="evaluating", eval_progress=0.0, updated_at=time.time()) \
-                .where(Training.id == self.training_id).execute()
+                .where(Training.id.in_(self.ids)).execute()
             Training.update(requested=None) \
-                .where((Training.id == self.training_id)
-                       & Training.requested.in_(REQUESTS)).execute()
+                .where(Training.id.in_(self.ids) & Training.requested.in_(REQUESTS)).execute()
 
     def evaluation_progress(self, fraction: float, message: str = "") -> None:
         """The held-out evaluation's progress (fraction 0-1, a short message)."""
@@ -255,13 +263,50 @@ class TrainingReporter:
             self.timings.paused_since = None
 
     def _clear(self, requested: str, **values: Any) -> None:
-        """Clear the request we answered, unless the web has replaced it meanwhile (a stop)."""
+        """Clear the request we answered and set ``values``, on each row unless the web has
+        replaced the request there meanwhile (a stop)."""
         with db.atomic():
-            Training.update(updated_at=time.time(), requested=None, **values) \
-                .where((Training.id == self.training_id)
-                       & (Training.requested == requested)).execute()
+            mine = Training.id.in_(self.ids)
+            if values:
+                Training.update(updated_at=time.time(), **values) \
+                    .where(mine & (Training.requested.is_null()
+                                   | Training.requested.not_in(("stop", "interrupt")))).execute()
+            Training.update(updated_at=time.time(), requested=None) \
+                .where(mine & (Training.requested == requested)).execute()
 
     def _set(self, **values: Any) -> None:
         with db.atomic():
             Training.update(updated_at=time.time(), **values) \
-                .where(Training.id == self.training_id).execute()
+                .where(Training.id.in_(self.ids)).execute()
+
+
+class GroupReporter(TrainingReporter):
+    """A sweep's sub-group, trained in one task: ``members[i]`` writes SAE i's metrics, log and
+    checkpoints (its ``member_callbacks()``); this reporter answers the group's control between
+    steps from every member's row (a request on any member applies to the group: they step
+    together) and writes the group's status, log lines and evaluation progress to all of them."""
+
+    def __init__(self, training_ids: list[int]) -> None:
+        super().__init__(training_ids[0])
+        self.ids = list(training_ids)
+        self.members = [TrainingReporter(i) for i in self.ids]
+
+    def member_callbacks(self) -> list[Any]:
+        """Each member's ``Callbacks`` (no control: the group hears the web)."""
+        cbs = [m.callbacks() for m in self.members]
+        for cb in cbs:
+            cb.control = lambda step: None
+        return cbs
+
+    def on_metrics(self, metrics: dict[str, Any]) -> None:  # the members report their own
+        pass
+
+    def flush(self) -> None:
+        for member in self.members:
+            member.flush()
+
+    def log(self, message: str, level: str = "info") -> None:
+        with db.atomic():
+            LogLine.insert_many([{"training": i, "level": level, "message": message,
+                                  "created_at": time.time(), "updated_at": time.time()}
+                                 for i in self.ids]).execute()

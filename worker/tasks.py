@@ -30,7 +30,7 @@ from .db import RUNNING, Checkpoint, Dataset, LanguageModel, Metric, Training, W
 from .progress import Throttled
 from .queue import huey
 
-__all__ = ["huey", "prepare_model", "prepare_dataset", "run_training"]
+__all__ = ["huey", "prepare_model", "prepare_dataset", "run_group", "run_training"]
 
 log = logging.getLogger("worker.tasks")
 
@@ -183,29 +183,33 @@ def run_training(training_id: int, resume: bool = False) -> None:
                     .where(Training.id == training_id).execute()
 
 
-def _claim(training_id: int) -> bool:
-    """Move a queued training to initializing if a slot is free (one transaction)."""
+def _claim(training_ids: list[int]) -> list[int]:
+    """Move the queued trainings among ``training_ids`` (one, or a sweep's sub-group: one slot)
+    to initializing if a training slot is free (one transaction). Returns the ids claimed, in
+    order; [] when none is queued (deleted or stopped meanwhile) or no slot is free."""
     with db.atomic():
-        t = Training.get_or_none(Training.id == training_id)
-        if t is None or t.status != "queued":
-            return False  # deleted or stopped while queued
-        others = Training.select().where(Training.status.in_(RUNNING)
-                                         & (Training.id != training_id)).count()
-        if others >= settings.max_concurrent_trainings():
-            return False
+        queued = {t.id for t in Training.select(Training.id)
+                  .where(Training.id.in_(training_ids) & (Training.status == "queued"))}
+        if not queued:
+            return []
+        slots = {t.task_group or f"#{t.id}" for t in Training.select(Training.id,
+                                                                      Training.task_group)
+                 .where(Training.status.in_(RUNNING) & Training.id.not_in(training_ids))}
+        if len(slots) >= settings.max_concurrent_trainings():
+            return []
         now = time.time()
         Training.update(status="initializing", started_at=fn.COALESCE(Training.started_at, now),
                         attempt_started_at=now, requested=None, error=None, finished_at=None,
                         eval_progress=None, updated_at=now) \
-            .where(Training.id == training_id).execute()
-        return True
+            .where(Training.id.in_(list(queued))).execute()
+        return [i for i in training_ids if i in queued]
 
 
 def _run_training(training_id: int, resume: bool) -> None:
     t = Training.get_or_none(Training.id == training_id)
     if t is None or t.status != "queued":
         return
-    if not _claim(training_id):
+    if not _claim([training_id]):
         t = Training.get_or_none(Training.id == training_id)
         if t is not None and t.status == "queued":
             run_training.schedule((training_id, resume), delay=2)
@@ -219,15 +223,61 @@ def _run_training(training_id: int, resume: bool) -> None:
         with folder_lock(out_dir):  # never beside another trainer of this run (an orphan)
             _train(t, out_dir)
     except FolderInUse as exc:
-        with db.atomic():
-            Training.update(status="interrupted", error=f"{exc} Retry continues from the "
-                            "newest checkpoint then.", requested=None, finished_at=time.time(),
-                            updated_at=time.time()).where(Training.id == training_id).execute()
+        _folder_in_use([training_id], exc)
+
+
+def _folder_in_use(training_ids: list[int], exc: Exception) -> None:
+    with db.atomic():
+        Training.update(status="interrupted", error=f"{exc} Retry continues from the "
+                        "newest checkpoint then.", requested=None, finished_at=time.time(),
+                        updated_at=time.time()).where(Training.id.in_(training_ids)).execute()
+
+
+def _keep_rows_until(training_id: int, step: int | None, out_dir: Path) -> None:
+    """Before an attempt: a fresh start (``step`` None) forgets the rows of an earlier one; a
+    continued run keeps the metrics up to ``step`` and the checkpoints still on disk."""
+    from .engine.checkpoints import list_checkpoints
+
+    with db.atomic():
+        if step is None:
+            Metric.delete().where(Metric.training == training_id).execute()
+            Checkpoint.delete().where(Checkpoint.training == training_id).execute()
+        else:
+            Metric.delete().where((Metric.training == training_id) & (Metric.step > step)) \
+                .execute()
+            on_disk = {str(p) for _, p in list_checkpoints(out_dir / "checkpoints")}
+            Checkpoint.delete().where((Checkpoint.training == training_id)
+                                      & Checkpoint.path.not_in(on_disk)).execute()
+            Training.update(current_step=step).where(Training.id == training_id).execute()
+
+
+def _names(t: Training) -> dict[str, Any]:
+    """The names the user gave, for the export and the report."""
+    return {"model": t.model.source, "model_name": t.model.source,
+            "dataset": t.dataset.source, "dataset_path": t.dataset.source}
+
+
+def _finish(training_id: int, values: dict[str, Any], interrupted: bool) -> str:
+    """Store how an attempt ended (its values as ``train_and_evaluate`` returns them); returns
+    the status: ``interrupted`` (the worker stopped), ``stopped`` or ``completed``."""
+    if interrupted:
+        status, error = "interrupted", INTERRUPTED_MESSAGE
+    elif values["stopped"]:
+        status, error = "stopped", None
+    else:
+        status, error = "completed", None
+    if "report" in values["eval"]:
+        values["eval"]["report"] = bool(values["eval"]["report"])  # the API's flag
+    with db.atomic():
+        Training.update(status=status, error=error, result=values,
+                        current_step=values["steps"], requested=None, finished_at=time.time(),
+                        updated_at=time.time()).where(Training.id == training_id).execute()
+    return status
 
 
 def _train(t: Training, out_dir: Path) -> None:
     """Run a claimed training in ``out_dir`` (its folder lock held) and store how it ended."""
-    from .engine.checkpoints import list_checkpoints, newest_loadable
+    from .engine.checkpoints import newest_loadable
     from .engine.config import TrainConfig
     from .engine.devices import pick_device
     from .engine.pipeline import train_and_evaluate
@@ -242,51 +292,22 @@ def _train(t: Training, out_dir: Path) -> None:
         f"Skipping {path.name}: {exc} Continuing from an older checkpoint.", "warning"))
     checkpoint = found[0] if found else None
     shutil.rmtree(out_dir / "eval", ignore_errors=True)  # a report is for the weights it read
-    with db.atomic():
-        if checkpoint is None:  # a fresh start: forget rows of an earlier attempt
-            Metric.delete().where(Metric.training == training_id).execute()
-            Checkpoint.delete().where(Checkpoint.training == training_id).execute()
-        else:
-            step = found[1].step
-            Metric.delete().where((Metric.training == training_id) & (Metric.step > step)) \
-                .execute()
-            on_disk = {str(p) for _, p in list_checkpoints(out_dir / "checkpoints")}
-            Checkpoint.delete().where((Checkpoint.training == training_id)
-                                      & Checkpoint.path.not_in(on_disk)).execute()
-            Training.update(current_step=step).where(Training.id == training_id).execute()
+    _keep_rows_until(training_id, found[1].step if found else None, out_dir)
 
     cfg = TrainConfig.from_dict(t.config)
     device = pick_device(cfg.device)
     _update(Training, training_id, device=str(device))
     reporter.log(f"Preparing the model and activations on {device}...")
 
-    def eval_failed(exc: Exception) -> None:  # the trained SAE is saved; only the report is lost
-        log.error("Evaluation of training %s failed", training_id, exc_info=exc)
-        reporter.log(f"Evaluation failed: {error_message(exc)}", "error")
-
     values = train_and_evaluate(
         cfg, out_dir, data_dir=settings.data_dir(), device=device,
-        callbacks=reporter.callbacks(), resume=checkpoint,
-        # the names the user gave, for the export and the report
-        names={"model": t.model.source, "model_name": t.model.source,
-               "dataset": t.dataset.source, "dataset_path": t.dataset.source},
+        callbacks=reporter.callbacks(), resume=checkpoint, names=_names(t),
         prepare_progress=reporter.preparing, after_fit=reporter.close,
         evaluate=lambda: not reporter.interrupted,
         on_eval_start=reporter.start_evaluation, eval_progress=reporter.evaluation_progress,
-        log=reporter.log, on_eval_error=eval_failed)
-    if reporter.interrupted:
-        status, error = "interrupted", INTERRUPTED_MESSAGE
-    elif values["stopped"]:
-        status, error = "stopped", None
-    else:
-        status, error = "completed", None
+        log=reporter.log, on_eval_error=_eval_failed(reporter))
     eval_ended = time.time()
-    if "report" in values["eval"]:
-        values["eval"]["report"] = bool(values["eval"]["report"])  # the API's flag
-    with db.atomic():
-        Training.update(status=status, error=error, result=values,
-                        current_step=values["steps"], requested=None, finished_at=time.time(),
-                        updated_at=time.time()).where(Training.id == training_id).execute()
+    status = _finish(training_id, values, reporter.interrupted)
     if status == "completed" and checkpoint is None:  # a clean sample: a fresh start
         from .jobs.estimates import record_calibration
 
@@ -294,6 +315,94 @@ def _train(t: Training, out_dir: Path) -> None:
             record_calibration(training_id, cfg, reporter.timings, values, eval_ended)
         except Exception:  # the training stands; only the time estimate misses it
             log.exception("Recording the timings of training %s failed", training_id)
+
+
+def _eval_failed(reporter: Any) -> Callable[[Exception], None]:
+    def failed(exc: Exception) -> None:  # the trained SAEs are saved; only the report is lost
+        log.error("Evaluation of training(s) %s failed", reporter.ids, exc_info=exc)
+        reporter.log(f"Evaluation failed: {error_message(exc)}", "error")
+    return failed
+
+
+# ---------------------------------------------------------------------------- sweeps
+@huey.task()
+def run_group(training_ids: list[int]) -> None:
+    """Train a sweep's sub-group together (one forward pass per step for all of them) and
+    evaluate them in one held-out pass; each SAE's row reports as a training's does."""
+    ids = [int(i) for i in training_ids]
+    with connection():
+        try:
+            _run_group(ids)
+        except Exception as exc:  # stored on the rows, logged with its traceback
+            log.exception("Sweep group %s failed", ids)
+            with db.atomic():
+                Training.update(status="failed", error=error_message(exc), requested=None,
+                                finished_at=time.time(), updated_at=time.time()) \
+                    .where(Training.id.in_(ids) & Training.status.in_(RUNNING)).execute()
+
+
+def _run_group(training_ids: list[int]) -> None:
+    claimed = _claim(training_ids)
+    if not claimed:
+        if Training.select().where(Training.id.in_(training_ids)
+                                   & (Training.status == "queued")).exists():
+            run_group.schedule((training_ids,), delay=2)
+        return
+
+    from contextlib import ExitStack
+
+    from .engine.errors import FolderInUse
+    from .engine.files import folder_lock
+
+    trainings = [Training.get_by_id(i) for i in claimed]
+    out_dirs = [Path(t.out_dir or settings.trainings_dir() / str(t.id)) for t in trainings]
+    try:
+        with ExitStack() as locks:
+            for out_dir in out_dirs:
+                locks.enter_context(folder_lock(out_dir))
+            _train_group(trainings, out_dirs)
+    except FolderInUse as exc:
+        _folder_in_use(claimed, exc)
+
+
+def _train_group(trainings: list[Training], out_dirs: list[Path]) -> None:
+    """Run a claimed sub-group (every run folder locked) and store how each SAE ended."""
+    from .engine.checkpoints import list_checkpoints
+    from .engine.config import TrainConfig
+    from .engine.devices import pick_device
+    from .engine.group import resume_points
+    from .engine.sweep import train_group
+    from .progress import GroupReporter
+
+    reporter = GroupReporter([t.id for t in trainings])
+    # the newest step at which every member has a checkpoint that loads (none: a fresh start)
+    resume = resume_points(out_dirs, lambda path, exc: reporter.log(
+        f"Skipping {path.parent.parent.name}/{path.name}: {exc} Continuing the group from an "
+        "older checkpoint.", "warning"))
+    step = None
+    if resume is not None:
+        step = {str(p): s for s, p in list_checkpoints(out_dirs[0] / "checkpoints")}[
+            str(resume[0])]
+    for t, out_dir in zip(trainings, out_dirs, strict=True):
+        shutil.rmtree(out_dir / "eval", ignore_errors=True)
+        _keep_rows_until(t.id, step, out_dir)
+
+    cfgs = [TrainConfig.from_dict(t.config) for t in trainings]
+    device = pick_device(cfgs[0].device)
+    with db.atomic():
+        Training.update(device=str(device), updated_at=time.time()) \
+            .where(Training.id.in_(reporter.ids)).execute()
+    reporter.log(f"Preparing the model and activations on {device} for {len(trainings)} SAEs "
+                 "trained together...")
+    out = train_group(
+        cfgs, out_dirs, data_dir=settings.data_dir(), device=device,
+        callbacks=reporter.callbacks(), member_callbacks=reporter.member_callbacks(),
+        resume=resume, names=_names(trainings[0]), prepare_progress=reporter.preparing,
+        after_fit=reporter.close, evaluate=lambda: not reporter.interrupted,
+        on_eval_start=reporter.start_evaluation, eval_progress=reporter.evaluation_progress,
+        log=reporter.log, on_eval_error=_eval_failed(reporter))
+    for t, values in zip(trainings, out["runs"], strict=True):
+        _finish(t.id, values, reporter.interrupted)
 
 
 # ---------------------------------------------------------------------------- worker start-up
@@ -491,12 +600,17 @@ def _watch_parent(parent: int, poll_s: float = 1.0, grace_s: float = 120.0) -> N
 
 @huey.signal(SIGNAL_INTERRUPTED)
 def on_interrupted(signal: str, task: Any, *args: Any, **kwargs: Any) -> None:
-    """The consumer interrupted a task (shutdown): a training it ran is interrupted."""
-    if task is None or task.name != run_training.name or not task.args:
+    """The consumer interrupted a task (shutdown): the trainings it ran are interrupted."""
+    if task is None or not task.args:
+        return
+    if task.name == run_training.name:
+        ids = [int(task.args[0])]
+    elif task.name == run_group.name:
+        ids = [int(i) for i in task.args[0]]
+    else:
         return
     with connection():
         with db.atomic():
             Training.update(status="interrupted", error=INTERRUPTED_MESSAGE, requested=None,
                             finished_at=time.time(), updated_at=time.time()) \
-                .where((Training.id == int(task.args[0])) & Training.status.in_(RUNNING)) \
-                .execute()
+                .where(Training.id.in_(ids) & Training.status.in_(RUNNING)).execute()

@@ -215,3 +215,42 @@ def _resident_file_bytes(file_bytes: int, row_bytes: int, batch_size: int,
     rows_per_window = FAULT_WINDOW / row_bytes + 1
     touched = 1 - untouched_row ** rows_per_window
     return int(min(file_bytes, n_train * row_bytes * touched + n_hold * row_bytes))
+
+
+def group_memory(estimates: list[MemoryEstimate], hooks: list[object]) -> int:
+    """Peak bytes of SAEs trained together in one process (a sweep's sub-group), from each
+    one's estimate alone (``estimates[i]`` for the SAE reading hook ``hooks[i]``).
+
+    What every SAE keeps for the whole run adds up: its parameters and Adam's moments (the
+    ``optimizer`` term of its peak phase). What the group holds once counts once: the runtime
+    and the model's weights (the deepest hook's share). Each hook has its own shuffle buffer and
+    batch: the largest of its SAEs' terms, summed over hooks. The members step one after
+    another, so the transient working set (``activations``, ``allocator``, ``file_pages``) is
+    the largest one's. An upper bound where the SAEs' peak phases differ."""
+    if not estimates:
+        return 0
+    per_hook: dict[object, int] = {}
+    for est, hook in zip(estimates, hooks, strict=True):
+        per_hook[hook] = max(per_hook.get(hook, 0), est.buffer + est.batch)
+    return (max(e.runtime for e in estimates) + max(e.model for e in estimates)
+            + sum(per_hook.values())
+            + sum(e.sae_params + e.optimizer for e in estimates)
+            + max(e.activations + e.allocator for e in estimates)
+            + max(e.file_pages for e in estimates))
+
+
+def split_group(estimates: list[MemoryEstimate], hooks: list[object], budget: int
+                ) -> list[list[int]]:
+    """Indices of the SAEs in sub-groups that each fit ``budget`` bytes (``group_memory``),
+    filled in order, SAEs of one hook kept together where they fit. An SAE too large on its
+    own gets a sub-group of its own (its estimate warns)."""
+    order = sorted(range(len(estimates)), key=lambda i: hooks.index(hooks[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            trial = groups[-1] + [i]
+            if group_memory([estimates[j] for j in trial], [hooks[j] for j in trial]) <= budget:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups

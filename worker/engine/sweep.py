@@ -166,13 +166,18 @@ def train_group(
     cfgs: list[TrainConfig], out_dirs: list[Path], *, data_dir: Path, device: torch.device,
     callbacks: Callbacks | None = None, member_callbacks: list[Callbacks] | None = None,
     resume: list[Path] | None = None, names: dict[str, Any] | None = None,
-    prepare_progress: Progress | None = None, evaluate: bool = True,
-    eval_progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
+    prepare_progress: Progress | None = None, after_fit: Callable[[], None] | None = None,
+    evaluate: bool | Callable[[], bool] = True, eval_progress: Progress | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    on_eval_start: Callable[[], None] | None = None,
+    on_eval_error: Callable[[Exception], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfgs`` together into ``out_dirs`` (one ``train``-like folder each) and evaluate
     each on held-out text. Returns ``{"runs": [values as train_and_evaluate's], "d_in", "tokens",
     "tokens_per_s" (the group's training steps: every run's tokens/s), "wall_s" (load to
     last report), "forwards" (model forward passes of the shared extraction, None without)}``.
+    ``after_fit``, ``evaluate``, ``on_eval_start``, ``on_eval_error`` as ``train_and_evaluate``'s
+    (the whole group is evaluated or not).
     """
     start = time.perf_counter()
     check_group(cfgs)
@@ -182,15 +187,20 @@ def train_group(
                       dict(metas[Member(cfg, Path()).hook], **(names or {})))
                for i, (cfg, out) in enumerate(zip(runs, out_dirs, strict=True))]
     group = GroupTrainer(members, sources, callbacks=callbacks)
-    results = group.fit(resume=resume)
+    try:
+        results = group.fit(resume=resume)
+    finally:
+        if after_fit is not None:
+            after_fit()
     values = [result_values(result, cfg) for result, cfg in zip(results, runs, strict=True)]
     sources.clear()
     for trainer in group.trainers:
         trainer.source = None  # free a live model before the evaluations load it again
-    if evaluate:  # one pass over the held-out contexts for every run
+    if evaluate() if callable(evaluate) else evaluate:  # one held-out pass for every run
         held_out_evaluation(values, group.trainers, [m.out_dir for m in members],
                             data_dir=data_dir, metas=[m.export_meta or {} for m in members],
-                            log=log, eval_progress=eval_progress)
+                            log=log, on_eval_start=on_eval_start, eval_progress=eval_progress,
+                            on_eval_error=on_eval_error)
     return {"runs": values, "d_in": group.trainers[0].d_in, "tokens": results[0].tokens,
             "tokens_per_s": results[0].tokens_per_s,
             "wall_s": round(time.perf_counter() - start, 1),

@@ -12,6 +12,8 @@ is the HTTP status to answer with. One module per noun:
 - ``estimates``: the memory and time estimate of the form's values;
 - ``trainings``: create, read (metrics, log, a card's data), steer (pause, resume, stop, retry);
 - ``checkpoints``: list, save now, delete, and the SAELens export zip;
+- ``sweeps``: many SAEs from one activation source (create, read, steer, delete), each a
+  training row trained in sub-groups that fit the memory budget;
 - ``health``: the newest worker heartbeat; ``reports``: the evaluation files of a training.
 
 The names below are the public services; ``from worker import jobs; jobs.add_model(...)``.
@@ -55,6 +57,20 @@ from .labels import (
     set_tags,
 )
 from .models import add_model, delete_model, get_model, list_models, model_as_dict, ready_models
+from .sweeps import (
+    MAX_RUNS,
+    SWEEP_ACTIONS,
+    SWEEP_STATUSES,
+    create_sweep,
+    delete_sweep,
+    get_sweep,
+    list_sweeps,
+    request_sweep,
+    sweep_as_dict,
+    sweep_estimate,
+    sweep_status,
+    sweep_trainings,
+)
 from .trainings import (
     ACTIONS,
     LATEST_KEYS,
@@ -88,7 +104,9 @@ __all__ = [
     "list_datasets", "list_models", "list_trainings", "log_lines", "mark_interrupted",
     "metrics_rows", "model_as_dict", "open_database", "ready_datasets", "ready_models", "reports",
     "request", "save_checkpoint_now", "signatures", "training_as_dict", "training_defaults",
-    "with_aliases",
+    "with_aliases", "MAX_RUNS", "SWEEP_ACTIONS", "SWEEP_STATUSES", "create_sweep",
+    "delete_sweep", "get_sweep", "list_sweeps", "request_sweep", "sweep_as_dict",
+    "sweep_estimate", "sweep_status", "sweep_trainings",
     # names, tags and the comparison page
     "all_tags", "compare_trainings", "default_name", "display_name", "final_figures", "label",
     "pareto_front", "rename", "set_tags", "LIST_SORTS", "TRAINING_STATUSES", "filter_choices",

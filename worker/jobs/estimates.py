@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..db import Calibration, LanguageModel, Training, db
-from ..engine.memory import estimate_memory
+from ..engine.memory import MemoryEstimate, estimate_memory, group_memory, split_group
 from .configs import check_form
 from .health import newest_heartbeat
 
@@ -138,21 +138,39 @@ def after_training_s(model_id: int, device: str | None, eval_tokens: int) -> flo
 
 
 # ---------------------------------------------------------------------------- the form's side
+def group_flops_per_token(model: LanguageModel, cfgs: list[TrainConfig], d_in: int) -> float:
+    """FLOPs per trained token of SAEs trained together: one forward up to the deepest layer,
+    every SAE's step."""
+    deepest = max(int(c.layer or 0) for c in cfgs)
+    return (model_flops_per_token(model, deepest + 1)
+            + sum(sae_flops_per_token(d_in, c.d_sae(d_in)) for c in cfgs))
+
+
 def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device: str | None,
-          precision: str, gflops: float | None) -> dict[str, Any]:
-    """The time keys of the estimate: calibrated (a point figure), a guessed range, or none."""
+          precision: str, gflops: float | None, group: list[TrainConfig] | None = None
+          ) -> dict[str, Any]:
+    """The time keys of the estimate: calibrated (a point figure), a guessed range, or none.
+    With ``group`` (a sweep's sub-group, ``cfg`` its first): the time of training them together
+    (one forward for all), evaluating them in one pass and saving each."""
     tokens = cfg.total_steps * cfg.batch_size
     fpt = flops_per_token(model, cfg, d_in, d_sae)
+    eval_scale = finish_scale = 1.0
+    if group:
+        fpt = group_flops_per_token(model, group, d_in)
+        hooks = len({(c.layer, c.hook_point) for c in group})
+        eval_scale = (1 + hooks + len(group)) / EVAL_PASSES  # clean, zeroed per hook, spliced
+        finish_scale = float(len(group))
     cal = calibration(model.id, device)
     if cal is not None:
         train = tokens * cal.train_s / cal.train_tokens * fpt / cal.flops_per_token
-        seconds = round(cal.setup_s + train + eval_seconds(cal, cfg.eval_tokens)
-                        + cal.finish_s, 1)
+        seconds = round(cal.setup_s + train + eval_scale * eval_seconds(cal, cfg.eval_tokens)
+                        + finish_scale * cal.finish_s, 1)
         return {"time_s": seconds, "seconds": seconds, "time_range_s": None, "calibrated": True,
                 "time_basis": f"Measured on {cal.device} from training #{cal.training_id}, "
                               "scaled to these steps, sizes and evaluation tokens (a dataset's "
                               "first tokenisation adds to it)."}
-    flops = tokens * fpt + cfg.eval_tokens * EVAL_PASSES * model_flops_per_token(model, 10**9)
+    flops = tokens * fpt + (eval_scale * cfg.eval_tokens * EVAL_PASSES
+                            * model_flops_per_token(model, 10**9))
     until = f"until a training of {model.name} completes there."
     other = None if device is None else Calibration.select() \
         .where(Calibration.device == device_key(device)) \
@@ -175,6 +193,82 @@ def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device:
     return {"time_range_s": [round(low, 1), round(high, 1)], "time_basis": basis}
 
 
+def memory_of(model: LanguageModel, cfg: TrainConfig, device: str | None, precision: str
+              ) -> MemoryEstimate:
+    """The engine's memory estimate of ``cfg`` on ``model`` (live extraction) on ``device``
+    (None: no worker seen, so the reference device, a Jetson's GPU)."""
+    return estimate_memory(int(model.hidden_dim), cfg.d_sae(int(model.hidden_dim)),
+                           encoder_type=cfg.encoder_type, k=cfg.k, batch_size=cfg.batch_size,
+                           micro_batch_size=cfg.micro_batch_size, precision=precision,
+                           model_params=int(model.n_params or 0),
+                           model_dtype=str(model.dtype or "float32"),
+                           buffer_tokens=cfg.buffer_tokens,
+                           device="cpu" if device == "cpu" else "cuda", source="live",
+                           layer=int(cfg.layer or 0), n_layers=max(1, int(model.n_layers or 1)),
+                           tie_weights=cfg.tie_weights, eval_tokens=cfg.eval_tokens,
+                           total_steps=cfg.total_steps)
+
+
+def _budget() -> tuple[Any, int, str]:
+    """The newest worker heartbeat, the memory budget (bytes) and where it comes from."""
+    hb = newest_heartbeat()
+    if hb is not None and hb.device_memory:
+        return hb, int(hb.device_memory), f"{hb.device}: {hb.device_name or hb.device}"
+    return hb, REFERENCE_BUDGET, "no worker seen: 6 GB (Jetson Orin Nano)"
+
+
+def _precision(cfg: TrainConfig, device: str | None) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if (device or "").startswith("cuda") else "fp32"
+
+
+def group_estimate(model: LanguageModel, cfgs: list[TrainConfig]) -> dict[str, Any]:
+    """Memory and time of a sweep's SAEs (valid configs of ``model``, live extraction): split
+    into sub-groups that each fit the budget (``memory.split_group``), each trained by one task,
+    one after another. Returns::
+
+        {"runs": int, "groups": [[run index, ...], ...], "group_memory_bytes": [bytes per
+         sub-group], "memory_bytes": the largest, "budget_bytes", "budget_source", "fits",
+         "split": bool, "warning", "device", "precision", "time_s", "seconds",
+         "time_range_s", "calibrated", "time_basis"}
+
+    Times are the sub-groups' summed (start of the first to ``completed`` of the last)."""
+    hb, budget, source = _budget()
+    device = cfgs[0].device if cfgs[0].device != "auto" else (hb.device if hb else None)
+    precision = _precision(cfgs[0], device)
+    ests = [memory_of(model, cfg, device, precision) for cfg in cfgs]
+    hooks = [(cfg.layer, cfg.hook_point) for cfg in cfgs]
+    groups = split_group(ests, hooks, budget)
+    sizes = [group_memory([ests[i] for i in g], [hooks[i] for i in g]) for g in groups]
+    out: dict[str, Any] = {
+        "runs": len(cfgs), "groups": groups, "group_memory_bytes": sizes,
+        "memory_bytes": max(sizes), "budget_bytes": budget, "budget_source": source,
+        "fits": max(sizes) <= budget, "split": len(groups) > 1, "warning": None,
+        "device": device, "precision": precision, "time_s": None, "seconds": None,
+        "time_range_s": None, "calibrated": False, "time_basis": None}
+    if not out["fits"]:
+        out["warning"] = (f"One SAE alone needs about {max(sizes) / 2**30:.1f} GiB but the "
+                          f"budget is {budget / 2**30:.1f} GiB ({source}); lower the batch "
+                          "size, micro-batch size or number of latents.")
+    elif out["split"]:
+        out["warning"] = (f"The {len(cfgs)} SAEs need more than the {budget / 2**30:.1f} GiB "
+                          f"budget ({source}) together: they train as {len(groups)} groups, "
+                          "one after another, each with its own forward pass.")
+    d_in = int(model.hidden_dim)
+    times = [_time(model, cfgs[g[0]], d_in, cfgs[g[0]].d_sae(d_in), device, precision,
+                   hb.gflops if hb is not None else None, group=[cfgs[i] for i in g])
+             for g in groups]
+    out["time_basis"] = times[0].get("time_basis")
+    if all(t.get("time_s") is not None for t in times):
+        total = round(sum(t["time_s"] for t in times), 1)
+        out.update(time_s=total, seconds=total, calibrated=True)
+    elif all(t.get("time_range_s") for t in times):
+        out["time_range_s"] = [round(sum(t["time_range_s"][i] for t in times), 1)
+                               for i in (0, 1)]
+    return out
+
+
 def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str, Any]:
     """Memory and time estimate for the form's current values. Returns::
 
@@ -191,12 +285,7 @@ def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str
     ``time_basis`` says which. A bad field (``invalid``, the form's own checks) leaves every
     size and time None; without a model too, and ``warning`` says what to do.
     """
-    hb = newest_heartbeat()
-    if hb is not None and hb.device_memory:
-        budget = int(hb.device_memory)
-        source = f"{hb.device}: {hb.device_name or hb.device}"
-    else:
-        budget, source = REFERENCE_BUDGET, "no worker seen: 6 GB (Jetson Orin Nano)"
+    hb, budget, source = _budget()
     out: dict[str, Any] = {"memory_bytes": None, "parts": None, "budget_bytes": budget,
                            "budget_source": source, "fits": True, "warning": None,
                            "time_s": None, "seconds": None, "time_range_s": None,
@@ -211,22 +300,10 @@ def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str
         out.update(invalid=invalid, warning=FIX_FIELDS)
         return out
     device = cfg.device if cfg.device != "auto" else out["device"]
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if (device or "").startswith("cuda") else "fp32"
+    precision = _precision(cfg, device)
     d_in = int(model.hidden_dim)
     d_sae = cfg.d_sae(d_in)
-    n_layers = max(1, int(model.n_layers or 1))
-    est = estimate_memory(d_in, d_sae, encoder_type=cfg.encoder_type, k=cfg.k,
-                          batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                          precision=precision, model_params=int(model.n_params or 0),
-                          model_dtype=str(model.dtype or "float32"),
-                          buffer_tokens=cfg.buffer_tokens,
-                          # no worker seen: the reference device, a Jetson's GPU
-                          device="cpu" if device == "cpu" else "cuda", source="live",
-                          layer=int(cfg.layer or 0), n_layers=n_layers,
-                          tie_weights=cfg.tie_weights, eval_tokens=cfg.eval_tokens,
-                          total_steps=cfg.total_steps)
+    est = memory_of(model, cfg, device, precision)
     parts = est.to_dict()
     total = parts.pop("total")
     out.update(memory_bytes=total, parts=parts, d_in=d_in, d_sae=d_sae, fits=total <= budget,

@@ -40,6 +40,7 @@ from . import common
 from .configs import build_config
 from .errors import Conflict, Invalid
 from .estimates import estimate
+from .sweeps import act_on_rows, queue_groups
 
 TRAINING_FIELDS = ("id", "status", "current_step", "total_steps", "error", "requested",
                    "config", "estimate", "out_dir", "device", "created_at", "updated_at",
@@ -294,7 +295,9 @@ def request(training_id: int | str, action: str) -> Training:
     pause: training/initializing; resume: paused; stop: queued (stopped at once) or
     initializing/training/paused (the worker finalises the current weights: ``stopping``, then
     ``evaluating`` and ``stopped``); retry: stopped/failed/interrupted (queued again; continues
-    from the newest checkpoint). Anything else raises Conflict, e.g. "Training 4 is completed;
+    from the newest checkpoint). A sweep's training acts with its sub-group (they step
+    together): the action also applies to each sibling it fits, and a retry queues them as one
+    task. Anything else raises Conflict, e.g. "Training 4 is completed;
     only a paused training can be resumed." An ``evaluating`` training has finished its steps
     and saved its weights: a stop is refused with a sentence saying so.
     """
@@ -335,7 +338,13 @@ def request(training_id: int | str, action: str) -> Training:
             t.status, t.error, t.requested, t.finished_at = "queued", None, None, None
             retry = True
         t.save()
-    if retry:
+        siblings: list[list[int]] = []
+        if t.task_group:  # a sweep's sub-group steps together: the request is the group's
+            siblings = act_on_rows(list(Training.select().where(
+                (Training.task_group == t.task_group) & (Training.id != t.id))), action)
+    if retry and t.task_group:
+        queue_groups([sorted([t.id, *(i for ids in siblings for i in ids)])])
+    elif retry:
         common.enqueue("run_training", t.id, True)
     return get_training(t.id)
 
