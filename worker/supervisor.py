@@ -96,7 +96,10 @@ class Supervisor:
             if self.stopping.is_set():
                 break
             if code is not None:
-                why = f"exited with status {code}"
+                # 0 also when another process reaped it first (gunicorn's master reaps every
+                # child; Popen then cannot learn the status): say no more than we know
+                why = (f"was killed by signal {-code}" if code < 0
+                       else f"exited with status {code}" if code > 0 else "exited")
             else:
                 try:
                     silent = self.silent_for()
