@@ -55,3 +55,22 @@ function saeServerUnreachable() {
   if (text) text.textContent = "server unreachable";
 }
 document.addEventListener("htmx:sendError", saeServerUnreachable);
+
+// Sweep mode: the encoder type field holds comma-separated types; show the fields that apply
+// to any of them (runs after saeShowEncoderFields, which compares the whole value).
+function saeShowSweepEncoderFields() {
+  var form = document.getElementById("training-form");
+  if (!form || form.getAttribute("data-mode") !== "sweep") return;
+  var input = form.querySelector("[name=encoder_type]");
+  if (!input) return;
+  var chosen = input.value.split(",").map(function (s) { return s.trim(); });
+  var fields = form.querySelectorAll("[data-applies-to]");
+  for (var i = 0; i < fields.length; i++) {
+    var types = fields[i].getAttribute("data-applies-to").split(/\s+/);
+    var any = chosen.some(function (t) { return types.indexOf(t) >= 0; });
+    fields[i].style.display = any ? "" : "none";
+  }
+}
+document.addEventListener("change", saeShowSweepEncoderFields);
+document.addEventListener("htmx:afterSettle", saeShowSweepEncoderFields);
+document.addEventListener("DOMContentLoaded", saeShowSweepEncoderFields);

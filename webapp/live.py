@@ -10,6 +10,9 @@ thread is stuck) is dropped and closed with 1013 so that a browser reconnects, n
 the others. The poller stops after the final update of a finished or deleted training, or when
 its last viewer leaves.
 
+A sweep's page is watched the same way (``webapp.sweeps.SweepPoller``: a subclass that reads
+the sweep's signatures and renders its card's parts); pollers are keyed by (kind, id).
+
 A viewer subscribes *before* it reads its own snapshot, and the poller holds its lock from its
 database reads to the fan-out, so an update a viewer receives is never older than its snapshot.
 """
@@ -22,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from flask import Flask, current_app, request
 
@@ -104,10 +107,15 @@ class Viewer:
 
 @dataclass(eq=False)
 class Poller:
-    """The thread that watches one training for all its viewers."""
+    """The thread that watches one training (or, subclassed, another kind of item) for all
+    its viewers."""
+
+    KIND: ClassVar[str] = "training"
+    THREAD: ClassVar[str] = "ws-poller-{}"
+    """The thread's name, formatted with the item's id."""
 
     app: Flask
-    training_id: int
+    item_id: int
     tick: float
     url_root: str
     sig: dict[str, Any]
@@ -123,8 +131,12 @@ class Poller:
 
     def __post_init__(self) -> None:
         self.cursors = sig_cursors(self.sig)
-        self.thread = threading.Thread(target=self._run, name=f"ws-poller-{self.training_id}",
+        self.thread = threading.Thread(target=self._run, name=self.THREAD.format(self.item_id),
                                        daemon=True)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.KIND, self.item_id)
 
     def _run(self) -> None:
         # A request context for url_for in the templates and training_json; its own connection.
@@ -138,8 +150,8 @@ class Poller:
                         try:
                             update = self._read()
                         except Exception:
-                            self.app.logger.exception("live updates of training %d failed",
-                                                      self.training_id)
+                            self.app.logger.exception("live updates of %s %d failed",
+                                                      self.KIND, self.item_id)
                             self._close_all(CLOSE_ERROR)
                             break
                         if update is not None:
@@ -147,8 +159,8 @@ class Poller:
             finally:
                 jobs.disconnect()
                 with _LOCK:
-                    if _POLLERS.get(self.training_id) is self:
-                        del _POLLERS[self.training_id]
+                    if _POLLERS.get(self.key) is self:
+                        del _POLLERS[self.key]
 
     def _read(self) -> Update | None:
         """This tick's update, or None when nothing the viewers show changed."""
@@ -157,26 +169,37 @@ class Poller:
             return None
         self.version = newer
         try:
-            new = jobs.signatures(self.training_id)
+            new = self._signatures()
             if new is None:
-                raise jobs.NotFound(f"Training {self.training_id} does not exist.")
+                raise jobs.NotFound(f"{self.KIND.capitalize()} {self.item_id} does not exist.")
             changed = [k for k in new if k != "row" and self.sig.get(k) != new[k]]
             self.sig = new
             if not changed:
                 return None
             row = new["row"]
-            final = row.status in FINISHED
+            final = self._final(row)
             html = self._html(row, changed, final) if any(
                 not v.as_json for v in self.viewers) else None
             events = self._events(row, changed)
         except jobs.NotFound:
-            tid = self.training_id
-            return Update(f'<article id="training-{tid}" class="card gone">'
-                          f'Training {tid} was deleted.</article>',
-                          (Event("error", json.dumps({"type": "error", "error":
-                                                      f"Training {tid} was deleted."})),),
-                          final=True)
+            return self._gone()
         return Update(html, events, final)
+
+    def _signatures(self) -> dict[str, Any] | None:
+        """The parts' fingerprints and ``row`` (what the parts are rendered from); None: gone."""
+        return jobs.signatures(self.item_id)
+
+    def _final(self, row: Any) -> bool:
+        return row.status in FINISHED
+
+    def _gone(self) -> Update:
+        """The final update once the item was deleted."""
+        tid = self.item_id
+        return Update(f'<article id="training-{tid}" class="card gone">'
+                      f'Training {tid} was deleted.</article>',
+                      (Event("error", json.dumps({"type": "error", "error":
+                                                  f"Training {tid} was deleted."})),),
+                      final=True)
 
     def _html(self, row: Any, changed: list[str], final: bool) -> str | None:
         if final:  # the whole card, without ws-connect (the socket is done)
@@ -189,7 +212,7 @@ class Poller:
         if not any(v.as_json for v in self.viewers):
             self.cursors = {k: max(v, sig_cursors(self.sig)[k]) for k, v in self.cursors.items()}
             return ()
-        tid = self.training_id
+        tid = self.item_id
         events = []
         if set(changed) & {"status", "progress", "tiles"}:
             events.append(Event("status", json.dumps({"type": "status", **training_json(row)})))
@@ -234,8 +257,8 @@ def sig_cursors(sig: dict[str, Any]) -> dict[str, int]:
     return {"metrics": -1 if newest is None else int(newest), "log": int(sig.get("log") or 0)}
 
 
-_POLLERS: dict[int, Poller] = {}
-"""The running poller of each watched training."""
+_POLLERS: dict[tuple[str, int], Poller] = {}
+"""The running poller of each watched item, by ``Poller.key`` (kind, id)."""
 _LOCK = threading.Lock()
 """Guards ``_POLLERS``; taken before a poller's own lock, never after."""
 
@@ -249,24 +272,27 @@ def close_all(reason: tuple[int, str] = CLOSE_GOING_AWAY) -> None:
                 running._close_all(reason)
 
 
-def poller(training_id: int) -> Poller | None:
-    """The running poller of a training, if one runs."""
+def poller(item_id: int, kind: type[Poller] = Poller) -> Poller | None:
+    """The running poller of a training (or of an item of another ``kind``), if one runs."""
     with _LOCK:
-        return _POLLERS.get(training_id)
+        return _POLLERS.get((kind.KIND, item_id))
 
 
 @contextmanager
-def watch(training_id: int, sig: dict[str, Any], *, as_json: bool) -> Iterator[Viewer]:
-    """Subscribe to training ``training_id``'s poller (starting it, from ``sig``, the
-    signatures this viewer read before its snapshot) for the duration of the block.
+def watch(item_id: int, sig: dict[str, Any], *, as_json: bool,
+          kind: type[Poller] = Poller) -> Iterator[Viewer]:
+    """Subscribe to training ``item_id``'s poller (or that of an item of another ``kind``),
+    starting it from ``sig``, the signatures this viewer read before its snapshot, for the
+    duration of the block.
 
     Call inside the WebSocket's request; read the snapshot inside the block."""
     app = current_app._get_current_object()
     tick = float(app.config.get("WS_TICK_S", 0.25))
     viewer = Viewer(as_json, tick, queue.Queue(int(app.config.get("WS_QUEUE_UPDATES",
                                                                   QUEUE_UPDATES))))
+    key = (kind.KIND, item_id)
     with _LOCK:
-        running = _POLLERS.get(training_id)
+        running = _POLLERS.get(key)
         if running is not None:
             with running.lock:
                 if not running.closed:
@@ -274,8 +300,8 @@ def watch(training_id: int, sig: dict[str, Any], *, as_json: bool) -> Iterator[V
                 else:
                     running = None
         if running is None:
-            running = Poller(app, training_id, tick, request.url_root, sig, {viewer})
-            _POLLERS[training_id] = running
+            running = kind(app, item_id, tick, request.url_root, sig, {viewer})
+            _POLLERS[key] = running
             running.thread.start()
     try:
         yield viewer
@@ -285,5 +311,5 @@ def watch(training_id: int, sig: dict[str, Any], *, as_json: bool) -> Iterator[V
             if not running.viewers and not running.closed:
                 running.closed = True
                 running.stop.set()
-                if _POLLERS.get(training_id) is running:
-                    del _POLLERS[training_id]
+                if _POLLERS.get(key) is running:
+                    del _POLLERS[key]

@@ -156,8 +156,11 @@ def training_json(t: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- pages
 def _page_ctx(**extra: Any) -> dict[str, Any]:
+    from .sweeps import sweep_cards  # sweeps imports this module
+
     trainings, filters = filtered_trainings()
-    return {"cards": [card_html(t) for t in trainings], **form_ctx(), **filters, **extra}
+    return {"cards": [card_html(t) for t in trainings], **form_ctx(),
+            "sweep_cards": sweep_cards(only_recent=True), **filters, **extra}
 
 
 LIST_FILTERS = ("status", "model", "encoder_type", "tag", "sweep", "sort", "order")
@@ -258,7 +261,12 @@ def model_fields() -> ResponseReturnValue:
 @bp.get("/trainings/estimate")
 def estimate() -> ResponseReturnValue:
     values = form_values(request.args)
-    ctx = form_ctx(values)
+    if request.args.get("mode") == "sweep":  # the sweep's: run count, group memory, time
+        from .sweeps import sweep_form_ctx  # sweeps imports this module
+
+        ctx = sweep_form_ctx(values)
+    else:
+        ctx = form_ctx(values)
     if wants_json():
         return json_response(ctx["estimate"])
     return render_template("trainings/_estimate.html", **ctx)

@@ -22,7 +22,7 @@ from flask_sock import Sock
 from worker import jobs
 from worker.jobs import FINISHED
 
-from . import live
+from . import live, sweeps
 from .trainings import card_view, checkpoint_dict, render_card, render_parts, training_json
 
 sock = Sock()
@@ -87,6 +87,17 @@ def _json_snapshot(ws: Any, training_id: int) -> dict[str, int] | None:
     if t.status in FINISHED:
         return None
     return {"metrics": rows[-1]["step"] if rows else -1, "log": lines[-1]["id"] if lines else 0}
+
+
+@sock.route("/ws/sweeps/<int:sweep_id>", bp=bp)
+def sweep_updates(ws: Any, sweep_id: int) -> None:
+    """A sweep card's parts (``sweeps.html_stream``) or its JSON events (``?format=json``:
+    ``snapshot``, then ``status`` and ``runs``; ``sweeps.json_stream``), through the same
+    poller machinery as a training's."""
+    if request.args.get("format") == "json":
+        sweeps.json_stream(ws, sweep_id)
+    else:
+        sweeps.html_stream(ws, sweep_id)
 
 
 @sock.route("/ws/trainings/<int:training_id>", bp=bp)
