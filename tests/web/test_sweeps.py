@@ -143,8 +143,8 @@ def test_list_and_page_html_fragment_json(client, ready, enqueued):
     line = element_by_id(page, f"sweep-{sid}-run-{first['id']}")
     assert find_all(line, "a")[0].get("href") == f"/trainings/{first['id']}"
     assert text_of(line, f"sweep-{sid}-run-{first['id']}-steps") == "step 0 / 20"
-    assert text_of(page, f"sweep-list-k").startswith("8, 16")
-    assert text_of(page, f"sweep-list-seed").startswith("0, 1")
+    assert text_of(page, "sweep-list-k").startswith("8, 16")
+    assert text_of(page, "sweep-list-seed").startswith("0, 1")
     assert "1 sub-group" in text_of(page, f"sweep-{sid}-split")
     compare = attr(page, f"sweep-{sid}-compare", "href")
     assert compare == "/compare?ids=" + ",".join(map(str, data["trainings"]))
