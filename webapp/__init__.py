@@ -39,7 +39,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes()
     jobs.open_database()
 
-    from . import compare, datasets, models, reports, security, sweeps, trainings, ws
+    from . import (
+        compare,
+        config_templates,
+        datasets,
+        models,
+        reports,
+        security,
+        sweeps,
+        trainings,
+        ws,
+    )
 
     security.init_app(app)  # first: a refused request opens no database connection
 
@@ -79,6 +89,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(trainings.bp)
     app.register_blueprint(reports.bp)
     app.register_blueprint(compare.bp)
+    app.register_blueprint(config_templates.bp)
     app.register_blueprint(sweeps.bp)
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)

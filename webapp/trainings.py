@@ -33,6 +33,7 @@ from worker import jobs
 from worker.jobs import FINISHED, reports
 
 from . import answers
+from .config_templates import start_ctx
 from .forms import MODEL_FIELDS, form_ctx, form_values
 from .render import (
     MAX_POINTS,
@@ -156,10 +157,11 @@ def training_json(t: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- pages
 def _page_ctx(**extra: Any) -> dict[str, Any]:
+    """The page's cards and its form (from ``?template=`` or ``?from_training=`` when given)."""
     from .sweeps import sweep_cards  # sweeps imports this module
 
     trainings, filters = filtered_trainings()
-    return {"cards": [card_html(t) for t in trainings], **form_ctx(),
+    return {"cards": [card_html(t) for t in trainings], **start_ctx(request.args),
             "sweep_cards": sweep_cards(only_recent=True), **filters, **extra}
 
 
@@ -242,11 +244,12 @@ def create() -> ResponseReturnValue:
 
 @bp.get("/trainings/form")
 def form() -> ResponseReturnValue:
-    """The form with default values (keeps the chosen model and dataset): Reset to defaults."""
+    """The form with default values (keeps the chosen model and dataset): Reset to defaults;
+    ``?template=<id>`` (Start from template) or ``?from_training=<id>``: with their values."""
     values = {k: request.args[k] for k in ("model_id", "dataset_id") if request.args.get(k)}
+    ctx = start_ctx(request.args, values)
     return page_or_fragment("trainings/index.html", "trainings/_form.html",
-                            **(form_ctx(values) if is_fragment_request()
-                               else _page_ctx(**form_ctx(values))))
+                            **(ctx if is_fragment_request() else _page_ctx(**ctx)))
 
 
 @bp.get("/trainings/model-fields")

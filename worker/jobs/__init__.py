@@ -14,7 +14,8 @@ is the HTTP status to answer with. One module per noun:
 - ``checkpoints``: list, save now, delete, and the SAELens export zip;
 - ``sweeps``: many SAEs from one activation source (create, read, steer, delete), each a
   training row trained in sub-groups that fit the memory budget;
-- ``health``: the newest worker heartbeat; ``reports``: the evaluation files of a training.
+- ``health``: the newest worker heartbeat; ``reports``: the evaluation files of a training;
+- ``templates``: saved training and sweep configurations and the built-in presets.
 
 The names below are the public services; ``from worker import jobs; jobs.add_model(...)``.
 """
@@ -71,6 +72,18 @@ from .sweeps import (
     sweep_status,
     sweep_trainings,
 )
+from .templates import (
+    PRESETS,
+    Preset,
+    create_template,
+    delete_template,
+    form_strings,
+    get_template,
+    list_templates,
+    template_as_dict,
+    template_toml,
+    training_fields,
+)
 from .trainings import (
     ACTIONS,
     LATEST_KEYS,
@@ -110,4 +123,7 @@ __all__ = [
     # names, tags and the comparison page
     "all_tags", "compare_trainings", "default_name", "display_name", "final_figures", "label",
     "pareto_front", "rename", "set_tags", "LIST_SORTS", "TRAINING_STATUSES", "filter_choices",
+    # templates and presets
+    "PRESETS", "Preset", "create_template", "delete_template", "form_strings", "get_template",
+    "list_templates", "template_as_dict", "template_toml", "training_fields",
 ]
