@@ -47,7 +47,7 @@ def kill_once(app: RunPy, data: Path, run: Path, tid: int, i: int, rng: random.R
     restarts = app.restarts()
     if victim == "run.py":
         os.kill(app.proc.pid, signal.SIGKILL)
-        app.proc.wait_for(10)
+        app.proc.wait(10)
         wait_for(lambda: not alive(worker), 180, "the orphaned worker to stop")
         app = RunPy(data)
     else:
