@@ -30,10 +30,10 @@ bp = Blueprint("compare", __name__)
 
 CURVE_CHARTS = (
     # (key, title, y axis label, log y, digits)
-    ("loss", "Loss", "loss (training batches)", True, 4),
-    ("fvu", "FVU", "FVU (fraction of variance unexplained)", True, 4),
-    ("l0", "L0", "L0 (active latents per token)", False, 1),
-    ("dead_frac", "Dead latents", "dead latents (fraction of latents)", False, 4),
+    ("loss", "Loss (training batches)", "loss", True, 4),
+    ("fvu", "FVU (fraction of variance unexplained)", "FVU", True, 4),
+    ("l0", "L0 (active latents per token)", "latents / token", False, 1),
+    ("dead_frac", "Dead latents (fraction of latents)", "fraction of latents", False, 4),
 )
 """The overlaid curves: the metrics row's key, the chart's title and y label, log y, digits."""
 

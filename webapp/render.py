@@ -383,8 +383,8 @@ class _Scale:
         self.log, self.start, self.size, self.flip = log, start, size, flip
         lo, hi = min(values), max(values)
         if log:
-            if hi / lo < 1.5:
-                lo, hi = lo / 1.25, hi * 1.25
+            pad = 1.25 if hi / lo < 1.5 else 1.08  # dots at the ends stay inside the plot
+            lo, hi = lo / pad, hi * pad
             self.ticks = log_ticks(lo, hi)
             self.lo, self.hi = min(lo, self.ticks[0]), max(hi, self.ticks[-1])
         else:
