@@ -131,8 +131,9 @@ def start_ctx(args: Mapping[str, Any], values: Mapping[str, str] | None = None
     """The training form's context, started from ``args["template"]`` (a template or preset
     id) or ``args["from_training"]`` (a training's config) when given: their values replace
     the form's, except a model or dataset that is not a ready row (presets have none), where
-    ``values``' current choice stays. Adds ``start_template`` (the chosen id) and
-    ``start_mode`` ("sweep" for a sweep template). NotFound for an unknown id."""
+    ``values``' current choice stays. A sweep template gives the form in sweep mode
+    (``sweeps.sweep_form_ctx``). Adds ``start_template`` (the chosen id) and ``start_mode``
+    ("sweep" for a sweep template). NotFound for an unknown id."""
     values = dict(values or {})
     chosen, kind = None, None
     if args.get("template"):
@@ -149,5 +150,10 @@ def start_ctx(args: Mapping[str, Any], values: Mapping[str, str] | None = None
         if start.get(key) not in ids:
             start.pop(key, None)
     current = {k: v for k, v in values.items() if k in ready}
-    ctx = form_ctx({**current, **start})
+    if kind == "sweep":  # the form in sweep mode: lists kept, the sweep's estimate
+        from .sweeps import sweep_form_ctx  # sweeps imports trainings, which imports this
+
+        ctx = sweep_form_ctx({**current, **start})
+    else:
+        ctx = form_ctx({**current, **start})
     return dict(ctx, start_template=chosen, start_mode="sweep" if kind == "sweep" else None)

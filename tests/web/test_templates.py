@@ -224,6 +224,14 @@ def test_form_from_a_sweep_template_is_in_sweep_mode(client, ready):
     modes = [e for e in find_all(frag, "input") if e.get("name") == "mode"
              and (e.get("type") == "hidden" or "checked" in e.attrs)]
     assert modes and {e.get("value") for e in modes} == {"sweep"}
+    assert attr(frag, "training-form", "data-mode") == "sweep"  # posts to /sweeps
+    assert attr(frag, "training-form", "hx-post") == "/sweeps"
+    model, _ = ready  # a listed layer stays as typed (the single form would reset it)
+    tid = client.post("/templates", json={"name": "layers", "kind": "sweep", "layer": [1, 4],
+                                          "k": 8}, headers=JSON).get_json()["id"]
+    frag = client.get(f"/trainings/form?template={tid}&model_id={model.id}",
+                      headers=HX).data.decode()
+    assert value_of(frag, "layer") == "1,4" and value_of(frag, "k") == "8"
     single = client.get("/trainings/form?template=preset:cpu-quick-look", headers=HX)
     assert not any(e.get("name") == "mode" and e.get("type") == "hidden"
                    for e in find_all(single.data.decode(), "input"))
