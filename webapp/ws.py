@@ -9,6 +9,9 @@ is finished, or when the client leaves.
 dict), ``metrics`` (new rows), ``log`` (new lines) and ``checkpoints`` (all items). The poller
 builds each event once; metrics and log events carry only the items newer than this viewer's
 snapshot (``live.Event.text_after``).
+
+``/ws/sweeps/<id>`` does the same for a sweep's card (``sweeps.html_stream`` and
+``sweeps.json_stream``: a ``snapshot`` event, then ``status`` and ``runs``).
 """
 
 from __future__ import annotations
