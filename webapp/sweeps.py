@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, get_template_attribute, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
@@ -274,6 +275,9 @@ def control(sweep_id: int, action: str) -> ResponseReturnValue:
 @bp.delete("/sweeps/<int:sweep_id>")
 def delete(sweep_id: int) -> ResponseReturnValue:
     jobs.delete_sweep(sweep_id)
+    here = urlsplit(request.headers.get("HX-Current-URL", "")).path.rstrip("/")
+    if is_fragment_request() and here == f"/sweeps/{sweep_id}":  # its own page: to the list
+        return "", 200, {"HX-Redirect": url_for("sweeps.index")}
     return answers.deleted("sweeps", sweep_id)
 
 

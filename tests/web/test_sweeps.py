@@ -211,6 +211,13 @@ def test_controls_and_delete(client, ready, enqueued):
     client.post(f"/sweeps/{body['id']}/stop", headers=JSON)
     assert client.delete(f"/sweeps/{body['id']}", headers=JSON).get_json() == \
         {"deleted": body["id"]}
+    # deleted from its own page: htmx goes to the list of sweeps
+    body = client.post("/sweeps", json=sweep_form(model, dataset, k=[8, 16]),
+                       headers=JSON).get_json()
+    client.post(f"/sweeps/{body['id']}/stop", headers=JSON)
+    resp = client.delete(f"/sweeps/{body['id']}", headers={
+        **HX, "HX-Current-URL": f"http://localhost/sweeps/{body['id']}"})
+    assert resp.status_code == 200 and resp.headers["HX-Redirect"] == "/sweeps"
 
 
 # ---------------------------------------------------------------------------- the form
