@@ -178,10 +178,9 @@ class _GroupBar:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .engine.devices import pick_device
-    from .engine.group import resume_points
+    from .engine.group import resume_points, train_group
     from .engine.models import default_layer
     from .engine.pipeline import check_before_loading
-    from .engine.sweep import train_group
     from .engine.trainer import Callbacks
 
     runs = sweep_runs(args)

@@ -370,8 +370,7 @@ def _train_group(trainings: list[Training], out_dirs: list[Path]) -> None:
     from .engine.checkpoints import list_checkpoints
     from .engine.config import TrainConfig
     from .engine.devices import pick_device
-    from .engine.group import resume_points
-    from .engine.sweep import train_group
+    from .engine.group import resume_points, train_group
     from .progress import GroupReporter
 
     reporter = GroupReporter([t.id for t in trainings])

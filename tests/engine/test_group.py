@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from worker.engine.config import TrainConfig
 from worker.engine.errors import ConfigError
-from worker.engine.group import resume_points
+from worker.engine.group import resume_points, train_group
 from worker.engine.pipeline import train_and_evaluate
-from worker.engine.sweep import expand, run_name, train_group, unique_names
+from worker.engine.sweep import expand, run_name, unique_names
 from worker.engine.trainer import Callbacks
 
 from .tiny_models import make_tiny_model

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WEB_MODULES = sorted((ROOT / "webapp").glob("*.py"))
 TORCH_FREE_ENGINE = ("worker.engine.architectures", "worker.engine.config",
                      "worker.engine.documents", "worker.engine.errors", "worker.engine.files",
-                     "worker.engine.memory", "worker.engine.option_types")
+                     "worker.engine.memory", "worker.engine.option_types",
+                     "worker.engine.sweep")
 """The engine modules the job layer may load into the web process: plain Python, no torch."""
 FORBIDDEN_IMPORTS = ("worker.db", "peewee", "sqlite3", "playhouse", "torch", "worker.engine")
 SQL = re.compile(r"\b(SELECT\s.+\sFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|PRAGMA|"

@@ -3,36 +3,21 @@
 ``expand(base, lists)`` turns a base config and lists of values into the runs of their
 cartesian product (an option that does not apply to a run's encoder type is left at its
 default for it, and no run appears twice); ``run_name`` names a run by what it is
-(``L15-topk-k32-x8-s0``); ``train_group`` loads the model and corpus once, trains every run
-together (``group.GroupTrainer``: one forward pass per step for all hooks) and evaluates each on
-held-out text, writing one ``train``-like folder per run.
+(``L15-topk-k32-x8-s0``); ``check_group`` says why runs cannot train as one group. Plain
+arithmetic on configs, no torch (the web's job layer uses it); ``group.train_group`` trains
+them.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import architectures
-from .activations import CachedActivations, LiveActivations, SharedExtraction
 from .config import TrainConfig
 from .errors import ConfigError
-from .group import GroupTrainer, Member, check_shared
-from .models import default_layer
-from .pipeline import (
-    Progress,
-    held_out_evaluation,
-    load_for_extraction,
-    result_values,
-    source_meta,
-)
-from .trainer import Callbacks
 
 SWEEP_FIELDS = ("layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef",
                 "expansion_factor", "latent_dim", "learning_rate", "seed")
@@ -42,6 +27,19 @@ SOURCE_SHARED = ("model", "dataset", "activations", "context_size", "max_tokens"
                  "outlier_factor", "dense_threshold")
 """Options of the activation source and the held-out evaluation: one for the whole group (its
 data seed is the first run's seed)."""
+
+
+SHARED = ("batch_size", "total_steps", "auto_save_interval", "log_every", "device",
+          "precision")
+"""Options every member of a group must share: they step together on the same batches."""
+
+def check_shared(cfgs: list[TrainConfig]) -> None:
+    """ConfigError naming the first ``SHARED`` option the configs disagree on."""
+    for name in SHARED:
+        values = {getattr(cfg, name) for cfg in cfgs}
+        if len(values) > 1:
+            raise ConfigError(f"The SAEs of a group train together, so they must share "
+                              f"{name}; got {sorted(map(str, values))}.")
 
 
 def applies(option: str, encoder_type: str) -> bool:
@@ -124,84 +122,3 @@ def check_group(cfgs: Sequence[TrainConfig]) -> None:
         if len(values) > 1:
             raise ConfigError(f"The SAEs of a sweep read one activation source, so they must "
                               f"share {name}; got {', '.join(sorted(values))}.")
-
-
-def open_group_sources(cfgs: list[TrainConfig], *, data_dir: Path, device: torch.device,
-                       progress: Progress | None = None
-                       ) -> tuple[list[TrainConfig], dict[tuple[int, str], Any], dict, Any]:
-    """Load the model and corpus once; one source per hook, sharing one forward pass. Returns
-    the runs with their layers resolved, the sources by hook, the export metadata by hook and
-    the shared extraction (None from an activation file)."""
-    first = cfgs[0]
-    if first.activations:
-        src = CachedActivations(first.activations, seed=first.seed, holdout=first.eval_tokens)
-        hooks = {Member(cfg, Path()).hook for cfg in cfgs}
-        return cfgs, dict.fromkeys(hooks, src), dict.fromkeys(hooks, dict(src.meta)), None
-    loaded, store, _ = load_for_extraction(first, data_dir, device, progress)
-    n_layers = loaded.info.n_layers
-    runs = [cfg if cfg.layer is not None else cfg.replace(layer=default_layer(n_layers))
-            for cfg in cfgs]
-    for cfg in runs:
-        cfg.validate(d_in=loaded.info.hidden_size, n_layers=n_layers)
-        if cfg.hook_point not in loaded.info.hook_points:
-            raise ConfigError(f"Hook point '{cfg.hook_point}' is not available for "
-                              f"{loaded.info.name}; choose one of "
-                              f"{', '.join(loaded.info.hook_points)}.")
-    hooks = list(dict.fromkeys(Member(cfg, Path()).hook for cfg in runs))
-    shared = SharedExtraction(loaded.model, hooks) if len(hooks) > 1 else None
-    sources, metas = {}, {}
-    for hook in hooks:
-        cfg = next(c for c in runs if Member(c, Path()).hook == hook)
-        metas[hook] = source_meta(cfg, loaded, store, hook[0])
-        sources[hook] = LiveActivations(
-            loaded.model, store, hook[0], hook[1], seed=first.seed,
-            buffer_tokens=first.buffer_tokens, exclude_special=first.exclude_special,
-            exclude_pos0=first.exclude_pos0, outlier_factor=first.outlier_factor,
-            holdout_tokens=first.eval_tokens, device=device, meta=metas[hook],
-            extract=shared.for_hook(hook) if shared is not None else None)
-    return runs, sources, metas, shared
-
-
-def train_group(
-    cfgs: list[TrainConfig], out_dirs: list[Path], *, data_dir: Path, device: torch.device,
-    callbacks: Callbacks | None = None, member_callbacks: list[Callbacks] | None = None,
-    resume: list[Path] | None = None, names: dict[str, Any] | None = None,
-    prepare_progress: Progress | None = None, after_fit: Callable[[], None] | None = None,
-    evaluate: bool | Callable[[], bool] = True, eval_progress: Progress | None = None,
-    log: Callable[[str], None] = lambda message: None,
-    on_eval_start: Callable[[], None] | None = None,
-    on_eval_error: Callable[[Exception], None] | None = None,
-) -> dict[str, Any]:
-    """Train ``cfgs`` together into ``out_dirs`` (one ``train``-like folder each) and evaluate
-    each on held-out text. Returns ``{"runs": [values as train_and_evaluate's], "d_in", "tokens",
-    "tokens_per_s" (the group's training steps: every run's tokens/s), "wall_s" (load to
-    last report), "forwards" (model forward passes of the shared extraction, None without)}``.
-    ``after_fit``, ``evaluate``, ``on_eval_start``, ``on_eval_error`` as ``train_and_evaluate``'s
-    (the whole group is evaluated or not).
-    """
-    start = time.perf_counter()
-    check_group(cfgs)
-    runs, sources, metas, shared = open_group_sources(list(cfgs), data_dir=data_dir,
-                                                      device=device, progress=prepare_progress)
-    members = [Member(cfg, Path(out), (member_callbacks or [None] * len(runs))[i],
-                      dict(metas[Member(cfg, Path()).hook], **(names or {})))
-               for i, (cfg, out) in enumerate(zip(runs, out_dirs, strict=True))]
-    group = GroupTrainer(members, sources, callbacks=callbacks)
-    try:
-        results = group.fit(resume=resume)
-    finally:
-        if after_fit is not None:
-            after_fit()
-    values = [result_values(result, cfg) for result, cfg in zip(results, runs, strict=True)]
-    sources.clear()
-    for trainer in group.trainers:
-        trainer.source = None  # free a live model before the evaluations load it again
-    if evaluate() if callable(evaluate) else evaluate:  # one held-out pass for every run
-        held_out_evaluation(values, group.trainers, [m.out_dir for m in members],
-                            data_dir=data_dir, metas=[m.export_meta or {} for m in members],
-                            log=log, on_eval_start=on_eval_start, eval_progress=eval_progress,
-                            on_eval_error=on_eval_error)
-    return {"runs": values, "d_in": group.trainers[0].d_in, "tokens": results[0].tokens,
-            "tokens_per_s": results[0].tokens_per_s,
-            "wall_s": round(time.perf_counter() - start, 1),
-            "forwards": shared.forwards if shared is not None else None}
