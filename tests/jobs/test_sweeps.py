@@ -69,6 +69,9 @@ def test_bad_list_values_name_their_field_and_nothing_is_queued(model: Any, data
     with pytest.raises(jobs.Invalid) as exc:  # not a list field
         jobs.create_sweep(form(model, dataset, batch_size="128,256"))
     assert "batch_size" in exc.value.errors
+    with pytest.raises(jobs.Invalid) as exc:  # a single training: "8,16" is not 816
+        jobs.create_training(form(model, dataset, k="8,16"))
+    assert "a sweep trains several" in exc.value.errors["k"]
     # JSON lists are the same as comma strings; foreign options are ignored, not duplicated
     a = jobs.create_sweep(dict(form(model, dataset), encoder_type=["topk", "standard"],
                                k=[4, 8], l1_alpha=[1.0]))

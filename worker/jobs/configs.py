@@ -21,6 +21,7 @@ from ..engine.config import (
     parse_value,
 )
 from ..engine.option_types import TRUE_WORDS
+from ..engine.sweep import SWEEP_FIELDS
 from . import common
 from .errors import Invalid, NotFound
 
@@ -65,6 +66,12 @@ def _parse(form: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     for info in form_options():
         raw = _raw(form, info)
         if common.blank(raw):
+            continue
+        if info.name in SWEEP_FIELDS and isinstance(raw, str) and "," in raw:
+            # "8,16" would read as 816: several values are a sweep's
+            errors[info.name] = (f"{info.label} takes one value in a single training; a sweep "
+                                 "trains several (comma-separated), or write the number "
+                                 "without commas.")
             continue
         try:
             values[info.name] = parse_value(info, raw)
