@@ -89,3 +89,38 @@ def test_bad_sweeps_fail_in_one_line(tiny: Path, tmp_path: Path, capsys: pytest.
     _fails_cleanly(capsys, _common(tiny, tmp_path / "data") + extra
                    + ["--out", str(tmp_path / "o")], match)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_small_memory_budget_trains_the_sweep_in_groups(tiny: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """Four SAEs that do not fit the budget together train as groups, one after another, each
+    exactly as it would alone in the sweep; sweep.json names the groups."""
+    import torch
+
+    from worker.engine.config import TrainConfig
+    from worker.engine.pipeline import check_before_loading
+    from worker.sweep_cli import memory_groups
+
+    data = tmp_path / "data"
+    cfgs = [TrainConfig(model=str(tiny), dataset="kjv", layer=1, k=k, expansion_factor=4,
+                        batch_size=128, total_steps=10, buffer_tokens=2048, eval_tokens=256,
+                        context_size=32, max_tokens=9600, device="cpu")
+            for k in (2, 4, 8, 16)]  # as _common's flags give them
+    cpu = torch.device("cpu")
+    d_in, n_layers = check_before_loading(cfgs[0], data)
+    _, (whole,) = memory_groups(cfgs, d_in, n_layers, data, cpu, 2**40)
+    _, (one,) = memory_groups(cfgs[:1], d_in, n_layers, data, cpu, 2**40)
+    assert one < whole
+    budget = (one + whole) / 2 / 2**30
+    out = tmp_path / "sweep"
+    rc = main(_common(tiny, data) + ["--layer", "1", "--k", "2,4,8,16", "--out", str(out),
+                                     "--memory-budget", f"{budget:.9f}", "--no-evaluate"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    result = _last_json(captured.out)
+    saved = json.loads((out / "sweep.json").read_text())
+    assert 1 < len(saved["groups"]) < 4 and "groups, one after another" in captured.err
+    assert sorted(n for g in saved["groups"] for n in g) == sorted(r["name"]
+                                                                 for r in result["runs"])
+    assert all(r["fvu"] is not None for r in result["runs"])
+    assert set(result) == {"runs", "tokens", "tokens_per_s", "wall_s"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -71,6 +72,10 @@ def add_parser(sub: Any) -> None:
                         "has a checkpoint that loads.")
     s.add_argument("--metrics-jsonl", help="Also append every run's metrics rows (with its "
                                            "name under \"run\") to this file.")
+    s.add_argument("--memory-budget", type=float, metavar="GIB",
+                   help="Split the SAEs into groups that each fit this many GiB (the memory "
+                        "estimate of SAEs trained together), trained one after another. "
+                        "[default: the device's memory: the GPU's, or the machine's RAM]")
     s.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="After training, evaluate each SAE on held-out text into "
                         "DIR/<name>/eval. [default: on]")
@@ -176,6 +181,59 @@ class _GroupBar:
             self.bar.close()
 
 
+def _weights_on_disk(folder: Path) -> tuple[int, str]:
+    """A model folder's parameter count and dtype from its safetensors headers (no weights are
+    read); (0, "float32") without any."""
+    n, dtype = 0, "float32"
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                n += math.prod(tensor["shape"])
+                dtype = names.get(tensor["dtype"], dtype)
+    return n, dtype
+
+
+def memory_groups(runs: list[TrainConfig], d_in: int, n_layers: int | None, data_dir: Path,
+                  device: Any, budget: int) -> tuple[list[list[int]], list[int]]:
+    """The runs split into groups that each fit ``budget`` bytes (``memory.split_group``) and
+    each group's estimate (``memory.group_memory``)."""
+    from .engine.devices import pick_precision
+    from .engine.memory import estimate_memory, group_memory, split_group
+    from .engine.models import BUNDLED_MODELS, resolve_model_path
+
+    first = runs[0]
+    params, dtype, file_bytes = 0, "float32", 0
+    if first.activations:
+        file_bytes = Path(first.activations).stat().st_size
+    elif first.model in BUNDLED_MODELS or Path(first.model).expanduser().is_dir():
+        params, dtype = _weights_on_disk(resolve_model_path(first.model, data_dir=data_dir))
+    precision = pick_precision(first.precision, device)
+    ests = [estimate_memory(d_in, cfg.d_sae(d_in), encoder_type=cfg.encoder_type, k=cfg.k,
+                            batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+                            precision=precision, model_params=params, model_dtype=dtype,
+                            buffer_tokens=cfg.buffer_tokens,
+                            device="cuda" if device.type == "cuda" else "cpu",
+                            source="file" if cfg.activations else "live",
+                            layer=int(cfg.layer or 0), n_layers=n_layers,
+                            tie_weights=cfg.tie_weights, eval_tokens=cfg.eval_tokens,
+                            total_steps=cfg.total_steps, file_bytes=file_bytes)
+            for cfg in runs]
+    hooks = [(cfg.layer, cfg.hook_point) for cfg in runs]
+    groups = split_group(ests, hooks, budget)
+    return groups, [group_memory([ests[i] for i in g], [hooks[i] for i in g]) for g in groups]
+
+
+def _device_bytes(device: Any) -> int:
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .engine.devices import pick_device
     from .engine.group import resume_points, train_group
@@ -186,9 +244,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     runs = sweep_runs(args)
     data_dir = _data_dir(args)
     preparing = _StderrProgress("preparing")
-    n_layers = None
+    d_in = n_layers = None
     for cfg in runs:
-        n_layers = check_before_loading(cfg, data_dir, preparing)[1]
+        d_in, n_layers = check_before_loading(cfg, data_dir, preparing)
     if n_layers is not None:  # name the middle layer by its number
         runs = [cfg if cfg.layer is not None or cfg.activations
                 else cfg.replace(layer=default_layer(n_layers)) for cfg in runs]
@@ -196,11 +254,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     names = unique_names(runs)
     out = Path(args.out) if args.out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
     dirs = [out / name for name in names]
-    resume = None
+    device = pick_device(runs[0].device)
+    groups = [list(range(len(runs)))]
+    if d_in is not None:  # a Hub id is sized when it loads: then one group
+        budget = (int(args.memory_budget * 2**30) if args.memory_budget
+                  else _device_bytes(device))
+        groups, sizes = memory_groups(runs, d_in, n_layers, data_dir, device, budget)
+        if len(groups) > 1:
+            _note(f"The {len(runs)} SAEs need more than the {budget / 2**30:.1f} GiB memory "
+                  f"budget together: training them as {len(groups)} groups, one after another "
+                  f"(estimated {', '.join(f'{b / 2**30:.2f}' for b in sizes)} GiB).")
+    resume: list[Any] = [None] * len(groups)
     if args.resume:
-        resume = resume_points(dirs, lambda path, exc: _note(
-            f"Skipping {path}: {exc} Using an older step for every run."))
-        if resume is None:
+        resume = [resume_points([dirs[i] for i in g], lambda path, exc: _note(
+            f"Skipping {path}: {exc} Using an older step for every run of its group."))
+            for g in groups]
+        if all(r is None for r in resume):
             raise ConfigError(f"No step at which every run in '{out}' has a checkpoint; "
                               "nothing to resume.")
     elif any((d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir()) for d in dirs):
@@ -209,26 +278,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sweep = {"runs": [{"name": n, "out": str(d), "config": c.to_dict()}
                       for n, d, c in zip(names, dirs, runs, strict=True)],
-             "created_at": time.time()}
+             "groups": [[names[i] for i in g] for g in groups], "created_at": time.time()}
     _write_json(out / "sweep.json", sweep)
-    bar = _GroupBar(runs[0].total_steps, args.metrics_jsonl, preparing)
-    member_cbs = [Callbacks(on_log=lambda m, n=n: _note(f"[{n}] {m}"),
-                            on_metrics=bar.row(n, i == 0)) for i, n in enumerate(names)]
-    with ExitStack() as locks:
-        for d in dirs:
-            locks.enter_context(folder_lock(d))
-        try:
-            values = train_group(runs, dirs, data_dir=data_dir,
-                                 device=pick_device(runs[0].device),
-                                 callbacks=Callbacks(on_log=_note), member_callbacks=member_cbs,
-                                 resume=resume, prepare_progress=preparing,
-                                 evaluate=args.evaluate, log=_note)
-        finally:
-            bar.close()
-    result = {"runs": [_entry(n, c, v, values["d_in"])
-                       for n, c, v in zip(names, runs, values["runs"], strict=True)],
-              "tokens": values["tokens"], "tokens_per_s": round(values["tokens_per_s"], 1),
-              "wall_s": values["wall_s"]}
+    start = time.perf_counter()
+    values: list[Any] = [None] * len(runs)
+    rates, tokens = [], 0
+    for g, group_resume in zip(groups, resume, strict=True):
+        bar = _GroupBar(runs[0].total_steps, args.metrics_jsonl, preparing)
+        member_cbs = [Callbacks(on_log=lambda m, n=names[i]: _note(f"[{n}] {m}"),
+                                on_metrics=bar.row(names[i], i == g[0])) for i in g]
+        with ExitStack() as locks:
+            for i in g:
+                locks.enter_context(folder_lock(dirs[i]))
+            try:
+                done = train_group([runs[i] for i in g], [dirs[i] for i in g],
+                                   data_dir=data_dir, device=device,
+                                   callbacks=Callbacks(on_log=_note),
+                                   member_callbacks=member_cbs, resume=group_resume,
+                                   prepare_progress=preparing, evaluate=args.evaluate,
+                                   log=_note)
+            finally:
+                bar.close()
+        for i, v in zip(g, done["runs"], strict=True):
+            values[i] = v
+        rates.append(done["tokens_per_s"])
+        tokens, d_in = done["tokens"], done["d_in"]
+    result = {"runs": [_entry(n, c, v, d_in)
+                       for n, c, v in zip(names, runs, values, strict=True)],
+              "tokens": tokens, "tokens_per_s": round(min(rates), 1),
+              "wall_s": round(time.perf_counter() - start, 1)}
     _write_json(out / "sweep.json", dict(sweep, result=result, finished_at=time.time()))
     _print_json(result)
     return 0
