@@ -118,7 +118,7 @@ def main() -> int:
     if final["status"] != "completed":
         problems.append(f"the run ended {final['status']}: {final['error']}")
     app.proc.send_signal(signal.SIGINT)
-    app.proc.wait_for(120)
+    app.proc.wait(120)
     out = {"kills": len(events), "events": events, "final_status": final["status"],
            "final_step": final["current_step"], "problems": problems,
            "settings": vars(args), "data_dir": str(data)}
