@@ -14,6 +14,8 @@ from typing import Any
 from flask import Response, jsonify, render_template, request
 from markupsafe import Markup, escape
 
+from worker.jobs.common import finite
+
 
 # ---------------------------------------------------------------------------- negotiation
 def is_fragment_request() -> bool:
@@ -65,18 +67,9 @@ def fmt_num(value: Any, digits: int = 4) -> str:
         return "—"
 
 
-def _finite(value: Any) -> float | None:
-    """``value`` as a finite float, or None (missing, not a number, NaN, Inf)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def fmt_sci(value: Any) -> str:
     """Learning rates: 0.002 -> "2.00e-3"."""
-    v = _finite(value)
+    v = finite(value)
     if v is None:
         return "—"
     if v == 0:
@@ -87,7 +80,7 @@ def fmt_sci(value: Any) -> str:
 
 def fmt_compact(value: Any) -> str:
     """12345 -> "12.3k", 2.5e6 -> "2.50M"."""
-    v = _finite(value)
+    v = finite(value)
     if v is None:
         return "—"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -413,7 +406,7 @@ def _axis_labels(plot: tuple[float, float, float, float], height: int, x_label: 
 
 
 def _usable(value: Any, log: bool) -> float | None:
-    v = _finite(value)
+    v = finite(value)
     return None if v is None or (log and v <= 0) else v
 
 
@@ -434,7 +427,7 @@ def multi_line_chart(series: Sequence[dict[str, Any]], *, label: str, chart_id: 
     shown = []
     for i, s in enumerate(series):
         pts = [(float(x), y) for x, y in ((p[0], _usable(p[1], log_y)) for p in s["points"])
-               if y is not None and _finite(x) is not None]
+               if y is not None and finite(x) is not None]
         shown.append((s, int(s.get("index", i)), downsample(pts)))
     y_text = f"{y_label} (log scale)" if log_y else y_label
     out = [_svg_open(chart_id, "chart multi-chart", label, width, height, 'role="img"',
@@ -485,7 +478,7 @@ def pareto_chart(points: Sequence[dict[str, Any]], frontier: Sequence[Any], *, l
     plot = (left, top, pw, ph)
     pts = []
     for i, p in enumerate(points):
-        x, y = _usable(p.get("x"), True), _finite(p.get("y"))
+        x, y = _usable(p.get("x"), True), finite(p.get("y"))
         if x is not None and y is not None:
             pts.append((p, int(p.get("index", i)), x, y))
     out = [_svg_open(chart_id, "chart pareto-chart", label, width, height, 'role="img"',

@@ -5,6 +5,7 @@ by a queued or running training stays.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,21 @@ def delete_with_trainings(table: type, kind: str, row_id: int | str) -> Any:
     for t in trainings:
         remove_tree(t.out_dir)
     return row
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, NaN, Inf)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def with_model_and_dataset() -> Any:
+    """Trainings joined with their model and dataset rows (one query for a list)."""
+    from ..db import Dataset, LanguageModel, Training
+
+    return (Training.select(Training, LanguageModel, Dataset)
+            .join(LanguageModel, on=(Training.model == LanguageModel.id))
+            .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id)))

@@ -15,12 +15,12 @@ The Pareto fronts: among the trainings with an L0 and the figure, those no other
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..db import FINISHED, TRAINING_STATUSES, Dataset, LanguageModel, Training, db
+from ..db import FINISHED, TRAINING_STATUSES, Training, db
 from ..engine.files import json_safe
+from .common import finite, with_model_and_dataset
 from .errors import Invalid, NotFound
 from .labels import applies, display_names, sparsity_label, width_label
 
@@ -41,14 +41,6 @@ TABLE_SORTS = ("id", "name", "status", "encoder_type", "layer", "sparsity", "wid
 DESC_FIRST = ("ce_loss_recovered", "steps")
 """Sorted highest first unless ``order`` says otherwise."""
 ORDERS = ("asc", "desc")
-
-
-def finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 # ---------------------------------------------------------------------------- ids
@@ -273,10 +265,7 @@ def compare_trainings(ids: str | Sequence[str] | None, sort: str | None = None,
     if errors:
         raise Invalid(" ".join(errors.values()), errors)
     id_list = parse_ids(ids)
-    rows = {t.id: t for t in Training.select(Training, LanguageModel, Dataset)
-            .join(LanguageModel, on=(Training.model == LanguageModel.id))
-            .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id))
-            .where(Training.id.in_(id_list))}
+    rows = {t.id: t for t in with_model_and_dataset().where(Training.id.in_(id_list))}
     trainings = [rows[i] for i in id_list if i in rows]
     names = display_names(trainings)
     entries = [training_entry(t, names[t.id]) for t in trainings]

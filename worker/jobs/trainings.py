@@ -28,7 +28,6 @@ from ..db import (
     RETRYABLE,
     RUNNING,
     Checkpoint,
-    Dataset,
     LanguageModel,
     LogLine,
     Metric,
@@ -124,9 +123,7 @@ def list_trainings(status: str | None = None, model: Any = None, encoder_type: s
         errors.update(exc.errors)
     if errors:
         raise Invalid(" ".join(errors.values()), errors)
-    query = (Training.select(Training, LanguageModel, Dataset)
-             .join(LanguageModel, on=(Training.model == LanguageModel.id))
-             .switch(Training).join(Dataset, on=(Training.dataset == Dataset.id)))
+    query = common.with_model_and_dataset()
     if status not in blank:
         query = query.where(Training.status == status)
     if "model" in ids:
