@@ -115,4 +115,4 @@ def test_sweep_from_the_l0_preset_live_then_compare(app_url, page):
     assert "#" in page.inner_text("#pareto-fvu-frontier")
     ids = [int(x) for x in page.url.split("ids=")[1].split("&")[0].split(",")]
     assert len(ids) == 5
-    shot(page, "sweep-compare")  # compare.png is the README's own (helper A: 8 SmolLM runs)
+    shot(page, "sweep-compare")  # the README's comparison picture
