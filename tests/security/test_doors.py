@@ -26,7 +26,7 @@ from flask.testing import FlaskClient
 from tests.web.conftest import CONFIG, make_dataset, make_model, make_training
 from webapp import create_app
 from webapp.security import SECRET_FILE
-from worker.db import Checkpoint, Dataset, LanguageModel, Training, db
+from worker.db import Checkpoint, Dataset, LanguageModel, Sweep, Template, Training, db
 
 EVIL = "http://evil.example"
 JSON = {"Accept": "application/json"}
@@ -43,8 +43,10 @@ def rows(app: Flask, tmp_path: Path) -> dict[str, int]:
                       out_dir=tmp_path)
     with db.connection_context():
         checkpoint = Checkpoint.get(Checkpoint.training == t.id)
+        sweep = Sweep.create(name="s", model=model.id, dataset=dataset.id, config={}, groups=[])
+        template = Template.create(name="t", kind="training", fields={"k": 8})
     return {"model": model.id, "dataset": dataset.id, "training": t.id,
-            "checkpoint": checkpoint.id}
+            "checkpoint": checkpoint.id, "sweep": sweep.id, "template": template.id}
 
 
 def requests_for(ids: dict[str, int]) -> list[tuple[str, str, str, dict[str, Any] | None]]:
@@ -52,6 +54,13 @@ def requests_for(ids: dict[str, int]) -> list[tuple[str, str, str, dict[str, Any
     ``(endpoint, method, path, form)``."""
     t = ids["training"]
     return [
+        ("sweeps.create", "POST", "/sweeps",
+         {**CONFIG, "model_id": ids["model"], "dataset_id": ids["dataset"], "k": "8,16"}),
+        ("sweeps.control", "POST", f"/sweeps/{ids['sweep']}/stop", None),
+        ("sweeps.delete", "DELETE", f"/sweeps/{ids['sweep']}", None),
+        ("trainings.update", "PATCH", f"/trainings/{t}", {"name": "renamed", "tags": "a"}),
+        ("config_templates.create", "POST", "/templates", {"name": "t2", "k": "8"}),
+        ("config_templates.delete", "DELETE", f"/templates/{ids['template']}", None),
         ("models.create", "POST", "/models", {"source": "minilm-l6", "name": "m2"}),
         ("models.delete", "DELETE", f"/models/{ids['model']}", None),
         ("datasets.create", "POST", "/datasets", {"source": "kjv", "name": "d2"}),
@@ -70,8 +79,9 @@ def snapshot() -> tuple[Any, ...]:
     """Everything a state-changing route could change."""
     with db.connection_context():
         return (LanguageModel.select().count(), Dataset.select().count(),
-                Checkpoint.select().count(),
-                [(t.id, t.status, t.requested) for t in Training.select().order_by(Training.id)])
+                Checkpoint.select().count(), Sweep.select().count(), Template.select().count(),
+                [(t.id, t.status, t.requested, t.name, t.tags)
+                 for t in Training.select().order_by(Training.id)])
 
 
 def send(client: FlaskClient, method: str, path: str, form: dict[str, Any] | None,
