@@ -188,12 +188,17 @@ def sort_rows(rows: list[Any], key: Callable[[Any], Any], desc: bool) -> list[An
     return sorted(present, key=key, reverse=desc) + missing
 
 
-def check_order(order: str | None, field: str = "order") -> str | None:
+def check_sort(sort: str | None, order: str | None, sorts: Sequence[str],
+               errors: dict[str, str]) -> str | None:
+    """Check ``sort`` against ``sorts`` and ``order`` (asc | desc), adding a message per bad
+    one to ``errors``; returns the order (None when not given)."""
+    if sort not in (None, "") and sort not in sorts:
+        errors["sort"] = f"Unknown sort '{str(sort)[:30]}'; use one of {', '.join(sorts)}."
     if order in (None, ""):
         return None
     if order not in ORDERS:
-        msg = f"Unknown order '{str(order)[:30]}'; use asc or desc."
-        raise Invalid(msg, {field: msg})
+        errors["order"] = f"Unknown order '{str(order)[:30]}'; use asc or desc."
+        return None
     return order
 
 
@@ -255,13 +260,8 @@ def compare_trainings(ids: str | Sequence[str] | None, sort: str | None = None,
     [ids]}}`` for the ids (``parse_ids``), in their given order or sorted by a table column
     (``TABLE_SORTS``; ``order`` asc | desc, default asc, desc for ``DESC_FIRST``). Invalid for
     a bad sort or order."""
-    errors = {}
-    if sort not in (None, "") and sort not in TABLE_SORTS:
-        errors["sort"] = f"Unknown sort '{str(sort)[:30]}'; use one of {', '.join(TABLE_SORTS)}."
-    try:
-        order = check_order(order)
-    except Invalid as exc:
-        errors.update(exc.errors)
+    errors: dict[str, str] = {}
+    order = check_sort(sort, order, TABLE_SORTS, errors)
     if errors:
         raise Invalid(" ".join(errors.values()), errors)
     id_list = parse_ids(ids)

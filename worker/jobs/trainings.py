@@ -90,7 +90,7 @@ def list_trainings(status: str | None = None, model: Any = None, encoder_type: s
 
     from ..db import TRAINING_STATUSES, Sweep
     from ..engine import architectures
-    from .compare import check_order, final_figures, sort_rows
+    from .compare import check_sort, final_figures, sort_rows
     from .errors import NotFound
     from .labels import TAG_MAX, display_names
 
@@ -114,13 +114,7 @@ def list_trainings(status: str | None = None, model: Any = None, encoder_type: s
     tag = " ".join(str(tag).split()) if tag not in blank else None
     if tag is not None and len(tag) > TAG_MAX:
         errors["tag"] = f"A tag has at most {TAG_MAX} characters."
-    if sort not in blank and sort not in LIST_SORTS:
-        errors["sort"] = (f"Unknown sort '{str(sort)[:30]}'; use one of "
-                          f"{', '.join(LIST_SORTS)}.")
-    try:
-        order = check_order(order)
-    except Invalid as exc:
-        errors.update(exc.errors)
+    order = check_sort(sort, order, LIST_SORTS, errors)
     if errors:
         raise Invalid(" ".join(errors.values()), errors)
     query = common.with_model_and_dataset()
