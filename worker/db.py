@@ -234,6 +234,20 @@ class LogLine(BaseModel):
         table_name = "log_line"
 
 
+class LatentLabel(BaseModel):
+    """A user's label and notes for one latent of a training's SAE (the latent page edits it;
+    the latent table shows and searches it). One row per (training, latent)."""
+
+    training = ForeignKeyField(Training, backref="latent_labels", on_delete="CASCADE")
+    latent = IntegerField()
+    label = CharField(default="")
+    notes = TextField(default="")
+
+    class Meta:
+        table_name = "latent_label"
+        indexes = ((("training", "latent"), True),)
+
+
 class WorkerHeartbeat(BaseModel):
     """Written by each running worker every few seconds; the top bar shows its age."""
 
@@ -288,7 +302,7 @@ class Calibration(BaseModel):
 
 
 TABLES = [LanguageModel, Dataset, Sweep, Template, Training, Metric, Checkpoint, LogLine,
-          WorkerHeartbeat, Calibration]
+          LatentLabel, WorkerHeartbeat, Calibration]
 
 
 def _v0_to_v1(database: SqliteDatabase) -> None:
@@ -338,7 +352,12 @@ def _v5_to_v6(database: SqliteDatabase) -> None:
     database.execute_sql("CREATE INDEX IF NOT EXISTS training_sweep_id ON training (sweep_id)")
 
 
-MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6]
+def _v6_to_v7(database: SqliteDatabase) -> None:
+    """Users' latent labels and notes: table ``latent_label``."""
+    database.create_tables([LatentLabel])
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
