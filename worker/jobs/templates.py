@@ -61,8 +61,9 @@ QUICK_LOOK = {"encoder_type": "topk", "k": 32, "expansion_factor": 4, "batch_siz
 QUICK_LOOK_MEASURED = ("measured with sae-studio train (SmolLM2-135M layer 15 on the KJV, model "
                        "and tokens cached) on this project's 2-core CPU while other jobs "
                        "shared it (load average 3.9): 18m 21s to the end of the evaluation, at "
-                       "160 tokens/s; on an idle 2-core CPU, where that extraction runs about "
-                       "1,300 tokens/s, it should take 2-3 minutes (not measured)")
+                       "160 tokens/s; alone on that CPU the same extraction trains at about "
+                       "420 tokens/s (README, Sweep figures), about 6 minutes for these "
+                       "tokens plus the evaluation (not timed end to end)")
 """Two runs on 2026-12-01, both with other jobs on the machine: 18m 21s (load average 3.9) and
 21m 19s (5.8); the same result both times (FVU 0.205 on training batches, CE loss recovered
 0.986)."""
