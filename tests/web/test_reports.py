@@ -145,7 +145,8 @@ def test_latents_page_sorting_and_pagination(done):
     assert (page["total"], page["pages"], page["page"], page["per_page"]) == (120, 3, 1, 50)
     assert [r["id"] for r in page["rows"]] == expected_order(freq)[:50]
     first = page["rows"][0]
-    assert set(first) == {"id", "frequency", "log10_frequency", "max_act", "mean_act", "dead"}
+    assert set(first) == {"id", "frequency", "log10_frequency", "max_act", "mean_act", "dead",
+                          "label"}
     assert first["log10_frequency"] == pytest.approx(np.log10(first["frequency"]))
     last = reports.latents_page(done, page=3)
     assert len(last["rows"]) == 20 and last["rows"][-1]["id"] == DEAD[1]  # dead last, by id
@@ -462,7 +463,7 @@ def test_reader_matches_engine_writer(client, app, tmp_path):
     evaluate.save_evaluation(ev, Path(t.out_dir) / "eval")
 
     data = reports.report(t)
-    assert data["d_sae"] == 4 * d and data["step"] == 7 and data["format"] == reports.FORMAT
+    assert data["d_sae"] == 4 * d and data["step"] == 7 and data["format"] in reports.FORMATS
     freq = ev.latents["frequency"].double().numpy()
     page = reports.latents_page(t, per_page=500)
     assert [r["id"] for r in page["rows"]] == expected_order(freq)[:500]
