@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(repeatable; also $SAE_STUDIO_ALLOWED_PATHS)")
     p.add_argument("--max-upload-mb", type=float, metavar="MB",
                    help="largest upload in MB (default $SAE_STUDIO_MAX_UPLOAD_MB or 1024)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="worker threads (one training per device at a time; the others "
-                        "prepare models and datasets)")
+    p.add_argument("--workers", type=int, default=3,
+                   help="worker threads (default 3: one training per device at a time, one "
+                        "preparing models and datasets, one free for the interactive probes)")
     p.add_argument("--threads", type=int, default=THREADS,
                    help=f"web server threads (default {THREADS}); each open WebSocket (a "
                         "browser tab watching a training) holds one, the rest serve pages")

@@ -25,10 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+POLL_MAX_S = 0.25
+"""The longest an idle worker thread waits between looks at the queue (huey's ``-m``; its
+default backs off to 10 s): an interactive probe is picked up within this."""
+
+
 def consumer_command(workers: int) -> list[str]:
-    """The consumer's command line: ``workers`` threads on the app's queue."""
+    """The consumer's command line: ``workers`` threads on the app's queue, each looking at it
+    at least every ``POLL_MAX_S`` seconds when idle."""
     return [sys.executable, "-m", "huey.bin.huey_consumer", "worker.tasks.huey",
-            "-w", str(workers), "-k", "thread", "-q"]
+            "-w", str(workers), "-k", "thread", "-m", str(POLL_MAX_S), "-q"]
 
 
 def start_worker(workers: int, env: dict[str, str]) -> subprocess.Popen:

@@ -1,11 +1,14 @@
-"""The Huey tasks: prepare models and datasets, run trainings. Run the worker with
+"""The Huey tasks: prepare models and datasets, run trainings, answer the interactive probes
+(a trained SAE on the user's text, steering; high priority, results returned). Run the worker with
 
-    huey_consumer worker.tasks.huey -w 2 -k thread
+    huey_consumer worker.tasks.huey -w 3 -k thread -m 0.25
 
 Each task owns its database connection and writes in short ``db.atomic()`` blocks; the engine
 (and so torch) is imported only inside task bodies, so the web process may import this module
 to enqueue. A task never raises: a failure is stored on its row (status ``failed``) with a
-sentence in ``error`` and the traceback in the log.
+sentence in ``error`` and the traceback in the log; a probe returns its error as its result.
+Only the probes return a value (Huey stores no result for ``None``), so nothing accumulates in
+the queue's result store.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from .db import RUNNING, Checkpoint, Dataset, LanguageModel, Metric, Training, W
 from .progress import Throttled
 from .queue import huey
 
-__all__ = ["huey", "prepare_model", "prepare_dataset", "run_group", "run_training"]
+__all__ = ["huey", "prepare_model", "prepare_dataset", "probe_activations", "probe_steer",
+           "run_group", "run_training"]
 
 log = logging.getLogger("worker.tasks")
 
@@ -402,6 +406,84 @@ def _train_group(trainings: list[Training], out_dirs: list[Path]) -> None:
         log=reporter.log, on_eval_error=_eval_failed(reporter))
     for t, values in zip(trainings, out["runs"], strict=True):
         _finish(t.id, values, reporter.interrupted)
+
+
+# ---------------------------------------------------------------------------- probes
+PROBE_PRIORITY = 100
+"""Huey priority of the interactive probes: taken before queued trainings and preparations
+(which have the default, 0) by the next free worker thread."""
+
+
+@huey.task(priority=PROBE_PRIORITY)
+def probe_activations(training_id: int, checkpoint: str, text: str,
+                      latent: int | None) -> dict[str, Any]:
+    """The SAE's latents on ``text`` (``engine.probe.Probe.activations``); see ``_probe``."""
+    return _probe(training_id, checkpoint, lambda probe: probe.activations(text, latent))
+
+
+@huey.task(priority=PROBE_PRIORITY)
+def probe_steer(training_id: int, checkpoint: str, prompt: str, latent: int, coefficient: float,
+                max_new_tokens: int, seed: int | None) -> dict[str, Any]:
+    """Baseline and steered continuations of ``prompt`` (``engine.probe.Probe.steer``)."""
+    return _probe(training_id, checkpoint, lambda probe: probe.steer(
+        prompt, latent, coefficient, max_new_tokens, seed))
+
+
+def _probe(training_id: int, checkpoint: str, work: Callable[[Any], Any]) -> dict[str, Any]:
+    """Run ``work(probe)`` on the training's SAE in ``checkpoint`` with its model, kept warm
+    by ``worker.interactive`` (keyed by training, checkpoint and the file's mtime).
+
+    Never raises: ``{"result", "warm", "seconds"}`` (``warm``: the probe was loaded already;
+    ``seconds``: the whole task), or ``{"error": sentence, "errors": {field: message},
+    "status": HTTP status}`` (404 no such training, 409 checkpoint gone or unreadable, 422 bad
+    input the engine found, 500 a bug, logged)."""
+    from .engine.errors import CheckpointError, EngineError, ModelLoadError
+    from .interactive import CACHE
+
+    t0 = time.perf_counter()
+    try:
+        with connection():
+            t = Training.get_or_none(Training.id == training_id)
+            if t is None:
+                return {"error": f"Training {training_id} does not exist.", "status": 404}
+            source, device_name = t.model.source, (t.config or {}).get("device", "auto")
+        path = Path(checkpoint)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return {"error": f"The checkpoint {path.name} of training {training_id} is gone; "
+                    "try again (a newer one is used then).", "status": 409}
+        entry, warm = CACHE.get((training_id, str(path), mtime),
+                                lambda: _load_probe(source, path, device_name))
+        try:
+            with entry.lock:
+                if entry.value is None:  # released between get and lock: load it again
+                    entry.value = _load_probe(source, path, device_name)
+                result = work(entry.value)
+        finally:
+            CACHE.done(entry)
+        return {"result": result, "warm": warm,
+                "seconds": round(time.perf_counter() - t0, 4)}
+    except (CheckpointError, ModelLoadError) as exc:
+        return {"error": str(exc), "status": 409}
+    except EngineError as exc:
+        return {"error": str(exc), "errors": dict(getattr(exc, "errors", {}) or {}),
+                "status": 422}
+    except Exception as exc:  # a bug: the web answers 500 with the sentence, logged here
+        log.exception("Probe of training %s failed", training_id)
+        return {"error": error_message(exc), "status": 500}
+
+
+def _load_probe(source: str, checkpoint: Path, device_name: str) -> Any:
+    """The model of ``source`` and the SAE in ``checkpoint``, as an ``engine.probe.Probe``."""
+    from .engine.devices import pick_device
+    from .engine.models import load_model
+    from .engine.probe import Probe, load_probe_sae
+
+    device = pick_device(device_name)
+    sae = load_probe_sae(checkpoint, device)
+    loaded = load_model(source, data_dir=settings.data_dir(), device=str(device))
+    return Probe(loaded, sae)
 
 
 # ---------------------------------------------------------------------------- worker start-up
