@@ -286,11 +286,19 @@ def device_label(health: dict[str, Any]) -> str:
     return text
 
 
+def _density_tip(lo: float, hi: float, count: float) -> str:
+    return f"log10 frequency {lo:.2f} to {hi:.2f}: {int(count):,} latents"
+
+
 def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: str,
                   label: str = "Latent density", x_label: str = "log10 frequency",
-                  y_label: str = "latents", width: int = 560, height: int = 220) -> Markup:
+                  y_label: str = "latents", width: int = 560, height: int = 220,
+                  tip: Callable[[float, float, float], str] = _density_tip,
+                  decade_ticks: bool = True, empty: str = "No alive latents.") -> Markup:
     """An inline SVG histogram in ``line_chart``'s style: one bar per bin (``edges`` has one
-    more entry than ``counts``) with a ``<title>`` hover text, tick labels and axis labels.
+    more entry than ``counts``) with a ``<title>`` hover text (``tip(lo, hi, count)``), tick
+    labels and axis labels. ``decade_ticks``: whole numbers on the x axis when it spans at
+    most 12 (log10 decades), else round ticks; ``empty``: the text when every count is 0.
 
     Fixed viewBox, scaled by CSS with its aspect ratio kept (the text stays undistorted)."""
     left, right, top, bottom = 52, 12, 12, 44
@@ -310,8 +318,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
     ok = len(xs) == len(ys) + 1 and len(ys) > 0 and all(map(math.isfinite, xs + ys)) \
         and xs[-1] > xs[0]
     if not ok or max(ys) <= 0:
-        out.append(_empty_plot((left, top, pw, ph),
-                               "No alive latents." if ok else "No histogram."))
+        out.append(_empty_plot((left, top, pw, ph), empty if ok else "No histogram."))
         out.append(axis_labels + "</svg>")
         return Markup("".join(out))
     x0, x1 = xs[0], xs[-1]
@@ -326,7 +333,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
     def sy(y: float) -> float:
         return top + ph - y / y1 * ph
 
-    if x1 - x0 <= 12:  # whole decades on the log10 axis
+    if decade_ticks and x1 - x0 <= 12:  # whole decades on the log10 axis
         xticks = [float(v) for v in range(math.ceil(x0 - 1e-9), math.floor(x1 + 1e-9) + 1)]
     else:
         xticks = [t for t in nice_ticks(x0, x1, 6) if x0 - 1e-9 <= t <= x1 + 1e-9]
@@ -335,11 +342,24 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[float], *, chart_id: 
     for lo, hi, c in zip(xs[:-1], xs[1:], ys, strict=False):
         xa, xb = sx(lo), sx(hi)
         y = sy(c)
-        tip = f"log10 frequency {lo:.2f} to {hi:.2f}: {int(c):,} latents"
         out.append(f'<rect x="{xa + 0.5:.1f}" y="{y:.1f}" width="{max(0.5, xb - xa - 1):.1f}" '
-                   f'height="{top + ph - y:.1f}"><title>{tip}</title></rect>')
+                   f'height="{top + ph - y:.1f}"><title>{escape(tip(lo, hi, c))}</title></rect>')
     out.append("</g>" + axis_labels + "</svg>")
     return Markup("".join(out))
+
+
+def _activation_tip(lo: float, hi: float, count: float) -> str:
+    return f"activation {_tick_label(lo)} to {_tick_label(hi)}: {int(count):,} firings"
+
+
+def activation_histogram_svg(edges: Sequence[float], counts: Sequence[float], *,
+                             chart_id: str, label: str) -> Markup:
+    """One latent's activation histogram (``histogram_svg``'s style): its non-zero
+    activations on the held-out tokens, bins of equal width from 0 to its histogram's upper
+    edge; y: firings (tokens) per bin."""
+    return histogram_svg(edges, counts, chart_id=chart_id, label=label, x_label="activation",
+                         y_label="firings", tip=_activation_tip, decade_ticks=False,
+                         empty="Never fired on the held-out tokens.")
 
 
 # ---------------------------------------------------------------------------- comparison charts

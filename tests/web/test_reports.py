@@ -337,13 +337,27 @@ def test_latent_page(client, done):
         (["tok", "tok-center"], rgba("0.5"), "↵"), (["tok"], rgba("0.0"), "&amp;")]
     assert "activation 4.000" in toks[0].get("title") and "(id 0)" in toks[2].get("title")
     assert find_all(contexts, "b") == []  # "<b>" is a token's text, not a tag
-    assert f'href="/trainings/{done.id}/latents/2?sort=max_act&amp;order=asc"' in html
-    assert f'href="/trainings/{done.id}/latents/4?sort=max_act&amp;order=asc"' in html
-    assert f'href="/trainings/{done.id}/report?q=3&amp;sort=max_act&amp;order=asc"' in html
-    first = client.get(f"/trainings/{done.id}/latents/0").data.decode()
-    assert "latent-prev" not in ids(first) and "latent-next" in ids(first)
-    last = client.get(f"/trainings/{done.id}/latents/{D_SAE - 1}").data.decode()
+    # prev / next follow the table's order (max act ascending here), not the ids
+    maxa = max_acts().astype(np.float64)
+    maxa[3] = 4.0
+    order = expected_order(maxa, desc=False)
+    at = order.index(3)
+    prev_id, next_id = order[at - 1], order[at + 1]
+    assert attr(html, "latent-prev", "href") == \
+        f"/trainings/{done.id}/latents/{prev_id}?sort=max_act&order=asc"
+    assert attr(html, "latent-next", "href") == \
+        f"/trainings/{done.id}/latents/{next_id}?sort=max_act&order=asc"
+    assert f"{at + 1} of {D_SAE} in the table" in text_of(html, "latent-nav-pos")
+    assert f'href="/trainings/{done.id}/report?sort=max_act&amp;order=asc&amp;q=3"' in html
+    assert '<script src="/static/latents.js"></script>' in html  # the j / k keys
+    by_id = client.get(f"/trainings/{done.id}/latents/0?sort=id&order=asc").data.decode()
+    assert "latent-prev" not in ids(by_id) and "latent-next" in ids(by_id)
+    last = client.get(f"/trainings/{done.id}/latents/{D_SAE - 1}?sort=id").data.decode()
     assert "latent-next" not in ids(last)
+    # the default order (frequency, highest first): its first latent has no previous one
+    top = expected_order(frequencies().astype(np.float64))[0]
+    assert "latent-prev" not in ids(client.get(f"/trainings/{done.id}/latents/{top}").data
+                                    .decode())
     dead = client.get(f"/trainings/{done.id}/latents/{DEAD[0]}").data.decode()
     assert "never fired on the held-out text" in dead
 
@@ -484,4 +498,392 @@ def test_reader_matches_engine_writer(client, app, tmp_path):
         assert c["context"] == int(top["top_context"][n, j])
     assert client.get(f"/trainings/{t.id}/report").status_code == 200
     html = client.get(f"/trainings/{t.id}/latents/{n}").data.decode()
-    assert html.count("tok-center") == len(entries)
+    top_html = element_by_id(html, "latent-contexts")
+    assert len(find_all(top_html, "span", class_="tok-center")) == len(entries)
+
+
+# ---------------------------------------------------------------------------- format 2 (real)
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "data" /
+                     "saebench_core_schema.json").read_text())
+
+
+def real(tmp_path: Path, family: str = "gpt2", **options: Any) -> tuple[Training, Any]:
+    """A completed training holding a real evaluation of a tiny ``family`` model."""
+    from .evals import install_evaluation
+
+    t = make_training(make_model(), make_dataset(), "completed", out_dir=tmp_path)
+    return t, install_evaluation(t, family, **options)
+
+
+def busiest(ev: Any) -> int:
+    """The latent with the most firings (ties: the lowest id)."""
+    return int(np.argmax(ev.latents["frequency"].numpy()))
+
+
+def window_center(ev: Any) -> int:
+    return int(ev.report["window_before"])
+
+
+NEW_KEYS = ("histogram", "quantiles", "top_logits", "bottom_logits", "neighbours", "label",
+            "auto_label", "notes", "contexts_fired", "max_decoder_cosine", "max_encoder_cosine",
+            "encoder_decoder_cosine", "encoder_norm", "encoder_bias", "details", "firings")
+
+
+def test_latent_json_format2_causal(client, app, tmp_path):
+    """Every new key of a latent, checked against the engine's own tensors."""
+    t, ev = real(tmp_path, "gpt2")
+    lat, rep = ev.latents, ev.report
+    n = busiest(ev)
+    data = client.get(f"/trainings/{t.id}/latents/{n}", headers=JSON).get_json()
+    assert set(NEW_KEYS) <= set(data)
+    firings = round(float(lat["frequency"][n]) * rep["scored_tokens"])
+    assert data["firings"] == firings > 0
+    # histogram: 64 equal bins from 0 to hist_max, every firing counted once
+    hist = data["histogram"]
+    bins = rep["hist_bins"]
+    assert len(hist["counts"]) == bins and len(hist["edges"]) == bins + 1
+    assert hist["edges"][0] == 0 and hist["edges"][-1] == pytest.approx(float(lat["hist_max"][n]))
+    assert sum(hist["counts"]) == firings
+    assert hist["counts"] == lat["hist_counts"][n].tolist()
+    # quantiles: the sample (min(sample_n, firings) entries) in 5 equal-width intervals
+    groups = data["quantiles"]
+    assert len(groups) == reports.QUANTILE_INTERVALS
+    top = float(lat["max_act"][n])
+    assert groups[0]["range"][1] == pytest.approx(top) and groups[-1]["range"][0] == 0
+    sampled = int((lat["sample_context"][n] >= 0).sum())
+    assert sum(g["count"] for g in groups) == sampled == min(rep["sample_n"], firings)
+    assert data["sample_n"] == sampled
+    for g in groups:
+        lo, hi = g["range"]
+        assert len(g["contexts"]) == g["count"]
+        for c in g["contexts"]:
+            assert lo - 1e-6 <= c["activation"] <= hi + 1e-6
+            assert c["tokens"][c["center"]]["act"] == pytest.approx(c["activation"])
+    acts = sorted((c["activation"] for g in groups for c in g["contexts"]), reverse=True)
+    assert acts == pytest.approx(lat["sample_acts"][n][:sampled].tolist())
+    # logit lens: 10 top (descending) and 10 bottom (ascending), with the vocabulary's text
+    vocab = ev.vocab
+    for key, which in (("top_logits", "top"), ("bottom_logits", "bottom")):
+        items = data[key]
+        assert len(items) == rep["logits_n"] == 10
+        assert [x["id"] for x in items] == lat[f"logit_{which}_ids"][n].tolist()
+        assert [x["value"] for x in items] == pytest.approx(
+            lat[f"logit_{which}_values"][n].tolist())
+        assert [x["token"] for x in items] == [vocab[str(x["id"])] for x in items]
+    values = [x["value"] for x in data["top_logits"]]
+    assert values == sorted(values, reverse=True)
+    assert data["bottom_logits"][0]["value"] <= data["bottom_logits"][-1]["value"]
+    # neighbours: by decoder cosine, itself excluded
+    nb = data["neighbours"]
+    assert [x["id"] for x in nb] == lat["neighbour_ids"][n].tolist() and n not in \
+        [x["id"] for x in nb]
+    assert [x["cosine"] for x in nb] == pytest.approx(lat["neighbour_cosines"][n].tolist())
+    assert data["max_decoder_cosine"] == pytest.approx(nb[0]["cosine"])
+    for key, tensor in (("contexts_fired", "contexts_fired"), ("encoder_norm", "encoder_norm"),
+                        ("encoder_bias", "encoder_bias"),
+                        ("encoder_decoder_cosine", "encoder_decoder_cosine"),
+                        ("max_encoder_cosine", "max_encoder_cosine_per_latent")):
+        assert data[key] == pytest.approx(float(lat[tensor][n])), key
+    # label state and the automatic hint: its most frequent top token, then its top logit
+    assert data["label"] is None and data["notes"] is None and data["details"] is True
+    centers = [c["tokens"][c["center"]]["text"] for c in data["contexts"]]
+    most = max(centers, key=lambda x: (centers.count(x), -centers.index(x)))
+    assert data["auto_label"].startswith(f"'{reports_display(most)}'")
+    assert f" → '{reports_display(data['top_logits'][0]['token'])}'" in data["auto_label"]
+
+
+def reports_display(text: str) -> str:
+    return "".join({"\n": "↵", "\r": "␍", "\t": "⇥"}.get(ch, ch) for ch in text)
+
+
+def test_latent_page_format2(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2")
+    n = busiest(ev)
+    html = client.get(f"/trainings/{t.id}/latents/{n}").data.decode()
+    svg = element_by_id(html, f"latent-{n}-histogram")
+    assert svg.tag == "svg" and len(find_all(svg, "rect")) == ev.report["hist_bins"]
+    assert "activation" in svg.text and "firings" in svg.text
+    assert "equal-width intervals" in text_of(html, "latent-quantiles")
+    assert len(ids(html, "quantile-")) >= reports.QUANTILE_INTERVALS
+    chips = find_all(element_by_id(html, "latent-top-logits"), "li", class_="chip")
+    assert len(chips) == 10 and "logit lens value" in chips[0].get("title")
+    nb = ev.latents["neighbour_ids"][n].tolist()
+    link = element_by_id(html, f"neighbour-{nb[0]}")
+    assert link.get("href").startswith(f"/trainings/{t.id}/latents/{nb[0]}")
+    assert "automatic hint" in text_of(html, "latent-auto-label")
+    assert attr(html, "label-form", "hx-put") == f"/trainings/{t.id}/latents/{n}/label"
+    assert "latent-steer" in ids(html) and "latent-try" in ids(html)  # a causal LM
+    assert "latent-no-details" not in ids(html)
+
+
+def test_encoder_model_has_null_logits(client, app, tmp_path):
+    t, ev = real(tmp_path, "bert")
+    n = busiest(ev)
+    data = client.get(f"/trainings/{t.id}/latents/{n}", headers=JSON).get_json()
+    assert data["top_logits"] is None and data["bottom_logits"] is None
+    assert data["histogram"] is not None and data["neighbours"]
+    assert data["auto_label"] and "→" not in data["auto_label"]
+    rep = client.get(f"/trainings/{t.id}/report", headers=JSON).get_json()
+    assert rep["has_logits"] is False and rep["kl_div_score"] is None
+    html = client.get(f"/trainings/{t.id}/latents/{n}").data.decode()
+    assert "no output embedding" in text_of(html, "latent-logits")
+    assert "latent-steer" not in ids(html)
+    sb = client.get(f"/trainings/{t.id}/report?format=saebench").get_json()
+    assert sb["eval_result_metrics"]["model_behavior_preservation"]["kl_div_score"] is None
+    assert sb["eval_config"]["compute_kl"] is False
+
+
+def test_without_latent_details_everything_answers(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2", latent_details=False)
+    assert "hist_counts" not in ev.latents and ev.report["latent_details"] is False
+    n = busiest(ev)
+    data = client.get(f"/trainings/{t.id}/latents/{n}", headers=JSON).get_json()
+    for key in ("histogram", "quantiles", "top_logits", "bottom_logits", "neighbours",
+                "contexts_fired", "encoder_norm"):
+        assert data[key] is None, key
+    assert data["contexts"] and data["auto_label"] and data["details"] is False
+    for url in (f"/trainings/{t.id}/report", f"/trainings/{t.id}/latents/{n}",
+                f"/trainings/{t.id}/report?format=saebench",
+                f"/trainings/{t.id}/report?by=label&q=x", f"/trainings/{t.id}/report?sort=id"):
+        assert client.get(url).status_code == 200, url
+    html = client.get(f"/trainings/{t.id}/latents/{n}").data.decode()
+    assert "latent-no-details" in ids(html) and "latent-quantiles" not in ids(html)
+    sb = client.get(f"/trainings/{t.id}/report?format=saebench").get_json()
+    assert sb["eval_result_details"] == []
+    assert sb["eval_config"]["compute_featurewise_density_statistics"] is False
+    # the token search still counts the top contexts' firings
+    token = data["contexts"][0]["tokens"][data["contexts"][0]["center"]]["text"]
+    page = reports.latents_page(t, by="token", q=token)
+    assert n in [r["id"] for r in page["rows"]]
+
+
+def test_format1_folder_still_reads(client, done):
+    rep = client.get(f"/trainings/{done.id}/report", headers=JSON).get_json()
+    assert rep["format_version"] == 1 and rep["latent_details"] is False
+    for key in reports.SAEBENCH_KEYS:
+        assert rep[key] is None, key
+    data = client.get(f"/trainings/{done.id}/latents/3", headers=JSON).get_json()
+    for key in ("histogram", "quantiles", "top_logits", "bottom_logits", "neighbours",
+                "contexts_fired"):
+        assert data[key] is None, key
+    assert data["auto_label"] == "'cat'/'↵'"  # its two top contexts' tokens, no logits
+    html = client.get(f"/trainings/{done.id}/report").data.decode()
+    assert "older evaluation format" in text_of(html, "saebench-missing")
+    sb = client.get(f"/trainings/{done.id}/report?format=saebench")
+    assert sb.status_code == 200 and sb.get_json()["eval_result_details"] == []
+    assert sb.get_json()["eval_result_metrics"]["reconstruction_quality"]["mse"] == 0.0123
+
+
+def test_saebench_output_schema(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2")
+    rep = ev.report
+    sb = client.get(f"/trainings/{t.id}/report?format=saebench").get_json()
+    assert set(sb) == set(SCHEMA["top_level"]) and sb["eval_type_id"] == SCHEMA["eval_type_id"]
+    assert set(sb["eval_config"]) == set(SCHEMA["eval_config"])
+    metrics = sb["eval_result_metrics"]
+    assert {cat: set(v) for cat, v in metrics.items()} == {
+        cat: set(v) for cat, v in SCHEMA["eval_result_metrics"].items()}
+    for cat, fields in metrics.items():  # every metric measured on a causal LM
+        for name, value in fields.items():
+            assert isinstance(value, int | float), (cat, name, value)
+    assert metrics["shrinkage"]["l2_ratio"] == pytest.approx(rep["l2_ratio"])
+    assert metrics["model_behavior_preservation"]["kl_div_with_sae"] == pytest.approx(
+        rep["kl_div"])
+    assert metrics["model_performance_preservation"]["ce_loss_score"] == pytest.approx(
+        rep["ce_loss_recovered"])
+    assert metrics["misc_metrics"]["frac_alive"] == pytest.approx(rep["frac_alive"])
+    assert metrics["token_stats"]["total_tokens_eval_reconstruction"] == rep["scored_tokens"]
+    cfg = sb["eval_config"]
+    assert cfg["context_size"] == rep["context_size"] and cfg["compute_kl"] is True
+    assert cfg["batch_size_prompts"] * cfg["n_eval_reconstruction_batches"] == rep["contexts"]
+    details = sb["eval_result_details"]
+    assert len(details) == rep["d_sae"] and set(details[0]) == set(SCHEMA["eval_result_details"])
+    lat = ev.latents
+    n = busiest(ev)
+    row = details[n]
+    assert row["index"] == n
+    assert row["feature_density"] == pytest.approx(float(lat["frequency"][n]))
+    assert row["consistent_activation_heuristic"] == pytest.approx(
+        float(lat["frequency"][n]) * rep["scored_tokens"] / int(lat["contexts_fired"][n]))
+    assert row["max_decoder_cosine_sim"] == pytest.approx(
+        float(lat["max_decoder_cosine_per_latent"][n]))
+    dead = [d for d in details if d["feature_density"] == 0]
+    assert all(d["consistent_activation_heuristic"] is None for d in dead)
+    assert sb["datetime_epoch_millis"] == int(rep["created_at"] * 1000)
+    again = client.get(f"/trainings/{t.id}/report?format=saebench").get_json()
+    assert again["eval_id"] == sb["eval_id"]  # stable for one report
+
+
+def test_report_page_saebench_section(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2")
+    html = client.get(f"/trainings/{t.id}/report").data.decode()
+    section = element_by_id(html, "report-saebench")
+    for key in ("l2_ratio", "cossim", "relative_reconstruction_bias", "freq_over_1_percent",
+                "freq_over_10_percent", "max_decoder_cosine", "near_duplicate_share"):
+        row = element_by_id(section, f"saebench-{key}")
+        assert f"{ev.report[key]:.4f}" in row.text, key
+        assert row.children and find_all(row, "th")[0].get("title"), key  # its definition
+    assert attr(html, "saebench-json", "href") == f"/trainings/{t.id}/report?format=saebench"
+    assert "label-col" in html  # the table's label column
+
+
+def brute_force_fires(ev: Any, token_ids: set[int]) -> dict[int, int]:
+    """Firings on ``token_ids`` per latent among its top and sample entries, each firing
+    (context, position) once."""
+    lat, c = ev.latents, window_center(ev)
+    out: dict[int, int] = {}
+    for n in range(ev.report["d_sae"]):
+        seen: dict[tuple[int, int], int] = {}
+        for prefix in ("top", "sample"):
+            for j in range(lat[f"{prefix}_context"].shape[1]):
+                ctx = int(lat[f"{prefix}_context"][n, j])
+                if ctx >= 0:
+                    seen[(ctx, int(lat[f"{prefix}_position"][n, j]))] = \
+                        int(lat[f"{prefix}_tokens"][n, j, c])
+        count = sum(tok in token_ids for tok in seen.values())
+        if count:
+            out[n] = count
+    return out
+
+
+def test_token_search(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2")
+    n = busiest(ev)
+    center = int(ev.latents["top_tokens"][n, 0, window_center(ev)])
+    text = ev.vocab[str(center)]
+    matching = {int(i) for i, s in ev.vocab.items()
+                if s == text or (text.strip() and s.strip().casefold() ==
+                                 text.strip().casefold())}
+    page = reports.latents_page(t, by="token", q=text, per_page=500)
+    assert {tok["id"] for tok in page["tokens"]} == matching
+    fires = brute_force_fires(ev, matching)
+    promoters = {}
+    for tok in matching:
+        for m, v in zip(ev.latents["token_promoter_ids"][tok].tolist(),
+                        ev.latents["token_promoter_values"][tok].tolist(), strict=True):
+            promoters[m] = max(promoters.get(m, -1e30), v)
+    rows = page["rows"]
+    assert {r["id"] for r in rows} == set(fires) | set(promoters)
+    assert page["matches"] == len(rows) and page["sort"] == "match"
+    for r in rows:
+        assert r["fires"] == fires.get(r["id"], 0)
+        if r["id"] in promoters:
+            assert r["promotes"] == pytest.approx(promoters[r["id"]])
+        else:
+            assert r["promotes"] is None
+    key = [(-r["fires"], -(r["promotes"] if r["promotes"] is not None else -1e30), r["id"])
+           for r in rows]
+    assert key == sorted(key)  # by match: fires, then promotes
+    assert n in fires
+    # through the web: the fragment shows the match columns; a bad token is a 422
+    html = client.get(f"/trainings/{t.id}/report", query_string={"by": "token", "q": text},
+                      headers=HX).data.decode()
+    assert f"latent-row-{rows[0]['id']}" in ids(html) and "latents-token-help" in ids(html)
+    bad = client.get(f"/trainings/{t.id}/report?by=token&q=zzzqqq", headers=JSON)
+    assert bad.status_code == 422 and "No token of the vocabulary" in bad.get_json()["errors"][
+        "q"]
+    assert client.get(f"/trainings/{t.id}/report?by=nope", headers=JSON).status_code == 422
+    assert client.get(f"/trainings/{t.id}/report?by=label&sort=match",
+                      headers=JSON).status_code == 422
+    # the search form keeps the table's sort for id searches, not for a token search
+    kept = client.get(f"/trainings/{t.id}/report?by=id&q=3&keep_sort=id&keep_order=desc",
+                      headers=JSON).get_json()["latents"]
+    assert (kept["sort"], kept["order"]) == ("id", "desc")
+    tok = client.get(f"/trainings/{t.id}/report", query_string={
+        "by": "token", "q": text, "keep_sort": "id"}, headers=JSON).get_json()["latents"]
+    assert tok["sort"] == "match"
+
+
+def test_label_route(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2")
+    n = busiest(ev)
+    url = f"/trainings/{t.id}/latents/{n}/label"
+    r = client.put(url, json={"label": "Verse  of", "notes": "seen in Genesis"}, headers=JSON)
+    assert r.status_code == 200
+    state = r.get_json()
+    assert {k: state[k] for k in ("training_id", "latent", "label", "notes")} == {
+        "training_id": t.id, "latent": n, "label": "Verse of", "notes": "seen in Genesis"}
+    assert state["auto_label"]
+    # a JSON body without an Accept header still answers JSON
+    assert client.post(url, json={"notes": "more"}).get_json()["notes"] == "more"
+    data = client.get(f"/trainings/{t.id}/latents/{n}", headers=JSON).get_json()
+    assert (data["label"], data["notes"]) == ("Verse of", "more")
+    # the table shows and finds it
+    page = client.get(f"/trainings/{t.id}/report?by=label&q=verse", headers=HX).data.decode()
+    assert ids(page, "latent-row-") == [f"latent-row-{n}"]
+    assert "Verse of" in element_by_id(page, f"latent-row-{n}").text
+    # htmx: the editor fragment, the heading and the title swapped out of band
+    r = client.put(url, data={"label": "Cats & <dogs>", "notes": ""}, headers=HX)
+    html = r.data.decode()
+    assert r.status_code == 200 and "<html" not in html
+    assert html.strip().startswith('<section class="panel latent-label" id="latent-label">')
+    heading = element_by_id(html, "latent-title-label")
+    assert heading.get("hx-swap-oob") == "true" and heading.text == "Cats & <dogs>"
+    assert "<title>Cats &amp; &lt;dogs&gt; · Latent" in html and "<dogs>" not in html
+    assert "label-saved" in ids(html)
+    page = client.get(f"/trainings/{t.id}/latents/{n}").data.decode()
+    assert text_of(page, "latent-title-label") == "Cats & <dogs>"
+    assert "<title>Cats &amp; &lt;dogs&gt; · Latent" in page
+    # errors: JSON 422 by field; htmx 422 the fragment with the messages; nothing written
+    r = client.put(url, json={"label": "x" * 201, "notes": "y" * 5001}, headers=JSON)
+    assert r.status_code == 422 and set(r.get_json()["errors"]) == {"label", "notes"}
+    r = client.put(url, data={"label": "x" * 201}, headers=HX)
+    assert r.status_code == 422 and "at most 200" in text_of(r.data.decode(),
+                                                             "label-text-error")
+    assert attr(r.data.decode(), "label-text", "value") == "x" * 201  # what was typed stays
+    assert client.put(url, data="[1]", content_type="application/json",
+                      headers=JSON).status_code == 422
+    assert client.get(f"/trainings/{t.id}/latents/{n}", headers=JSON).get_json()[
+        "label"] == "Cats & <dogs>"
+    # a plain form (no JavaScript) goes back to the page
+    r = client.post(url, data={"label": "plain"})
+    assert r.status_code == 303 and r.headers["Location"].endswith(
+        f"/trainings/{t.id}/latents/{n}#latent-label")
+    # both blank: the label is gone
+    r = client.put(url, json={"label": "", "notes": " "}, headers=JSON)
+    assert r.get_json()["label"] is None and r.get_json()["notes"] is None
+    # unknown latent or training
+    d_sae = ev.report["d_sae"]
+    r = client.put(f"/trainings/{t.id}/latents/{d_sae}/label", json={"label": "a"},
+                   headers=JSON)
+    assert r.status_code == 404 and "does not exist" in r.get_json()["error"]
+    assert client.put("/trainings/999/latents/0/label", json={"label": "a"},
+                      headers=JSON).status_code == 404
+    running = make_training(make_model(name="m2"), make_dataset(name="d2"), "training",
+                            out_dir=tmp_path)
+    r = client.put(f"/trainings/{running.id}/latents/0/label", json={"label": "a"},
+                   headers=JSON)
+    assert r.status_code == 404 and "appears when the training ends" in r.get_json()["error"]
+
+
+def test_prev_next_follow_the_search(client, app, tmp_path):
+    t, ev = real(tmp_path, "gpt2")
+    from worker.jobs import latent_labels
+
+    d_sae = ev.report["d_sae"]
+    with db.connection_context():
+        for m in (2, 40, 7):
+            latent_labels.set_label(t.id, m, label=f"topic {m}")
+    # by label, sorted by id: 2 -> 7 -> 40
+    html = client.get(f"/trainings/{t.id}/report?by=label&q=topic&sort=id", headers=HX) \
+        .data.decode()
+    href = f"/trainings/{t.id}/latents/7?sort=id&order=asc&by=label&q=topic"
+    assert f'href="{href.replace("&", "&amp;")}"' in html
+    page = client.get(href).data.decode()
+    assert attr(page, "latent-prev", "href") == href.replace("/7?", "/2?")
+    assert attr(page, "latent-next", "href") == href.replace("/7?", "/40?")
+    assert "2 of 3 in the table's order (search)" in text_of(page, "latent-nav-pos")
+    assert attr(page, "latent-back", "href") == \
+        f"/trainings/{t.id}/report?sort=id&order=asc&by=label&q=topic"
+    nav = reports.latent_nav(t, 40, sort="id", order="asc", by="label", q="topic")
+    assert (nav["prev"], nav["next"], nav["count"]) == (7, None, 3)
+    # a latent outside the search: the whole table in that order
+    nav = reports.latent_nav(t, 5, sort="id", order="asc", by="label", q="topic")
+    assert (nav["prev"], nav["next"], nav["count"], nav["filtered"]) == (4, 6, d_sae, False)
+    # arguments that do not parse fall back to the default order, never an error
+    nav = reports.latent_nav(t, 5, sort="bogus", by="nope")
+    assert nav["count"] == d_sae
+    order = expected_order(ev.latents["frequency"].double().numpy())
+    at = order.index(5)
+    assert nav["prev"] == (order[at - 1] if at else None)
+    assert client.get(f"/trainings/{t.id}/latents/5?sort=bogus&by=x&q=%3C").status_code == 200
