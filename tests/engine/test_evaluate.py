@@ -27,7 +27,8 @@ from worker.engine.evaluate import (
     load_evaluation,
     save_evaluation,
 )
-from worker.engine.models import LoadedModel, extract_layer, hook_module, load_model
+from worker.engine.evaluator import sample_keys
+from worker.engine.models import LoadedModel, extract_layer, hook_module, load_model, token_text
 
 D = TINY_HIDDEN
 # the keys and tensors of docs/eval-format.md, in order
@@ -37,8 +38,24 @@ REPORT_KEYS = [
     "explained_variance", "l0", "mse", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero",
     "ce_loss_recovered", "kl_div", "downstream_note", "dead", "dense", "alive", "dense_threshold",
     "histogram", "top_n", "window_before", "window_after",
+    "l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "cossim", "l1",
+    "kl_div_with_ablation", "kl_div_score", "freq_over_1_percent", "freq_over_10_percent",
+    "normalized_freq_over_1_percent", "normalized_freq_over_10_percent", "frac_alive",
+    "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "max_decoder_cosine",
+    "near_duplicate_share", "has_logits", "latent_details", "sample_n", "hist_bins",
+    "neighbours_n", "logits_n", "promoters_n",
 ]
-CE_KEYS = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div"]
+CE_KEYS = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div",
+           "kl_div_with_ablation", "kl_div_score"]
+V1_TENSORS = {"frequency", "max_act", "mean_act", "top_acts", "top_context", "top_position",
+              "top_tokens", "top_window_acts"}
+PASS_TENSORS = {"hist_max", "hist_counts", "contexts_fired", "sample_acts", "sample_context",
+                "sample_position", "sample_tokens", "sample_window_acts"}
+WEIGHT_TENSORS = {"neighbour_ids", "neighbour_cosines", "max_decoder_cosine_per_latent",
+                  "max_encoder_cosine_per_latent", "encoder_decoder_cosine", "encoder_norm",
+                  "encoder_bias"}
+LOGIT_TENSORS = {"logit_top_ids", "logit_top_values", "logit_bottom_ids", "logit_bottom_values",
+                 "token_promoter_ids", "token_promoter_values"}
 
 
 # ---------------------------------------------------------------------------- fixtures, helpers
@@ -127,6 +144,11 @@ def test_exact_and_zero_reconstruction_splice(tiny: dict[str, LoadedModel], fami
         # the zero ablation must change the logits, or the splice test would prove nothing
         assert exact["ce_loss_zero"] != pytest.approx(exact["ce_loss_clean"], abs=1e-6), hook
         assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+        assert exact["kl_div_with_ablation"] > 0
+        assert exact["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
+        assert exact["cossim"] == pytest.approx(1.0, abs=1e-5)
+        assert exact["l2_ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert exact["relative_reconstruction_bias"] == pytest.approx(1.0, abs=1e-5)
 
         zero = evaluate_sae(_zero_sae(), 2.0, loaded, ctx, 1, hook, **kw).report
         assert zero["ce_loss_clean"] == exact["ce_loss_clean"]
@@ -134,6 +156,11 @@ def test_exact_and_zero_reconstruction_splice(tiny: dict[str, LoadedModel], fami
         assert zero["ce_loss_spliced"] == pytest.approx(zero["ce_loss_zero"], abs=1e-6)
         assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-3)
         assert zero["kl_div"] > 0
+        assert zero["kl_div_with_ablation"] == exact["kl_div_with_ablation"]
+        assert zero["kl_div"] == pytest.approx(zero["kl_div_with_ablation"], rel=1e-5)
+        assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-4)
+        assert zero["l2_norm_out"] == zero["l2_ratio"] == zero["cossim"] == 0.0
+        assert zero["relative_reconstruction_bias"] is None  # x . x_hat sums to 0
         assert zero["fvu"] >= 1.0 - 1e-6  # predicting 0 is no better than predicting the mean
         assert zero["l0"] == exact["l0"] == pytest.approx(D, abs=1)  # relu(x), relu(-x): ~d on
 
@@ -177,10 +204,12 @@ def test_trained_model_ce(trained_llama: LoadedModel) -> None:
         clean_logits[:, :-1].log_softmax(-1).reshape(-1, TINY_VOCAB_SIZE),
         log_target=True, reduction="batchmean")
     assert zero["kl_div"] == pytest.approx(float(kl), rel=1e-4)
+    assert zero["kl_div_with_ablation"] == pytest.approx(float(kl), rel=1e-4)
 
     exact = evaluate_sae(_identity_sae(), 0.5, loaded, ctx, 1, "residual",
                          special_ids=_special(loaded), options=opts).report
     assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["kl_div_with_ablation"] == pytest.approx(float(kl), rel=1e-4)
     assert abs(exact["kl_div"]) < 1e-7
     # a random SAE is somewhere in between, with a positive KL
     rand = evaluate_sae(_topk_sae(), _scale(loaded, ctx, 1, "residual"), loaded, ctx, 1,
@@ -190,6 +219,10 @@ def test_trained_model_ce(trained_llama: LoadedModel) -> None:
     assert rand["ce_loss_recovered"] == pytest.approx(
         (rand["ce_loss_zero"] - rand["ce_loss_spliced"])
         / (rand["ce_loss_zero"] - rand["ce_loss_clean"]))
+    assert rand["kl_div_with_ablation"] == pytest.approx(float(kl), rel=1e-4)
+    assert rand["kl_div_score"] == pytest.approx(
+        (rand["kl_div_with_ablation"] - rand["kl_div"]) / rand["kl_div_with_ablation"])
+    assert 0 < rand["kl_div_score"] < 1
 
 
 # ---------------------------------------------------------------------------- latent statistics
@@ -284,29 +317,39 @@ def test_top_contexts_match_brute_force(tiny: dict[str, LoadedModel]) -> None:
             assert lat["top_window_acts"][j, i, opts.window_before] == lat["top_acts"][j, i]
     assert (lat["top_tokens"] == -1).any()  # some windows were clipped
 
-    # vocab: every id in the windows, decoded on its own
+    # vocab: the whole vocabulary, each id decoded on its own (as models.token_text does)
+    assert set(ev.vocab) == {str(i) for i in range(TINY_VOCAB_SIZE)}
     used = set(lat["top_tokens"][lat["top_tokens"] >= 0].tolist())
-    assert set(ev.vocab) == {str(i) for i in used}
     for i in list(used)[:20]:
-        assert ev.vocab[str(i)] == loaded.tokenizer.decode([i])
+        assert ev.vocab[str(i)] == loaded.tokenizer.decode([i]) == token_text(loaded.tokenizer, i)
+    assert all(ev.vocab[str(i)] == token_text(loaded.tokenizer, i)
+               for i in range(TINY_VOCAB_SIZE))
     assert any(v.startswith(" ") for v in ev.vocab.values())  # leading spaces kept
 
 
 def test_batching_does_not_change_results(tiny: dict[str, LoadedModel]) -> None:
+    """batch_contexts 1, 3 and 8: the same tensors (ids, counts, sample exactly)."""
     loaded = tiny["gpt2"]
-    ctx = _contexts(loaded, 7, 20)
+    ctx = _contexts(loaded, 9, 20)
     sae = _topk_sae(k=4)
     runs = [evaluate_sae(sae, 1.3, loaded, ctx, 0, "mlp_out", special_ids=_special(loaded),
                          options=EvalOptions(batch_contexts=b, top_n=4, window_before=3,
-                                             window_after=2))
-            for b in (1, 3, 7)]
+                                             window_after=2, sample_n=6, hist_bins=16))
+            for b in (1, 3, 8)]
+    assert set(runs[0].latents) == V1_TENSORS | PASS_TENSORS | WEIGHT_TENSORS | LOGIT_TENSORS
+    counts = (runs[0].latents["frequency"] * runs[0].report["scored_tokens"]).round()
+    assert (counts > 6).any()  # some samples chose among more firings than they keep
     for other in runs[1:]:
-        for key in ("top_context", "top_position", "top_tokens"):
-            assert torch.equal(runs[0].latents[key], other.latents[key]), key
-        for key in ("frequency", "max_act", "mean_act", "top_acts", "top_window_acts"):
-            torch.testing.assert_close(runs[0].latents[key], other.latents[key])
-        for key in ("fvu", "l0", "mse", *CE_KEYS):
+        for key, value in runs[0].latents.items():
+            if value.dtype == torch.int32:  # ids, positions, tokens, counts
+                assert torch.equal(value, other.latents[key]), key
+            else:
+                torch.testing.assert_close(value, other.latents[key], msg=key)
+        for key in ("fvu", "l0", "mse", *CE_KEYS, "l2_norm_in", "l2_norm_out", "l2_ratio",
+                    "relative_reconstruction_bias", "cossim", "l1"):
             assert other.report[key] == pytest.approx(runs[0].report[key], rel=1e-5), key
+        assert {k: v for k, v in other.report.items() if isinstance(v, (int, str, list))} == {
+            k: v for k, v in runs[0].report.items() if isinstance(v, (int, str, list))}
 
 
 class _MemoryLimited(nn.Module):
@@ -326,6 +369,18 @@ class _MemoryLimited(nn.Module):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return self.inner.decode(f)
+
+    @property
+    def W_enc(self) -> torch.Tensor:  # noqa: N802 (the SAELens name)
+        return self.inner.W_enc
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802
+        return self.inner.W_dec
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        return self.inner.b_enc
 
 
 def test_out_of_memory_halves_the_batch_for_good(tiny: dict[str, LoadedModel]) -> None:
@@ -414,7 +469,10 @@ def test_format_and_round_trip(tiny: dict[str, LoadedModel], tmp_path: Path) -> 
                       special_ids=_special(loaded), options=opts, meta={"step": 12})
     assert list(ev.report) == REPORT_KEYS
     r = ev.report
-    assert r["format"] == "sae-studio-eval/1" and r["encoder_type"] == "topk"
+    assert r["format"] == "sae-studio-eval/2" and r["encoder_type"] == "topk"
+    assert (r["latent_details"], r["has_logits"]) == (True, True)
+    assert (r["sample_n"], r["hist_bins"], r["neighbours_n"], r["logits_n"],
+            r["promoters_n"]) == (25, 64, 10, 10, 5)
     assert (r["d_in"], r["d_sae"], r["model"], r["is_causal"]) == (D, 8 * D, loaded.info.name,
                                                                    True)
     assert (r["top_n"], r["window_before"], r["window_after"]) == (3, 4, 2)
@@ -425,6 +483,25 @@ def test_format_and_round_trip(tiny: dict[str, LoadedModel], tmp_path: Path) -> 
         "top_context": (torch.int32, (d_sae, 3)), "top_position": (torch.int32, (d_sae, 3)),
         "top_tokens": (torch.int32, (d_sae, 3, w)),
         "top_window_acts": (torch.float32, (d_sae, 3, w)),
+        "hist_max": (torch.float32, (d_sae,)), "hist_counts": (torch.int32, (d_sae, 64)),
+        "contexts_fired": (torch.int32, (d_sae,)),
+        "sample_acts": (torch.float32, (d_sae, 25)),
+        "sample_context": (torch.int32, (d_sae, 25)),
+        "sample_position": (torch.int32, (d_sae, 25)),
+        "sample_tokens": (torch.int32, (d_sae, 25, w)),
+        "sample_window_acts": (torch.float32, (d_sae, 25, w)),
+        "neighbour_ids": (torch.int32, (d_sae, 10)),
+        "neighbour_cosines": (torch.float32, (d_sae, 10)),
+        "max_decoder_cosine_per_latent": (torch.float32, (d_sae,)),
+        "max_encoder_cosine_per_latent": (torch.float32, (d_sae,)),
+        "encoder_decoder_cosine": (torch.float32, (d_sae,)),
+        "encoder_norm": (torch.float32, (d_sae,)), "encoder_bias": (torch.float32, (d_sae,)),
+        "logit_top_ids": (torch.int32, (d_sae, 10)),
+        "logit_top_values": (torch.float32, (d_sae, 10)),
+        "logit_bottom_ids": (torch.int32, (d_sae, 10)),
+        "logit_bottom_values": (torch.float32, (d_sae, 10)),
+        "token_promoter_ids": (torch.int32, (TINY_VOCAB_SIZE, 5)),
+        "token_promoter_values": (torch.float32, (TINY_VOCAB_SIZE, 5)),
     }
     assert {k: (v.dtype, tuple(v.shape)) for k, v in ev.latents.items()} == expected
 
@@ -444,7 +521,7 @@ def test_format_and_round_trip(tiny: dict[str, LoadedModel], tmp_path: Path) -> 
     from safetensors import safe_open
 
     with safe_open(str(folder / "latents.safetensors"), "pt") as fh:
-        assert fh.metadata() == {"format": "sae-studio-latents/1"}
+        assert fh.metadata() == {"format": "sae-studio-latents/2"}
 
     # NaN / inf never reach the JSON: they become null
     bad = Evaluation(dict(ev.report, fvu=float("nan"), kl_div=float("inf")), ev.latents,
@@ -490,3 +567,206 @@ def test_input_errors(tiny: dict[str, LoadedModel]) -> None:
         evaluate_sae(sae, 1.0, loaded, ctx[:, :1], 1, "residual")
     with pytest.raises(ConfigError, match="top_n"):
         evaluate_sae(sae, 1.0, loaded, ctx, 1, "residual", options=EvalOptions(top_n=0))
+
+
+# ---------------------------------------------------------------------------- format 2 details
+def _splitmix(x: int) -> int:
+    """splitmix64's finaliser on Python ints (the reference for evaluator.sample_keys)."""
+    m = (1 << 64) - 1
+    x &= m
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & m
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def _key(c: int, p: int, j: int) -> int:
+    h = _splitmix(_splitmix(_splitmix(c ^ 0x9E3779B97F4A7C15) ^ p) ^ j)
+    return min(h & ((1 << 63) - 1), (1 << 63) - 2)
+
+
+def test_sample_keys_are_a_uniform_hash() -> None:
+    c, p, j = (torch.randint(0, 1 << 20, (200,), generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    keys = sample_keys(c, p, j)
+    assert keys.tolist() == [_key(*v) for v in zip(c.tolist(), p.tolist(), j.tolist(),
+                                                    strict=True)]
+    # 400 latents firing on all 50 x 40 (context, position) pairs: the 25 smallest keys of each
+    # pick every context and position about equally often (chi-square, 49 and 39 degrees)
+    cc, pp = torch.meshgrid(torch.arange(50), torch.arange(40), indexing="ij")
+    cc, pp = cc.reshape(-1), pp.reshape(-1)
+    picked_c, picked_p = [], []
+    for latent in range(400):
+        sel = sample_keys(cc, pp, torch.full_like(cc, latent)).topk(25, largest=False).indices
+        assert len(set(sel.tolist())) == 25
+        picked_c.append(cc[sel])
+        picked_p.append(pp[sel])
+    for picked, buckets in ((torch.cat(picked_c), 50), (torch.cat(picked_p), 40)):
+        counts = torch.bincount(picked, minlength=buckets).double()
+        expected = len(picked) / buckets
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 2 * buckets, chi2
+
+
+def test_histogram_merges_exactly() -> None:
+    """Chunks in any order and split give the counts of one pass with the final range."""
+    from worker.engine.evaluator import Histogram
+
+    g = torch.Generator().manual_seed(3)
+    d_sae, bins = 6, 16
+    lat = torch.randint(0, d_sae - 1, (4000,), generator=g)  # the last latent never fires
+    vals = torch.rand(4000, generator=g) * torch.tensor([1e-3, 0.5, 1.0, 7.0, 300.0, 1.0])[lat]
+    vals[:40] = torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5, 3.0, 4.0, 8.0] * 5)  # edges, powers
+    vals[:40] = vals[:40].clamp(max=float(vals.max()))
+    runs = []
+    for seed in range(3):
+        order = torch.randperm(4000, generator=torch.Generator().manual_seed(seed))
+        parts = [Histogram.empty(d_sae, bins, torch.device("cpu")) for _ in range(3)]
+        for k, chunk in enumerate(order.chunk(7)):
+            parts[k % 3].add(lat[chunk], vals[chunk])
+        parts[2].merge(parts[0])
+        parts[1].merge(parts[2])
+        runs.append(parts[1])
+    for h in runs[1:]:
+        assert torch.equal(h.counts, runs[0].counts) and torch.equal(h.exp, runs[0].exp)
+    h = runs[0]
+    upper = h.upper()
+    assert upper[-1] == 0 and (h.counts[-1] == 0).all()
+    for j in range(d_sae - 1):
+        v = vals[lat == j].double()
+        top = float(upper[j])
+        assert top > v.max() >= top / 2 and math.frexp(top)[0] == 0.5  # a power of two above
+        direct = torch.bincount((v * bins / top).floor().long(), minlength=bins)
+        assert torch.equal(h.counts[j], direct), j
+        assert int(h.counts[j].sum()) == len(v)
+
+
+def test_latent_details_match_brute_force(tiny: dict[str, LoadedModel]) -> None:
+    loaded = tiny["llama"]
+    ctx = _contexts(loaded, 12, 24)
+    layer, hook = 1, "residual"
+    scale = _scale(loaded, ctx, layer, hook)
+    sae = _topk_sae()
+    opts = EvalOptions(top_n=5, window_before=4, window_after=2, batch_contexts=5, sample_n=7,
+                       hist_bins=16)
+    ev = evaluate_sae(sae, scale, loaded, ctx, layer, hook, special_ids=_special(loaded),
+                      options=opts)
+    bf = _brute_force(loaded, sae, scale, ctx, layer, hook, opts)
+    f, mask, ids = bf["f"], bf["mask"], bf["ids"]
+    n, t, d_sae = f.shape
+    r, lat = ev.report, ev.latents
+    f_s, x, x_hat = f[mask], bf["x"][mask], bf["x_hat"]
+    fired = (f_s > 0).sum(0)
+
+    # histogram: the non-zero activations in 16 bins from 0 to a power of two above the max
+    assert torch.equal(lat["hist_counts"].sum(1), fired.int())
+    for j in range(d_sae):
+        v = f_s[:, j][f_s[:, j] > 0].double()
+        top = float(lat["hist_max"][j])
+        if not len(v):
+            assert top == 0 and (lat["hist_counts"][j] == 0).all()
+            continue
+        assert top > v.max() >= top / 2 and math.frexp(top)[0] == 0.5
+        direct = torch.bincount((v * 16 / top).floor().long(), minlength=16)
+        assert torch.equal(lat["hist_counts"][j], direct.int()), j
+    assert (fired == 0).any() and (fired > 7).any()  # dead latents and fuller samples covered
+
+    # contexts fired
+    assert torch.equal(lat["contexts_fired"], (f > 0).any(1).sum(0).int())
+
+    # the sample: the 7 firings of smallest key, sorted by activation
+    for j in range(d_sae):
+        cs, ps = (f[:, :, j] > 0).nonzero(as_tuple=True)
+        keys = [_key(c, p, j) for c, p in zip(cs.tolist(), ps.tolist(), strict=True)]
+        chosen = sorted(zip(keys, cs.tolist(), ps.tolist(), strict=True))[:7]
+        k = len(chosen)
+        got_c, got_p = lat["sample_context"][j].tolist(), lat["sample_position"][j].tolist()
+        assert {(c, p) for _, c, p in chosen} == set(zip(got_c[:k], got_p[:k], strict=True))
+        assert got_c[k:] == got_p[k:] == [-1] * (7 - k)
+        acts = lat["sample_acts"][j]
+        assert (acts[k:] == 0).all() and (acts[:k] > 0).all()
+        assert (acts[:-1] >= acts[1:]).all()  # descending
+        for i in range(k):
+            c, p = got_c[i], got_p[i]
+            assert float(acts[i]) == pytest.approx(float(f[c, p, j]), abs=1e-6)
+            for w_i, q in enumerate(range(p - 4, p + 3)):
+                if 0 <= q < t:
+                    assert lat["sample_tokens"][j, i, w_i] == ids[c, q]
+                    assert float(lat["sample_window_acts"][j, i, w_i]) == pytest.approx(
+                        float(f[c, q, j]), abs=1e-6)
+                else:
+                    assert lat["sample_tokens"][j, i, w_i] == -1
+                    assert lat["sample_window_acts"][j, i, w_i] == 0
+        assert (lat["sample_tokens"][j, k:] == -1).all()
+
+    # SAEBench's core figures over the scored tokens
+    n_in, n_out = x.norm(dim=1), x_hat.norm(dim=1)
+    assert r["l2_norm_in"] == pytest.approx(float(n_in.mean()), rel=1e-4)
+    assert r["l2_norm_out"] == pytest.approx(float(n_out.mean()), rel=1e-4)
+    assert r["l2_ratio"] == pytest.approx(float((n_out / n_in).mean()), rel=1e-4)
+    assert r["cossim"] == pytest.approx(float(((x * x_hat).sum(1) / (n_in * n_out)).mean()),
+                                        rel=1e-4)
+    assert r["relative_reconstruction_bias"] == pytest.approx(
+        float(n_out.pow(2).mean() / (x * x_hat).sum(1).mean()), rel=1e-4)
+    assert r["l1"] == pytest.approx(float(f_s.sum(1).mean()), rel=1e-4)
+    freq = fired.double() / len(f_s)
+    assert r["freq_over_1_percent"] == pytest.approx(float((freq > 0.01).double().mean()))
+    assert r["freq_over_10_percent"] == pytest.approx(float((freq > 0.1).double().mean()))
+    assert 0 < r["freq_over_10_percent"] < r["freq_over_1_percent"] < 1
+    assert r["normalized_freq_over_1_percent"] == pytest.approx(
+        float(freq[freq > 0.01].sum() / freq.sum()))
+    assert r["normalized_freq_over_10_percent"] == pytest.approx(
+        float(freq[freq > 0.1].sum() / freq.sum()))
+    assert r["frac_alive"] == pytest.approx(r["alive"] / d_sae)
+    # the weight statistics are latent_stats' (tests/engine/test_latent_stats.py)
+    assert r["max_decoder_cosine"] == pytest.approx(float(lat["neighbour_cosines"][:, 0].max()))
+    assert r["has_logits"] is True
+
+
+def test_latent_details_off_and_non_causal(tiny: dict[str, LoadedModel], tmp_path: Path
+                                           ) -> None:
+    loaded = tiny["qwen2"]
+    ctx = _contexts(loaded, 5, 16)
+    kw = {"special_ids": _special(loaded)}
+    full = evaluate_sae(_topk_sae(), 1.0, loaded, ctx, 1, "residual", **kw)
+    off = evaluate_sae(_topk_sae(), 1.0, loaded, ctx, 1, "residual", **kw,
+                       options=EvalOptions(latent_details=False))
+    assert set(off.latents) == V1_TENSORS
+    for key in V1_TENSORS:
+        assert torch.equal(off.latents[key], full.latents[key]), key
+    r = off.report
+    assert list(r) == REPORT_KEYS and r["latent_details"] is False and r["has_logits"] is False
+    for key in ("average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim",
+                "max_decoder_cosine", "near_duplicate_share"):
+        assert r[key] is None and full.report[key] is not None, key
+    for key in ("l2_ratio", "cossim", "l1", "kl_div_with_ablation", "kl_div_score",
+                "freq_over_1_percent", "frac_alive"):  # cheap: computed either way
+        assert r[key] == full.report[key], key
+    save_evaluation(off, tmp_path / "eval")
+    assert set(load_evaluation(tmp_path / "eval").latents) == V1_TENSORS
+
+    bert = tiny["bert"]
+    rows = [bert.tokenizer(line, padding="max_length", max_length=16,
+                           truncation=True)["input_ids"] for line in kjv_lines(6)]
+    ev = evaluate_sae(_topk_sae(), 1.0, bert, np.array(rows), 2, "mlp_out",
+                      special_ids=_special(bert))
+    assert ev.report["has_logits"] is False  # an encoder: no output embedding
+    assert ev.report["kl_div_with_ablation"] is None and ev.report["kl_div_score"] is None
+    assert set(ev.latents) == V1_TENSORS | PASS_TENSORS | WEIGHT_TENSORS
+    assert len(ev.vocab) == bert.tokenizer.vocab_size
+
+
+def test_load_reads_format_1(tiny: dict[str, LoadedModel], tmp_path: Path) -> None:
+    """A /1 folder (old trainings on users' disks) still loads; another format does not."""
+    loaded = tiny["gpt2"]
+    ev = evaluate_sae(_topk_sae(), 1.0, loaded, _contexts(loaded, 3, 12), 0, "residual",
+                      options=EvalOptions(latent_details=False))
+    old = {k: v for k, v in ev.report.items() if k in REPORT_KEYS[:32]}
+    save_evaluation(Evaluation(dict(old, format="sae-studio-eval/1"), ev.latents, ev.vocab),
+                    tmp_path / "old")
+    assert load_evaluation(tmp_path / "old").report["format"] == "sae-studio-eval/1"
+    save_evaluation(Evaluation(dict(old, format="sae-studio-eval/9"), ev.latents, ev.vocab),
+                    tmp_path / "new")
+    with pytest.raises(DataError, match="not a sae-studio-eval/2 report"):
+        load_evaluation(tmp_path / "new")

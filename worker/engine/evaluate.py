@@ -6,13 +6,16 @@
 
 ``evaluate_sae`` checks its inputs and runs the contexts through ``evaluator.Evaluator``
 ``batch_contexts`` at a time (what happens to one batch is described there), merging each batch's
-totals and top-N into the whole run's. On an out-of-memory error the batch size is halved
-(``devices.halve_on_oom``) and stays halved for the rest of the run. From the totals it computes
-the report (FVU, L0, CE losses, densities, histogram) and the per-latent tensors.
+totals, top-N, histograms and sample into the whole run's. On an out-of-memory error the batch
+size is halved (``devices.halve_on_oom``) and stays halved for the rest of the run. From the
+totals it computes the report (FVU, L0, CE losses, densities, histogram, SAEBench's core
+metrics) and the per-latent tensors; with ``EvalOptions.latent_details`` the weight-only
+statistics of ``latent_stats`` (decoder neighbours, encoder statistics, logit lens) join them.
 
-``save_evaluation`` writes ``report.json``, ``latents.safetensors`` and ``vocab.json`` into a
-folder atomically (``files.replace_folder``); ``load_evaluation`` reads them back. The format is
-docs/eval-format.md.
+``save_evaluation`` writes ``report.json``, ``latents.safetensors`` and ``vocab.json`` (the whole
+vocabulary) into a folder atomically (``files.replace_folder``); ``load_evaluation`` reads them
+back. The format is docs/eval-format.md (``sae-studio-eval/2``; ``load_evaluation`` also reads
+``/1`` folders).
 """
 
 from __future__ import annotations
@@ -34,15 +37,18 @@ from torch import Tensor, nn
 
 from .devices import halve_on_oom
 from .errors import ConfigError, DataError
-from .evaluator import BatchCache, EvalOptions, Evaluator, TopN, Totals
+from .evaluator import BatchCache, EvalOptions, Evaluator, Sample, TopN, Totals
 from .files import json_safe, replace_folder
-from .models import LoadedModel
+from .latent_stats import REPORT_KEYS as STATS_KEYS
+from .latent_stats import latent_stats
+from .models import LoadedModel, vocabulary_texts
 
 __all__ = ["EvalOptions", "Evaluation", "GroupSAE", "evaluate_sae", "evaluate_saes",
            "load_evaluation", "save_evaluation"]
 
-FORMAT = "sae-studio-eval/1"
-LATENTS_FORMAT = "sae-studio-latents/1"
+FORMAT = "sae-studio-eval/2"
+LATENTS_FORMAT = "sae-studio-latents/2"
+READS = ("sae-studio-eval/1", FORMAT)  # report formats load_evaluation reads
 REPORT_FILE, LATENTS_FILE, VOCAB_FILE = "report.json", "latents.safetensors", "vocab.json"
 HIST_MIN, HIST_MAX, HIST_WIDTH = -7.0, 0.0, 0.25  # log10 firing frequency bins
 REPORT_KEYS = (
@@ -51,6 +57,13 @@ REPORT_KEYS = (
     "explained_variance", "l0", "mse", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero",
     "ce_loss_recovered", "kl_div", "downstream_note", "dead", "dense", "alive", "dense_threshold",
     "histogram", "top_n", "window_before", "window_after",
+    # format 2: SAEBench's core metrics, weight statistics, the per-latent details' settings
+    "l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "cossim", "l1",
+    "kl_div_with_ablation", "kl_div_score", "freq_over_1_percent", "freq_over_10_percent",
+    "normalized_freq_over_1_percent", "normalized_freq_over_10_percent", "frac_alive",
+    "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "max_decoder_cosine",
+    "near_duplicate_share", "has_logits", "latent_details", "sample_n", "hist_bins",
+    "neighbours_n", "logits_n", "promoters_n",
 )
 
 
@@ -68,6 +81,14 @@ def _check_options(o: EvalOptions) -> None:
             f"Evaluation options out of range (top_n={o.top_n}, batch_contexts="
             f"{o.batch_contexts}, window_before={o.window_before}, window_after="
             f"{o.window_after}): top_n and batch_contexts must be at least 1, windows 0 or more.")
+    counts = {"sample_n": o.sample_n, "neighbours_n": o.neighbours_n, "logits_n": o.logits_n,
+              "promoters_n": o.promoters_n}
+    if min(counts.values()) < 1:
+        raise ConfigError(f"Evaluation options out of range ({counts}): each must be at least "
+                          f"1.")
+    if o.hist_bins < 2 or o.hist_bins & (o.hist_bins - 1):
+        raise ConfigError(f"hist_bins must be a power of two of at least 2 (the histogram "
+                          f"doubles its range by merging bin pairs), not {o.hist_bins}.")
     if not 0 <= o.dense_threshold <= 1:
         raise ConfigError(f"dense_threshold must be a firing fraction between 0 and 1, not "
                           f"{o.dense_threshold}.")
@@ -124,35 +145,6 @@ def _histogram(freq: np.ndarray, fired: np.ndarray) -> dict[str, Any]:
     counts = np.bincount(bins, minlength=n_bins)
     return {"edges": edges, "counts": [int(c) for c in counts],
             "dead": int((~alive).sum())}
-
-
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    """One id decoded on its own, keeping a leading space (SentencePiece ``▁``; a WordPiece
-    token that starts a word gets one, a ``##`` continuation loses its marks)."""
-    try:
-        text = tokenizer.decode([token_id], skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-    except TypeError:
-        text = tokenizer.decode([token_id])
-    try:
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-    except (AttributeError, IndexError, KeyError, ValueError, TypeError):
-        piece = None
-    if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-        text = " " + text
-    elif _is_wordpiece(tokenizer) and isinstance(piece, str):
-        # WordPiece (BERT): "##x" continues a word; any other piece starts one.
-        if piece.startswith("##"):
-            text = piece[2:]
-        elif token_id not in set(getattr(tokenizer, "all_special_ids", ()) or ()):
-            text = " " + piece
-    return text
-
-
-def _is_wordpiece(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = getattr(backend, "model", None)
-    return type(model).__name__ == "WordPiece"
 
 
 def evaluate_sae(
@@ -222,10 +214,13 @@ def evaluate_saes(
     special = torch.tensor(sorted({int(i) for i in special_ids}), dtype=torch.long, device=dev)
     evs = [Evaluator(g.sae, g.scale, loaded, g.layer, g.hook_point, special, dev,
                      autocast_dtype, opts) for g in saes]
-    totals = [Totals(ev.d_sae, dev) for ev in evs]
+    bins = opts.hist_bins if opts.latent_details else 0
+    totals = [Totals(ev.d_sae, dev, hist_bins=bins) for ev in evs]
     tops = [TopN.empty(ev.d_sae, opts.top_n, ev.W, dev) for ev in evs]
+    samples = [Sample.empty(ev.d_sae, opts.sample_n, ev.W, dev) if opts.latent_details
+               else None for ev in evs]
 
-    def batch_at(a: int, size: int) -> list[tuple[Totals, TopN]]:
+    def batch_at(a: int, size: int) -> list[tuple[Totals, TopN, Sample | None]]:
         """Contexts ``a`` to ``a + size - 1``, through every SAE."""
         ids = _batch(contexts, a, a + size, dev)
         shared = BatchCache(evs)
@@ -236,28 +231,50 @@ def evaluate_saes(
             a, size = 0, opts.batch_contexts
             while a < n:
                 results, size = halve_on_oom(partial(batch_at, a), min(size, n - a))
-                for i, (stats, batch_top) in enumerate(results):
+                for i, (stats, batch_top, batch_sample) in enumerate(results):
                     totals[i].merge(stats)
                     tops[i] = tops[i].merge(batch_top)
+                    running = samples[i]
+                    if running is not None and batch_sample is not None:
+                        samples[i] = running.merge(batch_sample)
                 a += size
                 if progress is not None:
                     progress(a / n, f"Evaluated {a} of {n} held-out contexts")
+        if totals[0].n == 0:
+            raise DataError("No held-out token was scored: every position is position 0 or a "
+                            "special token; use longer contexts.")
+        vocab = vocabulary_texts(loaded.tokenizer, _vocab_size(loaded))
+        return [_evaluation(ev, total, top, sample, loaded, dict(g.meta), n, t, vocab)
+                for ev, total, top, sample, g in zip(evs, totals, tops, samples, saes,
+                                                     strict=True)]
     finally:
         model.train(model_training)
         for g, was in zip(saes, sae_training, strict=True):
             g.sae.train(was)
 
-    if totals[0].n == 0:
-        raise DataError("No held-out token was scored: every position is position 0 or a "
-                        "special token; use longer contexts.")
-    return [_evaluation(ev, total, top, loaded, dict(g.meta), n, t)
-            for ev, total, top, g in zip(evs, totals, tops, saes, strict=True)]
+
+def _vocab_size(loaded: LoadedModel) -> int:
+    """Every token id the tokenizer or the model's embeddings know."""
+    sizes = [len(loaded.tokenizer), int(loaded.model.get_input_embeddings().weight.shape[0])]
+    get = getattr(loaded.model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        sizes.append(int(weight.shape[0]))
+    return max(sizes)
 
 
-def _evaluation(ev: Evaluator, total: Totals, top: TopN, loaded: LoadedModel,
-                meta: dict[str, Any], n: int, t: int) -> Evaluation:
-    """One SAE's report, per-latent tensors and vocabulary from its totals and top-N."""
-    report = _report(ev, total, loaded, meta, n, t)
+def _evaluation(ev: Evaluator, total: Totals, top: TopN, sample: Sample | None,
+                loaded: LoadedModel, meta: dict[str, Any], n: int, t: int,
+                vocab: dict[str, str]) -> Evaluation:
+    """One SAE's report, per-latent tensors and vocabulary from its totals, top-N and sample
+    (and, with latent details, its weight statistics)."""
+    stats = None
+    if ev.opt.latent_details:
+        o = ev.opt
+        stats = latent_stats(ev.sae, ev.scale, loaded.model, neighbours_n=o.neighbours_n,
+                             logits_n=o.logits_n, promoters_n=o.promoters_n)
+    report = _report(ev, total, loaded, meta, n, t, stats.report if stats else None)
     fired = total.fired.cpu()
     freq = fired.double() / total.n
     mean_act = torch.where(fired > 0, total.act_sum / fired.clamp_min(1), 0.0)
@@ -271,14 +288,27 @@ def _evaluation(ev: Evaluator, total: Totals, top: TopN, loaded: LoadedModel,
         "top_tokens": top.tokens.cpu().to(torch.int32).contiguous(),
         "top_window_acts": top.window_acts.cpu().float().contiguous(),
     }
-    ids = torch.unique(latents["top_tokens"][latents["top_tokens"] >= 0]).tolist()
-    vocab = {str(i): _token_text(loaded.tokenizer, int(i)) for i in ids}
+    if sample is not None and total.hist is not None:
+        chosen = sample.by_activation()
+        latents.update({
+            "hist_max": total.hist.upper().cpu(),
+            "hist_counts": total.hist.counts.cpu().to(torch.int32).contiguous(),
+            "contexts_fired": total.contexts_fired.cpu().to(torch.int32),
+            "sample_acts": chosen.acts.cpu().float().contiguous(),
+            "sample_context": chosen.context.cpu().to(torch.int32).contiguous(),
+            "sample_position": chosen.position.cpu().to(torch.int32).contiguous(),
+            "sample_tokens": chosen.tokens.cpu().to(torch.int32).contiguous(),
+            "sample_window_acts": chosen.window_acts.cpu().float().contiguous(),
+        })
+    if stats is not None:
+        latents.update(stats.tensors)
     return Evaluation(report=report, latents=latents, vocab=vocab)
 
 
 def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any], n: int,
-            t: int) -> dict[str, Any]:
-    """report.json's content from the run's totals (``n`` contexts of ``t`` tokens)."""
+            t: int, weight_report: dict[str, Any] | None) -> dict[str, Any]:
+    """report.json's content from the run's totals (``n`` contexts of ``t`` tokens) and the
+    weight statistics' report keys (None: not computed)."""
     fired = s.fired.cpu().numpy()
     freq = fired.astype(np.float64) / s.n
     fvu = s.err / s.m2 if s.m2 > 0 else None
@@ -297,7 +327,20 @@ def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any],
         ce.update(ce_loss_clean=clean, ce_loss_spliced=spliced, ce_loss_zero=zero,
                   ce_loss_recovered=(zero - spliced) / (zero - clean) if zero != clean else None,
                   kl_div=s.kl / s.n_pred)
+    kl_abl = kl_score = None
+    if ev.causal and s.n_pred:
+        kl_abl = s.kl_zero / s.n_pred
+        kl_score = (kl_abl - s.kl / s.n_pred) / kl_abl if kl_abl > 0 else None
     dead = int((fired == 0).sum())
+    total_freq = float(freq.sum())
+
+    def share(above: float) -> float:
+        return float((freq > above).mean())
+
+    def normalized(above: float) -> float:
+        return float(freq[freq > above].sum()) / total_freq if total_freq > 0 else 0.0
+
+    weights = weight_report or dict.fromkeys(STATS_KEYS)
     report = {
         "format": FORMAT,
         "created_at": float(meta.get("created_at") or time.time()),
@@ -316,6 +359,25 @@ def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any],
         "dense_threshold": float(o.dense_threshold),
         "histogram": _histogram(freq, fired),
         "top_n": o.top_n, "window_before": o.window_before, "window_after": o.window_after,
+        "l2_norm_in": s.l2_in / s.n, "l2_norm_out": s.l2_out / s.n,
+        "l2_ratio": s.l2_ratio / s.n,
+        "relative_reconstruction_bias": json_safe(
+            s.xhat_sq / s.x_dot_xhat if s.x_dot_xhat != 0 else None),
+        "cossim": s.cossim / s.n,
+        "l1": float(s.act_sum.sum()) / s.n,
+        "kl_div_with_ablation": json_safe(kl_abl), "kl_div_score": json_safe(kl_score),
+        "freq_over_1_percent": share(0.01), "freq_over_10_percent": share(0.1),
+        "normalized_freq_over_1_percent": normalized(0.01),
+        "normalized_freq_over_10_percent": normalized(0.1),
+        "frac_alive": (ev.d_sae - dead) / ev.d_sae,
+        "average_max_encoder_cosine_sim": json_safe(weights["average_max_encoder_cosine_sim"]),
+        "average_max_decoder_cosine_sim": json_safe(weights["average_max_decoder_cosine_sim"]),
+        "max_decoder_cosine": json_safe(weights["max_decoder_cosine"]),
+        "near_duplicate_share": json_safe(weights["near_duplicate_share"]),
+        "has_logits": bool(weights["has_logits"]),
+        "latent_details": bool(o.latent_details),
+        "sample_n": o.sample_n, "hist_bins": o.hist_bins, "neighbours_n": o.neighbours_n,
+        "logits_n": o.logits_n, "promoters_n": o.promoters_n,
     }
     assert tuple(report) == REPORT_KEYS
     return report
@@ -362,7 +424,7 @@ def load_evaluation(folder: Path | str) -> Evaluation:
     except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as exc:
         raise DataError(f"The evaluation folder {folder} is corrupt ({exc}); run the "
                         f"evaluation again.") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
+    if not isinstance(report, dict) or report.get("format") not in READS:
         raise DataError(f"{folder / REPORT_FILE} is not a {FORMAT} report; run the evaluation "
                         f"again.")
     return Evaluation(report=report, latents=latents, vocab=vocab)

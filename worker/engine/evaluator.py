@@ -9,8 +9,13 @@
    ``scale``, as in training) of whole contexts at a time; at the scored positions (not position
    0, not special ids, per ``EvalOptions``) it accumulates (``Totals``) FVU (streaming mean and
    sum of squares, Chan's merge), MSE on the raw scale, L0, firing counts, max and mean
-   activation, and merges each latent's top-N candidates of the batch, with their windows, into
-   the batch's top-N (``TopN``; excluded positions have activation 0 and are never candidates).
+   activation, SAEBench's shrinkage sums (norms of x and x_hat, their ratio, cosine, x_hat . x),
+   and merges each latent's top-N candidates of the batch, with their windows, into the batch's
+   top-N (``TopN``; excluded positions have activation 0 and are never candidates). With
+   ``EvalOptions.latent_details`` it also counts the contexts each latent fires in, adds the
+   non-zero activations to each latent's exact histogram (``Histogram``) and merges a uniform
+   sample of each latent's firings (``Sample``: the ``sample_n`` smallest hash keys of
+   (context, position, latent), so the sample does not depend on batching).
    The reconstructions ``decode(encode(x * scale)) / scale`` are kept for step 2;
 2. (causal LMs only) spliced forward: the same hook returns the activation with the scored
    positions replaced by the reconstructions (the other positions unchanged);
@@ -20,9 +25,10 @@ In a group (``BatchCache``, several SAEs of one model on one batch) the clean fo
 for every SAE, capturing every hook, and the zero-ablated forward once per hook; the spliced
 forward is each SAE's own.
 
-CE losses and KL come from the model's logits (log-softmax in float32), over every predicted
-position (``T - 1`` per context). Memory is bounded by the batch: the dense latents of one group
-of contexts (``_CHUNK_ELEMENTS``), the batch's logits, and the top-N ``[d_sae, N, W]``.
+CE losses and KL (clean || spliced, clean || zero-ablated) come from the model's logits
+(log-softmax in float32), over every predicted position (``T - 1`` per context). Memory is
+bounded by the batch: the dense latents of one group of contexts (``_CHUNK_ELEMENTS``), the
+batch's logits, the top-N and the sample ``[d_sae, N, W]``, the histogram ``[d_sae, bins]``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ from .errors import ConfigError
 from .models import LoadedModel, hook_module, hook_not_reached, run_to_many
 
 _CHUNK_ELEMENTS = 1 << 25  # dense latents per SAE chunk (128 MiB in float32); >= 1 context
+EMPTY_EXP = -(1 << 20)
+"""``Histogram.exp`` of a latent that has not fired yet."""
+KEY_NONE = (1 << 63) - 1
+"""``Sample.keys`` of an empty entry (every real key is smaller)."""
 
 
 @dataclass
@@ -53,6 +63,12 @@ class EvalOptions:
     dense_threshold: float = 0.1  # firing fraction above which a latent counts as dense
     exclude_pos0: bool = True
     exclude_special: bool = True
+    latent_details: bool = True  # histogram, sample, contexts fired, weight statistics
+    sample_n: int = 25  # firings sampled uniformly per latent
+    hist_bins: int = 64  # activation histogram bins per latent (a power of two)
+    neighbours_n: int = 10  # nearest latents by decoder cosine
+    logits_n: int = 10  # top and bottom logit-lens tokens per latent
+    promoters_n: int = 5  # latents that promote a token most, per token id
 
 
 @dataclass
@@ -75,20 +91,141 @@ class TopN:
 
     def merge(self, other: TopN) -> TopN:
         """The N best of both (concatenate + topk); entries with activation <= 0 are cleared."""
-        n, w = self.acts.shape[1], self.tokens.shape[2]
+        n = self.acts.shape[1]
         acts, sel = torch.cat([self.acts, other.acts], 1).topk(n, dim=1)
+        return self._take(other, sel, acts <= 0)
+
+    def _fields(self) -> tuple[Tensor, ...]:
+        return self.acts, self.context, self.position, self.tokens, self.window_acts
+
+    def _take(self, other: TopN, sel: Tensor, none: Tensor) -> TopN:
+        """Entries ``sel`` [d_sae, N] of self and ``other`` side by side; ``none`` cleared."""
+        w = self.tokens.shape[2]
         sel_w = sel.unsqueeze(2).expand(-1, -1, w)
-        context = torch.cat([self.context, other.context], 1).gather(1, sel)
-        position = torch.cat([self.position, other.position], 1).gather(1, sel)
-        tokens = torch.cat([self.tokens, other.tokens], 1).gather(1, sel_w)
-        window_acts = torch.cat([self.window_acts, other.window_acts], 1).gather(1, sel_w)
-        none = acts <= 0
-        acts = acts.masked_fill(none, 0.0)
-        context = context.masked_fill(none, -1)
-        position = position.masked_fill(none, -1)
-        tokens = tokens.masked_fill(none.unsqueeze(2), -1)
-        window_acts = window_acts.masked_fill(none.unsqueeze(2), 0.0)
-        return TopN(acts, context, position, tokens, window_acts)
+        acts, context, position, tokens, window_acts = (
+            torch.cat([a, b], 1).gather(1, sel if a.dim() == 2 else sel_w)
+            for a, b in zip(self._fields(), other._fields(), strict=True))
+        return TopN(acts.masked_fill(none, 0.0), context.masked_fill(none, -1),
+                    position.masked_fill(none, -1), tokens.masked_fill(none.unsqueeze(2), -1),
+                    window_acts.masked_fill(none.unsqueeze(2), 0.0))
+
+
+@dataclass
+class Sample:
+    """A uniform sample of each latent's firings so far (without replacement): the ``S`` firings
+    with the smallest keys, a key being a 63-bit hash of (context row, position, latent)
+    (``sample_keys``). The S smallest keys of a set do not depend on the order its members
+    arrive in, so neither batching nor chunking changes the sample."""
+
+    keys: Tensor  # [d_sae, S] int64 ascending, KEY_NONE = no entry
+    top: TopN  # the entries (acts 0, context -1 = no entry)
+
+    @classmethod
+    def empty(cls, d_sae: int, s: int, w: int, device: torch.device) -> Sample:
+        return cls(torch.full((d_sae, s), KEY_NONE, dtype=torch.long, device=device),
+                   TopN.empty(d_sae, s, w, device))
+
+    def merge(self, other: Sample) -> Sample:
+        s = self.keys.shape[1]
+        keys, sel = torch.cat([self.keys, other.keys], 1).topk(s, dim=1, largest=False)
+        none = keys == KEY_NONE
+        return Sample(keys, self.top._take(other.top, sel, none))
+
+    def by_activation(self) -> TopN:
+        """The entries sorted by activation, descending (empty ones last); equal activations
+        in key order."""
+        order = self.top.acts.argsort(dim=1, descending=True, stable=True)
+        empty = TopN.empty(*self.top.acts.shape, self.top.tokens.shape[2], self.keys.device)
+        # _take reads indices >= S from its second argument: every index here is < S
+        return self.top._take(empty, order, self.top.acts.gather(1, order) <= 0)
+
+
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's multipliers as signed int64
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_SEED = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 ``x`` by ``s`` bits (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 (multiplication wraps modulo 2**64)."""
+    x = x ^ _shr(x, 30)
+    x = x * _MIX1
+    x = x ^ _shr(x, 27)
+    x = x * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def sample_keys(context: Tensor, position: Tensor, latent: Tensor) -> Tensor:
+    """The sample key of firings (int64 tensors of context rows, positions, latents): a hash in
+    [0, 2**63 - 1), uniform for practical purposes and the same on every device."""
+    h = _mix(context.long() ^ _SEED)
+    h = _mix(h ^ position.long())
+    h = _mix(h ^ latent.long())
+    return (h & KEY_NONE).clamp(max=KEY_NONE - 1)
+
+
+@dataclass
+class Histogram:
+    """Each latent's exact histogram of its non-zero activations, ``B`` equal bins from 0 to
+    ``2**exp``, the smallest power of two above every activation seen. A larger activation
+    doubles the range (once or more); doubling merges adjacent bin pairs, which is exact since
+    with B and the range powers of two ``floor(v * B / 2R) == floor(floor(v * B / R) / 2)``.
+    So the counts are those of one pass with the final range, whatever the batching."""
+
+    exp: Tensor  # [d_sae] int64; EMPTY_EXP = nothing seen
+    counts: Tensor  # [d_sae, B] int64
+
+    @classmethod
+    def empty(cls, d_sae: int, bins: int, device: torch.device) -> Histogram:
+        return cls(torch.full((d_sae,), EMPTY_EXP, dtype=torch.long, device=device),
+                   torch.zeros(d_sae, bins, dtype=torch.long, device=device))
+
+    @property
+    def bits(self) -> int:
+        return self.counts.shape[1].bit_length() - 1
+
+    def _grow(self, exp: Tensor) -> Tensor:
+        """The counts rebinned to ranges ``2**exp`` (each >= the current one)."""
+        bins = self.counts.shape[1]
+        shift = (exp - self.exp).clamp(0, 62)
+        idx = torch.arange(bins, device=exp.device).unsqueeze(0) >> shift.unsqueeze(1)
+        return torch.zeros_like(self.counts).scatter_add_(1, idx, self.counts)
+
+    def add(self, latent: Tensor, values: Tensor) -> None:
+        """Count positive ``values`` [m] float32 of latents ``latent`` [m] int64."""
+        if not latent.numel():
+            return
+        values = values.float()
+        top = torch.zeros(self.exp.shape[0], device=values.device).scatter_reduce_(
+            0, latent, values, "amax")
+        mant, e = torch.frexp(top)  # top = mant * 2**e, mant in [0.5, 1): top < 2**e
+        e = torch.where(top > 0, e.long(), EMPTY_EXP)
+        exp = torch.maximum(self.exp, e)
+        self.counts, self.exp = self._grow(exp), exp
+        # bin = floor(v * B / 2**exp) = floor(m * 2**s) for v = m * 2**ev, s = ev - exp + bits;
+        # m * 2**s is exact (2**s a small power of two), s <= bits since v < 2**exp.
+        m, ev = torch.frexp(values)
+        s = ev.long() - exp[latent] + self.bits
+        pow2 = torch.tensor([2.0**i for i in range(self.bits + 1)], device=values.device)
+        b = torch.where(s > 0, torch.floor(m * pow2[s.clamp(0, self.bits)]), 0.0).long()
+        b = b.clamp(max=self.counts.shape[1] - 1)
+        flat = latent * self.counts.shape[1] + b
+        self.counts += torch.bincount(flat, minlength=self.counts.numel()).view_as(self.counts)
+
+    def merge(self, other: Histogram) -> None:
+        exp = torch.maximum(self.exp, other.exp)
+        self.counts = self._grow(exp) + other._grow(exp)
+        self.exp = exp
+
+    def upper(self) -> Tensor:
+        """Each latent's upper edge ``2**exp`` (0 for a latent that never fired), float32."""
+        fired = self.exp != EMPTY_EXP
+        return torch.where(fired, torch.ldexp(torch.ones_like(self.exp, dtype=torch.float64),
+                                              torch.where(fired, self.exp, 0)), 0.0).float()
 
 
 @dataclass
@@ -109,12 +246,26 @@ class Totals:
     ce_clean: float = 0.0
     ce_spliced: float = 0.0
     ce_zero: float = 0.0
-    kl: float = 0.0
+    kl: float = 0.0  # KL(clean || spliced)
+    kl_zero: float = 0.0  # KL(clean || zero-ablated)
+    # SAEBench's shrinkage / reconstruction sums over scored tokens (raw activation scale)
+    l2_in: float = 0.0  # sum ||x||
+    l2_out: float = 0.0  # sum ||x_hat||
+    l2_ratio: float = 0.0  # sum ||x_hat|| / ||x|| (||x|| < 1e-4 counted as 1, as SAEBench)
+    cossim: float = 0.0  # sum cos(x, x_hat) (0 where either is 0)
+    xhat_sq: float = 0.0  # sum ||x_hat||^2
+    x_dot_xhat: float = 0.0  # sum x . x_hat
+    hist_bins: int = 0  # > 0: keep the latent details below
+    contexts_fired: Tensor = field(init=False)
+    hist: Histogram | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         self.act_sum = torch.zeros(self.d_sae, dtype=torch.float64)  # on the CPU
         self.act_max = torch.zeros(self.d_sae, device=self.device)
+        self.contexts_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+        self.hist = (Histogram.empty(self.d_sae, self.hist_bins, self.device)
+                     if self.hist_bins else None)
 
     def add_activations(self, x: Tensor) -> None:
         """Chan's parallel update of the mean and sum of squared deviations ([n, d] float)."""
@@ -150,6 +301,16 @@ class Totals:
         self.ce_spliced += o.ce_spliced
         self.ce_zero += o.ce_zero
         self.kl += o.kl
+        self.kl_zero += o.kl_zero
+        self.l2_in += o.l2_in
+        self.l2_out += o.l2_out
+        self.l2_ratio += o.l2_ratio
+        self.cossim += o.cossim
+        self.xhat_sq += o.xhat_sq
+        self.x_dot_xhat += o.x_dot_xhat
+        self.contexts_fired += o.contexts_fired
+        if self.hist is not None and o.hist is not None:
+            self.hist.merge(o.hist)
 
 
 class Evaluator:
@@ -242,17 +403,21 @@ class Evaluator:
         return mask
 
     def run_batch(self, ids: Tensor, start: int, shared: BatchCache | None = None
-                  ) -> tuple[Totals, TopN]:
+                  ) -> tuple[Totals, TopN, Sample | None]:
         """Evaluate ``ids`` [B, T] (global context indices start at ``start``); ``shared``
-        holds what this SAE's group shares for the batch (a fresh one for an SAE alone)."""
+        holds what this SAE's group shares for the batch (a fresh one for an SAE alone).
+        Returns the batch's totals, top-N and sample (None without latent details)."""
         shared = shared or BatchCache([self])
         b, t = ids.shape
         mask = self._mask = self.scored(ids)
-        stats = Totals(self.d_sae, self.device)
+        details = self.opt.latent_details
+        stats = Totals(self.d_sae, self.device, hist_bins=self.opt.hist_bins if details else 0)
         top = TopN.empty(self.d_sae, self.opt.top_n, self.W, self.device)
+        sample = (Sample.empty(self.d_sae, self.opt.sample_n, self.W, self.device)
+                  if details else None)
 
         acts, clean = shared.clean(self, ids)
-        recon, top = self._sae_pass(acts, ids, mask, start, stats, top)
+        recon, top, sample = self._sae_pass(acts, ids, mask, start, stats, top, sample)
         del acts
 
         if clean is not None and t > 1:  # causal LMs
@@ -270,26 +435,32 @@ class Evaluator:
                 kl = torch.where(p_clean > 0, p_clean * (lp_clean - lp_spliced), 0.0)
                 stats.kl += float(kl.sum())
             del spliced
-            stats.ce_zero -= shared.zero_log_likelihood(self, ids)
+            log_likelihood, kl_zero = shared.zero_ablation(self, ids, clean)
+            stats.ce_zero -= log_likelihood
+            stats.kl_zero += kl_zero
             stats.n_pred = b * (t - 1)
         self._mask = None
-        return stats, top
+        return stats, top, sample
 
-    def zero_log_likelihood(self, ids: Tensor) -> float:
-        """Summed next-token log-likelihood of the zero-ablated forward (causal LMs)."""
+    def zero_ablation(self, ids: Tensor, clean: Tensor) -> tuple[float, float]:
+        """The zero-ablated forward (causal LMs): its summed next-token log-likelihood and the
+        summed KL(clean || zero-ablated) over predicted positions (``clean``: the logits)."""
         zero = self._forward(ids, "zero")
         targets = ids[:, 1:]
-        total = 0.0
+        total, kl_sum = 0.0, 0.0
         for i in range(ids.shape[0]):
             lp_zero = F.log_softmax(zero[i, :-1].float(), dim=-1)
             total += float(lp_zero.gather(1, targets[i].unsqueeze(1)).sum())
-        return total
+            lp_clean = F.log_softmax(clean[i, :-1].float(), dim=-1)
+            p_clean = lp_clean.exp()
+            kl_sum += float(torch.where(p_clean > 0, p_clean * (lp_clean - lp_zero), 0.0).sum())
+        return total, kl_sum
 
     def _sae_pass(self, acts: Tensor, ids: Tensor, mask: Tensor, start: int, stats: Totals,
-                  top: TopN) -> tuple[Tensor, TopN]:
-        """SAE statistics and top-N candidates, a group of whole contexts at a time. Returns the
-        raw-scale reconstructions of the scored positions ([n_scored, d_in], in ``acts[mask]``
-        order) and the updated top-N."""
+                  top: TopN, sample: Sample | None) -> tuple[Tensor, TopN, Sample | None]:
+        """SAE statistics, top-N and sample candidates, a group of whole contexts at a time.
+        Returns the raw-scale reconstructions of the scored positions ([n_scored, d_in], in
+        ``acts[mask]`` order) and the updated top-N and sample."""
         b, t, _ = acts.shape
         per = max(1, _CHUNK_ELEMENTS // max(1, t * self.d_sae))
         recons = []
@@ -310,16 +481,66 @@ class Evaluator:
             recons.append(x_hat)
             stats.add_activations(x_s)
             stats.err += float((x_s - x_hat).pow(2).sum())
+            _shrinkage(stats, x_s, x_hat)
             on = f_s > 0
             stats.l0 += float(on.sum())
             stats.fired += on.sum(0)
             stats.act_sum += f_s.sum(0).cpu().double()
             if f_s.shape[0]:
                 stats.act_max = torch.maximum(stats.act_max, f_s.max(0).values)
-            cand = self._candidates(f, ids[c0:c0 + per].to(self.device), start + c0)
+            ids_c = ids[c0:c0 + per].to(self.device)
+            cand = self._candidates(f, ids_c, start + c0)
             top = top.merge(cand)
+            if sample is not None and stats.hist is not None:
+                stats.contexts_fired += (f.reshape(-1, t, self.d_sae).amax(1) > 0).sum(0)
+                row, lat = (f > 0).nonzero(as_tuple=True)
+                values = f[row, lat]
+                stats.hist.add(lat, values)
+                sample = sample.merge(self._sample_candidates(f, ids_c, start + c0, row, lat,
+                                                              values))
             del f, f_s
-        return torch.cat(recons), top
+        return torch.cat(recons), top, sample
+
+    def _windows(self, f: Tensor, ids: Tensor, row: Tensor, lat: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """Token ids and latent activations [m, W] of the windows around rows ``row`` of ``f``
+        [C*T, d_sae] for latents ``lat`` (-1 / 0 where the window leaves the context)."""
+        t = ids.shape[1]
+        ctx, pos = row // t, row % t
+        offsets = torch.arange(-self.opt.window_before, self.opt.window_after + 1,
+                               device=f.device)
+        q = pos.unsqueeze(1) + offsets
+        valid = (q >= 0) & (q < t)
+        flat = ctx.unsqueeze(1) * t + q.clamp(0, t - 1)
+        window_acts = f[flat, lat.unsqueeze(1)].masked_fill(~valid, 0.0)
+        tokens = ids.reshape(-1)[flat].masked_fill(~valid, -1)
+        return tokens, window_acts
+
+    def _sample_candidates(self, f: Tensor, ids: Tensor, start: int, row: Tensor, lat: Tensor,
+                           values: Tensor) -> Sample:
+        """Each latent's ``sample_n`` firings with the smallest keys among these contexts
+        (``row``, ``lat``, ``values``: the non-zero entries of ``f`` [C*T, d_sae])."""
+        t, s = ids.shape[1], self.opt.sample_n
+        out = Sample.empty(self.d_sae, s, self.W, f.device)
+        if not row.numel():
+            return out
+        keys = sample_keys(start + row // t, row % t, lat)
+        order = keys.argsort()
+        order = order[lat[order].argsort(stable=True)]  # by latent, then by key
+        lat_o = lat[order]
+        counts = torch.bincount(lat_o, minlength=self.d_sae)
+        rank = torch.arange(len(order), device=f.device) - (counts.cumsum(0) - counts)[lat_o]
+        keep = rank < s
+        order, lat_o, rank = order[keep], lat_o[keep], rank[keep]
+        r = row[order]
+        tokens, window_acts = self._windows(f, ids, r, lat_o)
+        out.keys[lat_o, rank] = keys[order]
+        out.top.acts[lat_o, rank] = values[order]
+        out.top.context[lat_o, rank] = start + r // t
+        out.top.position[lat_o, rank] = r % t
+        out.top.tokens[lat_o, rank] = tokens
+        out.top.window_acts[lat_o, rank] = window_acts
+        return out
 
     def _candidates(self, f: Tensor, ids: Tensor, start: int) -> TopN:
         """Each latent's top-N tokens of these contexts ([C*T, d_sae] latents), with windows."""
@@ -351,7 +572,7 @@ class BatchCache:
     def __init__(self, evaluators: list[Evaluator]) -> None:
         self.evaluators = evaluators
         self._clean: tuple[dict[tuple[int, str], Tensor], Tensor | None] | None = None
-        self._zero: dict[tuple[int, str], float] = {}
+        self._zero: dict[tuple[int, str], tuple[float, float]] = {}
 
     def clean(self, ev: Evaluator, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """``ev``'s activations ``[B, T, d_in]`` float32 and the logits (None for a model that
@@ -388,7 +609,21 @@ class BatchCache:
                 e._mask = None
         return acts, out.logits if hasattr(out, "logits") else out[0]
 
-    def zero_log_likelihood(self, ev: Evaluator, ids: Tensor) -> float:
+    def zero_ablation(self, ev: Evaluator, ids: Tensor, clean: Tensor) -> tuple[float, float]:
+        """``ev.zero_ablation``, run once per hook."""
         if ev.hook not in self._zero:
-            self._zero[ev.hook] = ev.zero_log_likelihood(ids)
+            self._zero[ev.hook] = ev.zero_ablation(ids, clean)
         return self._zero[ev.hook]
+
+
+def _shrinkage(stats: Totals, x: Tensor, x_hat: Tensor) -> None:
+    """Add SAEBench's per-token norms, ratio and cosine of ``x`` and ``x_hat`` [n, d]."""
+    if not x.shape[0]:
+        return
+    n_in, n_out = x.norm(dim=1), x_hat.norm(dim=1)
+    stats.l2_in += float(n_in.sum())
+    stats.l2_out += float(n_out.sum())
+    stats.l2_ratio += float((n_out / torch.where(n_in < 1e-4, 1.0, n_in)).sum())
+    stats.cossim += float(F.cosine_similarity(x, x_hat, dim=1).sum())
+    stats.xhat_sq += float(n_out.pow(2).sum())
+    stats.x_dot_xhat += float((x * x_hat).sum())

@@ -484,3 +484,62 @@ def extract_layers(model: nn.Module, input_ids: Tensor, hooks: list[tuple[int, s
     batch, seq = input_ids.shape[:2]
     # Some blocks (OPT) run their MLP on flattened [B*T, d] tokens.
     return [output.reshape(batch, seq, -1).float() for output in outputs]
+
+
+# ---------------------------------------------------------------------------- token text
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One id decoded on its own, keeping a leading space (SentencePiece ``▁``; a WordPiece
+    token that starts a word gets one, a ``##`` continuation loses its marks). What the
+    evaluation's vocab.json and the interactive probes show for a token."""
+    try:
+        text = tokenizer.decode([token_id], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+    except TypeError:
+        text = tokenizer.decode([token_id])
+    try:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+    except (AttributeError, IndexError, KeyError, ValueError, TypeError, OverflowError):
+        piece = None
+    return _with_marks(tokenizer, token_id, text, piece, _special_ids(tokenizer))
+
+
+def vocabulary_texts(tokenizer: Any, n: int) -> dict[str, str]:
+    """``{str(id): token_text(tokenizer, id)}`` for ids 0 to ``n - 1``, decoded in one batch
+    (a fast tokenizer decodes 49k ids in well under a second). Ids the tokenizer does not know
+    (a model's embedding padded beyond the tokenizer) get ``""``."""
+    known = min(n, len(tokenizer))
+    ids = list(range(known))
+    try:
+        texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+    except (TypeError, AttributeError, IndexError, KeyError, ValueError, OverflowError):
+        return {str(i): token_text(tokenizer, i) if i < known else "" for i in range(n)}
+    special = _special_ids(tokenizer)
+    out = {str(i): _with_marks(tokenizer, i, text, piece, special)
+           for i, text, piece in zip(ids, texts, pieces, strict=True)}
+    out.update({str(i): "" for i in range(known, n)})
+    return out
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return {int(i) for i in (getattr(tokenizer, "all_special_ids", ()) or ())}
+
+
+def _with_marks(tokenizer: Any, token_id: int, text: str, piece: Any, special: set[int]) -> str:
+    """``text`` (the id decoded alone) with the leading space its ``piece`` implies."""
+    if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+        text = " " + text
+    elif _is_wordpiece(tokenizer) and isinstance(piece, str):
+        # WordPiece (BERT): "##x" continues a word; any other piece starts one.
+        if piece.startswith("##"):
+            text = piece[2:]
+        elif token_id not in special:
+            text = " " + piece
+    return text
+
+
+def _is_wordpiece(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    return type(model).__name__ == "WordPiece"
