@@ -57,8 +57,8 @@ REPORT_KEYS = ("average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim
 
 
 def sae_weights(sae: nn.Module) -> SAEWeights | None:
-    """``sae``'s W_enc, W_dec, b_enc (detached float32 copies are not made: views where the
-    dtype is already float32), or None when it has no W_enc / W_dec of the expected shapes."""
+    """``sae``'s W_enc, W_dec, b_enc, detached, in float32 (the tensors themselves when they
+    are float32 already), or None when it has no W_enc / W_dec of matching shapes."""
     w_enc, w_dec = getattr(sae, "W_enc", None), getattr(sae, "W_dec", None)
     if not isinstance(w_enc, Tensor) or not isinstance(w_dec, Tensor):
         return None

@@ -32,6 +32,9 @@ BERT-style modules whose ``output`` child adds the residual and normalises (``Be
 ``BertOutput``) are read at their projection ``output.dense``, before the residual add: so BERT's
 ``attn_out`` is ``attention.output.dense`` and its ``mlp_out`` is ``output.dense``. A module that
 returns a tuple is read at its first element. ``ModelInfo.hook_points`` lists what was found.
+
+Token text (``token_text``, ``vocabulary_texts``): one token id decoded on its own with the
+leading space its piece implies; what the evaluation's vocab.json and the probes show.
 """
 
 from __future__ import annotations
