@@ -44,6 +44,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         config_templates,
         datasets,
         models,
+        probes,
         reports,
         security,
         sweeps,
@@ -88,6 +89,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(datasets.bp)
     app.register_blueprint(trainings.bp)
     app.register_blueprint(reports.bp)
+    app.register_blueprint(probes.bp)
     app.register_blueprint(compare.bp)
     app.register_blueprint(config_templates.bp)
     app.register_blueprint(sweeps.bp)
