@@ -24,9 +24,19 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.web.conftest import CONFIG, make_dataset, make_model, make_training
+from tests.web.evals import install_evaluation
 from webapp import create_app
 from webapp.security import SECRET_FILE
-from worker.db import Checkpoint, Dataset, LanguageModel, Sweep, Template, Training, db
+from worker.db import (
+    Checkpoint,
+    Dataset,
+    LanguageModel,
+    LatentLabel,
+    Sweep,
+    Template,
+    Training,
+    db,
+)
 
 EVIL = "http://evil.example"
 JSON = {"Accept": "application/json"}
@@ -37,10 +47,12 @@ STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 # ---------------------------------------------------------------------------- helpers
 @pytest.fixture
 def rows(app: Flask, tmp_path: Path) -> dict[str, int]:
-    """A ready model and dataset and a training in progress with one checkpoint."""
+    """A ready model and dataset and a training in progress with one checkpoint and an
+    evaluation (a real one of a tiny GPT-2: its latents can be labelled)."""
     model, dataset = make_model(), make_dataset()
     t = make_training(model, dataset, status="training", steps=100, checkpoints=1,
                       out_dir=tmp_path)
+    install_evaluation(t, "gpt2")
     with db.connection_context():
         checkpoint = Checkpoint.get(Checkpoint.training == t.id)
         sweep = Sweep.create(name="s", model=model.id, dataset=dataset.id, config={}, groups=[])
@@ -59,6 +71,12 @@ def requests_for(ids: dict[str, int]) -> list[tuple[str, str, str, dict[str, Any
         ("sweeps.control", "POST", f"/sweeps/{ids['sweep']}/stop", None),
         ("sweeps.delete", "DELETE", f"/sweeps/{ids['sweep']}", None),
         ("trainings.update", "PATCH", f"/trainings/{t}", {"name": "renamed", "tags": "a"}),
+        *[("reports.label", method, f"/trainings/{t}/latents/3/label",
+           {"label": "a label", "notes": "notes"}) for method in ("PUT", "POST")],
+        ("probes.activations", "POST", f"/trainings/{t}/activations",
+         {"text": "In the beginning", "latent": "3"}),
+        ("probes.steer", "POST", f"/trainings/{t}/steer",
+         {"prompt": "In the beginning", "latent": "3", "coefficient": "4"}),
         ("config_templates.create", "POST", "/templates", {"name": "t2", "k": "8"}),
         ("config_templates.delete", "DELETE", f"/templates/{ids['template']}", None),
         ("models.create", "POST", "/models", {"source": "minilm-l6", "name": "m2"}),
@@ -80,6 +98,7 @@ def snapshot() -> tuple[Any, ...]:
     with db.connection_context():
         return (LanguageModel.select().count(), Dataset.select().count(),
                 Checkpoint.select().count(), Sweep.select().count(), Template.select().count(),
+                [(r.latent, r.label, r.notes) for r in LatentLabel.select()],
                 [(t.id, t.status, t.requested, t.name, t.tags)
                  for t in Training.select().order_by(Training.id)])
 

@@ -612,7 +612,12 @@ def test_latent_page_format2(client, app, tmp_path):
     assert link.get("href").startswith(f"/trainings/{t.id}/latents/{nb[0]}")
     assert "automatic hint" in text_of(html, "latent-auto-label")
     assert attr(html, "label-form", "hx-put") == f"/trainings/{t.id}/latents/{n}/label"
-    assert "latent-steer" in ids(html) and "latent-try" in ids(html)  # a causal LM
+    # helper P's boxes: try it (this latent) and steer (a causal LM)
+    assert attr(html, "try-form", "action") == f"/trainings/{t.id}/activations"
+    form = element_by_id(html, "try-form")
+    assert [e.get("value") for e in form.iter() if e.get("name") == "latent"] == [str(n)]
+    steer = element_by_id(html, "steer-form")
+    assert [e.get("value") for e in steer.iter() if e.get("name") == "latent"] == [str(n)]
     assert "latent-no-details" not in ids(html)
 
 
@@ -627,7 +632,7 @@ def test_encoder_model_has_null_logits(client, app, tmp_path):
     assert rep["has_logits"] is False and rep["kl_div_score"] is None
     html = client.get(f"/trainings/{t.id}/latents/{n}").data.decode()
     assert "no output embedding" in text_of(html, "latent-logits")
-    assert "latent-steer" not in ids(html)
+    assert "steer-form" not in ids(html) and "try-form" in ids(html)
     sb = client.get(f"/trainings/{t.id}/report?format=saebench").get_json()
     assert sb["eval_result_metrics"]["model_behavior_preservation"]["kl_div_score"] is None
     assert sb["eval_config"]["compute_kl"] is False
@@ -725,6 +730,8 @@ def test_report_page_saebench_section(client, app, tmp_path):
         assert row.children and find_all(row, "th")[0].get("title"), key  # its definition
     assert attr(html, "saebench-json", "href") == f"/trainings/{t.id}/report?format=saebench"
     assert "label-col" in html  # the table's label column
+    form = element_by_id(html, "try-form")  # the whole SAE: no latent field
+    assert [e for e in form.iter() if e.get("name") == "latent"] == []
 
 
 def brute_force_fires(ev: Any, token_ids: set[int]) -> dict[int, int]:
