@@ -47,12 +47,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .export import sae_from_checkpoint
-from .models import LoadedModel, hook_module, run_to
-
-try:  # the public helper (helper E's); until it lands, the evaluation's own
-    from .models import token_text
-except ImportError:  # pragma: no cover
-    from .evaluate import _token_text as token_text
+from .models import LoadedModel, hook_module, run_to, token_text
 
 TOP_ACTS = 10
 """Latents listed per token in ``activations``."""
