@@ -9,11 +9,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors.numpy import load_file
 
 from tests.engine.tiny_models import make_tiny_model
 from worker import jobs
 from worker.db import LanguageModel
+from worker.jobs import reports
 
 from .conftest import FAST
 
@@ -46,7 +48,7 @@ def test_causal_lm_training_has_ce_report(data_dir: Path) -> None:
 
     ev = Path(t.out_dir) / "eval"
     report = json.loads((ev / "report.json").read_text())
-    assert report["format"] == "sae-studio-eval/1" and report["step"] == 20
+    assert report["format"] == reports.FORMAT and report["step"] == 20
     assert report["d_sae"] == 2 * 32 and report["layer"] == 1 and report["is_causal"]
     assert report["model"] == m.source
     # held-out: the last contexts of the token store, ceil(1024 / 31) of them
@@ -61,6 +63,20 @@ def test_causal_lm_training_has_ce_report(data_dir: Path) -> None:
     assert "Evaluating on held-out contexts" in log and "Report ready" in log
     assert "CE loss recovered" in log
 
+    # the web's reader on the real files: the per-latent details of format 2
+    n = int(np.argmax(lat["frequency"]))
+    data = reports.latent(t, n)
+    firings = round(float(lat["frequency"][n]) * report["scored_tokens"])
+    assert data["firings"] == firings == sum(data["histogram"]["counts"]) > 0
+    assert sum(g["count"] for g in data["quantiles"]) == min(report["sample_n"], firings)
+    assert len(data["top_logits"]) == len(data["bottom_logits"]) == report["logits_n"]
+    assert len(data["neighbours"]) == min(report["neighbours_n"], 63)
+    assert data["auto_label"] and " → " in data["auto_label"]
+    sb = reports.saebench(t)
+    assert sb["eval_result_metrics"]["model_behavior_preservation"]["kl_div_score"] == \
+        report["kl_div_score"] is not None
+    assert len(sb["eval_result_details"]) == 64
+
 
 def test_encoder_model_report_has_no_ce(model: LanguageModel, dataset: Any) -> None:
     t = _train(model, dataset)
@@ -72,6 +88,11 @@ def test_encoder_model_report_has_no_ce(model: LanguageModel, dataset: Any) -> N
     report = json.loads((Path(t.out_dir) / "eval" / "report.json").read_text())
     assert report["model"] == "minilm-l6"
     assert (Path(t.out_dir) / "eval" / "latents.safetensors").is_file()
+    page = reports.latents_page(t, sort="frequency")
+    data = reports.latent(t, page["rows"][0]["id"])  # the most frequent latent
+    assert data["top_logits"] is None and data["bottom_logits"] is None  # no output embedding
+    assert data["histogram"] is not None and data["neighbours"]
+    assert reports.report(t)["has_logits"] is False
 
 
 def test_eval_tokens_zero_skips_the_report(model: LanguageModel, dataset: Any) -> None:
