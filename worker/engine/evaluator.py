@@ -47,6 +47,8 @@ from .models import LoadedModel, hook_module, hook_not_reached, run_to_many
 _CHUNK_ELEMENTS = 1 << 25  # dense latents per SAE chunk (128 MiB in float32); >= 1 context
 EMPTY_EXP = -(1 << 20)
 """``Histogram.exp`` of a latent that has not fired yet."""
+EXP_MIN = -100
+"""The smallest histogram range is 2**EXP_MIN (~8e-31): bins stay exact powers of two."""
 KEY_NONE = (1 << 63) - 1
 """``Sample.keys`` of an empty entry (every real key is smaller)."""
 
@@ -168,13 +170,27 @@ def sample_keys(context: Tensor, position: Tensor, latent: Tensor) -> Tensor:
     return (h & KEY_NONE).clamp(max=KEY_NONE - 1)
 
 
+def _pow2(e: Tensor) -> Tensor:
+    """2**e as float32 for int64 ``e`` in [-126, 127], built from its bit pattern (exact, and
+    on any device: no frexp / ldexp)."""
+    return ((e + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def _exponent(x: Tensor) -> Tensor:
+    """For float32 ``x`` > 0, the int64 ``e`` with 2**(e-1) <= x < 2**e (frexp's exponent;
+    -125 below float32's normal range)."""
+    biased = (x.float().contiguous().view(torch.int32) >> 23) & 0xFF
+    return biased.long().clamp(min=1) - 126
+
+
 @dataclass
 class Histogram:
     """Each latent's exact histogram of its non-zero activations, ``B`` equal bins from 0 to
-    ``2**exp``, the smallest power of two above every activation seen. A larger activation
-    doubles the range (once or more); doubling merges adjacent bin pairs, which is exact since
-    with B and the range powers of two ``floor(v * B / 2R) == floor(floor(v * B / R) / 2)``.
-    So the counts are those of one pass with the final range, whatever the batching."""
+    ``2**exp``, the smallest power of two above every activation seen (at least 2**EXP_MIN). A
+    larger activation doubles the range (once or more); doubling merges adjacent bin pairs,
+    which is exact since with B and the range powers of two ``floor(v * B / 2R) ==
+    floor(floor(v * B / R) / 2)``. So the counts are those of one pass with the final range,
+    whatever the batching."""
 
     exp: Tensor  # [d_sae] int64; EMPTY_EXP = nothing seen
     counts: Tensor  # [d_sae, B] int64
@@ -196,23 +212,18 @@ class Histogram:
         return torch.zeros_like(self.counts).scatter_add_(1, idx, self.counts)
 
     def add(self, latent: Tensor, values: Tensor) -> None:
-        """Count positive ``values`` [m] float32 of latents ``latent`` [m] int64."""
+        """Count positive ``values`` [m] of latents ``latent`` [m] int64."""
         if not latent.numel():
             return
         values = values.float()
         top = torch.zeros(self.exp.shape[0], device=values.device).scatter_reduce_(
             0, latent, values, "amax")
-        mant, e = torch.frexp(top)  # top = mant * 2**e, mant in [0.5, 1): top < 2**e
-        e = torch.where(top > 0, e.long(), EMPTY_EXP)
+        e = torch.where(top > 0, _exponent(top).clamp(min=EXP_MIN), EMPTY_EXP)
         exp = torch.maximum(self.exp, e)
         self.counts, self.exp = self._grow(exp), exp
-        # bin = floor(v * B / 2**exp) = floor(m * 2**s) for v = m * 2**ev, s = ev - exp + bits;
-        # m * 2**s is exact (2**s a small power of two), s <= bits since v < 2**exp.
-        m, ev = torch.frexp(values)
-        s = ev.long() - exp[latent] + self.bits
-        pow2 = torch.tensor([2.0**i for i in range(self.bits + 1)], device=values.device)
-        b = torch.where(s > 0, torch.floor(m * pow2[s.clamp(0, self.bits)]), 0.0).long()
-        b = b.clamp(max=self.counts.shape[1] - 1)
+        # bin = floor(v * B / 2**exp): v times a power of two is exact, and < B since v < 2**exp
+        b = torch.floor(values * _pow2(self.bits - exp[latent])).long()
+        b = b.clamp(0, self.counts.shape[1] - 1)
         flat = latent * self.counts.shape[1] + b
         self.counts += torch.bincount(flat, minlength=self.counts.numel()).view_as(self.counts)
 
@@ -222,10 +233,11 @@ class Histogram:
         self.exp = exp
 
     def upper(self) -> Tensor:
-        """Each latent's upper edge ``2**exp`` (0 for a latent that never fired), float32."""
-        fired = self.exp != EMPTY_EXP
-        return torch.where(fired, torch.ldexp(torch.ones_like(self.exp, dtype=torch.float64),
-                                              torch.where(fired, self.exp, 0)), 0.0).float()
+        """Each latent's upper edge ``2**exp`` (0 for a latent that never fired), float32 on
+        the CPU."""
+        exp = self.exp.cpu()
+        fired = exp != EMPTY_EXP
+        return torch.where(fired, torch.exp2(torch.where(fired, exp, 0).double()), 0.0).float()
 
 
 @dataclass
