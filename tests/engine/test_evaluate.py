@@ -395,7 +395,7 @@ def test_out_of_memory_halves_the_batch_for_good(tiny: dict[str, LoadedModel]) -
                       options=EvalOptions(batch_contexts=4, **opts),
                       progress=lambda f, _msg: fractions.append(f))
     assert sae.rows == [80, 40, 40, 40, 20]  # 4 contexts fail once, then 2 at a time
-    assert fractions == pytest.approx([2 / 7, 4 / 7, 6 / 7, 1.0])
+    assert fractions == pytest.approx([2 / 7, 4 / 7, 6 / 7, 1.0, 1.0])  # + weight stats
     for key, value in ref.latents.items():
         assert torch.equal(ev.latents[key], value), key
     assert {k: v for k, v in ev.report.items() if k != "created_at"} == {
@@ -454,7 +454,8 @@ def test_autocast_and_progress(tiny: dict[str, LoadedModel]) -> None:
                       special_ids=_special(loaded), autocast_dtype=torch.bfloat16,
                       options=EvalOptions(batch_contexts=2),
                       progress=lambda frac, msg: calls.append((frac, msg)))
-    assert [c[0] for c in calls] == pytest.approx([0.4, 0.8, 1.0])
+    assert [c[0] for c in calls] == pytest.approx([0.4, 0.8, 1.0, 1.0])
+    assert "weight statistics" in calls[-1][1]
     assert all(isinstance(c[1], str) and c[1] for c in calls)
     assert ev.report["fvu"] < 1e-3  # bf16 rounding only
     assert ev.latents["top_acts"].dtype == torch.float32

@@ -243,6 +243,9 @@ def evaluate_saes(
         if totals[0].n == 0:
             raise DataError("No held-out token was scored: every position is position 0 or a "
                             "special token; use longer contexts.")
+        if progress is not None and opts.latent_details:
+            progress(1.0, "Computing the latents' weight statistics (decoder neighbours, "
+                          "logit lens)")
         vocab = vocabulary_texts(loaded.tokenizer, _vocab_size(loaded))
         return [_evaluation(ev, total, top, sample, loaded, dict(g.meta), n, t, vocab)
                 for ev, total, top, sample, g in zip(evs, totals, tops, samples, saes,
