@@ -5,12 +5,12 @@ first used (the first enqueue, or the consumer starting), not at import: importi
 ``worker.tasks`` writes nothing, and the data folder may be chosen after the import. Run the
 worker with
 
-    huey_consumer worker.tasks.huey -w 3 -k thread -m 0.25
+    huey_consumer worker.tasks.huey -w 3 -k thread -m 0.1
 
 (``worker.tasks`` re-exports ``huey`` with the tasks registered on it). Three threads: one
 trains, one prepares models and datasets, and one is free for the interactive probes (high
-priority: taken before anything queued). ``-m 0.25``: an idle thread looks at the queue at least
-every 0.25 s (Huey's default backs off to 10 s), so a warm probe answers within a second.
+priority: taken before anything queued). ``-m 0.1``: an idle thread looks at the queue at least
+every 0.1 s (Huey's default backs off to 10 s), so a warm probe answers within a second.
 
 Results are on: the probe tasks return their answer, which the job layer waits for and reads
 once (``Result.get(preserve=False)`` deletes it); every other task returns ``None``, for which

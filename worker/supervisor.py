@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-POLL_MAX_S = 0.25
+POLL_MAX_S = 0.1
 """The longest an idle worker thread waits between looks at the queue (huey's ``-m``; its
 default backs off to 10 s): an interactive probe is picked up within this."""
 

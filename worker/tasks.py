@@ -1,7 +1,7 @@
 """The Huey tasks: prepare models and datasets, run trainings, answer the interactive probes
 (a trained SAE on the user's text, steering; high priority, results returned). Run the worker with
 
-    huey_consumer worker.tasks.huey -w 3 -k thread -m 0.25
+    huey_consumer worker.tasks.huey -w 3 -k thread -m 0.1
 
 Each task owns its database connection and writes in short ``db.atomic()`` blocks; the engine
 (and so torch) is imported only inside task bodies, so the web process may import this module
