@@ -27,7 +27,7 @@ def _cfg(acts: Path, **kw) -> TrainConfig:
 
 
 def test_encoder_types_in_order():
-    assert names() == ("topk", "standard", "jumprelu", "batchtopk")
+    assert names() == ("topk", "standard", "jumprelu", "batchtopk", "matryoshka_batchtopk")
     assert TrainConfig().encoder_type == "topk"
 
 
@@ -135,7 +135,7 @@ def test_new_options_are_validated(acts, changes, match):
 
 
 def test_default_learning_rates():
-    for t in ("topk", "batchtopk", "jumprelu"):
+    for t in ("topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"):
         assert TrainConfig(encoder_type=t).lr(4096) == pytest.approx(2e-3)
     assert TrainConfig(encoder_type="standard").lr(4096) == pytest.approx(4e-3)
     assert TrainConfig(encoder_type="standard").lr(16384) == pytest.approx(2e-3)

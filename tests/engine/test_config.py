@@ -14,8 +14,8 @@ from worker.engine.config import ALIASES, INT64_MAX, TrainConfig, option, option
 from worker.engine.errors import ConfigError
 
 FORM_MAIN = ("encoder_type", "hook_point", "layer", "expansion_factor", "latent_dim", "k",
-             "l1_alpha", "l0_coef", "tie_weights", "learning_rate", "batch_size", "total_steps",
-             "auto_save_interval")
+             "matryoshka_widths", "l1_alpha", "l0_coef", "tie_weights", "learning_rate",
+             "batch_size", "total_steps", "auto_save_interval")
 DATA_SOURCE = ("model", "dataset", "activations", "context_size", "max_tokens", "text_field")
 
 
@@ -42,7 +42,8 @@ def test_form_visibility_and_advanced():
     assert {n for n, i in infos.items() if not i.in_form} == set(DATA_SOURCE)
     main = tuple(n for n, i in infos.items() if i.in_form and not i.advanced)
     assert main == FORM_MAIN
-    assert infos["k"].applies_to == ("topk", "batchtopk")
+    assert infos["k"].applies_to == ("topk", "batchtopk", "matryoshka_batchtopk")
+    assert infos["matryoshka_widths"].applies_to == ("matryoshka_batchtopk",)
     assert infos["tie_weights"].applies_to == ("standard",)
     assert infos["batch_size"].applies_to is None
 

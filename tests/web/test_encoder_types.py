@@ -26,11 +26,12 @@ def test_form_offers_the_four_types_and_new_fields(client, ready):
     page = client.get("/").data.decode()
     offered = [o.get("value") for o in find_all(element_by_id(page, "input-encoder_type"),
                                                 "option")]
-    for t in ("standard", "topk", "jumprelu", "batchtopk"):
+    for t in ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"):
         assert t in offered, t
     for name in ("l0_coef", "tie_weights", "jumprelu_bandwidth", "jumprelu_init_threshold"):
         assert f'name="{name}"' in page, name
-    assert attr(page, "field-k", "data-applies-to") == "topk batchtopk"
+    assert attr(page, "field-k", "data-applies-to") == "topk batchtopk matryoshka_batchtopk"
+    assert attr(page, "field-matryoshka_widths", "data-applies-to") == "matryoshka_batchtopk"
     assert attr(page, "field-l0_coef", "data-applies-to") == "jumprelu"
     assert attr(page, "field-tie_weights", "data-applies-to") == "standard"
     # The checkbox precedes its hidden "false", so form.get() reads the checked value.
@@ -55,6 +56,49 @@ def test_create_batchtopk_from_curl_style_post(client, ready, enqueued):
     assert r.status_code in (302, 303)
     cfg = Training.select().order_by(Training.id.desc()).first().config
     assert cfg["encoder_type"] == "batchtopk" and cfg["k"] == 16
+
+
+def test_create_matryoshka_from_the_form_and_json(client, ready, enqueued):
+    r = client.post("/trainings", data=_form(ready, encoder_type="matryoshka_batchtopk", k="8",
+                                             matryoshka_widths="16, 32,64",
+                                             latent_dim="64"), headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    cfg = Training.get_by_id(r.get_json()["id"]).config
+    assert cfg["encoder_type"] == "matryoshka_batchtopk" and cfg["k"] == 8
+    assert cfg["matryoshka_widths"] == "16, 32,64"
+    model, dataset = ready
+    body = {"model_id": model.id, "dataset_id": dataset.id, "layer": 2, "latent_dim": 64,
+            "encoder_type": "matryoshka_batchtopk", "matryoshka_widths": [16, 64]}
+    r = client.post("/trainings", json=body, headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    cfg = Training.get_by_id(r.get_json()["id"]).config
+    assert cfg["matryoshka_widths"] == "[16, 64]"  # read as 16,64 (config.matryoshka_widths)
+    blank = client.post("/trainings", data=_form(ready, encoder_type="matryoshka_batchtopk",
+                                                 matryoshka_widths=""), headers=JSON)
+    assert blank.status_code == 201, blank.get_json()
+    assert Training.get_by_id(blank.get_json()["id"]).config["matryoshka_widths"] is None
+    assert len(enqueued) == 3
+
+
+@pytest.mark.parametrize(("widths", "says"), [
+    ("32,16,64", "must increase from one to the next (got 32 then 16)"),
+    ("16,32", "The last of the Matryoshka widths (32) must equal the number of latents (64)"),
+    ("16,lots,64", "must be whole numbers separated by commas"),
+    ("-16,64", "must be positive"),
+])
+def test_bad_matryoshka_widths_are_a_form_error(client, ready, enqueued, widths, says):
+    form = _form(ready, encoder_type="matryoshka_batchtopk", latent_dim="64",
+                 matryoshka_widths=widths)
+    r = client.post("/trainings", data=form, headers=JSON)
+    assert r.status_code == 422
+    errors = r.get_json()["errors"]
+    assert set(errors) == {"matryoshka_widths"} and says in errors["matryoshka_widths"]
+    html = client.post("/trainings", data=form, headers=HX)
+    assert html.status_code == 422 and "error-matryoshka_widths" in ids(html.data.decode())
+    # The same text is ignored by a type that has no prefixes (its field is hidden).
+    ok = client.post("/trainings", data=dict(form, encoder_type="batchtopk"), headers=JSON)
+    assert ok.status_code == 201, ok.get_json()
+    assert len(enqueued) == 1
 
 
 def test_tie_weights_checkbox_with_standard(client, ready, enqueued):
@@ -98,7 +142,8 @@ def test_a_registered_type_appears_in_the_form_and_queues(client, ready, enqueue
     offered = [o.get("value") for o in find_all(element_by_id(page, "input-encoder_type"),
                                                 "option")]
     assert offered[-1] == tiny_type
-    assert attr(page, "field-k", "data-applies-to") == f"topk batchtopk {tiny_type}"
+    assert attr(page, "field-k", "data-applies-to") == \
+        f"topk batchtopk matryoshka_batchtopk {tiny_type}"
     assert attr(page, "field-l1_alpha", "data-applies-to") == f"standard {tiny_type}"
     help_text = find_all(element_by_id(page, "field-encoder_type"), "p", class_="help")[0].text
     assert help_text == option("encoder_type").help and "only the web test knows" in help_text

@@ -27,7 +27,8 @@ from .option_types import INT64_MAX, OptionInfo, check_value, opt, parse_value, 
 
 __all__ = ["ALIASES", "B_DEC_INITS", "DEVICES", "HOOK_POINTS", "INT64_MAX", "LR_SCHEDULES",
            "MAX_LATENTS", "MAX_STEPS", "MAX_VECTORS", "OPTIMIZERS", "PRECISIONS", "OptionInfo",
-           "TrainConfig", "check_value", "option", "options", "parse_value", "range_text"]
+           "TrainConfig", "check_value", "matryoshka_widths", "option", "options", "parse_value",
+           "range_text"]
 
 HOOK_POINTS: tuple[str, ...] = ("residual", "mlp_out", "attn_out")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
@@ -114,7 +115,13 @@ class TrainConfig:
     k: int = opt(
         32, label="k (active latents)", unit="latents", group=SAE, advanced=False, min=1,
         max=2**16, help="Latents active per token (topk); the mean number of active latents "
-                        "per token across the batch (batchtopk).")
+                        "per token across the batch (batchtopk, matryoshka_batchtopk).")
+    matryoshka_widths: str | None = opt(
+        None, label="Matryoshka widths", unit="latents", group=SAE, advanced=False,
+        kind="str", help="Nested prefixes of the dictionary, increasing, separated by commas or "
+        "spaces, the last equal to the number of latents (e.g. 1024,2048,4608): the loss sums "
+        "the reconstruction MSE of each prefix's latents alone. Blank = latents / 8, / 4, / 2 "
+        "and all of them.")
     l1_alpha: float = opt(
         2.0, label="L1 coefficient", group=SAE, advanced=False, min=0,
         help="Sparsity penalty of the standard (ReLU) SAE, on decoder-norm-weighted "
@@ -305,6 +312,11 @@ class TrainConfig:
     def k_aux(self, d_in: int, d_sae: int) -> int:
         return min(self.aux_k if self.aux_k is not None else d_in // 2, d_sae)
 
+    def prefix_widths(self, d_sae: int) -> tuple[int, ...]:
+        """The Matryoshka prefixes for ``d_sae`` latents (``matryoshka_widths``, or the default
+        d_sae / 8, / 4, / 2, d_sae); ConfigError when they are not valid for ``d_sae``."""
+        return matryoshka_widths(self.matryoshka_widths, d_sae)
+
     # ------------------------------------------------------------------ validation
     def errors(self, d_in: int | None = None, n_layers: int | None = None) -> dict[str, str]:
         """Every bad value at once: ``{field name: sentence naming the field's label}``.
@@ -355,6 +367,14 @@ class TrainConfig:
             elif ok("k", "encoder_type") and self.k > d_sae \
                     and self.encoder_type in (infos["k"].applies_to or ()):
                 out["k"] = f"k ({self.k}) cannot exceed the number of latents ({d_sae})."
+        widths_used = self.encoder_type in (infos["matryoshka_widths"].applies_to or ())
+        if widths_used and ok("matryoshka_widths", "encoder_type"):
+            d_sae = self.d_sae(d_in) if d_in is not None and ok("latent_dim",
+                                                                "expansion_factor") else None
+            try:
+                matryoshka_widths(self.matryoshka_widths, d_sae)
+            except ConfigError as exc:
+                out["matryoshka_widths"] = str(exc)
         return out
 
     def validate(self, d_in: int | None = None, n_layers: int | None = None) -> None:
@@ -362,6 +382,35 @@ class TrainConfig:
         errors = self.errors(d_in=d_in, n_layers=n_layers)
         if errors:
             raise ConfigError(next(iter(errors.values())), errors=errors)
+
+
+def matryoshka_widths(text: str | None, d_sae: int | None) -> tuple[int, ...]:
+    """The Matryoshka prefix widths written in ``text`` ("1024,2048,4608", spaces or brackets
+    allowed), checked: whole, positive, increasing and (when ``d_sae`` is known) ending at
+    ``d_sae``. Blank: d_sae / 8, / 4, / 2 and d_sae (the positive, distinct ones); () when
+    ``d_sae`` is unknown. ConfigError with a sentence naming the option otherwise."""
+    label = "Matryoshka widths"
+    if text is None or not str(text).strip(" []"):
+        if d_sae is None:
+            return ()
+        return tuple(sorted({w for w in (d_sae // 8, d_sae // 4, d_sae // 2, d_sae) if w > 0}))
+    parts = [p for p in re.split(r"[\s,]+", str(text).strip(" []")) if p]
+    widths = []
+    for part in parts:
+        try:
+            widths.append(int(part.replace("_", "")))
+        except ValueError:
+            raise ConfigError(f"{label} must be whole numbers separated by commas, e.g. "
+                              f"1024,2048,4608 (got '{text}').") from None
+    if any(w <= 0 for w in widths):
+        raise ConfigError(f"{label} must be positive (got '{text}').")
+    for a, b in zip(widths, widths[1:], strict=False):
+        if b <= a:
+            raise ConfigError(f"{label} must increase from one to the next (got {a} then {b}).")
+    if d_sae is not None and widths[-1] != d_sae:
+        raise ConfigError(f"The last of the {label} ({widths[-1]:,}) must equal the number of "
+                          f"latents ({d_sae:,}).")
+    return tuple(widths)
 
 
 @functools.lru_cache(maxsize=1)

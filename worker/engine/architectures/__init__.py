@@ -2,13 +2,13 @@
 the memory estimate read these facts without loading an implementation.
 
 Each built-in type is one module beside this file (``standard.py``, ``topk.py``,
-``batchtopk.py``, ``jumprelu.py``) holding a subclass of ``base.SAE`` (encode/decode, loss
-terms, sparse step, SAELens export mapping, what the trainer asks of it; the shared kernels are
-in ``engine/kernels.py``), plus one ``register(Architecture(...))`` entry below naming the
-facts that must be known without torch: its description, the TrainConfig options it uses (its
-constructor's keyword names), its default learning-rate base and its memory terms. Adding a
-type is one module and one entry; a test may register a type of its own
-(``register(Architecture(..., impl=MyClass))``, tests/engine/test_plugin.py).
+``batchtopk.py``, ``jumprelu.py``, ``matryoshka.py``) holding a subclass of ``base.SAE``
+(encode/decode, loss terms, sparse step, SAELens export mapping, what the trainer asks of it;
+the shared kernels are in ``engine/kernels.py``), plus one ``register(Architecture(...))``
+entry below naming the facts that must be known without torch: its description, the
+TrainConfig options it uses (its constructor's keyword names), its default learning-rate base
+and its memory terms. Adding a type is one module and one entry; a test may register a type
+of its own (``register(Architecture(..., impl=MyClass))``, tests/engine/test_plugin.py).
 """
 
 from __future__ import annotations
@@ -139,3 +139,12 @@ register(Architecture(
     "worker.engine.architectures.batchtopk:BatchTopKSAE",
     options=("k", *_AUXK, "batchtopk_threshold_momentum"), lr_base=2e-3,
     memory=MemoryTerms(**_TOPK_MEMORY, step_selections=2, init_dense=3)))
+register(Architecture(
+    "matryoshka_batchtopk", "BatchTopK whose nested prefixes of the dictionary (the Matryoshka "
+    "widths) each reconstruct the input on their own; the loss sums their errors.",
+    "worker.engine.architectures.matryoshka:MatryoshkaBatchTopKSAE",
+    options=("k", *_AUXK, "batchtopk_threshold_momentum", "matryoshka_widths"), lr_base=2e-3,
+    # + the prefix reconstructions and their errors, [micro, levels, d_in] each (about two
+    # dense units in the forward and two in the backward at 8x with four levels)
+    memory=MemoryTerms(**dict(_TOPK_MEMORY, step_dense_forward=3, step_dense_backward=2),
+                       step_selections=2, init_dense=3)))
