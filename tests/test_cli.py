@@ -87,6 +87,29 @@ def test_train_jumprelu_and_tie_weights_flag(acts, tmp_path, capsys):
                             "--encoder-type", "topk"], "Tie weights works only with the standard")
 
 
+def test_train_matryoshka_and_bad_widths(acts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--activations", str(acts), "--encoder-type", "matryoshka_batchtopk",
+                 "--k", "4", "--matryoshka-widths", "16,64,128", "--expansion-factor", "4",
+                 "--batch-size", "256", "--total-steps", "30", "--auto-save-interval", "0",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["steps"] == 30 and 0 < result["fvu"] < 1 and 0 < result["l0"] < 12
+    saved = json.loads((out / "saelens" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu"
+    assert saved["metadata"]["trained_architecture"] == "matryoshka_batchtopk"
+    assert saved["metadata"]["matryoshka_widths"] == [16, 64, 128]
+    base = ["train", "--activations", str(acts), "--encoder-type", "matryoshka_batchtopk",
+            "--expansion-factor", "4", "--device", "cpu", "--out", str(tmp_path / "bad")]
+    _fails_cleanly(capsys, base + ["--matryoshka-widths", "64,16,128"],
+                   "Matryoshka widths must increase from one to the next (got 64 then 16).")
+    # the last width is checked against the latents once the file gives the hidden size
+    _fails_cleanly(capsys, base + ["--matryoshka-widths", "16,64"],
+                   "The last of the Matryoshka widths (64) must equal the number of latents "
+                   "(128).")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_config_file_and_flag_override(acts, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'activations = "{acts}"\nk = 3\nexpansion-factor = 2\nbatch_size = 256\n'
@@ -329,7 +352,8 @@ def test_train_help_has_a_sentence_and_the_choices_of_every_flag():
         assert action.help and "." in action.help, flag
     assert tuple(flags["--encoder-type"].choices) == architectures.names()
     text = train.format_help()
-    assert "{topk,standard,jumprelu,batchtopk}" in text and "[unit: vectors;" in text
+    assert "{topk,standard,jumprelu,batchtopk,matryoshka_batchtopk}" in text
+    assert "[unit: vectors;" in text
     assert "Activation vectors (tokens) per optimizer step." in text
     args = parser.parse_args(["train", "--device", "cuda:1", "--batch-size", "8_192",
                               "--no-tie-weights", "--layer", "3"])

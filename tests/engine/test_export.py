@@ -22,10 +22,11 @@ from .synthetic import sparse_activations, write_sparse_file
 ROOT = Path(__file__).resolve().parents[2]
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 SAELENS_ARCH = {"topk": "topk", "standard": "standard", "jumprelu": "jumprelu",
-                "batchtopk": "jumprelu"}  # BatchTopK runs as jumprelu with its threshold
+                "batchtopk": "jumprelu",  # BatchTopK runs as jumprelu with its threshold
+                "matryoshka_batchtopk": "jumprelu"}
 
 
-@pytest.fixture(scope="module", params=["topk", "standard", "jumprelu", "batchtopk"])
+@pytest.fixture(scope="module", params=list(SAELENS_ARCH))
 def trained(request, tmp_path_factory):
     """A short real training run (scale != 1, b_dec != 0) and its run folder."""
     root = tmp_path_factory.mktemp(f"run-{request.param}")
@@ -62,10 +63,15 @@ def test_export_folder_layout(trained):
         # Pre-activations are unchanged by the input-scale folding: so is the threshold.
         torch.testing.assert_close(w["threshold"], trainer.sae.thresholds().detach())
         assert w["threshold"].shape == (128,) and (w["threshold"] > 0).all()
-        if trainer.cfg.encoder_type == "batchtopk":
+        if trainer.cfg.encoder_type in ("batchtopk", "matryoshka_batchtopk"):
             assert (w["threshold"] == float(trainer.sae.threshold)).all()
+            assert cfg["metadata"]["k"] == 4
     else:
         assert "threshold" not in w
+    if trainer.cfg.encoder_type == "matryoshka_batchtopk":
+        assert cfg["metadata"]["matryoshka_widths"] == [16, 32, 64, 128]  # the default
+    else:
+        assert "matryoshka_widths" not in cfg["metadata"]
     sp = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
     assert sp.shape == (128,) and sp.max() <= 0 and sp.min() >= -10
     assert trainer.scale != pytest.approx(1.0)
