@@ -43,7 +43,7 @@ REPORT_KEYS = [
     "normalized_freq_over_1_percent", "normalized_freq_over_10_percent", "frac_alive",
     "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "max_decoder_cosine",
     "near_duplicate_share", "has_logits", "latent_details", "sample_n", "hist_bins",
-    "neighbours_n", "logits_n", "promoters_n",
+    "neighbours_n", "logits_n", "promoters_n", "matryoshka_fvu",
 ]
 CE_KEYS = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div",
            "kl_div_with_ablation", "kl_div_score"]
@@ -350,6 +350,38 @@ def test_batching_does_not_change_results(tiny: dict[str, LoadedModel]) -> None:
             assert other.report[key] == pytest.approx(runs[0].report[key], rel=1e-5), key
         assert {k: v for k, v in other.report.items() if isinstance(v, (int, str, list))} == {
             k: v for k, v in runs[0].report.items() if isinstance(v, (int, str, list))}
+
+
+def test_matryoshka_fvu_per_prefix_matches_brute_force(tiny: dict[str, LoadedModel]) -> None:
+    """A Matryoshka SAE's report has each prefix's FVU (its first ``width`` latents alone),
+    equal to a direct computation and the same at any batching; other types have null."""
+    loaded = tiny["gpt2"]
+    ctx = _contexts(loaded, 7, 20)
+    widths = (16, 48, 96, 8 * D)
+    torch.manual_seed(2)
+    sae = build("matryoshka_batchtopk", D, 8 * D, k=6, matryoshka_widths=widths)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.threshold.fill_(0.2)
+    opts = EvalOptions(latent_details=False, top_n=2)
+    scale = _scale(loaded, ctx, 1, "residual")
+    runs = [evaluate_sae(sae, scale, loaded, ctx, 1, "residual", special_ids=_special(loaded),
+                         options=EvalOptions(latent_details=False, top_n=2, batch_contexts=b))
+            for b in (2, 8)]
+    b = _brute_force(loaded, sae, scale, ctx, 1, "residual", opts)
+    x, f = b["x"][b["mask"]], b["f"][b["mask"]]
+    var = float((x - x.mean(0)).pow(2).sum())
+    want = [float(((f[:, :w] @ sae.W_dec[:w] + sae.b_dec) / scale - x).detach().pow(2).sum())
+            / var for w in widths]
+    assert len({round(w, 3) for w in want}) == len(widths)  # the prefixes differ
+    for ev in runs:
+        got = ev.report["matryoshka_fvu"]
+        assert [e["width"] for e in got] == list(widths)
+        assert [e["fvu"] for e in got] == pytest.approx(want, rel=1e-4)
+        assert got[-1]["fvu"] == pytest.approx(ev.report["fvu"], rel=1e-5)
+    plain = evaluate_sae(_topk_sae(k=4), 1.0, loaded, ctx, 1, "residual", options=opts)
+    assert plain.report["matryoshka_fvu"] is None
 
 
 class _MemoryLimited(nn.Module):

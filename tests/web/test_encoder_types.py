@@ -11,7 +11,7 @@ from worker.engine.architectures import Architecture
 from worker.engine.config import option
 
 from ..html import attr, element_by_id, find_all, ids
-from .conftest import HX, JSON
+from .conftest import HX, JSON, make_dataset, make_model, make_training
 
 BASE = {"layer": "2", "expansion_factor": "2", "batch_size": "128", "total_steps": "20",
         "device": "cpu"}
@@ -182,3 +182,27 @@ def test_create_from_a_json_body(client, ready, enqueued):
     assert client.post("/trainings", json=[1, 2], headers=JSON).get_json()["errors"] == {
         "model_id": "Choose a model.", "dataset_id": "Choose a dataset."}
     assert len(enqueued) == 1
+
+
+def test_report_page_shows_fvu_per_matryoshka_prefix(client, app, tmp_path):
+    from .test_reports import write_eval
+
+    t = make_training(make_model(), make_dataset(), "completed", steps=100, total=100,
+                      out_dir=tmp_path / "m")
+    prefixes = [{"width": 16, "fvu": 0.6125}, {"width": 48, "fvu": 0.3051},
+                {"width": 120, "fvu": 0.1734}]
+    write_eval(t.out_dir, format="sae-studio-eval/2", encoder_type="matryoshka_batchtopk",
+               matryoshka_fvu=prefixes)
+    html = client.get(f"/trainings/{t.id}/report").data.decode()
+    table = element_by_id(html, "report-matryoshka")
+    rows = [[c.text.strip() for c in find_all(tr, "th") + find_all(tr, "td")]
+            for tr in find_all(find_all(table, "tbody")[0], "tr")]
+    assert rows == [["16", "0.6125"], ["48", "0.3051"], ["120", "0.1734"]]
+    data = client.get(f"/trainings/{t.id}/report", headers=JSON).get_json()
+    assert data["matryoshka_fvu"] == prefixes
+    # another type's report (and a report written before the key existed) has no such table
+    other = make_training(make_model(), make_dataset(), "completed", steps=100, total=100,
+                          out_dir=tmp_path / "t")
+    write_eval(other.out_dir)
+    assert "report-matryoshka" not in ids(client.get(f"/trainings/{other.id}/report")
+                                          .data.decode())

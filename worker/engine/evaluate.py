@@ -9,8 +9,9 @@
 totals, top-N, histograms and sample into the whole run's. On an out-of-memory error the batch
 size is halved (``devices.halve_on_oom``) and stays halved for the rest of the run. From the
 totals it computes the report (FVU, L0, CE losses, densities, histogram, SAEBench's core
-metrics) and the per-latent tensors; with ``EvalOptions.latent_details`` the weight-only
-statistics of ``latent_stats`` (decoder neighbours, encoder statistics, logit lens) join them.
+metrics, a Matryoshka SAE's FVU per prefix) and the per-latent tensors; with
+``EvalOptions.latent_details`` the weight-only statistics of ``latent_stats`` (decoder
+neighbours, encoder statistics, logit lens) join them.
 
 ``save_evaluation`` writes ``report.json``, ``latents.safetensors`` and ``vocab.json`` (the whole
 vocabulary) into a folder atomically (``files.replace_folder``); ``load_evaluation`` reads them
@@ -64,6 +65,7 @@ REPORT_KEYS = (
     "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "max_decoder_cosine",
     "near_duplicate_share", "has_logits", "latent_details", "sample_n", "hist_bins",
     "neighbours_n", "logits_n", "promoters_n",
+    "matryoshka_fvu",  # Matryoshka SAEs: FVU of each prefix of the dictionary; else null
 )
 
 
@@ -381,9 +383,20 @@ def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any],
         "latent_details": bool(o.latent_details),
         "sample_n": o.sample_n, "hist_bins": o.hist_bins, "neighbours_n": o.neighbours_n,
         "logits_n": o.logits_n, "promoters_n": o.promoters_n,
+        "matryoshka_fvu": _prefix_fvu(ev, s),
     }
     assert tuple(report) == REPORT_KEYS
     return report
+
+
+def _prefix_fvu(ev: Evaluator, s: Totals) -> list[dict[str, Any]] | None:
+    """A Matryoshka SAE's FVU of each prefix (its latents below ``width`` alone, about the same
+    mean as ``fvu``; the last is the whole SAE's ``fvu``); None for the other types."""
+    widths = getattr(ev.sae, "matryoshka_widths", None)
+    if s.prefix_err is None or not widths:
+        return None
+    return [{"width": int(w), "fvu": json_safe(float(e) / s.m2 if s.m2 > 0 else None)}
+            for w, e in zip(widths, s.prefix_err.tolist(), strict=True)]
 
 
 # ---------------------------------------------------------------------------- files

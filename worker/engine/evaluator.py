@@ -10,6 +10,7 @@
    0, not special ids, per ``EvalOptions``) it accumulates (``Totals``) FVU (streaming mean and
    sum of squares, Chan's merge), MSE on the raw scale, L0, firing counts, max and mean
    activation, SAEBench's shrinkage sums (norms of x and x_hat, their ratio, cosine, x_hat . x),
+   for a Matryoshka SAE (one with ``prefix_errors``) each prefix's squared error,
    and merges each latent's top-N candidates of the batch, with their windows, into the batch's
    top-N (``TopN``; excluded positions have activation 0 and are never candidates). With
    ``EvalOptions.latent_details`` it also counts the contexts each latent fires in, adds the
@@ -268,6 +269,7 @@ class Totals:
     xhat_sq: float = 0.0  # sum ||x_hat||^2
     x_dot_xhat: float = 0.0  # sum x . x_hat
     hist_bins: int = 0  # > 0: keep the latent details below
+    prefix_err: Tensor | None = None  # Matryoshka: sum ||x - x_hat_w||^2 per prefix width w
     contexts_fired: Tensor = field(init=False)
     hist: Histogram | None = field(init=False)
 
@@ -321,6 +323,9 @@ class Totals:
         self.xhat_sq += o.xhat_sq
         self.x_dot_xhat += o.x_dot_xhat
         self.contexts_fired += o.contexts_fired
+        if o.prefix_err is not None:
+            self.prefix_err = o.prefix_err if self.prefix_err is None else \
+                self.prefix_err + o.prefix_err
         if self.hist is not None and o.hist is not None:
             self.hist.merge(o.hist)
 
@@ -493,6 +498,9 @@ class Evaluator:
             recons.append(x_hat)
             stats.add_activations(x_s)
             stats.err += float((x_s - x_hat).pow(2).sum())
+            if hasattr(self.sae, "prefix_errors"):  # Matryoshka: each prefix's own error
+                errs = self.sae.prefix_errors(x_s * self.scale, f_s) / self.scale ** 2
+                stats.prefix_err = errs if stats.prefix_err is None else stats.prefix_err + errs
             _shrinkage(stats, x_s, x_hat)
             on = f_s > 0
             stats.l0 += float(on.sum())
