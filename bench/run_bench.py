@@ -5,8 +5,9 @@
 
 Without --activations it first extracts SmolLM2-135M layer-15 residual activations of the KJV
 (``sae-studio extract``, 500k vectors) and times that extraction against full forward passes.
-Then, for each encoder type (topk, batchtopk, standard, jumprelu), it trains on the same file
-and settings (8x, k=32 where it applies, batch 4096, 100 steps, fp32, CPU): SAE Studio with its
+Then, for each encoder type (topk, batchtopk, matryoshka_batchtopk, standard, jumprelu), it
+trains on the same file and settings (8x, k=32 where it applies, Matryoshka prefixes d_sae / 8,
+/ 4, / 2, d_sae on both sides, batch 4096, 100 steps, fp32, CPU): SAE Studio with its
 defaults and SAELens tuned (lr 4e-3, expected-average normalisation) — for topk also SAELens with
 its defaults. All are evaluated on the same held-out rows (the file's last 16,384).
 Writes bench/out/results.json and bench/out/results.md (the table the README shows).
@@ -86,7 +87,8 @@ def main() -> int:
     p.add_argument("--total-steps", type=int, default=100)
     p.add_argument("--holdout", type=int, default=16_384)
     p.add_argument("--types", type=lambda v: v.split(","),
-                   default=["topk", "batchtopk", "standard", "jumprelu"],
+                   default=["topk", "batchtopk", "matryoshka_batchtopk", "standard",
+                            "jumprelu"],
                    help="encoder types to compare, comma-separated")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
@@ -130,7 +132,8 @@ def main() -> int:
 
     ref = {a: r["tokens_per_s"] for a, label, r in runs if label.startswith("SAELens (tuned")}
     lines = [f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
-             f"({'k=' + str(args.k) + ' for topk/batchtopk, ' if args.k else ''}defaults "
+             f"({'k=' + str(args.k) + ' where it applies, ' if args.k else ''}"
+             "Matryoshka prefixes d_sae/8, /4, /2, d_sae, defaults "
              f"otherwise), batch {args.batch_size}, {args.total_steps} steps, fp32; FVU/L0 on "
              f"the same {args.holdout:,} held-out vectors; dead = latents that never fired "
              "during the run (SAELens: in its last 100 steps).", "",

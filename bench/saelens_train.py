@@ -1,5 +1,5 @@
-"""Train a SAELens SAE (TopK, BatchTopK, standard or JumpReLU) on an activation cache: the
-reference point for our benchmark.
+"""Train a SAELens SAE (TopK, BatchTopK, Matryoshka BatchTopK, standard or JumpReLU) on an
+activation cache: the reference point for our benchmark.
 
 Runs INSIDE .venv-saelens (scripts/setup_saelens_venv.sh) and does not import the
 project package:
@@ -12,12 +12,13 @@ The activation file is a safetensors file with one tensor ``activations`` [N, d_
 
 Training uses SAELens's own pieces end to end: ``TopKTrainingSAE`` (its TopK forward,
 MSE + AuxK loss, decoder-norm rescaling, 0.1 decoder init) — or, with ``--architecture``,
-``BatchTopKTrainingSAE``, ``StandardTrainingSAE`` (L1 on decoder-norm-weighted activations) or
-``JumpReLUTrainingSAE`` (DeepMind's step L0 loss) — driven by ``SAETrainer.fit()``
-(Adam with its default betas, constant LR, grad-norm clipping at 1.0, its dead-latent
-bookkeeping that feeds AuxK, and its folding of the normalization factor into the
-weights at the end). SAETrainer accepts any iterator of batches as its data provider,
-so we hand it an iterator over seeded permutations of the training rows (all rows
+``BatchTopKTrainingSAE``, ``MatryoshkaBatchTopKTrainingSAE`` (``--matryoshka-widths``; default
+d_sae / 8, / 4, / 2, d_sae as SAE Studio's), ``StandardTrainingSAE`` (L1 on
+decoder-norm-weighted activations) or ``JumpReLUTrainingSAE`` (DeepMind's step L0 loss) —
+driven by ``SAETrainer.fit()`` (Adam with its default betas, constant LR, grad-norm clipping
+at 1.0, its dead-latent bookkeeping that feeds AuxK, and its folding of the normalization
+factor into the weights at the end). SAETrainer accepts any iterator of batches as its data
+provider, so we hand it an iterator over seeded permutations of the training rows (all rows
 except the last ``--holdout``), epoch after epoch.
 
 Timing covers ``fit()`` only, i.e. the training steps (batch gather from the in-memory
@@ -54,9 +55,12 @@ from importlib.metadata import version
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--activations", required=True, help="safetensors file with `activations`")
-    p.add_argument("--architecture", choices=["topk", "batchtopk", "standard", "jumprelu"],
-                   default="topk")
+    p.add_argument("--architecture", choices=["topk", "batchtopk", "matryoshka_batchtopk",
+                                              "standard", "jumprelu"], default="topk")
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--matryoshka-widths", default=None,
+                   help="matryoshka_batchtopk: prefix widths, comma-separated, the last d_sae; "
+                        "default d_sae / 8, / 4, / 2, d_sae (SAE Studio's default)")
     p.add_argument("--l1-coefficient", type=float, default=1.0, help="standard")
     p.add_argument("--l0-coefficient", type=float, default=1.0, help="jumprelu")
     p.add_argument("--sparsity-warm-up-steps", type=int, default=0,
@@ -120,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
               "normalize_activations": args.normalize}
     warm = args.sparsity_warm_up_steps
+    if args.matryoshka_widths:
+        widths = [int(w) for w in args.matryoshka_widths.split(",")]
+    else:
+        widths = sorted({w for w in (d_sae // 8, d_sae // 4, d_sae // 2, d_sae) if w > 0})
     arch_options = {
         "topk": ("TopK", {"k": args.k}),
         "batchtopk": ("BatchTopK", {"k": args.k}),
+        "matryoshka_batchtopk": ("MatryoshkaBatchTopK", {"k": args.k,
+                                                         "matryoshka_widths": widths}),
         "standard": ("Standard", {"l1_coefficient": args.l1_coefficient,
                                   "l1_warm_up_steps": warm}),
         "jumprelu": ("JumpReLU", {"l0_coefficient": args.l0_coefficient,
