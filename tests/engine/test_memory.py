@@ -54,7 +54,8 @@ def test_to_dict_keys_and_parts_sum_to_total():
                                       buffer_tokens=131_072), MemoryEstimate)
 
 
-@pytest.mark.parametrize("encoder_type", ["topk", "standard", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("encoder_type", ["topk", "standard", "jumprelu", "batchtopk",
+                                          "matryoshka_batchtopk"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_monotone_in_d_sae_and_batch(encoder_type, device):
     def total(d_sae, batch):
@@ -75,6 +76,13 @@ def test_encoder_types():
     batchtopk = estimate_memory(576, 4608, encoder_type="batchtopk", device="cuda")
     standard = estimate_memory(576, 4608, encoder_type="standard", device="cuda")
     jumprelu = estimate_memory(576, 4608, encoder_type="jumprelu", device="cuda")
+    matryoshka = estimate_memory(576, 4608, encoder_type="matryoshka_batchtopk", device="cuda")
+    # Matryoshka: BatchTopK's parameters, plus its prefix reconstructions in the step
+    assert matryoshka.sae_params == batchtopk.sae_params
+    step_bound = {t: estimate_memory(576, 4608, encoder_type=t, device="cuda", eval_tokens=0,
+                                     batch_size=65_536) for t in ("batchtopk",
+                                                                  "matryoshka_batchtopk")}
+    assert step_bound["matryoshka_batchtopk"].total > step_bound["batchtopk"].total
     # jumprelu = standard's dense working set plus a threshold [d_sae] and its Adam state
     assert jumprelu.sae_params == standard.sae_params + 4 * 4608
     assert jumprelu.total > standard.total > topk.total

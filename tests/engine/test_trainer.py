@@ -138,7 +138,8 @@ STEP_CODE = (str(Path(ck.__file__).with_name("trainer.py")),
 """The code of a training step (the data source reads host tensors, which never wait)."""
 
 
-@pytest.mark.parametrize("encoder_type", ["topk", "batchtopk", "standard", "jumprelu"])
+@pytest.mark.parametrize("encoder_type", ["topk", "batchtopk", "standard", "jumprelu",
+                                          "matryoshka_batchtopk"])
 def test_steps_read_tensors_on_the_host_only_when_logging(acts, tmp_path, monkeypatch,
                                                           encoder_type):
     """On a GPU each read of a tensor's value waits for the device. The trainer and the SAE
