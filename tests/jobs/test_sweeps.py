@@ -79,6 +79,11 @@ def test_bad_list_values_name_their_field_and_nothing_is_queued(model: Any, data
         ("topk", 4), ("topk", 8), ("standard", 32)]
     assert all(name == "run_group" for name, _ in enqueued)
     assert Training.select().count() == 3
+    # a text option keeps its commas: Matryoshka widths are one value, shared by the runs
+    b = jobs.create_sweep(dict(form(model, dataset), encoder_type="matryoshka_batchtopk",
+                               k="4,8", matryoshka_widths="16,32,64", latent_dim="64"))
+    assert [(t.config["k"], t.config["matryoshka_widths"]) for t in jobs.sweep_trainings(b)] \
+        == [(4, "16,32,64"), (8, "16,32,64")]
 
 
 def test_a_small_memory_budget_splits_the_sweep(model: Any, dataset: Any,

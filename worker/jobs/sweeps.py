@@ -93,9 +93,10 @@ def build_sweep(form: Mapping[str, Any]
     single, raw_lists = split_form(form)
     errors: dict[str, str] = {}
     for info in form_options():  # "4,096" would read as one number: refuse it in a sweep
-        raw = single.get(info.name)
-        if info.name not in SWEEP_FIELDS and info.kind != "bool" \
-                and (isinstance(raw, list) or (isinstance(raw, str) and "," in raw)):
+        raw = single.get(info.name)  # (a text option such as Matryoshka widths keeps its commas)
+        if info.name not in SWEEP_FIELDS and info.kind != "bool" and (
+                isinstance(raw, list) or (isinstance(raw, str) and "," in raw
+                                          and info.kind != "str")):
             errors[info.name] = (f"{info.label} takes one value in a sweep (write numbers "
                                  f"without commas); these take several: "
                                  f"{', '.join(SWEEP_FIELDS)}.")
