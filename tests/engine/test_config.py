@@ -14,8 +14,8 @@ from worker.engine.config import ALIASES, INT64_MAX, TrainConfig, option, option
 from worker.engine.errors import ConfigError
 
 FORM_MAIN = ("encoder_type", "hook_point", "layer", "expansion_factor", "latent_dim", "k",
-             "matryoshka_widths", "l1_alpha", "l0_coef", "tie_weights", "learning_rate",
-             "batch_size", "total_steps", "auto_save_interval")
+             "matryoshka_widths", "l1_alpha", "l0_coef", "target_l0", "tie_weights",
+             "learning_rate", "batch_size", "total_steps", "auto_save_interval")
 DATA_SOURCE = ("model", "dataset", "activations", "context_size", "max_tokens", "text_field")
 
 
@@ -45,6 +45,7 @@ def test_form_visibility_and_advanced():
     assert infos["k"].applies_to == ("topk", "batchtopk", "matryoshka_batchtopk")
     assert infos["matryoshka_widths"].applies_to == ("matryoshka_batchtopk",)
     assert infos["tie_weights"].applies_to == ("standard",)
+    assert infos["target_l0"].applies_to == ("standard", "jumprelu")
     assert infos["batch_size"].applies_to is None
 
 

@@ -62,6 +62,25 @@ def test_resume_continues_the_same_run(acts, tmp_path):
     assert math.isclose(full.fvu, resumed.fvu, rel_tol=1e-4)
 
 
+def test_resume_with_target_l0_is_exact(acts, tmp_path):
+    """The L0 controller's state (coefficient, L0 average) is in the checkpoint."""
+    cfg = _cfg(acts, encoder_type="jumprelu", target_l0=8.0, l0_coef=0.02, total_steps=40,
+               auto_save_interval=20, keep_every=20)
+    _, full, full_rows = train(cfg, tmp_path / "full")
+    _, part, _ = train(cfg, tmp_path / "part", control=lambda s: "stop" if s == 20 else None)
+    assert part.steps == 20
+    ckpt = ck.checkpoint_path(tmp_path / "part" / "checkpoints", 20)
+    saved = ck.load_checkpoint(ckpt).prefixed("l0_control.")
+    assert set(saved) == {"u", "ema", "prev_err", "observed"}
+    assert int(saved["observed"]) == 20
+    _, resumed, resumed_rows = train(cfg, tmp_path / "part", resume=ckpt)
+    assert [r["step"] for r in resumed_rows] == [30, 40]
+    for a, b in zip(full_rows[-2:], resumed_rows, strict=True):
+        assert a["sparsity_coef"] == b["sparsity_coef"]
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
+    assert math.isclose(full.l0, resumed.l0, rel_tol=1e-5)
+
+
 def test_oom_halves_micro_batch_and_keeps_effective_batch(acts, tmp_path, monkeypatch):
     cfg = _cfg(acts, total_steps=20, micro_batch_size=256, min_micro_batch=32)
     logs: list[str] = []
@@ -134,14 +153,16 @@ _HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool
                "__index__")
 STEP_CODE = (str(Path(ck.__file__).with_name("trainer.py")),
              str(Path(ck.__file__).with_name("kernels.py")),
+             str(Path(ck.__file__).with_name("l0_control.py")),
              str(Path(ck.__file__).with_name("architectures")))
 """The code of a training step (the data source reads host tensors, which never wait)."""
 
 
-@pytest.mark.parametrize("encoder_type", ["topk", "batchtopk", "standard", "jumprelu",
-                                          "matryoshka_batchtopk"])
+@pytest.mark.parametrize(("encoder_type", "target_l0"), [
+    ("topk", None), ("batchtopk", None), ("standard", None), ("jumprelu", None),
+    ("matryoshka_batchtopk", None), ("standard", 8.0), ("jumprelu", 8.0)])
 def test_steps_read_tensors_on_the_host_only_when_logging(acts, tmp_path, monkeypatch,
-                                                          encoder_type):
+                                                          encoder_type, target_l0):
     """On a GPU each read of a tensor's value waits for the device. The trainer and the SAE
     types read none during a step (statistics stay on the device) except on the steps that
     log; reads are counted where that code calls them (torch's own code is not counted)."""
@@ -160,7 +181,7 @@ def test_steps_read_tensors_on_the_host_only_when_logging(acts, tmp_path, monkey
         return read
 
     cfg = _cfg(acts, encoder_type=encoder_type, total_steps=25, log_every=10,
-               auto_save_interval=0, l1_alpha=0.2, l0_coef=0.02)
+               auto_save_interval=0, l1_alpha=0.2, l0_coef=0.02, target_l0=target_l0)
     src = CachedActivations(cfg.activations, seed=0, holdout=2000)
     t = Trainer(cfg, src, tmp_path, callbacks=Callbacks(control=lambda s: at.update(step=s)))
     t.sae.sparse_max_density = 0.0  # standard, jumprelu: the dense step, as on a GPU

@@ -133,6 +133,13 @@ class TrainConfig:
              "on unit-scaled inputs (SAELens's l0_coefficient on its summed MSE). Higher = "
              "fewer active latents; 5 gave an L0 of ~90 after 400k tokens on SmolLM2 layer 15 "
              "at 8x.")
+    target_l0: float | None = opt(
+        None, label="Target L0", unit="latents", group=SAE, advanced=False, min=0,
+        min_exclusive=True, max=MAX_LATENTS,
+        help="Active latents per token to aim for (standard, jumprelu): after the first 10% "
+             "of the steps the sparsity coefficient (L1 or L0 coefficient, which then only "
+             "sets its start) is steered in log space from the training batches' L0 so that "
+             "the held-out L0 at the end lands near this. Blank = a fixed coefficient.")
     tie_weights: bool = opt(
         False, label="Tie weights", group=SAE, advanced=False,
         help="The decoder is the encoder's transpose (one weight matrix). The export still "
@@ -367,6 +374,16 @@ class TrainConfig:
             elif ok("k", "encoder_type") and self.k > d_sae \
                     and self.encoder_type in (infos["k"].applies_to or ()):
                 out["k"] = f"k ({self.k}) cannot exceed the number of latents ({d_sae})."
+        if self.target_l0 is not None and ok("target_l0", "encoder_type"):
+            users = infos["target_l0"].applies_to or ()
+            if self.encoder_type not in users:
+                out["target_l0"] = (f"Target L0 works only with the {' or '.join(users)} "
+                                    f"encoder type (got '{self.encoder_type}'); leave it blank "
+                                    "or use k.")
+            elif d_in is not None and ok("latent_dim", "expansion_factor") \
+                    and self.target_l0 >= self.d_sae(d_in):
+                out["target_l0"] = (f"Target L0 ({self.target_l0:g}) must be below the number "
+                                    f"of latents ({self.d_sae(d_in):,}).")
         widths_used = self.encoder_type in (infos["matryoshka_widths"].applies_to or ())
         if widths_used and ok("matryoshka_widths", "encoder_type"):
             d_sae = self.d_sae(d_in) if d_in is not None and ok("latent_dim",

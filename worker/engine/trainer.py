@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .devices import autocast_dtype, halve_on_oom, peak_memory_mb, pick_device, pick_precision
 from .errors import CheckpointError, ConfigError, TrainingError
 from .export import export_saelens
+from .l0_control import START_FRAC, L0Controller
 
 STEP_STATS = ("loss", "mse", "aux", "l0", "err", "var", "grad_norm")
 """One row per step in the window, in this order (``err`` and ``var``: the squared error and
@@ -155,6 +156,8 @@ class Trainer:
         sae_class = architectures.get(cfg.encoder_type).load()
         self.sae = sae_class.from_config(self.d_in, self.d_sae, cfg).to(self.device)
         opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.l0_control = self._l0_controller()
+        """Steers the sparsity coefficient toward ``cfg.target_l0``; None = fixed coefficient."""
         self.opt = opt_class(self.sae.parameters(), lr=self.base_lr,
                              betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -168,6 +171,18 @@ class Trainer:
         self.win = self._new_window()
         self.train_time, self.start_tokens, self.lr_now = 0.0, 0, self.base_lr
         """Seconds spent in training steps and the tokens trained before them (this attempt)."""
+        self.coef_now: float | Tensor = 0.0
+        """The sparsity coefficient of the last step (a device tensor under target-L0 control)."""
+
+    def _l0_controller(self) -> L0Controller | None:
+        """With ``cfg.target_l0``: a controller starting from the configured coefficient once
+        the first 10% of the steps (or the sparsity warm-up, if longer) are done."""
+        cfg = self.cfg
+        if cfg.target_l0 is None:
+            return None
+        start = math.ceil(max(START_FRAC, cfg.l1_warmup_frac) * cfg.total_steps)
+        return L0Controller(cfg.target_l0, self.sae.penalty, start_step=start,
+                            device=self.device)
 
     def _new_window(self) -> _Window:
         return _Window(self.step, torch.zeros(self.d_sae, dtype=torch.long, device=self.device))
@@ -212,6 +227,8 @@ class Trainer:
                 tensors[f"optim.{names[i]}.{key}"] = torch.as_tensor(val)
         tensors["stats.since_fired"] = self.since_fired
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.l0_control is not None:
+            tensors.update({f"l0_control.{k}": v for k, v in self.l0_control.state_dict().items()})
         meta = {
             "format": "sae-studio-checkpoint/1", "step": self.step, "tokens": self.tokens,
             "config": self.cfg.to_dict(), "d_in": self.d_in, "d_sae": self.d_sae,
@@ -257,6 +274,9 @@ class Trainer:
         self.opt.load_state_dict({"state": state, "param_groups": groups})
         self.since_fired = c.tensors["stats.since_fired"].to(self.device)
         torch.set_rng_state(c.tensors["rng.torch"])
+        control = c.prefixed("l0_control.")
+        if self.l0_control is not None and control:
+            self.l0_control.load_state_dict({k: v.to(self.device) for k, v in control.items()})
         self.step, self.tokens, self.scale = m["step"], m["tokens"], m["scale"]
         self.best_loss = m["best_loss"] if m.get("best_loss") is not None else math.inf
         self.best_step = m.get("best_step")
@@ -356,8 +376,9 @@ class Trainer:
         lr = get_lr(self.step, cfg, self.base_lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        # (under target-L0 control the coefficient is the controller's, a device tensor)
         warm = cfg.l1_warmup_frac * cfg.total_steps
-        penalty = self.sae.penalty
+        penalty = self.sae.penalty if self.l0_control is None else self.l0_control.coef
         coef = penalty * min(1.0, (self.step + 1) / warm) if warm else penalty
 
         # 3. forward/backward (OOM-safe)
@@ -374,6 +395,8 @@ class Trainer:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.sae.after_step(acc.get("min_kept"))
+        if self.l0_control is not None:  # the next step's coefficient, from this batch's L0
+            self.l0_control.observe(acc["l0"], self.step, lr / self.base_lr)
 
         # 5. dead-latent counters, window statistics (on the device: no host sync)
         n = batch.shape[0]
@@ -385,7 +408,7 @@ class Trainer:
         self.win.fired += acc["fired"]
         self.win.rows.append(torch.stack(
             [acc[key].float() for key in STEP_STATS[:-1]] + [grad_norm.float()]))
-        self.lr_now = lr
+        self.lr_now, self.coef_now = lr, coef
 
     def _logs_now(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps
@@ -453,7 +476,7 @@ class Trainer:
             "sparsity_loss": aux / steps if self.sae.penalty else 0.0,
             "l0": l0, "l0_frac": l0 / self.d_sae, "fvu": fvu, "explained_variance": 1 - fvu,
             "dead": dead, "dead_frac": dead / self.d_sae, "dense": dense,
-            "learning_rate": lr, "grad_norm": grad / steps,
+            "learning_rate": lr, "sparsity_coef": float(self.coef_now), "grad_norm": grad / steps,
             "tokens_per_s": win.tokens / max(1e-9, win.seconds),
             "peak_memory_mb": peak_memory_mb(self.device), "micro_batch_size": self.micro,
         }

@@ -127,11 +127,12 @@ register(Architecture(
 register(Architecture(
     "standard", "ReLU with an L1 penalty.",
     "worker.engine.architectures.standard:StandardSAE",
-    options=("l1_alpha", "tie_weights"), lr_base=4e-3))
+    options=("l1_alpha", "target_l0", "tie_weights"), lr_base=4e-3))
 register(Architecture(
     "jumprelu", "a learned threshold per latent with an L0 penalty.",
     "worker.engine.architectures.jumprelu:JumpReLUSAE",
-    options=("l0_coef", "jumprelu_bandwidth", "jumprelu_init_threshold"), lr_base=2e-3,
+    options=("l0_coef", "target_l0", "jumprelu_bandwidth", "jumprelu_init_threshold"),
+    lr_base=2e-3,
     memory=MemoryTerms(extra_params_per_latent=1, step_dense_backward=5, init_dense=3)))
 register(Architecture(
     "batchtopk", "k latents per token on average across the batch, a fixed threshold "

@@ -29,9 +29,11 @@ class JumpReLUSAE(SAE):
 
     def __init__(self, d_in: int, d_sae: int, *, l0_coef: float = 0.0,
                  jumprelu_bandwidth: float = 0.05, jumprelu_init_threshold: float | None = None,
-                 k: int = 32) -> None:
+                 k: int = 32, target_l0: float | None = None) -> None:
         super().__init__(d_in, d_sae)
         self.penalty = l0_coef
+        self.target_l0 = target_l0
+        """The trainer's controller steers the penalty toward this L0 (None: fixed penalty)."""
         self.bandwidth = jumprelu_bandwidth
         self.init_threshold = jumprelu_init_threshold
         """The thresholds' start; None = where ``k`` latents per token fire on the
@@ -57,7 +59,7 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x)
         return pre.relu() * (pre > self.threshold)
 
-    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+    def forward(self, x: Tensor, *, sparsity_coef: float | Tensor = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
         # The sparse step keeps a superset of the active entries and of the straight-through
         # window (pre - theta) / bw > -1/2; entries outside both get no value and no gradient.
@@ -78,19 +80,19 @@ class JumpReLUSAE(SAE):
         decoded, l0, fired = kernels.csr_decode(f, self.W_dec, csr)
         x_hat = decoded + self.b_dec
         mse = self.mse(x, x_hat)
-        if sparsity_coef > 0:
+        if isinstance(sparsity_coef, Tensor) or sparsity_coef > 0:  # a tensor: target-L0 control
             step = active.float() + st * (-window / self.bandwidth)
             aux = sparsity_coef * (step.sum() / n) / self.d_in
         else:
             aux = mse.new_zeros(())
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
 
-    def _dense(self, x: Tensor, pre: Tensor, l0_coef: float) -> ForwardOutput:
+    def _dense(self, x: Tensor, pre: Tensor, l0_coef: float | Tensor) -> ForwardOutput:
         theta = self.threshold
         f = kernels.JumpReLUFn.apply(pre, theta, self.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
         mse = self.mse(x, x_hat)
-        if l0_coef > 0:
+        if isinstance(l0_coef, Tensor) or l0_coef > 0:
             l0_ste = kernels.StepFn.apply(pre, theta, self.bandwidth).sum(-1).mean()
             aux = l0_coef * l0_ste / self.d_in
         else:

@@ -20,9 +20,11 @@ class StandardSAE(SAE):
     saelens_architecture = "standard"
 
     def __init__(self, d_in: int, d_sae: int, *, l1_alpha: float = 0.0,
-                 tie_weights: bool = False) -> None:
+                 tie_weights: bool = False, target_l0: float | None = None) -> None:
         super().__init__(d_in, d_sae, tie_weights=tie_weights)
         self.penalty = l1_alpha
+        self.target_l0 = target_l0
+        """The trainer's controller steers the penalty toward this L0 (None: fixed penalty)."""
         self.sparse_max_density = kernels.SPARSE_MAX_DENSITY
         """Set to 0 to force the dense step, to 1 to force the sparse one (on the CPU)."""
         self.sparse_steps = 0
@@ -31,7 +33,7 @@ class StandardSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
-    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+    def forward(self, x: Tensor, *, sparsity_coef: float | Tensor = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
         if self.tie_weights:  # the decoder is W_enc: plain autograd, dense
             return self._dense(x, self.pre_acts(x), sparsity_coef)
@@ -48,7 +50,7 @@ class StandardSAE(SAE):
         aux = sparsity_coef * ((f * norms).sum() / x.shape[0]) / self.d_in
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
 
-    def _dense(self, x: Tensor, pre: Tensor, l1_coef: float) -> ForwardOutput:
+    def _dense(self, x: Tensor, pre: Tensor, l1_coef: float | Tensor) -> ForwardOutput:
         f = pre.relu()
         w_dec = self.W_dec
         x_hat = f @ w_dec + self.b_dec
