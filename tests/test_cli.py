@@ -87,6 +87,26 @@ def test_train_jumprelu_and_tie_weights_flag(acts, tmp_path, capsys):
                             "--encoder-type", "topk"], "Tie weights works only with the standard")
 
 
+def test_train_with_target_l0(acts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--activations", str(acts), "--encoder-type", "standard",
+                 "--target-l0", "10", "--l1-alpha", "0.2", "--expansion-factor", "4",
+                 "--batch-size", "256", "--total-steps", "60", "--auto-save-interval", "0",
+                 "--log-every", "5", "--device", "cpu", "--out", str(out),
+                 "--metrics-jsonl", str(tmp_path / "m.jsonl")]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["steps"] == 60 and abs(result["l0"] / 10 - 1) < 0.25, result["l0"]
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    # steered after the first 10% of the steps (step 6)
+    assert rows[0]["sparsity_coef"] == pytest.approx(0.2) != rows[-1]["sparsity_coef"]
+    base = ["train", "--activations", str(acts), "--encoder-type", "jumprelu",
+            "--expansion-factor", "4", "--device", "cpu", "--out", str(tmp_path / "bad")]
+    _fails_cleanly(capsys, base + ["--target-l0", "0"], "Target L0")
+    _fails_cleanly(capsys, base + ["--target-l0", "500"],
+                   "Target L0 (500) must be below the number of latents (128).")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_train_matryoshka_and_bad_widths(acts, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--activations", str(acts), "--encoder-type", "matryoshka_batchtopk",

@@ -5,7 +5,7 @@
     sae-studio sweep --config sweep.toml --out sweeps/mixed     # [[runs]] tables
 
 Every ``train`` flag works; ``engine.sweep.SWEEP_FIELDS`` (``--layer``, ``--hook-point``,
-``--encoder-type``, ``--k``, ``--l1-alpha``, ``--l0-coef``, ``--expansion-factor``,
+``--encoder-type``, ``--k``, ``--l1-alpha``, ``--l0-coef``, ``--target-l0``, ``--expansion-factor``,
 ``--latent-dim``, ``--learning-rate``, ``--seed``) take comma-separated lists and the sweep is
 their cartesian product. ``--out DIR`` gets ``DIR/<name>/`` per SAE, laid out as a ``train
 --out`` folder, and ``DIR/sweep.json``; the last stdout line is one JSON object (``RESULT_KEYS``
@@ -41,7 +41,7 @@ from .engine.files import folder_lock, json_safe
 from .engine.sweep import SWEEP_FIELDS, applies, check_group, expand, unique_names
 
 RESULT_KEYS = ("name", "out", "layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef",
-               "latent_dim", "learning_rate", "seed", "fvu", "l0", "dead_frac",
+               "target_l0", "latent_dim", "learning_rate", "seed", "fvu", "l0", "dead_frac",
                "ce_loss_recovered", "kl_div")
 """A run's entry in the final JSON (null where a figure does not apply)."""
 
@@ -139,6 +139,7 @@ def _entry(name: str, cfg: TrainConfig, values: dict[str, Any], d_in: int) -> di
         "k": cfg.k if applies("k", cfg.encoder_type) else None,
         "l1_alpha": cfg.l1_alpha if applies("l1_alpha", cfg.encoder_type) else None,
         "l0_coef": cfg.l0_coef if applies("l0_coef", cfg.encoder_type) else None,
+        "target_l0": cfg.target_l0 if applies("target_l0", cfg.encoder_type) else None,
         "latent_dim": d_sae, "learning_rate": cfg.lr(d_sae),
         "seed": cfg.seed, "fvu": ev.get("fvu"), "l0": ev.get("l0"),
         "dead_frac": ev.get("dead_frac"), "ce_loss_recovered": ev.get("ce_loss_recovered"),

@@ -68,10 +68,13 @@ def test_controller_steps_are_clamped_and_start_after_warm_up():
     assert float(d.coef) == float(c.coef) and d.observed == c.observed
 
 
-@pytest.mark.parametrize("encoder_type", ["topk", "batchtopk"])
-def test_target_l0_is_refused_for_types_without_a_penalty(acts, encoder_type):
-    errors = _cfg(acts, encoder_type=encoder_type, target_l0=32.0).errors()
-    assert "standard or jumprelu" in errors["target_l0"]
+def test_target_l0_is_ignored_by_types_without_a_penalty(acts, tmp_path):
+    """Like k for standard: a sweep over types may share one target (topk has its k)."""
+    cfg = _cfg(acts, encoder_type="topk", k=4, target_l0=32.0, total_steps=10)
+    assert cfg.errors(d_in=32) == {}
+    trainer, result, rows = train(cfg, tmp_path)
+    assert trainer.l0_control is None and rows[-1]["sparsity_coef"] == 0
+    assert result.l0 == pytest.approx(4, abs=0.2)
 
 
 def test_target_l0_bounds(acts):

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from worker import jobs, tasks
 from worker.db import Training, WorkerHeartbeat, db
 from worker.engine.checkpoints import list_checkpoints
+from worker.engine.config import TrainConfig
+from worker.engine.sweep import run_name
 
 from ..processes import wait_for
 from .conftest import form
@@ -185,3 +187,20 @@ def test_sweep_controls_and_delete(model: Any, dataset: Any, enqueued: list) -> 
     for bad in (sweep.id, 2**63, "x"):
         with pytest.raises(jobs.NotFound):
             jobs.get_sweep(bad)
+
+
+def test_a_sweep_lists_target_l0_values(model: Any, dataset: Any, enqueued: list) -> None:
+    """--target-l0 sweeps like the coefficients it steers; types without it ignore it."""
+    sweep = jobs.create_sweep(form(model, dataset, encoder_type="standard,jumprelu,topk",
+                                   target_l0="16, 48"))
+    info = jobs.sweep_as_dict(sweep)
+    assert info["config"]["lists"]["target_l0"] == [16.0, 48.0]
+    configs = [t.config for t in jobs.sweep_trainings(sweep)]
+    assert [(c["encoder_type"], c["target_l0"]) for c in configs] == [
+        ("standard", 16.0), ("standard", 48.0), ("jumprelu", 16.0), ("jumprelu", 48.0),
+        ("topk", None)]
+    names = [run_name(TrainConfig.from_dict(c)) for c in configs]
+    assert "-l0t16-" in names[0] and "-l0t48-" in names[3] and "l0t" not in names[4]
+    with pytest.raises(jobs.Invalid) as exc:
+        jobs.create_sweep(form(model, dataset, encoder_type="standard", target_l0="16,-3"))
+    assert set(exc.value.errors) == {"target_l0"} and "'-3'" in exc.value.errors["target_l0"]

@@ -374,16 +374,12 @@ class TrainConfig:
             elif ok("k", "encoder_type") and self.k > d_sae \
                     and self.encoder_type in (infos["k"].applies_to or ()):
                 out["k"] = f"k ({self.k}) cannot exceed the number of latents ({d_sae})."
-        if self.target_l0 is not None and ok("target_l0", "encoder_type"):
-            users = infos["target_l0"].applies_to or ()
-            if self.encoder_type not in users:
-                out["target_l0"] = (f"Target L0 works only with the {' or '.join(users)} "
-                                    f"encoder type (got '{self.encoder_type}'); leave it blank "
-                                    "or use k.")
-            elif d_in is not None and ok("latent_dim", "expansion_factor") \
-                    and self.target_l0 >= self.d_sae(d_in):
-                out["target_l0"] = (f"Target L0 ({self.target_l0:g}) must be below the number "
-                                    f"of latents ({self.d_sae(d_in):,}).")
+        if (self.target_l0 is not None and d_in is not None
+                and ok("target_l0", "encoder_type", "latent_dim", "expansion_factor")
+                and self.encoder_type in (infos["target_l0"].applies_to or ())
+                and self.target_l0 >= self.d_sae(d_in)):
+            out["target_l0"] = (f"Target L0 ({self.target_l0:g}) must be below the number of "
+                                f"latents ({self.d_sae(d_in):,}).")
         widths_used = self.encoder_type in (infos["matryoshka_widths"].applies_to or ())
         if widths_used and ok("matryoshka_widths", "encoder_type"):
             d_sae = self.d_sae(d_in) if d_in is not None and ok("latent_dim",

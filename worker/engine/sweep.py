@@ -19,7 +19,7 @@ from . import architectures
 from .config import TrainConfig
 from .errors import ConfigError
 
-SWEEP_FIELDS = ("layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef",
+SWEEP_FIELDS = ("layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef", "target_l0",
                 "expansion_factor", "latent_dim", "learning_rate", "seed")
 """The options a sweep may list several values of (comma-separated in the CLI and the form)."""
 SOURCE_SHARED = ("model", "dataset", "activations", "context_size", "max_tokens", "text_field",
@@ -96,6 +96,8 @@ def run_name(cfg: TrainConfig) -> str:
         parts.append(f"a{_num(cfg.l1_alpha)}")
     if applies("l0_coef", cfg.encoder_type):
         parts.append(f"c{_num(cfg.l0_coef)}")
+    if cfg.target_l0 is not None and applies("target_l0", cfg.encoder_type):
+        parts.append(f"l0t{_num(cfg.target_l0)}")
     parts.append(f"d{cfg.latent_dim}" if cfg.latent_dim else f"x{cfg.expansion_factor}")
     if cfg.learning_rate is not None:
         parts.append(f"lr{_num(cfg.learning_rate)}")

@@ -178,7 +178,8 @@ class Trainer:
         """With ``cfg.target_l0``: a controller starting from the configured coefficient once
         the first 10% of the steps (or the sparsity warm-up, if longer) are done."""
         cfg = self.cfg
-        if cfg.target_l0 is None:
+        users = architectures.applies_to("target_l0") or ()
+        if cfg.target_l0 is None or cfg.encoder_type not in users:  # topk: k is its L0
             return None
         start = math.ceil(max(START_FRAC, cfg.l1_warmup_frac) * cfg.total_steps)
         return L0Controller(cfg.target_l0, self.sae.penalty, start_step=start,

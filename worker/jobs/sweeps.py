@@ -2,11 +2,12 @@
 
 ``create_sweep(form)`` takes the training form's fields where the list fields
 (``engine.sweep.SWEEP_FIELDS``: layer, hook_point, encoder_type, k, l1_alpha, l0_coef,
-expansion_factor, latent_dim, learning_rate, seed) may hold several values — comma-separated in
-a form, lists in JSON — and queues the cartesian product (``engine.sweep.expand``: an option
-that does not apply to an encoder type is ignored for it, no run twice). The runs are split into
-sub-groups that fit the memory budget (``estimates.group_estimate``); each sub-group is one
-``run_group`` task (one forward pass per step for all its SAEs) and takes one training slot.
+target_l0, expansion_factor, latent_dim, learning_rate, seed) may hold several values —
+comma-separated in a form, lists in JSON — and queues the cartesian product
+(``engine.sweep.expand``: an option that does not apply to an encoder type is ignored for it, no
+run twice). The runs are split into sub-groups that fit the memory budget
+(``estimates.group_estimate``); each sub-group is one ``run_group`` task (one forward pass per
+step for all its SAEs) and takes one training slot.
 
 Its status comes from its trainings': ``queued`` (none started), ``running`` (any initializing,
 training, stopping or evaluating), ``paused`` (running ones all paused), else the finished
