@@ -108,8 +108,10 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
         "log": data["log"], "checkpoints": [checkpoint_dict(c) for c in data["checkpoints"]],
         "can_export": jobs.has_export(t),
         "has_report": t.status in ("completed", "stopped") and reports.has_report(t),
-        "loss_points": [(x, loss) for x, loss, _ in data["chart"] if loss is not None],
-        "l0_points": [(x, l0) for x, _, l0 in data["chart"] if l0 is not None],
+        "loss_points": [(x, loss) for x, loss, _, _ in data["chart"] if loss is not None],
+        "l0_points": [(x, l0) for x, _, l0, _ in data["chart"] if l0 is not None],
+        "target_l0": data["target_l0"],
+        "coef_points": [(x, c) for x, _, _, c in data["chart"] if c is not None],
     }
 
 

@@ -206,3 +206,32 @@ def test_report_page_shows_fvu_per_matryoshka_prefix(client, app, tmp_path):
     write_eval(other.out_dir)
     assert "report-matryoshka" not in ids(client.get(f"/trainings/{other.id}/report")
                                           .data.decode())
+
+
+def test_target_l0_from_the_form_and_json_and_its_bad_values(client, ready, enqueued):
+    page = client.get("/").data.decode()
+    assert attr(page, "field-target_l0", "data-applies-to") == "standard jumprelu"
+    r = client.post("/trainings", data=_form(ready, encoder_type="jumprelu", target_l0="64"),
+                    headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    assert Training.get_by_id(r.get_json()["id"]).config["target_l0"] == 64.0
+    model, dataset = ready
+    body = {"model_id": model.id, "dataset_id": dataset.id, "layer": 2,
+            "encoder_type": "standard", "target_l0": 40}
+    r = client.post("/trainings", json=body, headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    assert Training.get_by_id(r.get_json()["id"]).config["target_l0"] == 40.0
+    blank = client.post("/trainings", data=_form(ready, encoder_type="standard", target_l0=""),
+                        headers=JSON)
+    assert Training.get_by_id(blank.get_json()["id"]).config["target_l0"] is None
+    assert len(enqueued) == 3
+    for bad, says in (("0", "greater than 0"), ("lots", "number"),
+                      ("5000", "must be below the number of latents")):
+        form = _form(ready, encoder_type="standard", target_l0=bad)
+        r = client.post("/trainings", data=form, headers=JSON)
+        assert r.status_code == 422, (bad, r.get_json())
+        errors = r.get_json()["errors"]
+        assert set(errors) == {"target_l0"} and says in errors["target_l0"], errors
+        html = client.post("/trainings", data=form, headers=HX)
+        assert html.status_code == 422 and "error-target_l0" in ids(html.data.decode())
+    assert len(enqueued) == 3

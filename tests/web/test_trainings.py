@@ -6,7 +6,7 @@ import csv
 import io
 import zipfile
 
-from worker.db import Checkpoint, Training
+from worker.db import Checkpoint, Metric, Training
 
 from ..html import attr, element_by_id, find_all, ids
 from .conftest import HX, JSON, make_model, make_training
@@ -328,3 +328,26 @@ def test_card_states_windows_and_scales(client, ready):
     assert "no fire in last 38.4k tokens" in dead.text and "38,400" in dead.get("title")
     assert "(training scale)" in element_by_id(card, f"training-{t.id}-tile-loss").text
     assert "(last window)" in element_by_id(card, f"training-{t.id}-throughput").text
+
+
+def test_card_charts_the_steered_coefficient_when_target_l0_is_set(client, ready):
+    model, dataset = ready
+    steered = make_training(model, dataset, status="training", steps=50)
+    steered.config = dict(steered.config, encoder_type="jumprelu", target_l0=24.0)
+    steered.save()
+    coefs = [5.0, 5.0, 6.1, 7.4, 6.9]
+    for m, coef in zip(Metric.select().where(Metric.training == steered.id)
+                       .order_by(Metric.step), coefs, strict=True):
+        m.data = dict(m.data, sparsity_coef=coef)
+        m.save()
+    fixed = make_training(model, dataset, status="training", steps=50)
+    for page in (client.get(f"/trainings/{steered.id}").data.decode(),
+                 client.get(f"/trainings/{steered.id}/metrics", headers=HX).data.decode()):
+        chart = element_by_id(page, f"training-{steered.id}-coef-chart")
+        assert chart is not None and attr(page, f"training-{steered.id}-coef-chart",
+                                          "data-points") == "5"
+        assert "L0 coefficient, steered toward L0 24" in page
+        assert "step 40: coefficient 7.4" in page
+    page = client.get(f"/trainings/{fixed.id}").data.decode()
+    assert f"training-{fixed.id}-l0-chart" in ids(page)
+    assert f"training-{fixed.id}-coef-chart" not in ids(page)

@@ -35,6 +35,7 @@ from ..db import (
     db,
 )
 from ..engine.files import json_safe
+from ..engine.sweep import applies
 from . import common
 from .configs import build_config
 from .errors import Conflict, Invalid
@@ -219,8 +220,9 @@ def log_lines(training_id: int | str, after_id: int = 0) -> list[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------- the card's data
-def chart_rows(training_id: int, limit: int) -> list[tuple[int, Any, Any]]:
-    """(step, loss, l0) of at most ~``limit`` rows spread over the run, first and last kept.
+def chart_rows(training_id: int, limit: int) -> list[tuple[int, Any, Any, Any]]:
+    """(step, loss, l0, sparsity_coef) of at most ~``limit`` rows spread over the run, first
+    and last kept.
 
     Downsampled and unpacked in SQLite (row_number + json_extract), so a card costs the same
     whether its run has 100 or 100,000 metric rows.
@@ -230,7 +232,8 @@ def chart_rows(training_id: int, limit: int) -> list[tuple[int, Any, Any]]:
         return []
     stride = max(1, -(-n // limit))
     cursor = db.execute_sql(
-        "SELECT step, json_extract(data, '$.loss'), json_extract(data, '$.l0') FROM ("
+        "SELECT step, json_extract(data, '$.loss'), json_extract(data, '$.l0'),"
+        " json_extract(data, '$.sparsity_coef') FROM ("
         " SELECT step, data, row_number() OVER (ORDER BY step) - 1 AS rn"
         " FROM metric WHERE training_id = ?) WHERE rn % ? = 0 OR rn = ? ORDER BY step",
         (training_id, stride, n - 1))
@@ -241,13 +244,18 @@ def card_data(training: Training, *, log_limit: int, chart_limit: int | None
               ) -> dict[str, Any]:
     """What a job card shows besides the row: ``log`` (the newest ``log_limit`` lines, oldest
     first, as ``log_lines`` gives them), ``checkpoints`` (rows, newest step first) and
-    ``chart`` (``chart_rows``; empty when ``chart_limit`` is None)."""
+    ``chart`` (``chart_rows``; empty when ``chart_limit`` is None) and ``target_l0`` (the
+    run's target when its type steers its sparsity coefficient toward one, else None)."""
     log = _log_dicts(LogLine.select().where(LogLine.training == training.id)
                      .order_by(LogLine.id.desc()).limit(log_limit))[::-1]
     ckpts = list(Checkpoint.select().where(Checkpoint.training == training.id)
                  .order_by(Checkpoint.step.desc()))
     chart = chart_rows(training.id, chart_limit) if chart_limit is not None else []
-    return {"log": log, "checkpoints": ckpts, "chart": chart}
+    cfg = training.config or {}
+    target = cfg.get("target_l0")
+    steered = target is not None and applies("target_l0", cfg.get("encoder_type", "topk"))
+    return {"log": log, "checkpoints": ckpts, "chart": chart,
+            "target_l0": target if steered else None}
 
 
 def signatures(training_id: int) -> dict[str, Any] | None:
