@@ -348,6 +348,10 @@ def test_card_charts_the_steered_coefficient_when_target_l0_is_set(client, ready
                                           "data-points") == "5"
         assert "L0 coefficient, steered toward L0 24" in page
         assert "step 40: coefficient 7.4" in page
+    tile = element_by_id(client.get(f"/trainings/{steered.id}").data.decode(),
+                         f"training-{steered.id}-tile-l0")
+    assert "· target 24.0" in tile.text
     page = client.get(f"/trainings/{fixed.id}").data.decode()
     assert f"training-{fixed.id}-l0-chart" in ids(page)
     assert f"training-{fixed.id}-coef-chart" not in ids(page)
+    assert "target" not in element_by_id(page, f"training-{fixed.id}-tile-l0").text
