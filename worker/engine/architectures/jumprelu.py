@@ -34,6 +34,12 @@ class JumpReLUSAE(SAE):
         self.penalty = l0_coef
         self.target_l0 = target_l0
         """The trainer's controller steers the penalty toward this L0 (None: fixed penalty)."""
+        self.penalty_to_pre = target_l0 is not None
+        """The L0 penalty's straight-through gradient also reaches the pre-activations (so the
+        encoder), not only the thresholds. Under Adam a threshold moves at most ~lr per step
+        whatever the coefficient, so a penalty on the thresholds alone saturates (SAELens
+        #494): pre-activations outgrow it and L0 rises however high the coefficient goes. On
+        with a target L0, whose controller needs a coefficient that acts."""
         self.bandwidth = jumprelu_bandwidth
         self.init_threshold = jumprelu_init_threshold
         """The thresholds' start; None = where ``k`` latents per token fire on the
@@ -82,6 +88,8 @@ class JumpReLUSAE(SAE):
         mse = self.mse(x, x_hat)
         if isinstance(sparsity_coef, Tensor) or sparsity_coef > 0:  # a tensor: target-L0 control
             step = active.float() + st * (-window / self.bandwidth)
+            if self.penalty_to_pre:  # value 0, gradient window / bandwidth to pre
+                step = step + (pre.float() - p) * (window / self.bandwidth)
             aux = sparsity_coef * (step.sum() / n) / self.d_in
         else:
             aux = mse.new_zeros(())
@@ -94,6 +102,10 @@ class JumpReLUSAE(SAE):
         mse = self.mse(x, x_hat)
         if isinstance(l0_coef, Tensor) or l0_coef > 0:
             l0_ste = kernels.StepFn.apply(pre, theta, self.bandwidth).sum(-1).mean()
+            if self.penalty_to_pre:  # value 0, gradient window / bandwidth to pre
+                p = pre.detach().float()
+                window = kernels.rectangle((p - theta.detach()) / self.bandwidth)
+                l0_ste = l0_ste + ((pre.float() - p) * window).sum(-1).mean() / self.bandwidth
             aux = l0_coef * l0_ste / self.d_in
         else:
             aux = mse.new_zeros(())
