@@ -70,7 +70,6 @@ from worker.engine.synthetic import (  # noqa: E402
 PY = sys.executable
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 SAELENS_TRAIN = ROOT / "bench" / "saelens_train.py"
-TOPK_FAMILY = ("k",)  # a type that has the option `k` gets k = the true mean L0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
