@@ -34,7 +34,7 @@ __all__ = ["KINDS", "LIST_FIELDS", "PRESETS", "Preset", "create_template", "dele
 
 KINDS = ("training", "sweep")
 NAME_MAX = 200
-LIST_FIELDS = ("layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef",
+LIST_FIELDS = ("layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef", "target_l0",
                "expansion_factor", "latent_dim", "learning_rate", "seed")
 """The options a sweep template may list several values of: ``engine.sweep.SWEEP_FIELDS``
 (repeated here since that module imports torch; tests/jobs/test_templates.py checks they
