@@ -42,6 +42,12 @@ def test_default_name_of_a_lone_training(rows):
                            "L3 batchtopk k=64", "Lmid attnout topk k=32"]
     with db.connection_context():  # lone: no width or seed even when set
         assert jobs.display_name(Training.get_by_id(runs[2].id)) == "L10 jumprelu c=0.5"
+    # a target L0 steers the coefficient: the name says the target (not the start value);
+    # a type without a sparsity penalty ignores it, and so does its name
+    steered = [training(rows, encoder_type="standard", l1_alpha=5.0, target_l0=64),
+               training(rows, encoder_type="jumprelu", l0_coef=0.5, target_l0=32.5),
+               training(rows, target_l0=64)]
+    assert names(steered) == ["L3 standard L0→64", "L3 jumprelu L0→32.5", "L3 topk k=32"]
 
 
 def test_default_name_of_sweep_members(rows):

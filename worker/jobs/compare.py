@@ -32,7 +32,7 @@ CURVES = ("loss", "fvu", "l0", "dead", "dead_frac")
 """The curves' series besides ``step`` and ``tokens``."""
 FIGURES = ("fvu", "l0", "dead", "dead_frac", "ce_loss_recovered", "kl_div")
 """The final figures (``final``), with ``window``, ``window_tokens``, ``step`` and ``tokens``."""
-CONFIG_FIELDS = ("encoder_type", "layer", "hook_point", "k", "l1_alpha", "l0_coef",
+CONFIG_FIELDS = ("encoder_type", "layer", "hook_point", "k", "target_l0", "l1_alpha", "l0_coef",
                  "expansion_factor", "latent_dim", "learning_rate", "seed", "batch_size",
                  "total_steps")
 TABLE_SORTS = ("id", "name", "status", "encoder_type", "layer", "sparsity", "width", "steps",
@@ -203,7 +203,7 @@ def check_sort(sort: str | None, order: str | None, sorts: Sequence[str],
 
 
 def _sparsity_value(d: dict[str, Any]) -> float | None:
-    for option in ("k", "l1_alpha", "l0_coef"):
+    for option in ("k", "target_l0", "l1_alpha", "l0_coef"):
         if d.get(option) is not None:
             return finite(d[option])
     return None
@@ -243,7 +243,7 @@ def training_entry(t: Training, name: str) -> dict[str, Any]:
     encoder = str(cfg.get("encoder_type") or "topk")
     entry["encoder_type"] = encoder
     entry["hook_point"] = cfg.get("hook_point") or "residual"
-    for option in ("k", "l1_alpha", "l0_coef"):
+    for option in ("k", "target_l0", "l1_alpha", "l0_coef"):
         if not applies(option, encoder):
             entry[option] = None
     entry["latent_dim"] = latents

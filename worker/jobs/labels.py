@@ -43,11 +43,16 @@ def applies(option: str, encoder_type: str) -> bool:
 
 def sparsity_label(cfg: Mapping[str, Any]) -> str:
     """The encoder type's sparsity option: ``k=32`` (topk, batchtopk), ``a=5`` (standard's
-    L1 coefficient), ``c=0.5`` (jumprelu's L0 coefficient); "" for a type with none."""
+    L1 coefficient), ``c=0.5`` (jumprelu's L0 coefficient), ``L0→64`` (a target L0, which
+    steers the coefficient: then the coefficient, only its start, is left out); "" for a type
+    with none."""
     encoder = str(cfg.get("encoder_type") or "topk")
     parts = []
     if applies("k", encoder) and cfg.get("k") is not None:
         parts.append(f"k={cfg['k']}")
+    if applies("target_l0", encoder) and cfg.get("target_l0") is not None:
+        parts.append(f"L0→{_num(cfg['target_l0'])}")
+        return " ".join(parts)
     if applies("l1_alpha", encoder) and cfg.get("l1_alpha") is not None:
         parts.append(f"a={_num(cfg['l1_alpha'])}")
     if applies("l0_coef", encoder) and cfg.get("l0_coef") is not None:
