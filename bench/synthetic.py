@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.run_bench import machine  # noqa: E402
 from worker.engine import architectures  # noqa: E402
 from worker.engine.activations import write_activation_file  # noqa: E402
 from worker.engine.synthetic import (  # noqa: E402
@@ -271,19 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     args.results.with_suffix(".md").write_text(table)
     print(table)
     return 0
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
 def markdown(results: dict[str, Any]) -> str:
