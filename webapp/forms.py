@@ -93,12 +93,14 @@ def _choices(infos: list[jobs.OptionInfo], model: Any, models: list[Any], shown:
     """(value, label) pairs of every select: ready models and datasets, the model's layers and
     hook points (every hook point without a model), the options' fixed choices."""
     out: dict[str, list[tuple[str, str]]] = {
-        info.name: [(c, c) for c in info.choices] for info in infos if info.choices}
+        info.name: [("", "none")] * info.optional + [(c, c) for c in info.choices]
+        for info in infos if info.choices}
     out["model_id"] = [(str(m.id), f"{m.name} ({m.n_layers} layers, hidden {m.hidden_dim})")
                        for m in models]
     out["dataset_id"] = [(str(d.id), d.name) for d in jobs.ready_datasets()]
     hooks = model.hook_points if model is not None and model.hook_points else jobs.HOOK_POINTS
     out["hook_point"] = [(h, h) for h in hooks]
+    out["target_hook_point"] = [("", "none (an SAE)")] + [(h, h) for h in hooks]
     n_layers = int(model.n_layers) if model is not None and model.n_layers else 0
     out["layer"] = [(str(i), f"Layer {i}") for i in range(n_layers)]
     factors = [str(x) for x in EXPANSION_CHOICES]

@@ -13,9 +13,10 @@ from worker.engine.architectures import Architecture
 from worker.engine.config import ALIASES, INT64_MAX, TrainConfig, option, options, parse_value
 from worker.engine.errors import ConfigError
 
-FORM_MAIN = ("encoder_type", "hook_point", "layer", "expansion_factor", "latent_dim", "k",
-             "matryoshka_widths", "l1_alpha", "l0_coef", "target_l0", "tie_weights",
-             "learning_rate", "batch_size", "total_steps", "auto_save_interval")
+FORM_MAIN = ("encoder_type", "hook_point", "target_hook_point", "skip_connection", "layer",
+             "expansion_factor", "latent_dim", "k", "matryoshka_widths", "l1_alpha", "l0_coef",
+             "target_l0", "tie_weights", "learning_rate", "batch_size", "total_steps",
+             "auto_save_interval")
 DATA_SOURCE = ("model", "dataset", "activations", "context_size", "max_tokens", "text_field")
 
 
@@ -29,7 +30,7 @@ def test_every_field_but_extra_is_an_option_with_label_and_help():
         assert info.kind in ("int", "float", "bool", "str", "choice"), info
         assert info.default == getattr(TrainConfig(), info.name)
         if info.kind == "choice":
-            assert info.default in info.choices, info
+            assert info.default in info.choices or info.default is None and info.optional, info
         if info.kind == "int":  # every int fits in a signed 64-bit integer
             assert info.max is not None and info.max <= INT64_MAX, info
         if info.default is None:

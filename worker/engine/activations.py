@@ -21,11 +21,20 @@ other half is kept for the next round. So every batch mixes the contexts of two 
 vector waits at most one round. Resuming needs only the previous round's start (cursor and
 median), which is what ``state_dict`` stores: the buffer is rebuilt by re-extracting two rounds.
 
+Transcoder pairs
+----------------
+A transcoder's source (``target_hook_point``) serves rows [x | y]: the input at the hook point
+followed by the target at the target hook point of the same token, ``d_in + d_target`` wide, so
+shuffling, resuming and files work unchanged; ``d_in`` is the input's width, ``d_target`` the
+target's (0 for an SAE's source) and the trainer splits the rows. The outlier filter judges the
+norm of the whole row.
+
 Activation files
 ----------------
-A safetensors file with one tensor ``activations`` [N, d_in] (float32 or bfloat16) and metadata
-(model, layer, hook point, ...). ``ActivationFile`` memory-maps it, so training reads rows on
-demand; ``write_activation_file`` writes one atomically from an iterator of chunks.
+A safetensors file with one tensor ``activations`` [N, d_in + d_target] (float32 or bfloat16)
+and metadata (model, layer, hook point, target hook point and ``d_target`` for pairs, ...).
+``ActivationFile`` memory-maps it, so training reads rows on demand; ``write_activation_file``
+writes one atomically from an iterator of chunks.
 """
 
 from __future__ import annotations
@@ -98,16 +107,26 @@ class ActivationFile:
             raise DataError(f"'{self.path}': '{ACT_KEY}' must be a 2-D float32/bfloat16/float16 "
                             f"tensor (got {info['dtype']} {info['shape']}).")
         np_dtype, self.torch_dtype, size = _ST_DTYPES[info["dtype"]]
-        self.n, self.d_in = (int(v) for v in info["shape"])
+        self.n, self.width = (int(v) for v in info["shape"])
+        """Rows and their width (d_in + d_target)."""
         start, end = info["data_offsets"]
-        if end - start != self.n * self.d_in * size or 8 + hlen + end > self.path.stat().st_size:
+        if end - start != self.n * self.width * size or 8 + hlen + end > self.path.stat().st_size:
             raise DataError(f"'{self.path}' is truncated or corrupt (sizes do not match).")
         if self.n == 0:
             raise DataError(f"Activation file '{self.path}' holds no vectors.")
         raw_meta = header.get("__metadata__") or {}
-        self.meta: dict[str, Any] = json.loads(raw_meta.get("sae_studio", "{}"))
+        try:
+            self.meta: dict[str, Any] = json.loads(raw_meta.get("sae_studio", "{}"))
+            self.d_target = int(self.meta.get("d_target") or 0)
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"'{self.path}' has unreadable metadata ({exc}).") from None
+        if not 0 <= self.d_target < self.width:
+            raise DataError(f"'{self.path}': its d_target ({self.d_target}) does not fit its "
+                            f"rows of {self.width} values.")
+        self.d_in = self.width - self.d_target
+        """The input's width (a transcoder pair's first part)."""
         self._mm = np.memmap(self.path, dtype=np_dtype, mode="r", offset=8 + hlen + start,
-                             shape=(self.n, self.d_in))
+                             shape=(self.n, self.width))
 
     def rows(self, idx: np.ndarray | slice) -> Tensor:
         arr = np.array(self._mm[idx])  # a writable copy, whatever the index
@@ -172,7 +191,7 @@ class CachedActivations:
 
     def __init__(self, path: Path | str, *, seed: int = 0, holdout: int = 16_384) -> None:
         self.file = ActivationFile(path)
-        self.d_in = self.file.d_in
+        self.d_in, self.d_target = self.file.d_in, self.file.d_target
         self.meta = dict(self.file.meta, activations=str(path))
         self.n_holdout = min(holdout, self.file.n // 10)
         self.n_train = self.file.n - self.n_holdout
@@ -246,9 +265,16 @@ class LiveActivations:
         meta: dict[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
         extract: Callable[[Tensor], Tensor] | None = None,
+        target_hook_point: str | None = None,
     ) -> None:
         self.model, self.store, self.layer, self.hook_point = model, store, layer, hook_point
-        self.extract = extract or (lambda ids: extract_layer(model, ids, layer, hook_point))
+        self.target_hook_point = target_hook_point
+        """A transcoder's target (rows [x | y], see the module docstring); None for an SAE."""
+        hooks = [(layer, hook_point)] + ([(layer, target_hook_point)] if target_hook_point
+                                         else [])
+        self.extract = extract or (
+            (lambda ids: torch.cat(extract_layers(model, ids, hooks), dim=-1))
+            if target_hook_point else (lambda ids: extract_layer(model, ids, layer, hook_point)))
         """Token ids [B, T] -> activations [B, T, d] (``SharedExtraction.for_hook`` in a group)."""
         self._sample: Tensor | None = None
         self._holdout: tuple[float | None, Tensor] | None = None
@@ -269,7 +295,10 @@ class LiveActivations:
             raise DataError("The token store has no contexts to train on.")
         self.holdout_ids = np.arange(self.n_train_ctx, n_ctx)
         self.stats = FilterStats()
-        self.d_in = int(self._run(np.array([0]), None)[0].shape[1])
+        self.width = int(self._run(np.array([0]), None)[0].shape[1])
+        """Values per row: d_in + d_target."""
+        self.d_target = self.width // 2 if target_hook_point else 0
+        self.d_in = self.width - self.d_target
         self.stats = FilterStats()
         self.meta = dict(meta or {})
         # stream state
@@ -345,7 +374,7 @@ class LiveActivations:
             if self.progress:
                 self.progress(kept.shape[0])
         if not parts:
-            return torch.empty(0, self.d_in, device=self.device), cursor, median
+            return torch.empty(0, self.width, device=self.device), cursor, median
         norms_cat = torch.cat(norms_all)
         next_median = float(norms_cat.median()) if len(norms_cat) else median
         return torch.cat(parts), cursor, next_median
@@ -450,7 +479,7 @@ class LiveActivations:
         """The held-out contexts' kept vectors (outliers judged by the current median); kept
         while the median stays, so the SAEs of a group share one extraction."""
         if not len(self.holdout_ids):
-            return torch.empty(0, self.d_in)
+            return torch.empty(0, self.width)
         if self._holdout is not None and self._holdout[0] == self.median:
             return self._holdout[1]
         saved = self.stats

@@ -25,12 +25,14 @@ from . import architectures
 from .errors import ConfigError
 from .option_types import INT64_MAX, OptionInfo, check_value, opt, parse_value, range_text
 
-__all__ = ["ALIASES", "B_DEC_INITS", "DEVICES", "HOOK_POINTS", "INT64_MAX", "LR_SCHEDULES",
-           "MAX_LATENTS", "MAX_STEPS", "MAX_VECTORS", "OPTIMIZERS", "PRECISIONS", "OptionInfo",
-           "TrainConfig", "check_value", "matryoshka_widths", "option", "options", "parse_value",
-           "range_text"]
+__all__ = ["ALIASES", "BLOCK_ORDER", "B_DEC_INITS", "DEVICES", "HOOK_POINTS", "INT64_MAX",
+           "LR_SCHEDULES", "MAX_LATENTS", "MAX_STEPS", "MAX_VECTORS", "OPTIMIZERS", "PRECISIONS",
+           "OptionInfo", "TrainConfig", "check_value", "matryoshka_widths", "option", "options",
+           "parse_value", "range_text"]
 
-HOOK_POINTS: tuple[str, ...] = ("residual", "mlp_out", "attn_out")
+HOOK_POINTS: tuple[str, ...] = ("residual", "mlp_out", "attn_out", "mlp_in")
+BLOCK_ORDER: tuple[str, ...] = ("attn_out", "mlp_in", "mlp_out", "residual")
+"""The hook points in the order a block computes them (a transcoder's target comes later)."""
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
@@ -101,7 +103,18 @@ class TrainConfig:
     hook_point: str = opt(
         "residual", label="Hook point", group=DATA, advanced=False, choices=HOOK_POINTS,
         help="Where in the block to read: the residual stream after it (residual), the MLP "
-             "output (mlp_out) or the attention output (attn_out).")
+             "output (mlp_out), the attention output (attn_out) or the MLP's input after its "
+             "norm (mlp_in).")
+    target_hook_point: str | None = opt(
+        None, label="Target hook point", group=DATA, advanced=False, choices=HOOK_POINTS,
+        help="Train a transcoder: read the input at the hook point and predict the activation "
+             "at this later hook point of the same layer (mlp_in -> mlp_out stands in for the "
+             "MLP). The held-out FVU is on the target, and the evaluation splices the output in "
+             "place of the target. Blank = an SAE (reconstruct the input).")
+    skip_connection: bool = opt(
+        False, label="Skip connection", group=SAE, advanced=False,
+        help="A transcoder's output adds a learned linear map of its input (a skip "
+             "transcoder); needs a target hook point.")
     layer: int | None = opt(
         None, label="Layer", group=DATA, advanced=False, min=0, max=4095,
         help="Block index to read, 0 to layers - 1. Blank = the middle layer of the model.")
@@ -380,6 +393,20 @@ class TrainConfig:
                 and self.target_l0 >= self.d_sae(d_in)):
             out["target_l0"] = (f"Target L0 ({self.target_l0:g}) must be below the number of "
                                 f"latents ({self.d_sae(d_in):,}).")
+        if self.target_hook_point is not None and ok("target_hook_point", "hook_point"):
+            order = {h: i for i, h in enumerate(BLOCK_ORDER)}
+            if order[self.target_hook_point] <= order[self.hook_point]:
+                out["target_hook_point"] = (
+                    f"The target hook point ({self.target_hook_point}) must come after the hook "
+                    f"point ({self.hook_point}) in the block, whose order is "
+                    f"{', '.join(BLOCK_ORDER)}: e.g. --hook-point mlp_in --target-hook-point "
+                    "mlp_out.")
+            elif self.tie_weights and ok("tie_weights"):
+                out["tie_weights"] = ("Tie weights does not apply to a transcoder (its decoder "
+                                      "writes the target, not the input); turn it off.")
+        if self.skip_connection and self.target_hook_point is None and ok("skip_connection"):
+            out["skip_connection"] = ("Skip connection needs a target hook point (a transcoder, "
+                                      "e.g. --hook-point mlp_in --target-hook-point mlp_out).")
         widths_used = self.encoder_type in (infos["matryoshka_widths"].applies_to or ())
         if widths_used and ok("matryoshka_widths", "encoder_type"):
             d_sae = self.d_sae(d_in) if d_in is not None and ok("latent_dim",

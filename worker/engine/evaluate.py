@@ -186,6 +186,10 @@ class GroupSAE:
     layer: int
     hook_point: str
     meta: dict[str, Any]
+    target_hook_point: str | None = None
+    """A transcoder's target (same layer): FVU on it, its output spliced there."""
+    target_scale: float | None = None
+    """The target's scale in training (None: ``scale``)."""
 
 
 def evaluate_saes(

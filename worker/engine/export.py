@@ -14,6 +14,18 @@ Then (x - b_dec') W_enc' + b_enc = (s x - b_dec) W_enc + b_enc, and f W_dec' + b
 The pre-activations are unchanged by the folding, so a JumpReLU threshold is written as it is.
 BatchTopK is written as ``"architecture": "jumprelu"`` with its running threshold filled to
 [d_sae] (what it uses at inference); tied weights (standard) are written as two copies.
+
+Transcoders (input x at ``hook_name``, output at ``hook_name_out``, ``d_out``) are written as
+SAELens's ``transcoder`` (standard), ``jumprelu_transcoder`` (jumprelu, batchtopk,
+matryoshka_batchtopk) or, with a skip connection, ``skip_transcoder`` /
+``jumprelu_skip_transcoder``, with ``apply_b_dec_to_input: false``. The input scale s and the
+target scale t fold as
+
+    W_enc' = s W_enc,  W_dec' = W_dec / t,  b_dec' = b_dec / t,  W_skip' = (s / t) W_skip^T
+
+(SAELens's W_skip is [d_out, d_in]). SAELens has no TopK transcoder: a topk transcoder is
+written in the same layout as ``topk_transcoder`` / ``topk_skip_transcoder`` with a note in the
+metadata; ``load_saelens`` reads it, SAELens does not.
 """
 
 from __future__ import annotations
@@ -37,43 +49,82 @@ from .files import replace_folder
 SAELENS_VERSION = "6.0.0"  # the layout version we write; the loader needs >= 6.0.0
 HOOK_NAMES = {"residual": "blocks.{layer}.hook_resid_post",
               "mlp_out": "blocks.{layer}.hook_mlp_out",
-              "attn_out": "blocks.{layer}.hook_attn_out"}
+              "attn_out": "blocks.{layer}.hook_attn_out",
+              "mlp_in": "blocks.{layer}.ln2.hook_normalized"}
+SAELENS_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder",
+                       "jumprelu_skip_transcoder")
+"""The transcoder architectures SAELens loads (sae_lens.saes.transcoder)."""
+TRANSCODER_BASES = {"transcoder": "standard", "skip_transcoder": "standard",
+                    "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu",
+                    "topk_transcoder": "topk", "topk_skip_transcoder": "topk"}
+"""The transcoder architectures ``load_saelens`` reads, and the type each loads as."""
 
 
-def saelens_weights(sae: SAE, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """The SAELens tensors (fp32, on the CPU) with the input scale folded in."""
+def _hook_name(hook_point: str, layer: Any) -> str:
+    return HOOK_NAMES.get(hook_point, hook_point).format(layer=layer) if layer is not None else ""
+
+
+def transcoder_architecture(sae: SAE) -> str:
+    """The architecture a transcoder is exported as: SAELens's where it has one, else ours."""
+    arch = sae.transcoder_architecture()
+    if arch is not None:
+        return arch
+    return f"{sae.saelens_architecture}_{'skip_' if sae.W_skip is not None else ''}transcoder"
+
+
+def saelens_weights(sae: SAE, scale: float = 1.0, target_scale: float | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The SAELens tensors (fp32, on the CPU) with the input scale (and a transcoder's target
+    scale; None: the input's) folded in."""
+    out_scale = scale if target_scale is None else target_scale
     with torch.no_grad():
         weights = {
             "W_enc": (sae.W_enc.float() * scale).cpu().contiguous(),
             "b_enc": sae.b_enc.float().cpu().contiguous(),
-            "W_dec": (sae.W_dec.float() / scale).cpu().contiguous(),
-            "b_dec": (sae.b_dec.float() / scale).cpu().contiguous(),
+            "W_dec": (sae.W_dec.float() / out_scale).cpu().contiguous(),
+            "b_dec": (sae.b_dec.float() / out_scale).cpu().contiguous(),
         }
         thresholds = sae.thresholds()
         if thresholds is not None:  # pre-activations are scale-free: no folding
             weights["threshold"] = thresholds.float().cpu().contiguous()
+        if sae.W_skip is not None:  # SAELens's W_skip is [d_out, d_in]
+            weights["W_skip"] = (sae.W_skip.float() * (scale / out_scale)).T.cpu().contiguous()
     return weights
 
 
 def export_saelens(
-    sae: SAE, folder: Path | str, *, scale: float = 1.0, meta: dict[str, Any] | None = None,
-    sparsity: torch.Tensor | Path | None = None,
+    sae: SAE, folder: Path | str, *, scale: float = 1.0, target_scale: float | None = None,
+    meta: dict[str, Any] | None = None, sparsity: torch.Tensor | Path | None = None,
 ) -> Path:
     """Write the SAELens folder atomically (built beside it, then renamed into place).
 
-    ``sparsity``: the latents' firing frequencies [d_sae] (written as log10), or an existing
+    ``target_scale``: a transcoder's target scale (None: ``scale``). ``sparsity``: the
+    latents' firing frequencies [d_sae] (written as log10), or an existing
     sparsity.safetensors to copy as it is, or None (no sparsity file)."""
     folder = Path(folder)
     meta = meta or {}
-    weights = saelens_weights(sae, scale)
+    weights = saelens_weights(sae, scale, target_scale)
     layer, hook_point = meta.get("layer"), meta.get("hook_point", "residual")
-    hook_name = meta.get("hook_name") or (
-        HOOK_NAMES.get(hook_point, hook_point).format(layer=layer) if layer is not None else "")
+    hook_name = meta.get("hook_name") or _hook_name(hook_point, layer)
     top, extra_meta = sae.saelens_cfg()
+    if sae.transcoder:
+        arch = transcoder_architecture(sae)
+        target = meta.get("target_hook_point") or ""
+        top = dict(top, d_out=int(sae.W_dec.shape[1]))
+        extra_meta = dict(extra_meta, hook_name_out=_hook_name(target, layer) if target else "",
+                          hook_layer_out=layer, target_hook_point=target,
+                          target_scale_folded=target_scale)
+        if arch not in SAELENS_TRANSCODERS:
+            extra_meta["note"] = ("SAELens has no TopK transcoder architecture: this folder "
+                                  "uses SAELens's layout under sae-studio's own architecture "
+                                  "name; load it with sae-studio (worker.engine.export."
+                                  "load_saelens), not SAELens.")
+    else:
+        arch = sae.saelens_architecture
     cfg: dict[str, Any] = {
-        "architecture": sae.saelens_architecture,
+        "architecture": arch,
         "d_in": sae.d_in, "d_sae": sae.d_sae,
-        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": not sae.transcoder,
         "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
@@ -110,14 +161,19 @@ def load_saelens(folder: Path | str) -> SAE:
                               "sae_weights.safetensors).")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture", "standard")
+    base = TRANSCODER_BASES.get(arch, arch)
     try:
-        cls = architectures.get(arch).load()
+        cls = architectures.get(base).load()
     except ConfigError:
         cls = None
-    if cls is None or cls.saelens_architecture != arch:
+    if cls is None or cls.saelens_architecture != base:
         raise CheckpointError(f"Architecture '{arch}' in '{folder}' is not supported yet.")
     w = load_file(str(w_path))
     sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), **cls.saelens_options(cfg))
+    if arch in TRANSCODER_BASES:
+        sae.make_transcoder(skip_connection="skip_" in arch)
+        if "W_skip" in w:
+            w["W_skip"] = w["W_skip"].T
     missing = [name for name in sae.state_dict() if name not in w]
     if missing:
         raise CheckpointError(f"'{folder}' is a {arch} SAE without a {missing[0]} tensor.")
@@ -167,6 +223,7 @@ def export_checkpoint(checkpoint: Path | str, folder: Path | str) -> Path:
     folder has none."""
     sae, m = sae_from_checkpoint(checkpoint)
     scale = float(m.get("scale", 1.0))
-    sparsity = run_sparsity(checkpoint, saelens_weights(sae, scale))
-    return export_saelens(sae, folder, scale=scale, meta=m.get("source_meta") or {},
-                          sparsity=sparsity)
+    target_scale = float(m.get("target_scale") or scale)
+    sparsity = run_sparsity(checkpoint, saelens_weights(sae, scale, target_scale))
+    return export_saelens(sae, folder, scale=scale, target_scale=target_scale,
+                          meta=m.get("source_meta") or {}, sparsity=sparsity)

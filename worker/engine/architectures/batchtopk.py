@@ -48,14 +48,14 @@ class BatchTopKSAE(TopKSAE):
         vals, cols, offsets, pre = kernels.BatchTopKEncode.apply(x, self.W_enc, bias, self.k)
         return vals, cols, offsets, pre
 
-    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+    def forward(self, x: Tensor, *, target: Tensor | None = None, sparsity_coef: float = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
         if self.training:
-            return super().forward(x, dead_mask=dead_mask)
+            return super().forward(x, target=target, dead_mask=dead_mask)
         # inference (the trainer's held-out evaluation): the fixed threshold, no gradient path
         f = self.encode(x)
         x_hat = self.decode(f)
-        mse = self.mse(x, x_hat)
+        mse = self.mse(x if target is None else target, x_hat)
         l0, fired = kernels.active_stats(f > 0)
         return ForwardOutput(x_hat, mse, mse, mse.new_zeros(()), l0, fired)
 

@@ -65,15 +65,17 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x)
         return pre.relu() * (pre > self.threshold)
 
-    def forward(self, x: Tensor, *, sparsity_coef: float | Tensor = 0.0,
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                sparsity_coef: float | Tensor = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
+        y = x if target is None else target
         # The sparse step keeps a superset of the active entries and of the straight-through
         # window (pre - theta) / bw > -1/2; entries outside both get no value and no gradient.
         floor = self.threshold.detach() - 0.75 * self.bandwidth
         pre, csr = kernels.threshold_pre_acts(x, self.W_enc, self.enc_bias(), floor,
                                               self.sparse_max_density)
         if csr is None:
-            return self._dense(x, pre, sparsity_coef)
+            return self._dense(y, pre, sparsity_coef)
         self.sparse_steps += 1
         n = x.shape[0]
         theta = self.threshold.index_select(0, csr.cols)
@@ -85,7 +87,7 @@ class JumpReLUSAE(SAE):
         f = pre.float() * active + st * (-(theta_c / self.bandwidth) * window)
         decoded, l0, fired = kernels.csr_decode(f, self.W_dec, csr)
         x_hat = decoded + self.b_dec
-        mse = self.mse(x, x_hat)
+        mse = self.mse(y, x_hat)
         if isinstance(sparsity_coef, Tensor) or sparsity_coef > 0:  # a tensor: target-L0 control
             step = active.float() + st * (-window / self.bandwidth)
             if self.penalty_to_pre:  # value 0, gradient window / bandwidth to pre
@@ -95,11 +97,12 @@ class JumpReLUSAE(SAE):
             aux = mse.new_zeros(())
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
 
-    def _dense(self, x: Tensor, pre: Tensor, l0_coef: float | Tensor) -> ForwardOutput:
+    def _dense(self, y: Tensor, pre: Tensor, l0_coef: float | Tensor) -> ForwardOutput:
+        """The dense step on pre-activations ``pre``; ``y`` the decode's target."""
         theta = self.threshold
         f = kernels.JumpReLUFn.apply(pre, theta, self.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
-        mse = self.mse(x, x_hat)
+        mse = self.mse(y, x_hat)
         if isinstance(l0_coef, Tensor) or l0_coef > 0:
             l0_ste = kernels.StepFn.apply(pre, theta, self.bandwidth).sum(-1).mean()
             if self.penalty_to_pre:  # value 0, gradient window / bandwidth to pre

@@ -78,15 +78,16 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return dict(super().config_options(cfg, d_in, d_sae),
                     matryoshka_widths=cfg.prefix_widths(d_sae))
 
-    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+    def forward(self, x: Tensor, *, target: Tensor | None = None, sparsity_coef: float = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
         if not self.training:  # the held-out evaluation: BatchTopK's inference
-            return super().forward(x, dead_mask=dead_mask)
+            return super().forward(x, target=target, dead_mask=dead_mask)
+        y = x if target is None else target
         bias = self.enc_bias()
         vals, cols, offsets, pre = self.select(x, bias)
         vals = vals.relu()
         prefix = level_sums(cols, offsets, vals, self.W_dec, self.matryoshka_widths).cumsum(1)
-        errs = x.float()[:, None, :] - (prefix.float() + self.b_dec.float())  # [n, L, d_in]
+        errs = y.float()[:, None, :] - (prefix.float() + self.b_dec.float())  # [n, L, d_in]
         level_mse = errs.pow(2).mean(dim=(0, 2))
         x_hat = prefix[:, -1] + self.b_dec
         aux = self._auxk(x, pre, bias, errs[:, -1], dead_mask)

@@ -33,28 +33,31 @@ class StandardSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
-    def forward(self, x: Tensor, *, sparsity_coef: float | Tensor = 0.0,
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                sparsity_coef: float | Tensor = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
+        y = x if target is None else target
         if self.tie_weights:  # the decoder is W_enc: plain autograd, dense
-            return self._dense(x, self.pre_acts(x), sparsity_coef)
+            return self._dense(y, self.pre_acts(x), sparsity_coef)
         pre, csr = kernels.threshold_pre_acts(x, self.W_enc, self.enc_bias(), 0.0,
                                               self.sparse_max_density)
         if csr is None:
-            return self._dense(x, pre, sparsity_coef)
+            return self._dense(y, pre, sparsity_coef)
         self.sparse_steps += 1
         f = pre.float()  # every selected entry is > 0: f = relu(pre) there
         decoded, l0, fired = kernels.csr_decode(f, self.W_dec, csr)
         x_hat = decoded + self.b_dec
-        mse = self.mse(x, x_hat)
+        mse = self.mse(y, x_hat)
         norms = self.W_dec.float().norm(dim=1).index_select(0, csr.cols)
         aux = sparsity_coef * ((f * norms).sum() / x.shape[0]) / self.d_in
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired)
 
-    def _dense(self, x: Tensor, pre: Tensor, l1_coef: float | Tensor) -> ForwardOutput:
+    def _dense(self, y: Tensor, pre: Tensor, l1_coef: float | Tensor) -> ForwardOutput:
+        """The dense step on pre-activations ``pre``; ``y`` the decode's target."""
         f = pre.relu()
         w_dec = self.W_dec
         x_hat = f @ w_dec + self.b_dec
-        mse = self.mse(x, x_hat)
+        mse = self.mse(y, x_hat)
         # sum_i f_i ||W_dec[i]|| as a matrix-vector product (no [n, d_sae] temporary), in fp32
         with torch.autocast(f.device.type, enabled=False):
             weighted = (f.float() @ w_dec.float().norm(dim=1)).mean() / self.d_in

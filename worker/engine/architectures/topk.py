@@ -47,13 +47,14 @@ class TopKSAE(SAE):
         vals, idx, pre = kernels.TopKEncode.apply(x, self.W_enc, bias, self.k)
         return vals, idx, None, pre
 
-    def forward(self, x: Tensor, *, sparsity_coef: float = 0.0,
+    def forward(self, x: Tensor, *, target: Tensor | None = None, sparsity_coef: float = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
+        y = x if target is None else target
         bias = self.enc_bias()  # the pre-activation offset, through autograd
         vals, idx, offsets, pre = self.select(x, bias)
         vals = vals.relu()
         x_hat = kernels.bag_decode(idx, offsets, vals, self.W_dec) + self.b_dec
-        err = x.float() - x_hat.float()
+        err = y.float() - x_hat.float()
         mse = err.pow(2).mean()
         aux = self._auxk(x, pre, bias, err, dead_mask)
         on = vals > 0
