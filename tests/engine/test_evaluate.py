@@ -44,6 +44,7 @@ REPORT_KEYS = [
     "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "max_decoder_cosine",
     "near_duplicate_share", "has_logits", "latent_details", "sample_n", "hist_bins",
     "neighbours_n", "logits_n", "promoters_n", "matryoshka_fvu",
+    "target_hook_point", "skip_connection",
 ]
 CE_KEYS = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "ce_loss_recovered", "kl_div",
            "kl_div_with_ablation", "kl_div_score"]

@@ -13,6 +13,11 @@ metrics, a Matryoshka SAE's FVU per prefix) and the per-latent tensors; with
 ``EvalOptions.latent_details`` the weight-only statistics of ``latent_stats`` (decoder
 neighbours, encoder statistics, logit lens) join them.
 
+A transcoder (``GroupSAE.target_hook_point``, ``evaluate_sae(..., target_hook_point=...)``) is
+encoded from its input hook point and compared with, and spliced into, its target hook point
+(``evaluator`` says how); its report names the target (``target_hook_point``,
+``skip_connection``).
+
 ``save_evaluation`` writes ``report.json``, ``latents.safetensors`` and ``vocab.json`` (the whole
 vocabulary) into a folder atomically (``files.replace_folder``); ``load_evaluation`` reads them
 back. The format is docs/eval-format.md (``sae-studio-eval/2``; ``load_evaluation`` also reads
@@ -66,6 +71,7 @@ REPORT_KEYS = (
     "near_duplicate_share", "has_logits", "latent_details", "sample_n", "hist_bins",
     "neighbours_n", "logits_n", "promoters_n",
     "matryoshka_fvu",  # Matryoshka SAEs: FVU of each prefix of the dictionary; else null
+    "target_hook_point", "skip_connection",  # transcoders: the target; null / false for an SAE
 )
 
 
@@ -163,6 +169,8 @@ def evaluate_sae(
     options: EvalOptions | None = None,
     meta: dict[str, Any] | None = None,
     progress: Callable[[float, str], None] | None = None,
+    target_hook_point: str | None = None,
+    target_scale: float | None = None,
 ) -> Evaluation:
     """Evaluate ``sae`` (trained on activations times ``scale``) on ``contexts`` [n, T].
 
@@ -170,10 +178,12 @@ def evaluate_sae(
     ``autocast_dtype`` (bf16/fp16) applies to the SAE only. ``meta`` may give the report's
     ``model`` (default: the model's name), ``step`` and ``created_at``. ``progress(fraction,
     message)`` is called after each batch. The top contexts' indices are rows of ``contexts``.
+    A transcoder needs its ``target_hook_point`` and ``target_scale`` (``GroupSAE``'s).
     """
-    return evaluate_saes([GroupSAE(sae, scale, layer, hook_point, meta or {})], loaded, contexts,
-                         special_ids=special_ids, device=device, autocast_dtype=autocast_dtype,
-                         options=options, progress=progress)[0]
+    group = GroupSAE(sae, scale, layer, hook_point, meta or {},
+                     target_hook_point=target_hook_point, target_scale=target_scale)
+    return evaluate_saes([group], loaded, contexts, special_ids=special_ids, device=device,
+                         autocast_dtype=autocast_dtype, options=options, progress=progress)[0]
 
 
 @dataclass
@@ -187,9 +197,11 @@ class GroupSAE:
     hook_point: str
     meta: dict[str, Any]
     target_hook_point: str | None = None
-    """A transcoder's target (same layer): FVU on it, its output spliced there."""
+    """A transcoder's target (same layer): FVU on it, its output spliced there; None for an
+    SAE (a transcoder without one, or an SAE with one, is a ConfigError)."""
     target_scale: float | None = None
-    """The target's scale in training (None: ``scale``)."""
+    """The target's scale in training (the checkpoint meta's ``target_scale``; None:
+    ``scale``)."""
 
 
 def evaluate_saes(
@@ -219,7 +231,8 @@ def evaluate_saes(
         g.sae.to(dev).eval()
     special = torch.tensor(sorted({int(i) for i in special_ids}), dtype=torch.long, device=dev)
     evs = [Evaluator(g.sae, g.scale, loaded, g.layer, g.hook_point, special, dev,
-                     autocast_dtype, opts) for g in saes]
+                     autocast_dtype, opts, target_hook_point=g.target_hook_point,
+                     target_scale=g.target_scale) for g in saes]
     bins = opts.hist_bins if opts.latent_details else 0
     totals = [Totals(ev.d_sae, dev, hist_bins=bins) for ev in evs]
     tops = [TopN.empty(ev.d_sae, opts.top_n, ev.W, dev) for ev in evs]
@@ -281,7 +294,8 @@ def _evaluation(ev: Evaluator, total: Totals, top: TopN, sample: Sample | None,
     stats = None
     if ev.opt.latent_details:
         o = ev.opt
-        stats = latent_stats(ev.sae, ev.scale, loaded.model, neighbours_n=o.neighbours_n,
+        # the decoder writes on the target's scale (a transcoder's; = scale for an SAE)
+        stats = latent_stats(ev.sae, ev.target_scale, loaded.model, neighbours_n=o.neighbours_n,
                              logits_n=o.logits_n, promoters_n=o.promoters_n)
     report = _report(ev, total, loaded, meta, n, t, stats.report if stats else None)
     fired = total.fired.cpu()
@@ -361,7 +375,7 @@ def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any],
         "contexts": n, "context_size": t, "tokens": n * t,
         "scored_tokens": int(s.n),
         "fvu": json_safe(fvu), "explained_variance": json_safe(None if fvu is None else 1 - fvu),
-        "l0": s.l0 / s.n, "mse": s.err / (s.n * ev.d_in),
+        "l0": s.l0 / s.n, "mse": s.err / (s.n * ev.d_out),
         **json_safe(ce),
         "downstream_note": note,
         "dead": dead, "dense": int((freq > o.dense_threshold).sum()), "alive": ev.d_sae - dead,
@@ -388,14 +402,16 @@ def _report(ev: Evaluator, s: Totals, loaded: LoadedModel, meta: dict[str, Any],
         "sample_n": o.sample_n, "hist_bins": o.hist_bins, "neighbours_n": o.neighbours_n,
         "logits_n": o.logits_n, "promoters_n": o.promoters_n,
         "matryoshka_fvu": _prefix_fvu(ev, s),
+        "target_hook_point": ev.target_hook_point, "skip_connection": ev.skip_connection,
     }
     assert tuple(report) == REPORT_KEYS
     return report
 
 
 def _prefix_fvu(ev: Evaluator, s: Totals) -> list[dict[str, Any]] | None:
-    """A Matryoshka SAE's FVU of each prefix (its latents below ``width`` alone, about the same
-    mean as ``fvu``; the last is the whole SAE's ``fvu``); None for the other types."""
+    """A Matryoshka SAE's FVU of each prefix (its latents below ``width`` alone, plus a skip
+    transcoder's skip term, against what ``fvu`` compares with, about the same mean; the last
+    is the whole SAE's ``fvu``); None for the other types."""
     widths = getattr(ev.sae, "matryoshka_widths", None)
     if s.prefix_err is None or not widths:
         return None

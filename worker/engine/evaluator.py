@@ -2,15 +2,16 @@
 
 ``Evaluator.run_batch`` does, for ``ids`` ``[B, T]``:
 
-1. clean forward of the whole model; a forward hook on ``hook_module(model, layer, hook_point)``
-   copies the activation (a block returning a tuple is read at its first element; OPT's ``fc2``
-   returns flattened ``[B*T, d]`` tokens, reshaped to ``[B, T, d]``). A non-causal model runs
-   only as far as the hooked module (``models.run_to``). The SAE encodes the activations (times
-   ``scale``, as in training) of whole contexts at a time; at the scored positions (not position
-   0, not special ids, per ``EvalOptions``) it accumulates (``Totals``) FVU (streaming mean and
-   sum of squares, Chan's merge), MSE on the raw scale, L0, firing counts, max and mean
-   activation, SAEBench's shrinkage sums (norms of x and x_hat, their ratio, cosine, x_hat . x),
-   for a Matryoshka SAE (one with ``prefix_errors``) each prefix's squared error,
+1. clean forward of the whole model; a hook (``models.add_hook``: a module's output, or its
+   input for ``mlp_in``) on ``hook_module(model, layer, hook_point)`` copies the activation (a
+   block returning a tuple is read at its first element; OPT's ``fc1`` / ``fc2`` see flattened
+   ``[B*T, d]`` tokens, reshaped to ``[B, T, d]``). A non-causal model runs only as far as the
+   hooked modules (``models.run_to_many``). The SAE encodes the activations (times ``scale``,
+   as in training) of whole contexts at a time; at the scored positions (not position 0, not
+   special ids, per ``EvalOptions``) it accumulates (``Totals``) FVU (streaming mean and sum of
+   squares, Chan's merge), MSE on the raw scale, L0, firing counts, max and mean activation,
+   SAEBench's shrinkage sums (norms of x and x_hat, their ratio, cosine, x_hat . x), for a
+   Matryoshka SAE (one with ``prefix_errors``) each prefix's squared error,
    and merges each latent's top-N candidates of the batch, with their windows, into the batch's
    top-N (``TopN``; excluded positions have activation 0 and are never candidates). With
    ``EvalOptions.latent_details`` it also counts the contexts each latent fires in, adds the
@@ -22,9 +23,18 @@
    positions replaced by the reconstructions (the other positions unchanged);
 3. (causal LMs only) zero-ablated forward: the scored positions set to 0.
 
+A transcoder (``target_hook_point``: it reads x at ``hook_point`` and predicts y at the target
+hook point of the same block, e.g. the MLP's input -> its output) is read the same way, except
+that what it is compared with and spliced into is the target: the clean forward captures both
+x and y, the latents are ``encode(x * scale)``, the output is ``reconstruct(x * scale, f) /
+target_scale`` (decoded latents plus the skip term), FVU, MSE and the shrinkage sums compare it
+with y, a Matryoshka prefix's output is its decoded prefix plus the same skip term, and steps 2
+and 3 replace / zero y (so ``ce_loss_recovered`` is the share of the MLP's contribution to the
+loss that the transcoder recovers).
+
 In a group (``BatchCache``, several SAEs of one model on one batch) the clean forward runs once
-for every SAE, capturing every hook, and the zero-ablated forward once per hook; the spliced
-forward is each SAE's own.
+for every SAE, capturing every hook (inputs and targets), and the zero-ablated forward once per
+spliced hook; the spliced forward is each SAE's own.
 
 CE losses and KL (clean || spliced, clean || zero-ablated) come from the model's logits
 (log-softmax in float32), over every predicted position (``T - 1`` per context). Memory is
@@ -43,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .models import LoadedModel, hook_module, hook_not_reached, run_to_many
+from .models import LoadedModel, add_hook, hook_module, hook_not_reached, run_to_many
 
 _CHUNK_ELEMENTS = 1 << 25  # dense latents per SAE chunk (128 MiB in float32); >= 1 context
 EMPTY_EXP = -(1 << 20)
@@ -247,8 +257,9 @@ class Totals:
 
     d_sae: int
     device: torch.device
+    # x below: the raw activation an SAE reconstructs (a transcoder's target y), x_hat its output
     n: int = 0  # scored tokens
-    mean: Tensor | None = None  # [d_in] float64 mean of the raw activations
+    mean: Tensor | None = None  # [d] float64 mean of the raw activations x
     m2: float = 0.0  # sum ||x - mean||^2
     err: float = 0.0  # sum ||x - x_hat||^2
     l0: float = 0.0  # sum of active latents
@@ -333,11 +344,17 @@ class Totals:
 class Evaluator:
     """Runs batches of contexts through ``loaded.model`` (hooked at ``hook_point`` of block
     ``layer``) and ``sae`` (trained on activations times ``scale``) on ``device``; ``special``
-    holds the token ids that are not scored, ``autocast_dtype`` applies to the SAE only."""
+    holds the token ids that are not scored, ``autocast_dtype`` applies to the SAE only.
+
+    A transcoder (``sae.transcoder``) names its ``target_hook_point`` (same block) and the
+    target's training scale ``target_scale`` (None: ``scale``): its output is compared with and
+    spliced into the target (module docstring). ``hook`` is the input's (layer, hook point),
+    ``target`` the one compared, spliced and zeroed (= ``hook`` for an SAE)."""
 
     def __init__(self, sae: nn.Module, scale: float, loaded: LoadedModel, layer: int,
                  hook_point: str, special: Tensor, device: torch.device,
-                 autocast_dtype: torch.dtype | None, options: EvalOptions):
+                 autocast_dtype: torch.dtype | None, options: EvalOptions, *,
+                 target_hook_point: str | None = None, target_scale: float | None = None):
         self.sae, self.scale = sae, float(scale)
         self.model = loaded.model
         self.layer, self.hook_point, self.device = layer, hook_point, device
@@ -345,63 +362,74 @@ class Evaluator:
         self.autocast_dtype = autocast_dtype
         self.causal = bool(loaded.info.is_causal)
         self.d_sae, self.d_in = int(sae.d_sae), int(sae.d_in)
+        self.transcoder = target_hook_point is not None
+        if bool(getattr(sae, "transcoder", False)) and not self.transcoder:
+            raise ConfigError("This SAE is a transcoder: it predicts the activation at another "
+                              "hook point, but the evaluation was given no target hook point; "
+                              "evaluate it with the target it was trained on.")
+        if self.transcoder and not getattr(sae, "transcoder", False):
+            raise ConfigError(f"The evaluation was given a target hook point "
+                              f"({target_hook_point}), but this SAE is not a transcoder; "
+                              f"evaluate it without one.")
+        self.target_hook_point = target_hook_point
+        self.target_scale = float(scale if target_scale is None else target_scale)
+        self.skip_connection = getattr(sae, "W_skip", None) is not None
+        self.d_out = int(sae.W_dec.shape[1]) if self.transcoder else self.d_in
         self.W = options.window_before + 1 + options.window_after
         self.hook = (layer, hook_point)
+        self.target = (layer, target_hook_point or hook_point)
         self.module = hook_module(self.model, layer, hook_point)
-        # the hook of the causal forwards: mode "capture" | "splice" | "zero"
-        self._mode = "capture"
-        self._captured: Tensor | None = None
-        self._replacement: Tensor | None = None
-        self._mask: Tensor | None = None
-        self._calls = 0
+        self.target_module = hook_module(self.model, *self.target)
+        self._replacement: Tensor | None = None  # the splice's rows (scored positions)
+        self._mask: Tensor | None = None  # the batch's scored positions [B, T]
 
-    def _checked(self, act: Any, b: int, t: int) -> Tensor:
-        """``act``, the hooked module's output for ``[b, t]`` tokens, if the SAE can read it."""
+    def _checked(self, act: Any, b: int, t: int, target: bool = False) -> Tensor:
+        """``act``, the activation at the input's hook point (``target``: at the target's) for
+        ``[b, t]`` tokens, as ``[b, t, d]``, if the SAE can read (or write) it."""
+        layer, hook_point = self.target if target else self.hook
         if not isinstance(act, Tensor):
             raise ConfigError(
-                f"The hook point '{self.hook_point}' of layer {self.layer} does not output a "
+                f"The hook point '{hook_point}' of layer {layer} does not output a "
                 f"tensor in {type(self.model).__name__}; choose another hook point.")
-        if act.numel() != b * t * self.d_in:
+        d = self.d_out if target else self.d_in
+        if act.numel() != b * t * d:
+            what = ("The transcoder predicts" if target and self.transcoder
+                    else "The SAE reads")
             raise ConfigError(
-                f"The SAE reads {self.d_in}-dimensional activations, but the hook point "
-                f"'{self.hook_point}' of layer {self.layer} gives {act.numel() // (b * t)} "
-                f"values per token; evaluate it with the model, layer and hook point it was "
-                f"trained on.")
-        return act
-
-    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
-        """Capture the activation, or replace it at the scored positions (splice / zero)."""
-        self._calls += 1
-        if self._calls > 1:  # a module reused within one forward: only its first call counts
-            return None
-        tup = isinstance(output, (tuple, list))
-        mask = self._mask
-        b, t = mask.shape
-        act = self._checked(output[0] if tup else output, b, t)
-        if self._mode == "capture":
-            self._captured = act.detach().reshape(b, t, -1).to(torch.float32, copy=True)
-            return None
-        new = act.reshape(b, t, -1).clone()
-        if self._mode == "splice":
-            new[mask] = self._replacement.to(device=new.device, dtype=new.dtype)
-        else:
-            new[mask] = 0
-        new = new.reshape(act.shape)
-        if not tup:
-            return new
-        rest = list(output[1:])
-        return type(output)([new, *rest]) if isinstance(output, list) else (new, *rest)
+                f"{what} {d}-dimensional activations, but the hook point "
+                f"'{hook_point}' of layer {layer} gives {act.numel() // (b * t)} "
+                f"values per token; evaluate it with the model, layer and hook point"
+                f"{'s' if self.transcoder else ''} it was trained on.")
+        return act.reshape(b, t, d)
 
     def _forward(self, ids: Tensor, mode: str) -> Tensor:
-        """The logits of a causal LM's forward with the hook in ``mode``."""
-        self._mode, self._calls = mode, 0
-        handle = self.module.register_forward_hook(self._hook)
+        """The logits of a causal LM's forward with the target's activation changed at the
+        scored positions: ``mode`` "splice" (the SAE's outputs) or "zero"."""
+        mask = self._mask
+        assert mask is not None
+        calls = 0
+
+        def change(act: Tensor) -> Tensor | None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # a module reused within one forward: only its first call counts
+                return None
+            b, t = mask.shape
+            new = self._checked(act, b, t, target=True).clone()
+            if mode == "splice":
+                assert self._replacement is not None
+                new[mask] = self._replacement.to(device=new.device, dtype=new.dtype)
+            else:
+                new[mask] = 0
+            return new.reshape(act.shape)
+
+        handle = add_hook(self.target_module, self.target[1], change)
         try:
             out = self.model(input_ids=ids, use_cache=False)
         finally:
             handle.remove()
-        if self._calls == 0:
-            raise hook_not_reached(self.model, self.layer, self.hook_point)
+        if calls == 0:
+            raise hook_not_reached(self.model, *self.target)
         return out.logits if hasattr(out, "logits") else out[0]
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -433,19 +461,19 @@ class Evaluator:
         sample = (Sample.empty(self.d_sae, self.opt.sample_n, self.W, self.device)
                   if details else None)
 
-        acts, clean = shared.clean(self, ids)
-        recon, top, sample = self._sae_pass(acts, ids, mask, start, stats, top, sample)
-        del acts
+        acts, targets, clean = shared.clean(self, ids)
+        recon, top, sample = self._sae_pass(acts, targets, ids, mask, start, stats, top, sample)
+        del acts, targets
 
         if clean is not None and t > 1:  # causal LMs
             self._replacement = recon
             spliced = self._forward(ids, "splice")
             self._replacement = None
-            targets = ids[:, 1:]
+            targets_ids = ids[:, 1:]
             for i in range(b):
                 lp_clean = F.log_softmax(clean[i, :-1].float(), dim=-1)
                 lp_spliced = F.log_softmax(spliced[i, :-1].float(), dim=-1)
-                tgt = targets[i].unsqueeze(1)
+                tgt = targets_ids[i].unsqueeze(1)
                 stats.ce_clean -= float(lp_clean.gather(1, tgt).sum())
                 stats.ce_spliced -= float(lp_spliced.gather(1, tgt).sum())
                 p_clean = lp_clean.exp()  # p log(p/q) with 0 log 0 = 0 (masked vocab entries)
@@ -460,8 +488,9 @@ class Evaluator:
         return stats, top, sample
 
     def zero_ablation(self, ids: Tensor, clean: Tensor) -> tuple[float, float]:
-        """The zero-ablated forward (causal LMs): its summed next-token log-likelihood and the
-        summed KL(clean || zero-ablated) over predicted positions (``clean``: the logits)."""
+        """The zero-ablated forward (causal LMs; the target's activation zeroed at the scored
+        positions): its summed next-token log-likelihood and the summed KL(clean ||
+        zero-ablated) over predicted positions (``clean``: the logits)."""
         zero = self._forward(ids, "zero")
         targets = ids[:, 1:]
         total, kl_sum = 0.0, 0.0
@@ -473,11 +502,31 @@ class Evaluator:
             kl_sum += float(torch.where(p_clean > 0, p_clean * (lp_clean - lp_zero), 0.0).sum())
         return total, kl_sum
 
-    def _sae_pass(self, acts: Tensor, ids: Tensor, mask: Tensor, start: int, stats: Totals,
-                  top: TopN, sample: Sample | None) -> tuple[Tensor, TopN, Sample | None]:
-        """SAE statistics, top-N and sample candidates, a group of whole contexts at a time.
-        Returns the raw-scale reconstructions of the scored positions ([n_scored, d_in], in
-        ``acts[mask]`` order) and the updated top-N and sample."""
+    def _output(self, x: Tensor, f: Tensor) -> Tensor:
+        """The SAE's output on the target's training scale for raw inputs ``x`` and their
+        latents ``f``: ``decode(f)``; a transcoder's ``reconstruct(x * scale, f)`` (the
+        decoded latents plus its skip term)."""
+        with self._autocast():
+            if self.transcoder:
+                return self.sae.reconstruct(x * self.scale, f)
+            return self.sae.decode(f)
+
+    def _decoded_target(self, x: Tensor, y: Tensor) -> Tensor:
+        """What the decoded latents alone (no skip term) aim at, on the training scale, for
+        raw inputs ``x`` and raw targets ``y``: ``x * scale`` for an SAE; a transcoder's
+        ``loss_target`` (``y * target_scale`` less the skip term, as in training)."""
+        if not self.transcoder:
+            return x * self.scale
+        return self.sae.loss_target(x * self.scale, y * self.target_scale).float()
+
+    def _sae_pass(self, acts: Tensor, targets: Tensor, ids: Tensor, mask: Tensor, start: int,
+                  stats: Totals, top: TopN, sample: Sample | None
+                  ) -> tuple[Tensor, TopN, Sample | None]:
+        """SAE statistics, top-N and sample candidates, a group of whole contexts at a time
+        (``acts`` the input activations [B, T, d_in], ``targets`` what the output is compared
+        with [B, T, d_out]: ``acts`` itself for an SAE). Returns the raw-scale outputs at the
+        scored positions ([n_scored, d_out], in ``acts[mask]`` order) and the updated top-N
+        and sample."""
         b, t, _ = acts.shape
         per = max(1, _CHUNK_ELEMENTS // max(1, t * self.d_sae))
         recons = []
@@ -491,17 +540,19 @@ class Evaluator:
             m_flat = m.reshape(-1)
             f[~m_flat] = 0.0
             x_s = x.reshape(rows, -1)[m_flat]
+            y_s = (targets[c0:c0 + per].to(self.device).reshape(rows, -1)[m_flat]
+                   if self.transcoder else x_s)
             f_s = f[m_flat]
-            with self._autocast():
-                x_hat = self.sae.decode(f_s)
-            x_hat = x_hat.float() / self.scale
-            recons.append(x_hat)
-            stats.add_activations(x_s)
-            stats.err += float((x_s - x_hat).pow(2).sum())
+            y_hat = self._output(x_s, f_s)
+            y_hat = y_hat.float() / self.target_scale
+            recons.append(y_hat)
+            stats.add_activations(y_s)
+            stats.err += float((y_s - y_hat).pow(2).sum())
             if hasattr(self.sae, "prefix_errors"):  # Matryoshka: each prefix's own error
-                errs = self.sae.prefix_errors(x_s * self.scale, f_s) / self.scale ** 2
+                errs = (self.sae.prefix_errors(self._decoded_target(x_s, y_s), f_s)
+                        / self.target_scale ** 2)
                 stats.prefix_err = errs if stats.prefix_err is None else stats.prefix_err + errs
-            _shrinkage(stats, x_s, x_hat)
+            _shrinkage(stats, y_s, y_hat)
             on = f_s > 0
             stats.l0 += float(on.sum())
             stats.fired += on.sum(0)
@@ -586,54 +637,64 @@ class Evaluator:
 
 class BatchCache:
     """What the SAEs of one model share on one batch of contexts: the clean forward (one pass
-    that captures every evaluator's hook; the logits of a causal LM) and, per hook, the
-    zero-ablated forward's log-likelihood. Made for each batch; ``evaluators`` in any order."""
+    that captures every evaluator's input and target hooks; the logits of a causal LM) and, per
+    spliced hook, the zero-ablated forward's log-likelihood. Made for each batch;
+    ``evaluators`` in any order."""
 
     def __init__(self, evaluators: list[Evaluator]) -> None:
         self.evaluators = evaluators
-        self._clean: tuple[dict[tuple[int, str], Tensor], Tensor | None] | None = None
+        self._clean: tuple[dict[tuple[int, str], Any], Tensor | None] | None = None
         self._zero: dict[tuple[int, str], tuple[float, float]] = {}
 
-    def clean(self, ev: Evaluator, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``ev``'s activations ``[B, T, d_in]`` float32 and the logits (None for a model that
-        is not a causal LM: it runs only as far as the deepest hook)."""
+    def clean(self, ev: Evaluator, ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``ev``'s input activations ``[B, T, d_in]`` float32, its targets ``[B, T, d_out]``
+        (the same tensor for an SAE) and the logits (None for a model that is not a causal LM:
+        it runs only as far as the deepest hook)."""
         if self._clean is None:
             self._clean = self._clean_pass(ev, ids)
         acts, logits = self._clean
-        return acts[ev.hook], logits
+        b, t = ids.shape
+        x = ev._checked(acts[ev.hook], b, t)
+        y = ev._checked(acts[ev.target], b, t, target=True) if ev.transcoder else x
+        return x, y, logits
 
     def _clean_pass(self, asking: Evaluator, ids: Tensor
-                    ) -> tuple[dict[tuple[int, str], Tensor], Tensor | None]:
-        b, t = ids.shape
-        by_hook = {e.hook: e for e in self.evaluators}
+                    ) -> tuple[dict[tuple[int, str], Any], Tensor | None]:
+        hooks = list(dict.fromkeys(h for e in self.evaluators for h in (e.hook, e.target)))
+        model = asking.model
         if not asking.causal:
-            outs = run_to_many(asking.model, list(by_hook), input_ids=ids)
-            return {hook: by_hook[hook]._checked(out, b, t).detach().reshape(b, t, -1)
-                    .to(torch.float32, copy=True) for hook, out in zip(by_hook, outs,
-                                                                      strict=True)}, None
-        handles = []
-        for e in by_hook.values():
-            e._mode, e._calls, e._mask = "capture", 0, asking._mask
-            handles.append(e.module.register_forward_hook(e._hook))
+            outs = run_to_many(model, hooks, input_ids=ids)
+            return {h: _float_copy(out) for h, out in zip(hooks, outs, strict=True)}, None
+        captured: dict[tuple[int, str], Any] = {}
+
+        def capture(hook: tuple[int, str]) -> Any:
+            def keep(act: Tensor) -> None:
+                if hook not in captured:  # a module reused within one forward: its first call
+                    captured[hook] = _float_copy(act)
+            return keep
+
+        handles = [add_hook(hook_module(model, *h), h[1], capture(h)) for h in hooks]
         try:
-            out = asking.model(input_ids=ids, use_cache=False)
+            out = model(input_ids=ids, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        acts = {}
-        for hook, e in by_hook.items():
-            if e._calls == 0:
-                raise hook_not_reached(e.model, *hook)
-            acts[hook], e._captured = e._captured, None
-            if e is not asking:
-                e._mask = None
-        return acts, out.logits if hasattr(out, "logits") else out[0]
+        for h in hooks:
+            if h not in captured:
+                raise hook_not_reached(model, *h)
+        return captured, out.logits if hasattr(out, "logits") else out[0]
 
     def zero_ablation(self, ev: Evaluator, ids: Tensor, clean: Tensor) -> tuple[float, float]:
-        """``ev.zero_ablation``, run once per hook."""
-        if ev.hook not in self._zero:
-            self._zero[ev.hook] = ev.zero_ablation(ids, clean)
-        return self._zero[ev.hook]
+        """``ev.zero_ablation``, run once per spliced hook (``ev.target``)."""
+        if ev.target not in self._zero:
+            self._zero[ev.target] = ev.zero_ablation(ids, clean)
+        return self._zero[ev.target]
+
+
+def _float_copy(act: Any) -> Any:
+    """A float32 copy of a captured activation (anything else as it is: ``_checked`` says
+    why it cannot be read)."""
+    return act.detach().to(torch.float32, copy=True) if isinstance(act, Tensor) else act
 
 
 def _shrinkage(stats: Totals, x: Tensor, x_hat: Tensor) -> None:
