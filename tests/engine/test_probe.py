@@ -1,6 +1,7 @@
 """Tests for worker.engine.probe on tiny real models: the activations equal the SAE applied to the
 model's own hooked activation (captured here by a forward hook over the whole model, not by the
-probe's ``run_to``), tokenisation as a training context, steering."""
+probe's ``run_to``), tokenisation as a training context, steering; a transcoder's latents read at
+its input (the MLP's, a pre-hook) and its steering added at its target (the MLP's output)."""
 
 from __future__ import annotations
 
@@ -30,15 +31,21 @@ TEXT = " ".join(kjv_lines(3))
 
 def save_sae_checkpoint(folder: Path, sae: torch.nn.Module, *, scale: float, layer: int,
                         hook_point: str, context_size: int, encoder_type: str = "topk",
-                        step: int = 10) -> Path:
+                        step: int = 10, target_hook_point: str | None = None,
+                        target_scale: float | None = None) -> Path:
     """A checkpoint as the trainer writes one (weights under ``sae.``, the metadata the probe
-    reads), for ``sae``."""
+    reads), for ``sae`` (a transcoder with ``target_hook_point``: its skip connection as
+    ``sae`` has one, ``target_scale`` in the meta as the trainer writes it)."""
+    skip = getattr(sae, "W_skip", None) is not None
     cfg = TrainConfig(encoder_type=encoder_type, layer=layer, hook_point=hook_point,
-                      context_size=context_size, k=4)
+                      context_size=context_size, k=4, target_hook_point=target_hook_point,
+                      skip_connection=skip)
     meta = {"format": "sae-studio-checkpoint/1", "step": step, "tokens": 0,
             "config": cfg.to_dict(), "d_in": int(sae.d_in), "d_sae": int(sae.d_sae),
-            "scale": scale, "source_meta": {"layer": layer, "hook_point": hook_point,
-                                            "context_size": context_size}}
+            "scale": scale, "target_scale": scale if target_scale is None else target_scale,
+            "source_meta": {"layer": layer, "hook_point": hook_point,
+                            "target_hook_point": target_hook_point,
+                            "context_size": context_size}}
     tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     return atomic_save(tensors, meta, checkpoint_path(folder / "checkpoints", step))
 
@@ -71,6 +78,44 @@ def hooked_activation(loaded: LoadedModel, ids: list[int], layer: int, hook_poin
     finally:
         handle.remove()
     return seen[0].reshape(len(ids), -1).float()
+
+
+def hooked_input(loaded: LoadedModel, ids: list[int], layer: int, hook_point: str
+                 ) -> torch.Tensor:
+    """The module's first input during a whole forward (an input hook point such as mlp_in,
+    read by a plain forward pre-hook), [T, d]."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0].detach().clone())
+
+    handle = hook_module(loaded.model, layer, hook_point).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            loaded.model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen[0].reshape(len(ids), -1).float()
+
+
+TC_SCALE, TC_TARGET_SCALE = 0.37, 1.9
+
+
+def make_transcoder_probe(loaded: LoadedModel, tmp_path: Path, *, skip: bool = True,
+                          layer: int = 1) -> Probe:
+    """A probe of a random topk (skip) transcoder of the MLP of block ``layer`` (mlp_in ->
+    mlp_out), trained on inputs times TC_SCALE and targets times TC_TARGET_SCALE."""
+    torch.manual_seed(5)
+    sae = build("topk", D, 4 * D, k=4).make_transcoder(skip)
+    with torch.no_grad():
+        sae.b_enc.add_(0.5)
+        sae.b_dec.normal_(0, 0.1)
+        if skip:
+            sae.W_skip.normal_(0, 0.1)
+    path = save_sae_checkpoint(tmp_path, sae, scale=TC_SCALE, layer=layer, hook_point="mlp_in",
+                               context_size=24, target_hook_point="mlp_out",
+                               target_scale=TC_TARGET_SCALE)
+    return Probe(loaded, load_probe_sae(path))
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +286,73 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(llama: LoadedMo
             if nxt == llama.tokenizer.eos_token_id:
                 break
     assert got == want
+
+
+# ---------------------------------------------------------------------------- transcoders
+def test_load_probe_sae_reads_a_transcoder(llama: LoadedModel, tmp_path: Path) -> None:
+    probe = make_transcoder_probe(llama, tmp_path)
+    p = probe.psae
+    assert (p.hook_point, p.target_hook_point, p.output_hook_point) == ("mlp_in", "mlp_out",
+                                                                        "mlp_out")
+    assert (p.scale, p.target_scale, p.output_scale) == (TC_SCALE, TC_TARGET_SCALE,
+                                                         TC_TARGET_SCALE)
+    assert p.sae.transcoder and p.sae.W_skip is not None
+    assert float(p.sae.W_skip.abs().sum()) > 0  # the skip weights were loaded, not zeros
+    # an SAE's probe has no target: its decoder writes where it reads
+    sae = make_probe(llama, tmp_path / "sae").psae
+    assert (sae.target_hook_point, sae.target_scale) == (None, None)
+    assert (sae.output_hook_point, sae.output_scale) == ("residual", 0.37)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_transcoder_latents_read_the_mlp_input(tiny: dict[str, LoadedModel], tmp_path: Path,
+                                               family: str) -> None:
+    """The latents are encode(mlp input * scale), the input read by a plain pre-hook on the
+    MLP (OPT: fc1, flattened tokens); not the MLP's output."""
+    loaded = tiny[family]
+    probe = make_transcoder_probe(loaded, tmp_path)
+    out = probe.activations(TEXT, latent=2)
+    ids = [t["id"] for t in out["tokens"]]
+    x_in = hooked_input(loaded, ids, 1, "mlp_in")
+    x_out = hooked_activation(loaded, ids, 1, "mlp_out")
+    with torch.no_grad():
+        f = probe.psae.sae.encode(x_in * TC_SCALE)
+        f_wrong = probe.psae.sae.encode(x_out * TC_SCALE)
+    scored = [pos for pos in range(1, len(ids))
+              if ids[pos] not in set(loaded.tokenizer.all_special_ids)]
+    got = torch.tensor([out["latent_acts"][pos] for pos in scored])
+    torch.testing.assert_close(got, f[scored, 2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(f[scored], f_wrong[scored], atol=1e-3)  # the test can tell
+    for pos in scored:
+        want = [n for n in torch.argsort(f[pos], descending=True).tolist() if f[pos, n] > 0]
+        assert [n for n, _ in out["tokens"][pos]["acts"]] == want[:TOP_ACTS]
+
+
+def test_transcoder_steering_adds_at_the_target_in_target_units(llama: LoadedModel,
+                                                                tmp_path: Path) -> None:
+    """Steering a transcoder latent adds c * W_dec / target_scale to the MLP's output; the
+    MLP's input (the transcoder's own input hook point) of that block is unchanged."""
+    probe = make_transcoder_probe(llama, tmp_path)
+    ids = tokenize_context(llama.tokenizer, "In the beginning", 24)
+    clean_out = hooked_activation(llama, ids, 1, "mlp_out")
+    clean_in = hooked_input(llama, ids, 1, "mlp_in")
+    vector = probe.psae.sae.W_dec[9].detach() / TC_TARGET_SCALE * 3.0
+    with probe._added(vector):
+        steered_out = hooked_activation(llama, ids, 1, "mlp_out")
+        steered_in = hooked_input(llama, ids, 1, "mlp_in")
+    torch.testing.assert_close(steered_out - clean_out, vector.expand_as(clean_out),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(steered_in, clean_in, rtol=0, atol=0)
+    # steer() builds that vector from the target scale: its greedy continuation is the one
+    # generated with this hook, and differs from one built with the input's scale
+    # (a coefficient small enough that the two scales give different continuations)
+    prompt = "In the beginning God"
+    got = probe.steer(prompt, 9, 3.0, max_new_tokens=10)
+    ids = tokenize_context(llama.tokenizer, prompt, 24)
+    w = probe.psae.sae.W_dec[9].detach().float()
+    want = probe._decode(probe._generate(ids, 10, None, w / TC_TARGET_SCALE * 3.0))
+    wrong = probe._decode(probe._generate(ids, 10, None, w / TC_SCALE * 3.0))
+    assert got["steered"] == want != wrong
+    assert got["steered"] != got["baseline"]
+    zero = probe.steer(prompt, 9, 0.0, max_new_tokens=10)
+    assert zero["steered"] == zero["baseline"] == got["baseline"]

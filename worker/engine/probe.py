@@ -20,13 +20,20 @@ there and in ``latent_acts``, as they are not scored in training or evaluation. 
 
 ``steer(prompt, latent, coefficient, max_new_tokens, seed)`` (causal LMs only) generates twice
 from the same tokenised prompt: once as the model is, once with ``coefficient * W_dec[latent] /
-scale`` (the decoder row in raw activation units) added to the hook point's output at every
+scale`` (the decoder row in raw activation units) added to the hook point's activation at every
 position, prompt and generated tokens alike. ``seed=None`` decodes greedily; an integer seed
 samples at ``TEMPERATURE`` with a ``torch.Generator`` of that seed, the same for both runs (so
 coefficient 0 gives the baseline exactly, and the global RNG a training in another thread uses
 is never touched). Generation stops at ``max_new_tokens`` or the end-of-sequence token. Answers
 ``{"baseline", "steered"}``: the generated continuations only (the prompt not repeated), decoded
 without special tokens.
+
+A transcoder (its checkpoint names a ``target_hook_point``: the source metadata's, else the
+config's) reads its latents at its input hook point (e.g. ``mlp_in``, the MLP's input) like an
+SAE, but its decoder writes where its output goes: steering adds ``coefficient * W_dec[latent] /
+target_scale`` (the checkpoint meta's ``target_scale``, the target's training scale) to the
+TARGET hook point's activation (e.g. ``mlp_out``). Every hook goes through ``models.add_hook``
+(an input hook point is a forward pre-hook).
 
 No database, queue or web code here: ``worker.interactive`` keeps loaded probes warm and
 ``worker.tasks`` runs them.
@@ -47,7 +54,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .export import sae_from_checkpoint
-from .models import LoadedModel, hook_module, run_to, token_text
+from .models import LoadedModel, add_hook, hook_module, run_to, token_text
 
 TOP_ACTS = 10
 """Latents listed per token in ``activations``."""
@@ -60,7 +67,9 @@ TEMPERATURE = 0.7
 @dataclass
 class ProbeSAE:
     """A trained SAE as the probes use it: trained on activations times ``scale`` at
-    ``hook_point`` of block ``layer``, on contexts of ``context_size`` tokens."""
+    ``hook_point`` of block ``layer``, on contexts of ``context_size`` tokens. A transcoder
+    also names the hook point its output predicts (``target_hook_point``, same block) and the
+    target's training scale (``target_scale``; None: ``scale``)."""
 
     sae: nn.Module
     scale: float
@@ -68,12 +77,25 @@ class ProbeSAE:
     hook_point: str
     context_size: int
     step: int
+    target_hook_point: str | None = None
+    target_scale: float | None = None
+
+    @property
+    def output_hook_point(self) -> str:
+        """Where the decoder writes: the target hook point (a transcoder's), else the input's."""
+        return self.target_hook_point or self.hook_point
+
+    @property
+    def output_scale(self) -> float:
+        """The scale the decoder writes on (raw units = decoder / this)."""
+        return float(self.scale if self.target_scale is None else self.target_scale)
 
 
 def load_probe_sae(checkpoint: Path | str, device: torch.device | str = "cpu") -> ProbeSAE:
     """The SAE of a training checkpoint (as ``export.sae_from_checkpoint`` reads it), on
     ``device`` in eval mode, with the scale, layer, hook point and context size it was trained
-    with (the activation source's metadata, else the config's)."""
+    with (the activation source's metadata, else the config's); a transcoder's with its target
+    hook point and target scale too."""
     sae, meta = sae_from_checkpoint(checkpoint)
     src = meta.get("source_meta") or {}
     cfg = meta.get("config") or {}
@@ -82,10 +104,17 @@ def load_probe_sae(checkpoint: Path | str, device: torch.device | str = "cpu") -
         raise ConfigError(f"The checkpoint {Path(checkpoint).name} does not say which layer its "
                           "SAE reads; probe a checkpoint of a training from a model.")
     context = src.get("context_size") or cfg.get("context_size") or 128
+    target = None
+    if getattr(sae, "transcoder", False):  # built so because the config names its target
+        target = src.get("target_hook_point") or cfg.get("target_hook_point")
+    scale = float(meta.get("scale", 1.0))
     sae.to(device).eval().requires_grad_(False)
-    return ProbeSAE(sae=sae, scale=float(meta.get("scale", 1.0)), layer=int(layer),
+    return ProbeSAE(sae=sae, scale=scale, layer=int(layer),
                     hook_point=str(src.get("hook_point") or cfg.get("hook_point") or "residual"),
-                    context_size=int(context), step=int(meta["step"]))
+                    context_size=int(context), step=int(meta["step"]),
+                    target_hook_point=None if target is None else str(target),
+                    target_scale=(float(meta.get("target_scale") or scale)
+                                  if target is not None else None))
 
 
 def bos_id(tokenizer: Any) -> int | None:
@@ -118,7 +147,8 @@ class Probe:
         self.device = next(self.model.parameters()).device
         self.d_sae = int(sae.sae.d_sae)
         self.special = {int(i) for i in getattr(self.tokenizer, "all_special_ids", ()) or ()}
-        self.module = hook_module(self.model, sae.layer, sae.hook_point)
+        # steering adds to the activation the decoder writes (a transcoder's target)
+        self.module = hook_module(self.model, sae.layer, sae.output_hook_point)
         # the KV cache's keyword: ``cache`` in newer transformers, ``past_key_values`` before
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -166,22 +196,16 @@ class Probe:
     # ------------------------------------------------------------------ steering
     @contextmanager
     def _added(self, vector: Tensor | None) -> Iterator[None]:
-        """Add ``vector`` [d_in] to the hooked module's output at every position (None: no
-        hook)."""
+        """Add ``vector`` [d] to the activation at the decoder's hook point
+        (``ProbeSAE.output_hook_point``) at every position (None: no hook)."""
         if vector is None:
             yield
             return
 
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-            tup = isinstance(output, (tuple, list))
-            act = output[0] if tup else output
-            new = act + vector.to(device=act.device, dtype=act.dtype)
-            if not tup:
-                return new
-            rest = list(output[1:])
-            return type(output)([new, *rest]) if isinstance(output, list) else (new, *rest)
+        def add(act: Tensor) -> Tensor:
+            return act + vector.to(device=act.device, dtype=act.dtype)
 
-        handle = self.module.register_forward_hook(hook)
+        handle = add_hook(self.module, self.psae.output_hook_point, add)
         try:
             yield
         finally:
@@ -235,7 +259,7 @@ class Probe:
         if len(ids) <= (1 if bos_id(self.tokenizer) is not None else 0):
             raise ConfigError("The prompt has no tokens; type a prompt.",
                             {"prompt": "Type a prompt."})
-        w_dec = self.psae.sae.W_dec[latent].detach().float() / self.psae.scale
+        w_dec = self.psae.sae.W_dec[latent].detach().float() / self.psae.output_scale
         baseline = self._generate(ids, max_new_tokens, seed, None)
         steered = self._generate(ids, max_new_tokens, seed, w_dec * float(coefficient))
         return {"baseline": self._decode(baseline), "steered": self._decode(steered)}
