@@ -15,7 +15,8 @@ weight-only part (docs/eval-format.md, format 2).
   of the max encoder / decoder cosines;
 - logit lens (models with an output embedding whose width is the SAE's ``d_in``): each latent's
   decoder row on the raw activation scale (``W_dec[i] / scale``: the SAE was trained on
-  activations times ``scale``) times the unembedding ``W_U`` [vocab, d_in], no final norm; its
+  activations times ``scale``; the evaluation passes a transcoder's ``target_scale``, the scale
+  its decoder writes on) times the unembedding ``W_U`` [vocab, d_in], no final norm; its
   ``logits_n`` highest and lowest tokens, and per token id the ``promoters_n`` latents whose
   value for it is highest.
 
