@@ -115,9 +115,9 @@ def _ce_with(loaded: LoadedModel, ids: Tensor, replace: Tensor | None
     mask = _scored(loaded, ids)
 
     def hook(_m: nn.Module, _i: object, out: Tensor) -> Tensor:
-        new = out.clone()
+        new = out.reshape(*mask.shape, -1).clone()  # OPT's fc2 runs on flattened tokens
         new[mask] = replace.to(new.dtype)
-        return new
+        return new.reshape(out.shape)
 
     handle = (hook_module(loaded.model, LAYER, "mlp_out").register_forward_hook(hook)
               if replace is not None else None)
@@ -306,6 +306,28 @@ def test_transcoder_figures_match_brute_force(llama: LoadedModel, encoder_type: 
     assert r["kl_div"] == pytest.approx(_kl(clean_logits, spliced_logits), rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["opt", "gpt_neox", "phi"])
+def test_transcoder_fvu_and_splice_in_other_families(tiny: dict[str, LoadedModel],
+                                                     family: str) -> None:
+    """OPT (fc1's input and fc2's output on flattened tokens), GPT-NeoX and Phi (attention and
+    MLP in parallel): FVU and the spliced CE loss as computed by hand."""
+    loaded = tiny[family]
+    ctx = _contexts(loaded, 4, 12)
+    ids = torch.from_numpy(ctx)
+    sae = _random_transcoder("topk", True, seed=6, k=6)
+    r = evaluate_sae(sae, SCALE, loaded, ctx, LAYER, "mlp_in", special_ids=_special(loaded),
+                     options=OPTS, target_hook_point="mlp_out",
+                     target_scale=TARGET_SCALE).report
+    mask = _scored(loaded, ids)
+    x, y = _mlp_pair(loaded, ids)
+    bf = _by_hand(sae, x, y, mask)
+    assert r["fvu"] == pytest.approx(bf["fvu"], rel=1e-4)
+    assert r["l0"] == pytest.approx(bf["l0"], rel=1e-6)
+    spliced_ce, _ = _ce_with(loaded, ids, bf["y_hat"])
+    assert r["ce_loss_spliced"] == pytest.approx(spliced_ce, abs=1e-5)
+    assert r["ce_loss_spliced"] != pytest.approx(r["ce_loss_clean"], abs=1e-4)
+
+
 def test_matryoshka_skip_transcoder_prefix_fvu(llama: LoadedModel) -> None:
     """Each prefix's output is its decoded latents plus the whole skip term, against the
     target; the last prefix's FVU is the transcoder's."""
@@ -430,3 +452,18 @@ def test_train_and_evaluate_writes_a_transcoder_report(tiny_dirs: dict[str, Path
     assert values["eval"]["fvu"] == report["fvu"]
     assert report["fvu"] == pytest.approx(values["fvu"], rel=0.5)
     assert report["ce_loss_recovered"] is not None
+
+
+def test_autocast_transcoder_is_close_to_float32(tiny: dict[str, LoadedModel]) -> None:
+    """bf16 autocast (the SAE only) runs the skip term too, and lands near the float32
+    figures."""
+    loaded = tiny["gpt2"]
+    ctx = _contexts(loaded, 4, 12)
+    sae = _random_transcoder("topk", True, seed=2, k=6)
+    kw = {"special_ids": _special(loaded), "options": OPTS, "target_hook_point": "mlp_out",
+          "target_scale": TARGET_SCALE}
+    full = evaluate_sae(sae, SCALE, loaded, ctx, LAYER, "mlp_in", **kw).report
+    half = evaluate_sae(sae, SCALE, loaded, ctx, LAYER, "mlp_in", autocast_dtype=torch.bfloat16,
+                        **kw).report
+    assert half["fvu"] == pytest.approx(full["fvu"], rel=0.05)
+    assert half["ce_loss_spliced"] == pytest.approx(full["ce_loss_spliced"], rel=0.05)
