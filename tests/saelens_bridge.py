@@ -8,7 +8,8 @@ project venv, and must not import the project package:
 SAE_FOLDER is a SAELens v6 folder (cfg.json + sae_weights.safetensors) loaded with
 sae_lens.SAE.load_from_disk on CPU. INPUTS is a safetensors file with a tensor
 ``x`` [N, d_in]. OUTPUTS receives ``feature_acts`` (sae.encode(x)) and ``x_hat``
-(sae.decode(feature_acts)), both float32. One JSON line describing the loaded SAE
+(sae.decode(feature_acts); a transcoder's: its forward, sae(x), which adds a skip term), both
+float32. One JSON line describing the loaded SAE
 is printed to stdout.
 """
 
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
         feature_acts = sae.encode(x)
         if feature_acts.is_sparse:
             feature_acts = feature_acts.to_dense()
-        x_hat = sae.decode(feature_acts)
+        x_hat = sae(x) if "transcoder" in sae.cfg.architecture() else sae.decode(feature_acts)
     save_file(
         {
             "x_hat": x_hat.float().contiguous(),
@@ -51,6 +52,7 @@ def main(argv: list[str]) -> int:
         "sae_class": type(sae).__name__,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        "d_out": getattr(sae.cfg, "d_out", None),
         "k": getattr(sae.cfg, "k", None),
         "n": int(x.shape[0]),
     }

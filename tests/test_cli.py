@@ -416,3 +416,31 @@ def test_a_failed_train_leaves_no_empty_run_folder(tmp_path, capsys):
                  "--device", "cpu", "--out", str(out)]) == 2
     assert "fp16 needs a GPU" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_transcoder_extract_train_and_refusals(tiny, tmp_path, capsys):
+    """Pairs (mlp_in -> mlp_out) extracted to a file train a skip transcoder; the options that
+    make no sense are one-line errors with exit status 2."""
+    data = ["--data-dir", str(tmp_path / "data")]
+    pairs = tmp_path / "pairs.safetensors"
+    assert main([*data, "extract", "--model", str(tiny), "--dataset", "kjv", "--layer", "1",
+                 "--hook-point", "mlp_in", "--target-hook-point", "mlp_out",
+                 "--max-tokens", "3000", "--context-size", "32", "--out", str(pairs)]) == 0
+    capsys.readouterr()
+    f = ActivationFile(pairs)
+    assert (f.n, f.width, f.d_in, f.d_target) == (3000, 64, 32, 32)
+    assert main(["train", "--activations", str(pairs), "--hook-point", "mlp_in",
+                 "--target-hook-point", "mlp_out", "--skip-connection", "--encoder-type",
+                 "jumprelu", "--batch-size", "256", "--total-steps", "5",
+                 "--out", str(tmp_path / "run")]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert 0 < result["fvu"] < 1.5
+    saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu_skip_transcoder"
+    assert saved["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    _fails_cleanly(capsys, ["train", "--activations", str(pairs), "--total-steps", "5"],
+                   "holds transcoder pairs (mlp_in -> mlp_out)")
+    _fails_cleanly(capsys, ["train", "--activations", str(pairs), "--skip-connection"],
+                   "Skip connection needs a target hook point")
+    _fails_cleanly(capsys, ["train", "--activations", str(pairs), "--hook-point", "mlp_out",
+                            "--target-hook-point", "mlp_in"], "must come after the hook point")

@@ -101,6 +101,7 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
         "tags": d["tags"], "sweep_id": d["sweep_id"],
         "encoder": cfg.get("encoder_type", "topk"),
         "layer": cfg.get("layer"), "hook": cfg.get("hook_point", "residual"),
+        "target_hook": cfg.get("target_hook_point"), "skip": bool(cfg.get("skip_connection")),
         "created_at": t.created_at, "started_at": started, "finished_at": t.finished_at,
         "step": step, "total": total, "fraction": fraction, "elapsed": elapsed, "eta": eta,
         "eta_to": eta_to,

@@ -296,10 +296,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else ckpt.parent.parent
     progress = _StderrProgress("evaluate")
     try:
-        report = evaluate_run(cfg, sae.to(device), float(meta.get("scale", 1.0)), out_dir=out,
+        scale = float(meta.get("scale", 1.0))
+        report = evaluate_run(cfg, sae.to(device), scale, out_dir=out,
                               data_dir=_data_dir(args), device=device, step=int(meta["step"]),
                               meta=source, precision=pick_precision(cfg.precision, device),
-                              progress=progress)
+                              progress=progress,
+                              target_scale=float(meta.get("target_scale") or scale))
     finally:
         progress.close()
     assert report is not None  # evaluation_skipped said it runs
@@ -314,7 +316,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .engine.pipeline import check_before_loading, extract_to_file
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, layer=args.layer,
-                      hook_point=args.hook_point, context_size=args.context_size,
+                      hook_point=args.hook_point, target_hook_point=args.target_hook_point,
+                      context_size=args.context_size,
                       seed=args.seed, device=args.device, text_field=args.text_field)
     data_dir = _data_dir(args)
     check_before_loading(cfg, data_dir)
@@ -402,8 +405,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser
 EVALUATE_OPTIONS = ("model", "dataset", "layer", "hook_point", "eval_tokens", "device")
-EXTRACT_OPTIONS = ("model", "dataset", "layer", "hook_point", "context_size", "text_field",
-                   "seed", "device")
+EXTRACT_OPTIONS = ("model", "dataset", "layer", "hook_point", "target_hook_point",
+                   "context_size", "text_field", "seed", "device")
 INFO_OPTIONS = ("encoder_type", "expansion_factor", "latent_dim", "k", "batch_size", "device")
 
 

@@ -357,7 +357,19 @@ def _v6_to_v7(database: SqliteDatabase) -> None:
     database.create_tables([LatentLabel])
 
 
-MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7]
+def _v7_to_v8(database: SqliteDatabase) -> None:
+    """The ``mlp_in`` hook point (transcoders' input) for models registered before it: every
+    model the engine finds an MLP output in has its input too (the same MLP module, OPT's fc1,
+    BERT's intermediate), so it joins the hook points of each model that lists mlp_out."""
+    for model in LanguageModel.select(LanguageModel.id, LanguageModel.hook_points):
+        points = list(model.hook_points or [])
+        if "mlp_out" in points and "mlp_in" not in points:
+            LanguageModel.update(hook_points=[*points, "mlp_in"]).where(
+                LanguageModel.id == model.id).execute()
+
+
+MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,
+              _v7_to_v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

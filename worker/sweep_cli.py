@@ -220,9 +220,11 @@ def memory_groups(runs: list[TrainConfig], d_in: int, n_layers: int | None, data
                             source="file" if cfg.activations else "live",
                             layer=int(cfg.layer or 0), n_layers=n_layers,
                             tie_weights=cfg.tie_weights, eval_tokens=cfg.eval_tokens,
-                            total_steps=cfg.total_steps, file_bytes=file_bytes)
+                            total_steps=cfg.total_steps, file_bytes=file_bytes,
+                            transcoder=cfg.target_hook_point is not None,
+                            skip_connection=cfg.skip_connection)
             for cfg in runs]
-    hooks = [(cfg.layer, cfg.hook_point) for cfg in runs]
+    hooks = [(cfg.layer, cfg.hook_point, cfg.target_hook_point) for cfg in runs]
     groups = split_group(ests, hooks, budget)
     return groups, [group_memory([ests[i] for i in g], [hooks[i] for i in g]) for g in groups]
 

@@ -121,7 +121,24 @@ def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
     assert [jobs.get_model(m.id).status, jobs.get_dataset(d.id).status] == ["failed", "failed"]
     assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
     with db.connection_context():
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+
+
+def test_schema_v8_adds_mlp_in_where_the_model_has_an_mlp(data_dir: Path) -> None:
+    """Models registered before the mlp_in hook point (transcoders' input) gain it next to
+    mlp_out; a model without an MLP output, or one that lists it already, is left alone."""
+    with db.connection_context():
+        old = LanguageModel.create(name="old", source="old", status="ready",
+                                   hook_points=["residual", "mlp_out", "attn_out"])
+        no_mlp = LanguageModel.create(name="x", source="x", status="ready",
+                                      hook_points=["residual", "attn_out"])
+        new = LanguageModel.create(name="new", source="new", status="ready",
+                                   hook_points=["residual", "mlp_in", "mlp_out"])
+        db.execute_sql("PRAGMA user_version = 7")
+    init_db(data_dir / "app.db")
+    assert jobs.get_model(old.id).hook_points == ["residual", "mlp_out", "attn_out", "mlp_in"]
+    assert jobs.get_model(no_mlp.id).hook_points == ["residual", "attn_out"]
+    assert jobs.get_model(new.id).hook_points == ["residual", "mlp_in", "mlp_out"]
 
 
 def test_same_source_added_twice_is_named_apart(enqueued: list) -> None:

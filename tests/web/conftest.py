@@ -32,7 +32,7 @@ def make_model(status: str = "ready", **kw: Any) -> LanguageModel:
     values = dict(name="minilm-l6", source="minilm-l6", status=status, n_layers=6,
                   hidden_dim=384, n_params=22_700_000, vocab_size=30522, dtype="float32",
                   architecture="BertModel", model_type="bert", path="/tmp/sae-web-minilm",
-                  hook_points=["residual", "mlp_out", "attn_out"], progress=1.0)
+                  hook_points=["residual", "mlp_out", "attn_out", "mlp_in"], progress=1.0)
     values.update(kw)
     with db.connection_context():
         return LanguageModel.create(**values)

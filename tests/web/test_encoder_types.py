@@ -10,7 +10,7 @@ from worker.engine import architectures
 from worker.engine.architectures import Architecture
 from worker.engine.config import option
 
-from ..html import attr, element_by_id, find_all, ids
+from ..html import attr, element_by_id, find_all, ids, text_of
 from .conftest import HX, JSON, make_dataset, make_model, make_training
 
 BASE = {"layer": "2", "expansion_factor": "2", "batch_size": "128", "total_steps": "20",
@@ -234,4 +234,41 @@ def test_target_l0_from_the_form_and_json_and_its_bad_values(client, ready, enqu
         assert set(errors) == {"target_l0"} and says in errors["target_l0"], errors
         html = client.post("/trainings", data=form, headers=HX)
         assert html.status_code == 422 and "error-target_l0" in ids(html.data.decode())
+    assert len(enqueued) == 3
+
+
+def test_transcoder_from_the_form_json_and_its_card(client, ready, enqueued):
+    """The target hook point's select starts blank (an SAE); choosing one makes a transcoder,
+    whose card says what it maps; refusals come back as field errors."""
+    page = client.get("/").data.decode()
+    select = element_by_id(page, "input-target_hook_point")
+    options = [(o.get("value"), o.get("selected")) for o in find_all(select, "option")]
+    assert options[0][0] == "" and options[0][1] is not None
+    assert {v for v, _ in options} == {"", "residual", "mlp_out", "attn_out", "mlp_in"}
+    assert 'name="skip_connection"' in page
+    r = client.post("/trainings", data=_form(ready, hook_point="mlp_in",
+                                             target_hook_point="mlp_out",
+                                             skip_connection="true"), headers=JSON)
+    assert r.status_code == 201, r.get_json()
+    t = Training.get_by_id(r.get_json()["id"])
+    assert t.config["target_hook_point"] == "mlp_out" and t.config["skip_connection"] is True
+    assert jobs.default_name(t) == "L2 mlpin→mlpout skip topk k=32"
+    card = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
+    meta = " ".join(text_of(card, f"training-{t.id}-meta").split())
+    assert "MLP input → MLP output (skip transcoder)" in meta
+    sae = client.post("/trainings", data=_form(ready, target_hook_point=""), headers=JSON)
+    assert sae.status_code == 201
+    assert Training.get_by_id(sae.get_json()["id"]).config["target_hook_point"] is None
+    bad = client.post("/trainings", data=_form(ready, hook_point="mlp_out",
+                                               target_hook_point="mlp_in"), headers=JSON)
+    assert bad.status_code == 422
+    assert "must come after the hook point" in bad.get_json()["errors"]["target_hook_point"]
+    lone = client.post("/trainings", data=_form(ready, skip_connection="true"), headers=JSON)
+    assert "needs a target hook point" in lone.get_json()["errors"]["skip_connection"]
+    model, dataset = ready
+    r = client.post("/trainings", json={"model_id": model.id, "dataset_id": dataset.id,
+                                        "layer": 2, "hook_point": "mlp_in",
+                                        "target_hook_point": "mlp_out",
+                                        "encoder_type": "jumprelu"}, headers=JSON)
+    assert r.status_code == 201, r.get_json()
     assert len(enqueued) == 3

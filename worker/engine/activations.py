@@ -512,6 +512,15 @@ class SharedExtraction:
         """The ``extract`` function of the source reading ``hook``."""
         return lambda ids: self.get(hook, ids)
 
+    def for_source(self, layer: int, hook_point: str, target_hook_point: str | None
+                   ) -> Callable[[Tensor], Tensor]:
+        """The ``extract`` function of a source at ``hook_point`` of block ``layer``; for a
+        transcoder's, rows [x | y] with the target at ``target_hook_point`` (one forward)."""
+        if target_hook_point is None:
+            return self.for_hook((layer, hook_point))
+        return lambda ids: torch.cat([self.get((layer, hook_point), ids),
+                                      self.get((layer, target_hook_point), ids)], dim=-1)
+
     def get(self, hook: tuple[int, str], ids: Tensor) -> Tensor:
         key = ids.cpu().numpy().tobytes()
         queue = self.pending[hook]

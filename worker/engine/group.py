@@ -5,7 +5,8 @@
 
 Each member is a ``Trainer`` with its own config, run folder and callbacks; it writes exactly
 what a single training writes (checkpoints with retention, the SAELens export). Members that
-read the same hook (layer, hook point) share one activation source: each step fetches one batch
+read the same hook (layer, hook point, and a transcoder's target hook point) share one
+activation source: each step fetches one batch
 per hook and every member on that hook learns from it, so the model's forward pass is paid once
 for the whole group (``activations.SharedExtraction`` shares it across hooks too). The group
 hears the caller once per step (``trainer.hear``: pause saves every member, stop finishes them
@@ -30,11 +31,20 @@ from .checkpoints import list_checkpoints, load_checkpoint
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
 from .models import default_layer
-from .pipeline import Progress, held_out_evaluation, load_for_extraction, result_values, source_meta
+from .pipeline import (
+    Progress,
+    check_file_target,
+    check_hook_points,
+    held_out_evaluation,
+    load_for_extraction,
+    result_values,
+    source_meta,
+)
 from .sweep import check_group, check_shared
 from .trainer import Callbacks, Trainer, TrainResult, hear
 
-Hook = tuple[int, str]
+Hook = tuple[int, str, str | None]
+"""A source's key: (layer, hook point, target hook point or None)."""
 
 
 @dataclass
@@ -48,8 +58,9 @@ class Member:
 
     @property
     def hook(self) -> Hook:
-        """(layer, hook point); layer -1 for an activation file's own."""
-        return (-1 if self.cfg.layer is None else int(self.cfg.layer), self.cfg.hook_point)
+        """(layer, hook point, target hook point); layer -1 for an activation file's own."""
+        return (-1 if self.cfg.layer is None else int(self.cfg.layer), self.cfg.hook_point,
+                self.cfg.target_hook_point)
 
 
 def resume_points(out_dirs: list[Path], on_skip: Callable[[Path, Exception], None] | None = None
@@ -132,6 +143,8 @@ def open_group_sources(cfgs: list[TrainConfig], *, data_dir: Path, device: torch
     first = cfgs[0]
     if first.activations:
         src = CachedActivations(first.activations, seed=first.seed, holdout=first.eval_tokens)
+        for cfg in cfgs:
+            check_file_target(cfg, src.meta)
         hooks = {Member(cfg, Path()).hook for cfg in cfgs}
         return cfgs, dict.fromkeys(hooks, src), dict.fromkeys(hooks, dict(src.meta)), None
     loaded, store, _ = load_for_extraction(first, data_dir, device, progress)
@@ -140,22 +153,24 @@ def open_group_sources(cfgs: list[TrainConfig], *, data_dir: Path, device: torch
             for cfg in cfgs]
     for cfg in runs:
         cfg.validate(d_in=loaded.info.hidden_size, n_layers=n_layers)
-        if cfg.hook_point not in loaded.info.hook_points:
-            raise ConfigError(f"Hook point '{cfg.hook_point}' is not available for "
-                              f"{loaded.info.name}; choose one of "
-                              f"{', '.join(loaded.info.hook_points)}.")
+        check_hook_points(cfg, loaded.info)
     hooks = list(dict.fromkeys(Member(cfg, Path()).hook for cfg in runs))
-    shared = SharedExtraction(loaded.model, hooks) if len(hooks) > 1 else None
+    reads = list(dict.fromkeys(
+        (layer, point) for layer, hp, target in hooks for point in (hp, target) if point))
+    shared = SharedExtraction(loaded.model, reads) if len(reads) > 1 else None
     sources, metas = {}, {}
     for hook in hooks:
         cfg = next(c for c in runs if Member(c, Path()).hook == hook)
-        metas[hook] = source_meta(cfg, loaded, store, hook[0])
+        layer, hook_point, target = hook
+        metas[hook] = source_meta(cfg, loaded, store, layer)
         sources[hook] = LiveActivations(
-            loaded.model, store, hook[0], hook[1], seed=first.seed,
+            loaded.model, store, layer, hook_point, seed=first.seed,
             buffer_tokens=first.buffer_tokens, exclude_special=first.exclude_special,
             exclude_pos0=first.exclude_pos0, outlier_factor=first.outlier_factor,
             holdout_tokens=first.eval_tokens, device=device, meta=metas[hook],
-            extract=shared.for_hook(hook) if shared is not None else None)
+            extract=None if shared is None else shared.for_source(layer, hook_point, target),
+            target_hook_point=target)
+        metas[hook]["d_target"] = sources[hook].d_target
     return runs, sources, metas, shared
 
 

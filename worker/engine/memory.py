@@ -112,7 +112,7 @@ def estimate_memory(
     source: str | None = None, file_bytes: int = 0, file_dtype: str = "fp32",
     total_steps: int | None = None, eval_tokens: int = 16_384, tie_weights: bool = False,
     context_size: int = 128, batch_contexts: int = 16, layer: int | None = None,
-    n_layers: int | None = None,
+    n_layers: int | None = None, transcoder: bool = False, skip_connection: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a training run in bytes, by term (see the module docstring).
 
@@ -123,6 +123,8 @@ def estimate_memory(
     how much of the file a run reads. ``layer`` / ``n_layers``: on the CPU, a model loaded
     from safetensors in its stored dtype is memory-mapped and only the weights the forward reads
     (blocks up to ``layer``) become resident: model bytes x (layer + 1) / n_layers.
+    ``transcoder``: rows hold input and target (twice the data: batch, buffer, sample, held-out
+    vectors, file rows); ``skip_connection`` adds its [d_in, d_in] matrix to the parameters.
     """
     dev = "cpu" if str(device).split(":")[0] == "cpu" else "cuda"
     src = source or ("live" if model_params else "file")
@@ -133,10 +135,12 @@ def estimate_memory(
     tied = tie_weights and "tie_weights" in arch.options
     n_params = d_in * d_sae * (1 if tied else 2) + d_sae + d_in
     n_params += terms.extra_params_per_latent * d_sae
+    if transcoder and skip_connection:
+        n_params += d_in * d_in
     params = 4 * n_params
     moments = 8 * n_params
     w = 4 * d_in * d_sae
-    row = 4 * d_in
+    row = 4 * d_in * (2 if transcoder else 1)  # a data row (a transcoder's: input + target)
 
     # --- each phase's SAE-side total (params, what else lives then, its transients)
     batch = 2 * batch_size * row  # the batch as read, then scaled
@@ -193,7 +197,7 @@ def estimate_memory(
             allocator = 0
     file_pages = 0
     if dev == "cpu" and src == "file" and file_bytes > 0:
-        file_pages = _resident_file_bytes(file_bytes, d_in * DTYPE_BYTES.get(file_dtype, 4),
+        file_pages = _resident_file_bytes(file_bytes, row // 4 * DTYPE_BYTES.get(file_dtype, 4),
                                           batch_size, total_steps, n_sample, eval_tokens)
     return MemoryEstimate(params, optimizer, max(0, activations), batch_term, model, buffer,
                           runtime, file_pages, allocator, peak_phase)

@@ -87,8 +87,12 @@ def run_name(cfg: TrainConfig) -> str:
         parts = [f"L{cfg.layer}"]
     else:  # the activation file's layer, or the model's middle one
         parts = ["Lfile" if cfg.activations else "Lmid"]
-    if cfg.hook_point != "residual":
+    if cfg.hook_point != "residual" or cfg.target_hook_point:
         parts.append(cfg.hook_point.replace("_", ""))
+    if cfg.target_hook_point:  # a transcoder: L15-mlpin-to-mlpout-skip-topk-...
+        parts += ["to", cfg.target_hook_point.replace("_", "")]
+        if cfg.skip_connection:
+            parts.append("skip")
     parts.append(cfg.encoder_type)
     if applies("k", cfg.encoder_type):
         parts.append(f"k{cfg.k}")

@@ -32,9 +32,9 @@ CURVES = ("loss", "fvu", "l0", "dead", "dead_frac")
 """The curves' series besides ``step`` and ``tokens``."""
 FIGURES = ("fvu", "l0", "dead", "dead_frac", "ce_loss_recovered", "kl_div")
 """The final figures (``final``), with ``window``, ``window_tokens``, ``step`` and ``tokens``."""
-CONFIG_FIELDS = ("encoder_type", "layer", "hook_point", "k", "target_l0", "l1_alpha", "l0_coef",
-                 "expansion_factor", "latent_dim", "learning_rate", "seed", "batch_size",
-                 "total_steps")
+CONFIG_FIELDS = ("encoder_type", "layer", "hook_point", "target_hook_point", "skip_connection",
+                 "k", "target_l0", "l1_alpha", "l0_coef", "expansion_factor", "latent_dim",
+                 "learning_rate", "seed", "batch_size", "total_steps")
 TABLE_SORTS = ("id", "name", "status", "encoder_type", "layer", "sparsity", "width", "steps",
                "fvu", "l0", "dead_frac", "ce_loss_recovered", "kl_div")
 """The comparison table's columns it sorts by (``?sort=``)."""

@@ -106,6 +106,11 @@ def check_form(form: Mapping[str, Any], model: LanguageModel | None,
             and values.get("hook_point", model.hook_points[0]) not in model.hook_points:
         errors["hook_point"] = (f"Hook point '{values.pop('hook_point')}' is not available for "
                                 f"{model.name}; choose one of {', '.join(model.hook_points)}.")
+    if model is not None and model.hook_points and values.get("target_hook_point") \
+            and values["target_hook_point"] not in model.hook_points:
+        errors["target_hook_point"] = (
+            f"Target hook point '{values.pop('target_hook_point')}' is not available for "
+            f"{model.name}; choose one of {', '.join(model.hook_points)}.")
     n_layers = int(model.n_layers) if model is not None and model.n_layers else None
     d_in = int(model.hidden_dim) if model is not None and model.hidden_dim else None
     if values.get("layer") is None and n_layers is not None:

@@ -157,7 +157,7 @@ def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device:
     eval_scale = finish_scale = 1.0
     if group:
         fpt = group_flops_per_token(model, group, d_in)
-        hooks = len({(c.layer, c.hook_point) for c in group})
+        hooks = len({(c.layer, c.hook_point, c.target_hook_point) for c in group})
         eval_scale = (1 + hooks + len(group)) / EVAL_PASSES  # clean, zeroed per hook, spliced
         finish_scale = float(len(group))
     cal = calibration(model.id, device)
@@ -206,7 +206,9 @@ def memory_of(model: LanguageModel, cfg: TrainConfig, device: str | None, precis
                            device="cpu" if device == "cpu" else "cuda", source="live",
                            layer=int(cfg.layer or 0), n_layers=max(1, int(model.n_layers or 1)),
                            tie_weights=cfg.tie_weights, eval_tokens=cfg.eval_tokens,
-                           total_steps=cfg.total_steps)
+                           total_steps=cfg.total_steps,
+                           transcoder=cfg.target_hook_point is not None,
+                           skip_connection=cfg.skip_connection)
 
 
 def _budget() -> tuple[Any, int, str]:
@@ -238,7 +240,7 @@ def group_estimate(model: LanguageModel, cfgs: list[TrainConfig]) -> dict[str, A
     device = cfgs[0].device if cfgs[0].device != "auto" else (hb.device if hb else None)
     precision = _precision(cfgs[0], device)
     ests = [memory_of(model, cfg, device, precision) for cfg in cfgs]
-    hooks = [(cfg.layer, cfg.hook_point) for cfg in cfgs]
+    hooks = [(cfg.layer, cfg.hook_point, cfg.target_hook_point) for cfg in cfgs]
     groups = split_group(ests, hooks, budget)
     sizes = [group_memory([ests[i] for i in g], [hooks[i] for i in g]) for g in groups]
     out: dict[str, Any] = {

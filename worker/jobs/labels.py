@@ -72,7 +72,12 @@ def _short(cfg: Mapping[str, Any]) -> list[str]:
     parts = [f"L{layer}" if layer is not None else
              ("Lfile" if cfg.get("activations") else "Lmid")]
     hook = cfg.get("hook_point") or "residual"
-    if hook != "residual":
+    target = cfg.get("target_hook_point")
+    if target:  # a transcoder: "L15 mlpin→mlpout skip topk k=32"
+        parts.append(f"{str(hook).replace('_', '')}→{str(target).replace('_', '')}")
+        if cfg.get("skip_connection"):
+            parts.append("skip")
+    elif hook != "residual":
         parts.append(str(hook).replace("_", ""))
     parts.append(str(cfg.get("encoder_type") or "topk"))
     sparsity = sparsity_label(cfg)
