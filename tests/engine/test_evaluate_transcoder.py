@@ -436,7 +436,7 @@ def test_train_and_evaluate_writes_a_transcoder_report(tiny_dirs: dict[str, Path
                                                        tmp_path: Path) -> None:
     """A 20-step mlp_in -> mlp_out skip transcoder trained from the tiny GPT-2 and the KJV:
     its report names the target, its FVU is finite and is the target's (the trainer's target
-    scale reached the evaluation: the held-out vectors' FVU and the text's are close)."""
+    scale reached the evaluation: the held-out vectors' FVU and the text's agree)."""
     cfg = TrainConfig(model=str(tiny_dirs["gpt2"]), dataset="kjv", context_size=32,
                       max_tokens=32 * 300, layer=LAYER, hook_point="mlp_in",
                       target_hook_point="mlp_out", skip_connection=True, k=4,
@@ -450,7 +450,9 @@ def test_train_and_evaluate_writes_a_transcoder_report(tiny_dirs: dict[str, Path
     assert math.isfinite(report["fvu"]) and 0 < report["fvu"] < 1
     assert values["eval"]["measured_on"] == "heldout_text"
     assert values["eval"]["fvu"] == report["fvu"]
-    assert report["fvu"] == pytest.approx(values["fvu"], rel=0.5)
+    # the trainer's held-out vectors are these contexts' scored tokens: the same FVU (on the
+    # target, with the trainer's target scale; measured 0.0846881 both)
+    assert report["fvu"] == pytest.approx(values["fvu"], rel=1e-3)
     assert report["ce_loss_recovered"] is not None
 
 
