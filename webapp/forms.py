@@ -17,7 +17,7 @@ from typing import Any
 from worker import jobs
 
 FIRST_ROW = ("model_id", "dataset_id", "encoder_type")
-MODEL_FIELDS = ("layer", "hook_point")
+MODEL_FIELDS = ("layer", "hook_point", "target_hook_point")
 """Re-rendered when the model changes (``/trainings/model-fields``)."""
 EXPANSION_CHOICES = (4, 8, 16, 32)
 """The expansion factors offered (a posted other value is offered too)."""

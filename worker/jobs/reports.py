@@ -84,7 +84,8 @@ SAEBENCH_KEYS = (
 REPORT_V2_DEFAULTS: dict[str, Any] = {
     **dict.fromkeys(SAEBENCH_KEYS), "has_logits": False, "latent_details": False,
     "sample_n": None, "hist_bins": None, "neighbours_n": None, "logits_n": None,
-    "promoters_n": None, "matryoshka_fvu": None,
+    "promoters_n": None, "matryoshka_fvu": None, "target_hook_point": None,
+    "skip_connection": False,
 }
 
 
