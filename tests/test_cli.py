@@ -438,6 +438,13 @@ def test_transcoder_extract_train_and_refusals(tiny, tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
     assert saved["architecture"] == "jumprelu_skip_transcoder"
     assert saved["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    # the pair file names its model, corpus and hook points: evaluate splices at mlp_out
+    assert main([*data, "evaluate", str(tmp_path / "run"), "--eval-tokens", "300"]) == 0
+    out = _last_json(capsys.readouterr().out)
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert report["hook_point"] == "mlp_in" and report["target_hook_point"] == "mlp_out"
+    assert report["skip_connection"] is True and out["fvu"] == report["fvu"] > 0
+    assert report["ce_loss_zero"] != report["ce_loss_clean"]
     _fails_cleanly(capsys, ["train", "--activations", str(pairs), "--total-steps", "5"],
                    "holds transcoder pairs (mlp_in -> mlp_out)")
     _fails_cleanly(capsys, ["train", "--activations", str(pairs), "--skip-connection"],
