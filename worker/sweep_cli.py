@@ -40,9 +40,9 @@ from .engine.errors import ConfigError
 from .engine.files import folder_lock, json_safe
 from .engine.sweep import SWEEP_FIELDS, applies, check_group, expand, unique_names
 
-RESULT_KEYS = ("name", "out", "layer", "hook_point", "encoder_type", "k", "l1_alpha", "l0_coef",
-               "target_l0", "latent_dim", "learning_rate", "seed", "fvu", "l0", "dead_frac",
-               "ce_loss_recovered", "kl_div")
+RESULT_KEYS = ("name", "out", "layer", "hook_point", "target_hook_point", "skip_connection",
+               "encoder_type", "k", "l1_alpha", "l0_coef", "target_l0", "latent_dim",
+               "learning_rate", "seed", "fvu", "l0", "dead_frac", "ce_loss_recovered", "kl_div")
 """A run's entry in the final JSON (null where a figure does not apply)."""
 
 
@@ -135,6 +135,7 @@ def _entry(name: str, cfg: TrainConfig, values: dict[str, Any], d_in: int) -> di
     d_sae = cfg.d_sae(d_in)
     return {
         "name": name, "out": values["out"], "layer": cfg.layer, "hook_point": cfg.hook_point,
+        "target_hook_point": cfg.target_hook_point, "skip_connection": cfg.skip_connection,
         "encoder_type": cfg.encoder_type,
         "k": cfg.k if applies("k", cfg.encoder_type) else None,
         "l1_alpha": cfg.l1_alpha if applies("l1_alpha", cfg.encoder_type) else None,

@@ -410,10 +410,13 @@ def held_out_evaluation(
                          dead_frac=report["dead"] / max(1, report["dead"] + report["alive"]),
                          report=str(Path(out) / "eval"))
         recovered = report.get("ce_loss_recovered")
-        log("Report ready{}: held-out FVU {:.4f}, L0 {:.1f}, {} dead, {} dense{}.".format(
+        target = report.get("target_hook_point")
+        log("Report ready{}: held-out FVU {:.4f}{}, L0 {:.1f}, {} dead, {} dense{}.".format(
             f" ({Path(out).name})" if len(values) > 1 else "",
-            report["fvu"], report["l0"], report["dead"], report["dense"],
-            f", CE loss recovered {100 * recovered:.1f}%" if recovered is not None else ""))
+            report["fvu"], f" (of {target})" if target else "", report["l0"], report["dead"],
+            report["dense"],
+            "" if recovered is None else f", CE loss recovered {100 * recovered:.1f}%"
+            + (f" (spliced at {target})" if target else "")))
     return values
 
 
