@@ -44,9 +44,8 @@ class BatchTopKSAE(TopKSAE):
         """Dense latents of the training selection (k x n largest over the batch)."""
         return kernels.batch_topk_latents(self.pre_acts(x), self.k)
 
-    def select(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        vals, cols, offsets, pre = kernels.BatchTopKEncode.apply(x, self.W_enc, bias, self.k)
-        return vals, cols, offsets, pre
+    def select(self, x: Tensor, bias: Tensor) -> tuple[Tensor, kernels.CSR, Tensor]:
+        return kernels.batch_topk_train_select(x, self.W_enc, bias, self.k)
 
     def forward(self, x: Tensor, *, target: Tensor | None = None, sparsity_coef: float = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:

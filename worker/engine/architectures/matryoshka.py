@@ -14,7 +14,7 @@ per smaller width, each summed over d_in and averaged over tokens: ours divided 
 is BatchTopK's, on the whole SAE's residual. The reported ``mse`` (and the FVU) is the whole
 SAE's.
 
-The prefix reconstructions come from the sparse selection in one ``embedding_bag`` call: a
+The prefix reconstructions come from the sparse selection in one ``kernels.BagDecode``: a
 token's selected latents are sorted by latent id (row-major), so its bag splits into one
 contiguous sub-bag per level (latents in [w_{l-1}, w_l)); the level sums, cumulated over the
 levels, are the prefix reconstructions. Decoding therefore costs what BatchTopK's does, plus
@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
@@ -40,21 +39,16 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 
-def level_sums(cols: Tensor, offsets: Tensor, vals: Tensor, w_dec: Tensor,
-               widths: Sequence[int]) -> Tensor:
+def level_sums(csr: kernels.CSR, vals: Tensor, w_dec: Tensor, widths: Sequence[int]) -> Tensor:
     """Per token and level, the decoded sum of the selected latents in [w_{l-1}, w_l) (without
-    b_dec) [n, L, d_in]. ``cols`` (latent ids), ``offsets`` [n] and ``vals`` as BatchTopK's
-    selection: row-major, a token's latent ids increasing."""
-    n, d_sae, m = offsets.shape[0], w_dec.shape[0], cols.shape[0]
-    counts = torch.diff(offsets, append=offsets.new_full((1,), m))
-    rows = torch.repeat_interleave(torch.arange(n, device=cols.device), counts, output_size=m)
-    keys = rows * d_sae + cols  # increasing: row-major, latent ids increasing within a row
-    starts = torch.tensor([0, *widths[:-1]], device=cols.device)
-    bounds = (torch.arange(n, device=cols.device)[:, None] * d_sae + starts).reshape(-1)
-    bag_offsets = torch.searchsorted(keys, bounds)
-    sums = F.embedding_bag(cols, w_dec, bag_offsets, per_sample_weights=vals.to(w_dec.dtype),
-                           mode="sum")
-    return sums.view(n, len(widths), -1)
+    b_dec) [n, L, d_in], through autograd. ``csr`` and ``vals``: BatchTopK's selection (a
+    token's latent ids increasing, so its levels are too): each entry goes to the sub-bag
+    (token, level), one ``BagDecode`` over n x L bags."""
+    n, levels = csr.shape[0], len(widths)
+    bounds = torch.tensor(widths[:-1], device=csr.cols.device)
+    level = torch.bucketize(csr.cols, bounds, right=True)
+    sub = csr.regroup(csr.rows * levels + level, n * levels)
+    return kernels.BagDecode.apply(vals, w_dec, sub).view(n, levels, -1)
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
@@ -84,15 +78,15 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             return super().forward(x, target=target, dead_mask=dead_mask)
         y = x if target is None else target
         bias = self.enc_bias()
-        vals, cols, offsets, pre = self.select(x, bias)
+        vals, csr, pre = self.select(x, bias)
         vals = vals.relu()
-        prefix = level_sums(cols, offsets, vals, self.W_dec, self.matryoshka_widths).cumsum(1)
+        prefix = level_sums(csr, vals, self.W_dec, self.matryoshka_widths).cumsum(1)
         errs = y.float()[:, None, :] - (prefix.float() + self.b_dec.float())  # [n, L, d_in]
         level_mse = errs.pow(2).mean(dim=(0, 2))
         x_hat = prefix[:, -1] + self.b_dec
         aux = self._auxk(x, pre, bias, errs[:, -1], dead_mask)
         on = vals > 0
-        fired = kernels.fired_counts(cols, on, self.d_sae)
+        fired = kernels.fired_counts(csr.cols, on, self.d_sae)
         l0 = on.sum().float() / x.shape[0]
         return ForwardOutput(x_hat, level_mse.sum() + aux, level_mse[-1], aux, l0, fired,
                              self.min_kept(vals, on))

@@ -2,8 +2,9 @@
 
 loss = mse + aux_k_coef * auxk, where auxk is the normalised error of reconstructing the residual
 (x - x_hat) from the top ``aux_k`` *dead* latents (without b_dec), on a random ``aux_k_frac`` of
-the rows. Decoding reads the k selected decoder rows (``kernels.bag_decode``) and the encoder's
-backward touches only the selected latents (``kernels.TopKEncode``). Decoder rows are kept at
+the rows. The training step is sparse past the encoder's dense product: decoding reads the k
+selected decoder rows per token and both weight gradients touch only the selected (token,
+latent) entries (``kernels.topk_select``, ``kernels.BagDecode``). Decoder rows are kept at
 unit norm. BatchTopK (``batchtopk.py``) is this type with another selection.
 """
 
@@ -42,23 +43,23 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
-    def select(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """Training selection: (values, latent ids, bag offsets or None, detached pre)."""
-        vals, idx, pre = kernels.TopKEncode.apply(x, self.W_enc, bias, self.k)
-        return vals, idx, None, pre
+    def select(self, x: Tensor, bias: Tensor) -> tuple[Tensor, kernels.CSR, Tensor]:
+        """Training selection: (the selected pre-activations [entries] through autograd, their
+        pattern, the detached pre-activations [n, d_sae])."""
+        return kernels.topk_select(x, self.W_enc, bias, self.k)
 
     def forward(self, x: Tensor, *, target: Tensor | None = None, sparsity_coef: float = 0.0,
                 dead_mask: Tensor | None = None) -> ForwardOutput:
         y = x if target is None else target
         bias = self.enc_bias()  # the pre-activation offset, through autograd
-        vals, idx, offsets, pre = self.select(x, bias)
+        vals, csr, pre = self.select(x, bias)
         vals = vals.relu()
-        x_hat = kernels.bag_decode(idx, offsets, vals, self.W_dec) + self.b_dec
+        x_hat = kernels.BagDecode.apply(vals, self.W_dec, csr) + self.b_dec
         err = y.float() - x_hat.float()
         mse = err.pow(2).mean()
         aux = self._auxk(x, pre, bias, err, dead_mask)
         on = vals > 0
-        fired = kernels.fired_counts(idx, on, self.d_sae)
+        fired = kernels.fired_counts(csr.cols, on, self.d_sae)
         l0 = on.sum().float() / x.shape[0]
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, fired, self.min_kept(vals, on))
 
