@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run_bench import machine  # noqa: E402
+from bench.target_l0_bench import SAELENS_FLAG, SAELENS_START, next_coef  # noqa: E402
 from worker.engine import architectures  # noqa: E402
 from worker.engine.activations import write_activation_file  # noqa: E402
 from worker.engine.synthetic import (  # noqa: E402
@@ -87,6 +89,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", type=lambda v: v.split(","), default=None,
                    help="our types to run, comma-separated (default: all registered)")
     p.add_argument("--no-saelens", action="store_true", help="ours only")
+    p.add_argument("--no-match-l0", dest="match_l0", action="store_false",
+                   help="standard / jumprelu at each tool's default coefficient instead of "
+                        "ours at --target-l0 = the true mean L0 and SAELens's coefficient "
+                        "searched to land on our L0")
+    p.add_argument("--saelens-runs", type=int, default=3,
+                   help="most SAELens runs per type in that search")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="the search stops when SAELens's L0 is within this of ours (relative)")
+    p.add_argument("--saelens-start", type=lambda v: dict(kv.split("=") for kv in v.split(",")),
+                   default={}, help="the search's first coefficients, e.g. standard=5,jumprelu=50"
+                                    " (default: SAELens's defaults)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other types' rows of the existing results file (a partial "
+                        "rerun, e.g. --types standard,jumprelu; the same data: same seed/sizes)")
     p.add_argument("--threshold", type=float, default=0.9, help="cosine for 'recovered'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "synthetic")
@@ -188,6 +204,23 @@ def score_decoder(w_dec: torch.Tensor, truth: GroundTruth, threshold: float,
             "recovered": (cos.max(dim=0).values >= threshold).float().mean().item()}
 
 
+def saelens_run(arch: str, theirs: str, coef_flags: list[str], lr: float, k: int,
+                uses_k: bool, common: list[str], args: argparse.Namespace, truth: GroundTruth,
+                method: str, tag: str = "") -> dict[str, Any]:
+    """One SAELens training of ``theirs`` (our ``arch``'s counterpart), scored like ours."""
+    folder = args.work / f"saelens_{arch}{tag}"
+    res, wall = run_json([
+        str(SAELENS_PY), str(SAELENS_TRAIN), *common, "--architecture", theirs,
+        "--k", str(k), *coef_flags,
+        "--total-steps", str(args.steps), "--lr", f"{lr:g}", "--holdout", str(args.holdout),
+        "--normalize", "expected_average_only_in", "--save-sae", str(folder)])
+    w_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"]
+    return {"encoder_type": arch, "tool": f"SAELens ({theirs})", "fvu": res["fvu"],
+            "l0": res["l0"], "dead_frac": res["dead_frac"], "train_s": res["seconds"],
+            "process_s": wall, "lr": lr, "k": k if uses_k else None,
+            **score_decoder(w_dec, truth, args.threshold, method)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -213,12 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     from worker.engine.config import TrainConfig
 
     defaults = TrainConfig()
+    l0_types = architectures.applies_to("target_l0") or ()
     runs: list[dict[str, Any]] = []
     for arch in types:
         info = architectures.get(arch)
         lr = info.lr_base * (4096 / args.n_features) ** 0.5  # our default for this type
         uses_k = "k" in info.options
         extra = ["--k", str(k)] if uses_k else []
+        matched = args.match_l0 and arch in l0_types
+        if matched:  # standard / jumprelu: steered to the true mean L0
+            extra = ["--target-l0", f"{args.mean_l0:g}"]
         out = args.work / f"ours_{arch}"
         res, wall = run_json([
             PY, "-m", "worker", "train", *common, "--encoder-type", arch, *extra,
@@ -230,22 +267,31 @@ def main(argv: list[str] | None = None) -> int:
                      "l0": res["l0"], "dead_frac": res["dead_frac"],
                      "train_s": res["steps"] * args.batch_size / res["tokens_per_s"],
                      "process_s": wall, "lr": lr, "k": k if uses_k else None,
+                     "target_l0": args.mean_l0 if matched else None,
                      **score_decoder(w_dec, truth, args.threshold, method)})
         print(json.dumps(runs[-1]), file=sys.stderr)
         theirs = saelens_name(arch, choices)
         if theirs is None:
             continue
-        folder = args.work / f"saelens_{arch}"
-        res, wall = run_json([
-            str(SAELENS_PY), str(SAELENS_TRAIN), *common, "--architecture", theirs,
-            "--k", str(k), "--l0-coefficient", str(defaults.l0_coef),
-            "--total-steps", str(args.steps), "--lr", f"{lr:g}", "--holdout", str(args.holdout),
-            "--normalize", "expected_average_only_in", "--save-sae", str(folder)])
-        w_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"]
-        runs.append({"encoder_type": arch, "tool": f"SAELens ({theirs})", "fvu": res["fvu"],
-                     "l0": res["l0"], "dead_frac": res["dead_frac"], "train_s": res["seconds"],
-                     "process_s": wall, "lr": lr, "k": k if uses_k else None,
-                     **score_decoder(w_dec, truth, args.threshold, method)})
+        if matched:  # SAELens's coefficient searched to land on our L0
+            aim = res["l0"]
+            coef = float(args.saelens_start.get(theirs, SAELENS_START[theirs]))
+            tried: list[dict[str, Any]] = []
+            for _ in range(args.saelens_runs):
+                tried.append(saelens_run(arch, theirs, [SAELENS_FLAG[theirs], f"{coef:.6g}"],
+                                         lr, k, uses_k, common, args, truth, method,
+                                         tag=f"_c{coef:.6g}"))
+                tried[-1]["coef"] = coef
+                if abs(tried[-1]["l0"] / aim - 1) <= args.tolerance:
+                    break
+                coef = next_coef(tried, aim)
+            best = min(tried, key=lambda r: abs(math.log(max(r["l0"], 1e-3) / aim)))
+            best["search"] = [{key: r[key] for key in ("coef", "l0", "fvu", "mcc")}
+                              for r in tried]
+            runs.append(best)
+        else:
+            runs.append(saelens_run(arch, theirs, ["--l0-coefficient", str(defaults.l0_coef)],
+                                    lr, k, uses_k, common, args, truth, method))
         print(json.dumps(runs[-1]), file=sys.stderr)
 
     results = {
@@ -265,12 +311,38 @@ def main(argv: list[str] | None = None) -> int:
             "train_s": "seconds of the training steps (each tool's own clock)",
             "process_s": "wall seconds of the whole training process (start to exit)"},
         "runs": runs}
+    for r in runs:
+        r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.merge:
+        results = merge(results, args.results.with_suffix(".json"), types)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     args.results.with_suffix(".md").write_text(table)
     print(table)
     return 0
+
+
+def merge(results: dict[str, Any], previous: Path, types: list[str]) -> dict[str, Any]:
+    """``results`` (this run, of ``types``) with the other types' rows from ``previous``,
+    which must describe the same data; rows in the registry's order."""
+    if not previous.exists():
+        return results
+    old = json.loads(previous.read_text())
+    if old["synthetic"] != results["synthetic"] or old["data"]["rows"] != results["data"]["rows"]:
+        raise SystemExit(f"--merge: {previous} is about other data; rerun every type instead")
+    kept = [r for r in old["runs"] if r["encoder_type"] not in types]
+    for r in kept:
+        r.setdefault("date", "earlier run")
+        r.setdefault("load_avg_at_end", old["load_avg_at_end"][0])
+    for r in results["runs"]:
+        r["load_avg_at_end"] = results["load_avg_at_end"][0]
+    order = {name: i for i, name in enumerate(architectures.names())}
+    results["runs"] = sorted(kept + results["runs"],
+                             key=lambda r: order.get(r["encoder_type"], len(order)))
+    results["merged"] = {"rerun_types": types, "kept_from_earlier": sorted(
+        {r["encoder_type"] for r in kept}), "earlier_load_avg_at_end": old["load_avg_at_end"]}
+    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -286,15 +358,34 @@ def markdown(results: dict[str, Any]) -> str:
         f"MCC: mean |cosine| over the {s['matching']} one-to-one matching of decoder rows to "
         f"true features; recovered: share of true features with a decoder row at cosine >= "
         f"{s['threshold']:g}; FVU and L0 on the held-out rows; train s: the training steps; "
-        f"process s: start to exit. Machine: {results['machine']} (shared; load average at the "
-        f"end {results['load_avg_at_end'][0]:.1f}).")
-    lines = [head, "", "| encoder | tool | MCC | recovered | FVU | L0 | train s | process s |",
-             "|---|---|---|---|---|---|---|---|"]
+        f"process s: start to exit; sparsity: what set the L0 (k; our `--target-l0`; "
+        f"SAELens's coefficient, searched over the runs listed to land on our L0). Machine: "
+        f"{results['machine']} (shared; load average at the end "
+        f"{results['load_avg_at_end'][0]:.1f}).")
+    if "merged" in results:
+        m = results["merged"]
+        head += (f" Rows of {', '.join(m['rerun_types'])} from a later run (`--types "
+                 f"{','.join(m['rerun_types'])} --merge`, same data); the others from the "
+                 f"earlier run (load average at its end {m['earlier_load_avg_at_end'][0]:.1f}).")
+    lines = [head, "", "| encoder | tool | sparsity | MCC | recovered | FVU | L0 | train s "
+             "| process s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        lines.append(f"| {r['encoder_type']} | {r['tool']} | {r['mcc']:.3f} "
+        lines.append(f"| {r['encoder_type']} | {r['tool']} | {sparsity(r)} | {r['mcc']:.3f} "
                      f"| {r['recovered']:.1%} | {r['fvu']:.3f} | {r['l0']:.1f} "
                      f"| {r['train_s']:.1f} | {r['process_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def sparsity(run: dict[str, Any]) -> str:
+    """What set a row's L0, for the table."""
+    if run.get("k") is not None:
+        return f"k = {run['k']}"
+    if run.get("target_l0") is not None:
+        return f"target L0 {run['target_l0']:g}"
+    if "search" in run:
+        tried = ", ".join(f"{t['coef']:.3g} -> L0 {t['l0']:.1f}" for t in run["search"])
+        return f"coef {run['coef']:.3g} (tried {tried})"
+    return "default coefficient"
 
 
 if __name__ == "__main__":
