@@ -280,3 +280,44 @@ def test_sae_lens_loads_the_transcoder_export_with_the_same_outputs(
     with torch.no_grad():
         torch.testing.assert_close(load_saelens(tmp_path / "run" / "saelens").reconstruct(x),
                                    y_hat, rtol=1e-4, atol=1e-4)
+
+
+def test_an_sae_and_a_transcoder_reading_one_hook_share_each_forward(
+        base: TrainConfig, tmp_path: Path) -> None:
+    """An SAE on mlp_in and a transcoder mlp_in -> mlp_out in one group: one forward serves
+    both (as many as the transcoder's source alone runs), each reads the rows it would read
+    alone, and no batch is left waiting."""
+    from worker.engine.activations import LiveActivations, SharedExtraction
+    from worker.engine.corpora import build_token_store
+
+    loaded = load_model(base.model)
+    store = build_token_store("kjv", loaded.tokenizer, tmp_path / "tokens", context_size=32,
+                              max_tokens=32 * 300)
+    opts = dict(seed=3, buffer_tokens=2048, holdout_tokens=256, batch_contexts=8,
+                outlier_factor=0.0)  # the SAE judges outliers by x alone, the pairs by [x | y]
+    calls = [0]
+
+    def counted(ids: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return torch.cat(extract_layers(loaded.model, ids, [(1, "mlp_in"), (1, "mlp_out")]),
+                         dim=-1)
+
+    alone = LiveActivations(loaded.model, store, 1, "mlp_in", extract=counted,
+                            target_hook_point="mlp_out", **opts)
+    readers = [((1, "mlp_in"),), ((1, "mlp_in"), (1, "mlp_out"))]
+    shared = SharedExtraction(loaded.model, [(1, "mlp_in"), (1, "mlp_out")], readers=readers)
+    sae_rows = shared.for_source(1, "mlp_in", None)
+    pair_rows = shared.for_source(1, "mlp_in", "mlp_out")
+    sae = LiveActivations(loaded.model, store, 1, "mlp_in", extract=sae_rows, **opts)
+    pairs = LiveActivations(loaded.model, store, 1, "mlp_in", extract=pair_rows,
+                            target_hook_point="mlp_out", **opts)
+    assert (pairs.d_in, pairs.d_target, sae.d_in, sae.d_target) == (32, 32, 32, 0)
+    for _ in range(10):
+        want = alone.next_batch(300)
+        got_pairs, got_sae = pairs.next_batch(300), sae.next_batch(300)
+        torch.testing.assert_close(got_pairs, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_sae, want[:, :32], rtol=0, atol=0)
+    assert shared.forwards == calls[0]
+    assert all(not queue for queue in shared.pending.values())
+    with pytest.raises(ValueError, match="was not declared"):
+        shared.for_source(1, "mlp_out", None)

@@ -494,47 +494,63 @@ class SharedExtraction:
     """One forward pass for several hooks of one model (a group's sources).
 
     The sources of a group visit the same contexts in the same order (one data seed), so the
-    first hook to ask for a batch of contexts runs the model once, stopping after the deepest
-    hook (``models.extract_layers``), and the other hooks' activations wait in their queues
-    until they ask for the same token ids. A hook that asks for ids not in its queue drops what
-    queued before them (batches it skipped) only when the ids are found; otherwise the model
-    runs again. At most ``max_pending`` batches wait per hook.
+    first source to ask for a batch of contexts runs the model once, stopping after the deepest
+    hook (``models.extract_layers``), and the other sources' activations wait in their queues
+    until they ask for the same token ids. A source (a "reader") reads one hook, or two for a
+    transcoder's rows [x | y] (``for_source``); two readers may share a hook (an SAE on mlp_in
+    beside a transcoder from it), each gets its own copy. A reader that asks for ids not in its
+    queue drops what queued before them (batches it skipped) only when the ids are found;
+    otherwise the model runs again. At most ``max_pending`` batches wait per reader.
     """
 
     def __init__(self, model: torch.nn.Module, hooks: list[tuple[int, str]],
-                 max_pending: int = 64) -> None:
+                 max_pending: int = 64,
+                 readers: list[tuple[tuple[int, str], ...]] | None = None) -> None:
+        """``readers``: the hooks of each source, all declared before the first read (so a
+        forward queues every other reader's rows); None = one reader per hook."""
         self.model, self.hooks, self.max_pending = model, list(dict.fromkeys(hooks)), max_pending
-        self.pending: dict[tuple[int, str], dict[bytes, Tensor]] = {h: {} for h in self.hooks}
+        declared = readers if readers is not None else [(h,) for h in self.hooks]
+        self.pending: dict[tuple[tuple[int, str], ...], dict[bytes, Tensor]] = {
+            tuple(r): {} for r in declared}
+        """Per reader (its hooks), the batches waiting for it, by token ids."""
         self.forwards = 0
         """Forward passes run (a test and the bench read it)."""
 
     def for_hook(self, hook: tuple[int, str]) -> Callable[[Tensor], Tensor]:
         """The ``extract`` function of the source reading ``hook``."""
-        return lambda ids: self.get(hook, ids)
+        return self._reader((hook,))
 
     def for_source(self, layer: int, hook_point: str, target_hook_point: str | None
                    ) -> Callable[[Tensor], Tensor]:
         """The ``extract`` function of a source at ``hook_point`` of block ``layer``; for a
         transcoder's, rows [x | y] with the target at ``target_hook_point`` (one forward)."""
-        if target_hook_point is None:
-            return self.for_hook((layer, hook_point))
-        return lambda ids: torch.cat([self.get((layer, hook_point), ids),
-                                      self.get((layer, target_hook_point), ids)], dim=-1)
+        points = (hook_point,) if target_hook_point is None else (hook_point, target_hook_point)
+        return self._reader(tuple((layer, p) for p in points))
 
-    def get(self, hook: tuple[int, str], ids: Tensor) -> Tensor:
+    def _reader(self, hooks: tuple[tuple[int, str], ...]) -> Callable[[Tensor], Tensor]:
+        if hooks not in self.pending:
+            raise ValueError(f"reader {hooks} was not declared ({list(self.pending)})")
+        return lambda ids: self.get(hooks, ids)
+
+    def get(self, reader: tuple[tuple[int, str], ...], ids: Tensor) -> Tensor:
+        """The activations of ``reader``'s hooks (concatenated) for token ids ``ids``."""
         key = ids.cpu().numpy().tobytes()
-        queue = self.pending[hook]
+        queue = self.pending[reader]
         if key in queue:
             for old in list(queue):
                 if old == key:
                     return queue.pop(old)
-                del queue[old]  # a batch this hook skipped
-        outputs = extract_layers(self.model, ids, self.hooks)
+                del queue[old]  # a batch this reader skipped
+        outputs = dict(zip(self.hooks, extract_layers(self.model, ids, self.hooks), strict=True))
         self.forwards += 1
-        for other, acts in zip(self.hooks, outputs, strict=True):
-            if other != hook:
-                waiting = self.pending[other]
-                waiting[key] = acts
+
+        def rows(hooks: tuple[tuple[int, str], ...]) -> Tensor:
+            parts = [outputs[h] for h in hooks]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+        for other, waiting in self.pending.items():
+            if other != reader:
+                waiting[key] = rows(other)
                 while len(waiting) > self.max_pending:
                     del waiting[next(iter(waiting))]
-        return outputs[self.hooks.index(hook)]
+        return rows(reader)

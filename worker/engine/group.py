@@ -155,9 +155,10 @@ def open_group_sources(cfgs: list[TrainConfig], *, data_dir: Path, device: torch
         cfg.validate(d_in=loaded.info.hidden_size, n_layers=n_layers)
         check_hook_points(cfg, loaded.info)
     hooks = list(dict.fromkeys(Member(cfg, Path()).hook for cfg in runs))
-    reads = list(dict.fromkeys(
-        (layer, point) for layer, hp, target in hooks for point in (hp, target) if point))
-    shared = SharedExtraction(loaded.model, reads) if len(reads) > 1 else None
+    readers = [tuple((layer, p) for p in (hp, target) if p) for layer, hp, target in hooks]
+    reads = list(dict.fromkeys(h for reader in readers for h in reader))
+    shared = (SharedExtraction(loaded.model, reads, readers=readers) if len(readers) > 1
+              else None)
     sources, metas = {}, {}
     for hook in hooks:
         cfg = next(c for c in runs if Member(c, Path()).hook == hook)
