@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 if abs(tried[-1]["l0"] / aim - 1) <= args.tolerance:
                     break
                 coef = next_coef(tried, aim)
+                if coef is None:  # nothing new to try (L0 did not fall with the coefficient)
+                    break
             best = min(tried, key=lambda r: abs(math.log(max(r["l0"], 1e-3) / aim)))
             best["search"] = [{key: r[key] for key in ("coef", "l0", "fvu", "mcc")}
                               for r in tried]
@@ -294,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                                     lr, k, uses_k, common, args, truth, method))
         print(json.dumps(runs[-1]), file=sys.stderr)
 
+    write_results(args, cfg, data, runs, types, expansion, k, method)
+    return 0
+
+
+def write_results(args: argparse.Namespace, cfg: SyntheticConfig, data: dict[str, Any],
+                  runs: list[dict[str, Any]], types: list[str], expansion: int, k: int,
+                  method: str) -> None:
+    """Write RESULTS.json and RESULTS.md (with --merge: plus the other types' earlier rows)."""
     results = {
         "machine": machine(), "load_avg_at_end": os.getloadavg(),
         "synthetic": cfg.to_dict(), "data": data,
@@ -320,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     args.results.with_suffix(".md").write_text(table)
     print(table)
-    return 0
 
 
 def merge(results: dict[str, Any], previous: Path, types: list[str]) -> dict[str, Any]:
@@ -329,7 +338,8 @@ def merge(results: dict[str, Any], previous: Path, types: list[str]) -> dict[str
     if not previous.exists():
         return results
     old = json.loads(previous.read_text())
-    if old["synthetic"] != results["synthetic"] or old["data"]["rows"] != results["data"]["rows"]:
+    same = json.loads(json.dumps(results["synthetic"])) == old["synthetic"]
+    if not same or old["data"]["rows"] != results["data"]["rows"]:
         raise SystemExit(f"--merge: {previous} is about other data; rerun every type instead")
     kept = [r for r in old["runs"] if r["encoder_type"] not in types]
     for r in kept:

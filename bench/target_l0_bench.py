@@ -123,9 +123,11 @@ def train_saelens(arch: str, coef: float, args: argparse.Namespace) -> dict[str,
     return run
 
 
-def next_coef(runs: list[dict[str, Any]], aim: float) -> float:
+def next_coef(runs: list[dict[str, Any]], aim: float) -> float | None:
     """The next coefficient: secant in log L0 vs log coefficient through the two runs
-    nearest ``aim`` (slope -1 assumed with one run); kept inside a bracket when there is one."""
+    nearest ``aim`` (slope -1 assumed with one run, or when L0 did not fall with the
+    coefficient); kept inside a bracket when there is one. None when that is a coefficient
+    already tried (within 1%): the search cannot progress."""
     near = sorted(runs, key=lambda r: abs(math.log(r["l0"] / aim)))
     a = near[0]
     slope = -1.0
@@ -143,6 +145,8 @@ def next_coef(runs: list[dict[str, Any]], aim: float) -> float:
         lo, hi = math.log(max(above)), math.log(min(below))
         if not lo < log_c < hi:
             log_c = (lo + hi) / 2
+    if any(abs(log_c - math.log(r["coef"])) < 0.01 for r in runs):
+        return None
     return math.exp(log_c)
 
 
@@ -170,6 +174,8 @@ def search_saelens(arch: str, aim: float, args: argparse.Namespace) -> list[dict
         if abs(runs[-1]["l0"] / aim - 1) <= args.tolerance:
             break
         coef = next_coef(runs, aim)
+        if coef is None:
+            break
     return runs
 
 
