@@ -19,8 +19,9 @@ On the bench activation file (``data/bench/smollm2-l15-kjv.safetensors``, made b
 3. FVU at matched L0: SAELens's run nearest our L0, and, when two of its runs bracket our L0,
    its FVU interpolated at exactly our L0 (linear in log FVU vs log L0 between them).
 
-Each SAELens run's JSON is kept in ``--work`` and reused by a later call with the same
-settings (``--fresh`` ignores them), so the search can be extended without repeating runs.
+Each run's JSON (ours and SAELens's) is kept in ``--work`` and reused by a later call with
+the same settings (``--fresh`` ignores them: rerun ours after changing the code), so the search
+can be extended without repeating runs.
 Writes ``bench/target-l0-results.json`` and ``.md`` (the table the README shows).
 """
 
@@ -90,7 +91,13 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 
 
 def train_ours(arch: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Our run with --target-l0: held-out FVU / L0 and the coefficient's path."""
+    """Our run with --target-l0: held-out FVU / L0 and the coefficient's path; stored in
+    --work and reused unless --fresh (rerun it after changing the code)."""
+    stored = args.work / (f"ours_{arch}_t{args.target_l0:g}_x{args.expansion_factor}"
+                          f"_b{args.batch_size}_s{args.total_steps}_h{args.holdout}"
+                          f"_{args.activations.stem}.json")
+    if stored.exists() and not args.fresh:
+        return json.loads(stored.read_text())
     out = args.work / f"ours_{arch}"
     metrics = args.work / f"ours_{arch}.metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -100,9 +107,19 @@ def train_ours(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "--no-evaluate", "--metrics-jsonl", str(metrics), "--out", str(out)])
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     path = [{"step": r["step"], "l0": r["l0"], "coef": r["sparsity_coef"]} for r in rows]
-    return {"fvu": res["fvu"], "l0": res["l0"], "dead_frac": res["dead_frac"],
-            "start_coef": path[0]["coef"], "end_coef": path[-1]["coef"], "path": path,
-            "tokens_per_s": res["tokens_per_s"], "process_s": wall}
+    run = {"fvu": res["fvu"], "l0": res["l0"], "dead_frac": res["dead_frac"],
+           "start_coef": path[0]["coef"], "end_coef": path[-1]["coef"], "path": path,
+           "tokens_per_s": res["tokens_per_s"], "process_s": wall,
+           "commit": git_commit()}
+    stored.write_text(json.dumps(run) + "\n")
+    return run
+
+
+def git_commit() -> str:
+    """The working tree's HEAD commit (what our run's code was), or "" outside git."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return proc.stdout.strip()
 
 
 def train_saelens(arch: str, coef: float, args: argparse.Namespace) -> dict[str, Any]:
