@@ -10,6 +10,14 @@ trains on the same file and settings (8x, k=32 where it applies, Matryoshka pref
 / 4, / 2, d_sae on both sides, batch 4096, 100 steps, fp32, CPU): SAE Studio with its
 defaults and SAELens tuned (lr 4e-3, expected-average normalisation) — for topk also SAELens with
 its defaults. All are evaluated on the same held-out rows (the file's last 16,384).
+
+Two speeds per run: tokens/s of the training steps (each tool's own clock around its steps),
+and the whole process as a user meets it: the wall-clock seconds from starting the command to
+its exit, for the same work — import, open the file, initialise, train, evaluate on the
+held-out rows, save (ours: the checkpoint and the SAELens export; SAELens: its inference SAE,
+``save_inference_model``). ``--repeats N`` runs each pair N times, interleaved (ours, SAELens,
+ours, SAELens: a load that changes during the run hits both), and reports the medians; the
+machine's load average (1 min, ``os.getloadavg``) is recorded before each run.
 Writes bench/out/results.json and bench/out/results.md (the table the README shows).
 """
 
@@ -19,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -31,11 +40,31 @@ DEFAULT_FILE = ROOT / "data" / "bench" / "smollm2-l15-kjv.safetensors"
 
 
 def run_json(cmd: list[str]) -> dict:
+    """Run ``cmd``; its last stdout line (JSON), plus ``process_s`` (wall-clock seconds from
+    start to exit) and ``load_1min`` (the load average just before it started)."""
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), process_s=seconds,
+                load_1min=load)
+
+
+def median_run(results: list[dict]) -> dict:
+    """One row from repeated runs: the last run's figures, with the median tokens/s and
+    process seconds and every run's seconds and load listed."""
+    def med(values: list[float]) -> float:
+        v = sorted(values)
+        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+    return dict(results[-1], tokens_per_s=med([r["tokens_per_s"] for r in results]),
+                process_s=med([r["process_s"] for r in results]),
+                process_s_runs=[round(r["process_s"], 1) for r in results],
+                tokens_per_s_runs=[round(r["tokens_per_s"]) for r in results],
+                load_1min_runs=[round(r["load_1min"], 2) for r in results])
 
 
 def machine() -> str:
@@ -90,12 +119,15 @@ def main() -> int:
                    default=["topk", "batchtopk", "matryoshka_batchtopk", "standard",
                             "jumprelu"],
                    help="encoder types to compare, comma-separated")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each (ours, SAELens) pair, interleaved; medians reported")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": machine(), "settings": {
         "k": args.k, "expansion_factor": args.expansion_factor, "batch_size": args.batch_size,
-        "total_steps": args.total_steps, "holdout": args.holdout}}
+        "total_steps": args.total_steps, "holdout": args.holdout, "repeats": args.repeats},
+        "load_1min_start": os.getloadavg()[0]}
 
     acts = args.activations
     if acts is None:
@@ -115,35 +147,51 @@ def main() -> int:
     bench = str(ROOT / "bench" / "saelens_train.py")
     runs: list[tuple[str, str, dict]] = []  # (encoder type, label, result)
     for arch in args.types:
-        ours = run_json([
-            PY, "-m", "worker", "train", *common, "--encoder-type", arch, "--no-evaluate",
-            "--eval-tokens", str(args.holdout), "--out", str(args.out / f"sae_studio_{arch}")])
-        runs.append((arch, "SAE Studio (defaults)", ours))
+        ours_cmd = [PY, "-m", "worker", "train", *common, "--encoder-type", arch,
+                    "--no-evaluate", "--eval-tokens", str(args.holdout),
+                    "--out", str(args.out / f"sae_studio_{arch}")]
+        lens = [str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout),
+                "--architecture", arch, "--save-sae", str(args.out / f"saelens_{arch}")]
+        pairs: list[tuple[str, list[str]]] = [("SAE Studio (defaults)", ours_cmd)]
         if arch == "topk":
-            runs.append((arch, "SAELens (defaults: lr 2e-4)", run_json([
-                str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout),
-                "--architecture", arch, "--lr", "2e-4", "--normalize", "none"])))
-        runs.append((arch, "SAELens (tuned: lr 4e-3, normalised)", run_json([
-            str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout),
-            "--architecture", arch, "--lr", "4e-3", "--normalize",
-            "expected_average_only_in"])))
+            pairs.append(("SAELens (defaults: lr 2e-4)",
+                          [*lens, "--lr", "2e-4", "--normalize", "none"]))
+        pairs.append(("SAELens (tuned: lr 4e-3, normalised)",
+                      [*lens, "--lr", "4e-3", "--normalize", "expected_average_only_in"]))
+        done: dict[str, list[dict]] = {label: [] for label, _ in pairs}
+        for _ in range(args.repeats):  # interleaved: ours, SAELens, ours, SAELens
+            for label, cmd in pairs:
+                shutil.rmtree(cmd[-1], ignore_errors=True)  # its output folder: a fresh run
+                done[label].append(run_json(cmd))
+        runs += [(arch, label, median_run(done[label])) for label, _ in pairs]
     results["runs"] = [{"encoder_type": a, "run": label, **r} for a, label, r in runs]
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
-    ref = {a: r["tokens_per_s"] for a, label, r in runs if label.startswith("SAELens (tuned")}
+    results["load_1min_end"] = os.getloadavg()[0]
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    ref = {a: r for a, label, r in runs if label.startswith("SAELens (tuned")}
+    loads = [x for _, _, r in runs for x in r["load_1min_runs"]]
     lines = [f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
              f"({'k=' + str(args.k) + ' where it applies, ' if args.k else ''}"
              "Matryoshka prefixes d_sae/8, /4, /2, d_sae, defaults "
              f"otherwise), batch {args.batch_size}, {args.total_steps} steps, fp32; FVU/L0 on "
              f"the same {args.holdout:,} held-out vectors; dead = latents that never fired "
-             "during the run (SAELens: in its last 100 steps).", "",
-             "| encoder | run | FVU (held-out) | L0 | dead latents | tokens/s "
-             "| speed vs SAELens tuned, same encoder |",
-             "|---|---|---|---|---|---|---|"]
+             "during the run (SAELens: in its last 100 steps). Training tokens/s: vectors per "
+             "second of the training steps (each tool's clock around its steps). Whole process: "
+             "seconds from starting the command to its exit (import, open the file, "
+             "initialise, train, evaluate the held-out vectors, save / export). Ratios: vs "
+             "SAELens tuned, same encoder"
+             + (f"; medians of {args.repeats} interleaved runs each" if args.repeats > 1 else "")
+             + f". Load average (1 min) before the runs: {min(loads):.2f}-{max(loads):.2f}.",
+             "",
+             "| encoder | run | FVU (held-out) | L0 | dead latents | training tokens/s "
+             "| ratio | whole process (s) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arch, name, r in runs:
         lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
                      f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} "
-                     f"| {r['tokens_per_s'] / ref[arch]:.2f}x |")
+                     f"| {r['tokens_per_s'] / ref[arch]['tokens_per_s']:.2f}x "
+                     f"| {r['process_s']:.1f} "
+                     f"| {ref[arch]['process_s'] / r['process_s']:.2f}x |")
     if "extraction_vs_full_forward" in results:
         e = results["extraction_vs_full_forward"]
         lines += ["", f"Extraction to layer 15 of SmolLM2-135M: {e['extract_tok_s']:,.0f} "

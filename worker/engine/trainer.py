@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as adam_update
+from torch.optim.optimizer import _get_scalar_dtype
 
 from . import architectures
 from . import checkpoints as ck
@@ -76,6 +78,92 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), tokens_per_s=round(self.tokens_per_s, 1))
+
+
+# ---------------------------------------------------------------------------- the optimizer
+class Adam:
+    """Adam, or AdamW (``decoupled``: weight decay decoupled from the gradient): torch's own
+    update (``torch.optim.adam.adam``, the state of ``torch.optim.Adam``), fused (one pass
+    per tensor: ~7 ms instead of ~30-70 for the 5.3M parameters of an 8x SAE on 576 inputs on
+    one CPU thread) on the CPU and CUDA; without ``torch.optim.Optimizer``, whose methods import
+    ``torch._dynamo`` on first use (~2 s of a run's start-up, as long as importing torch;
+    nothing here compiles).
+
+    The subset of the Optimizer interface the trainer and ``torch.amp.GradScaler`` use:
+    ``param_groups`` (one group), ``state``, ``step``, ``zero_grad``, ``state_dict`` and
+    ``load_state_dict`` in torch's format (checkpoints are interchangeable with torch.optim's).
+    """
+
+    def __init__(self, params: Any, *, lr: float, betas: tuple[float, float],
+                 weight_decay: float, decoupled: bool, eps: float = 1e-8) -> None:
+        params = list(params)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        self.param_groups: list[dict[str, Any]] = [{
+            "params": params, "lr": lr, "betas": betas, "eps": eps,
+            "weight_decay": weight_decay, "amsgrad": False, "maximize": False, "foreach": None,
+            "capturable": False, "differentiable": False, "fused": fused or None,
+            "decoupled_weight_decay": decoupled}]
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            states = []
+            for p in params:
+                if p not in self.state:
+                    self.state[p] = {
+                        "step": self._step_tensor(torch.tensor(0.0), p, group),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                states.append(self.state[p])
+            beta1, beta2 = group["betas"]
+            adam_update(
+                params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
+                amsgrad=False, has_complex=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                foreach=group["foreach"], capturable=False, differentiable=False,
+                fused=group["fused"],
+                grad_scale=None, found_inf=None,
+                decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    @staticmethod
+    def _step_tensor(step: Tensor, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """The step count as torch keeps it: on the CPU, or beside ``p`` when fused."""
+        if group["fused"]:
+            return step.to(p.device, _get_scalar_dtype(is_fused=True))
+        return step.to("cpu", _get_scalar_dtype())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout: parameters by their index in the group."""
+        params = self.param_groups[0]["params"]
+        return {"state": {i: dict(self.state[p]) for i, p in enumerate(params)
+                          if p in self.state},
+                "param_groups": [dict(g, params=list(range(len(params))))
+                                 for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The hyper-parameters and state of ``state`` (this optimizer's or torch.optim's);
+        how the update runs (fused or not) stays this one's."""
+        ours = self.param_groups[0]
+        params = ours["params"]
+        (group,) = state["param_groups"]
+        keep = ("params", "foreach", "fused", "capturable", "differentiable")
+        ours.update({k: v for k, v in group.items() if k not in keep and k in ours})
+        ours["betas"] = tuple(ours["betas"])
+        self.state = {}
+        for i, st in state["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: self._step_tensor(v, p, ours) if k == "step"
+                             else v.to(p.device, p.dtype) for k, v in st.items()}
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -165,11 +253,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         sae_class = architectures.get(cfg.encoder_type).load()
         self.sae = sae_class.from_config(self.d_in, self.d_sae, cfg).to(self.device)
-        opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.l0_control = self._l0_controller()
         """Steers the sparsity coefficient toward ``cfg.target_l0``; None = fixed coefficient."""
-        self.opt = opt_class(self.sae.parameters(), lr=self.base_lr,
-                             betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.opt = Adam(self.sae.parameters(), lr=self.base_lr, betas=(cfg.beta1, cfg.beta2),
+                        weight_decay=cfg.weight_decay, decoupled=cfg.optimizer == "adamw")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.micro = cfg.micro_batch_size or cfg.batch_size
         self.step, self.tokens, self.scale = 0, 0, 1.0
