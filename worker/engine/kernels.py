@@ -32,15 +32,7 @@ SPARSE_MAX_DENSITY = 0.16
 selected, use the sparse path (see ``CSR``)."""
 
 
-# ------------------------------------------------------------------ decode and statistics
-def bag_decode(idx: Tensor, offsets: Tensor | None, vals: Tensor, w_dec: Tensor) -> Tensor:
-    """sum_j vals[b, j] * w_dec[idx[b, j]] per token, without the dense latent matrix.
-
-    ``idx`` [n, k] (fixed bags) or flat [m] with ``offsets`` [n] (variable bags, row-major)."""
-    return F.embedding_bag(idx, w_dec, offsets, per_sample_weights=vals.to(w_dec.dtype),
-                           mode="sum")
-
-
+# ------------------------------------------------------------------ statistics
 def fired_counts(idx: Tensor, on: Tensor, d_sae: int) -> Tensor:
     """Firing count per latent [d_sae] (int64) of the entries ``idx`` where ``on`` is true
     (same shapes). A sum, not ``bincount(idx[on])``: no host synchronisation."""

@@ -78,12 +78,12 @@ class TopKSAE(SAE):
             return aux
         kk = min(self.aux_k, dead_idx.numel())
         rows = max(1, int(x.shape[0] * self.aux_k_frac))  # a random subset: rows are shuffled
-        # Select on the detached pre-activations, then recompute the chosen dead latents'
-        # values with autograd (only the dead columns, on a fraction of the rows).
+        # Select on the detached pre-activations (the dead columns of a fraction of the rows);
+        # the chosen entries' values and decode go through the sparse step's kernels.
         a_pos = pre[:rows].index_select(1, dead_idx).topk(kk, dim=-1, sorted=False)[1]
-        a_idx = dead_idx[a_pos]
-        sub = x[:rows] @ self.W_enc.index_select(1, dead_idx) + bias.index_select(0, dead_idx)
-        e_hat = kernels.bag_decode(a_idx, None, sub.gather(1, a_pos).relu(), self.W_dec)
+        csr = kernels.CSR.from_bags(dead_idx[a_pos].reshape(-1), kk, (rows, self.d_sae))
+        vals = kernels.SparsePreActs.apply(x[:rows], self.W_enc, bias, pre[:rows], csr)
+        e_hat = kernels.BagDecode.apply(vals.relu(), self.W_dec, csr)
         e = err[:rows].detach()
         denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
         auxk = (e_hat.float() - e).pow(2).sum() / denom
