@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,16 +42,21 @@ DEFAULT_FILE = ROOT / "data" / "bench" / "smollm2-l15-kjv.safetensors"
 
 def run_json(cmd: list[str]) -> dict:
     """Run ``cmd``; its last stdout line (JSON), plus ``process_s`` (wall-clock seconds from
-    start to exit) and ``load_1min`` (the load average just before it started)."""
+    start to exit), ``process_cpu_s`` (its CPU seconds, user + system, all threads: less
+    disturbed than wall time by other processes on the machine) and ``load_1min`` (the load
+    average just before it started)."""
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]), process_s=seconds,
-                load_1min=load)
+                process_cpu_s=cpu, load_1min=load)
 
 
 def median_run(results: list[dict]) -> dict:
@@ -62,6 +68,7 @@ def median_run(results: list[dict]) -> dict:
 
     return dict(results[-1], tokens_per_s=med([r["tokens_per_s"] for r in results]),
                 process_s=med([r["process_s"] for r in results]),
+                process_cpu_s=med([r["process_cpu_s"] for r in results]),
                 process_s_runs=[round(r["process_s"], 1) for r in results],
                 tokens_per_s_runs=[round(r["tokens_per_s"]) for r in results],
                 load_1min_runs=[round(r["load_1min"], 2) for r in results])
@@ -119,6 +126,8 @@ def main() -> int:
                    default=["topk", "batchtopk", "matryoshka_batchtopk", "standard",
                             "jumprelu"],
                    help="encoder types to compare, comma-separated")
+    p.add_argument("--no-saelens-defaults", action="store_true",
+                   help="skip SAELens at its default settings (topk; not used by the ratios)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each (ours, SAELens) pair, interleaved; medians reported")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -146,6 +155,48 @@ def main() -> int:
         raise SystemExit("No .venv-saelens: run `make saelens-venv` first.")
     bench = str(ROOT / "bench" / "saelens_train.py")
     runs: list[tuple[str, str, dict]] = []  # (encoder type, label, result)
+
+    def write() -> None:
+        """results.json and results.md so far (after each encoder type: a run cut short keeps
+        what it measured)."""
+        results["runs"] = [{"encoder_type": a, "run": label, **r} for a, label, r in runs]
+        results["load_1min_end"] = os.getloadavg()[0]
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        ref = {a: r for a, label, r in runs if label.startswith("SAELens (tuned")}
+        loads = [x for _, _, r in runs for x in r["load_1min_runs"]]
+        lines = [
+            f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
+            f"({'k=' + str(args.k) + ' where it applies, ' if args.k else ''}"
+            "Matryoshka prefixes d_sae/8, /4, /2, d_sae, defaults "
+            f"otherwise), batch {args.batch_size}, {args.total_steps} steps, fp32; FVU/L0 on "
+            f"the same {args.holdout:,} held-out vectors; dead = latents that never fired "
+            "during the run (SAELens: in its last 100 steps). Training tokens/s: vectors per "
+            "second of the training steps (each tool's clock around its steps). Whole process: "
+            "from starting the command to its exit (import, open the file, initialise, train, "
+            "evaluate the held-out vectors, save / export), wall-clock seconds and CPU seconds "
+            "(user + system, all threads). Ratios: vs SAELens tuned, same encoder"
+            + (f"; medians of {args.repeats} interleaved runs each" if args.repeats > 1 else "")
+            + f". Load average (1 min) before the runs: {min(loads):.2f}-{max(loads):.2f}.",
+            "",
+            "| encoder | run | FVU (held-out) | L0 | dead latents | training tokens/s "
+            "| ratio | whole process (s) | ratio | whole process, CPU s | ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arch, name, r in runs:
+            lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
+                         f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} "
+                         f"| {r['tokens_per_s'] / ref[arch]['tokens_per_s']:.2f}x "
+                         f"| {r['process_s']:.1f} "
+                         f"| {ref[arch]['process_s'] / r['process_s']:.2f}x "
+                         f"| {r['process_cpu_s']:.1f} "
+                         f"| {ref[arch]['process_cpu_s'] / r['process_cpu_s']:.2f}x |")
+        if "extraction_vs_full_forward" in results:
+            e = results["extraction_vs_full_forward"]
+            lines += ["", f"Extraction to layer 15 of SmolLM2-135M: {e['extract_tok_s']:,.0f} "
+                      f"tokens/s vs full forward {e['full_forward_tok_s']:,.0f} tokens/s "
+                      f"({e['speedup']:.2f}x)."]
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+
     for arch in args.types:
         ours_cmd = [PY, "-m", "worker", "train", *common, "--encoder-type", arch,
                     "--no-evaluate", "--eval-tokens", str(args.holdout),
@@ -153,7 +204,7 @@ def main() -> int:
         lens = [str(SAELENS_PY), bench, *common, "--holdout", str(args.holdout),
                 "--architecture", arch, "--save-sae", str(args.out / f"saelens_{arch}")]
         pairs: list[tuple[str, list[str]]] = [("SAE Studio (defaults)", ours_cmd)]
-        if arch == "topk":
+        if arch == "topk" and not args.no_saelens_defaults:
             pairs.append(("SAELens (defaults: lr 2e-4)",
                           [*lens, "--lr", "2e-4", "--normalize", "none"]))
         pairs.append(("SAELens (tuned: lr 4e-3, normalised)",
@@ -164,43 +215,8 @@ def main() -> int:
                 shutil.rmtree(cmd[-1], ignore_errors=True)  # its output folder: a fresh run
                 done[label].append(run_json(cmd))
         runs += [(arch, label, median_run(done[label])) for label, _ in pairs]
-    results["runs"] = [{"encoder_type": a, "run": label, **r} for a, label, r in runs]
-
-    results["load_1min_end"] = os.getloadavg()[0]
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    ref = {a: r for a, label, r in runs if label.startswith("SAELens (tuned")}
-    loads = [x for _, _, r in runs for x in r["load_1min_runs"]]
-    lines = [f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
-             f"({'k=' + str(args.k) + ' where it applies, ' if args.k else ''}"
-             "Matryoshka prefixes d_sae/8, /4, /2, d_sae, defaults "
-             f"otherwise), batch {args.batch_size}, {args.total_steps} steps, fp32; FVU/L0 on "
-             f"the same {args.holdout:,} held-out vectors; dead = latents that never fired "
-             "during the run (SAELens: in its last 100 steps). Training tokens/s: vectors per "
-             "second of the training steps (each tool's clock around its steps). Whole process: "
-             "seconds from starting the command to its exit (import, open the file, "
-             "initialise, train, evaluate the held-out vectors, save / export). Ratios: vs "
-             "SAELens tuned, same encoder"
-             + (f"; medians of {args.repeats} interleaved runs each" if args.repeats > 1 else "")
-             + f". Load average (1 min) before the runs: {min(loads):.2f}-{max(loads):.2f}.",
-             "",
-             "| encoder | run | FVU (held-out) | L0 | dead latents | training tokens/s "
-             "| ratio | whole process (s) | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for arch, name, r in runs:
-        lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
-                     f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} "
-                     f"| {r['tokens_per_s'] / ref[arch]['tokens_per_s']:.2f}x "
-                     f"| {r['process_s']:.1f} "
-                     f"| {ref[arch]['process_s'] / r['process_s']:.2f}x |")
-    if "extraction_vs_full_forward" in results:
-        e = results["extraction_vs_full_forward"]
-        lines += ["", f"Extraction to layer 15 of SmolLM2-135M: {e['extract_tok_s']:,.0f} "
-                  f"tokens/s vs full forward {e['full_forward_tok_s']:,.0f} tokens/s "
-                  f"({e['speedup']:.2f}x)."]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
