@@ -135,7 +135,9 @@ def test_new_options_are_validated(acts, changes, match):
 
 
 def test_default_learning_rates():
-    for t in ("topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"):
+    assert TrainConfig(encoder_type="topk").lr(4096) == pytest.approx(6e-3)
+    assert TrainConfig(encoder_type="topk").lr(16384) == pytest.approx(3e-3)
+    for t in ("batchtopk", "jumprelu", "matryoshka_batchtopk"):
         assert TrainConfig(encoder_type=t).lr(4096) == pytest.approx(2e-3)
     assert TrainConfig(encoder_type="standard").lr(4096) == pytest.approx(4e-3)
     assert TrainConfig(encoder_type="standard").lr(16384) == pytest.approx(2e-3)

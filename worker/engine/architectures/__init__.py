@@ -122,7 +122,7 @@ _TOPK_MEMORY = dict(step_dense_forward=1, step_dense_backward=0, step_weight_bac
 register(Architecture(
     "topk", "the k largest latents per token.",
     "worker.engine.architectures.topk:TopKSAE",
-    options=("k", *_AUXK), lr_base=2e-3,
+    options=("k", *_AUXK), lr_base=6e-3,
     memory=MemoryTerms(**_TOPK_MEMORY, step_selections=1, step_mask_bytes=0, eval_dense=2)))
 register(Architecture(
     "standard", "ReLU with an L1 penalty.",
