@@ -421,9 +421,10 @@ class Trainer:
         targets = [None] * len(chunks) if target is None else target.split(micro)
         for chunk, y in zip(chunks, targets, strict=True):
             w = chunk.shape[0] / n
+            # a transcoder's target; an SAE's call has none (a plug-in type need not know it)
+            goal = {} if y is None else {"target": self.sae.loss_target(chunk, y)}
             with self._autocast():
-                out = self.sae(chunk, target=self.sae.loss_target(chunk, y), sparsity_coef=coef,
-                               dead_mask=dead)
+                out = self.sae(chunk, sparsity_coef=coef, dead_mask=dead, **goal)
             self.scaler.scale(out.loss * w).backward()
             with torch.no_grad():
                 y = chunk if y is None else y
@@ -624,9 +625,9 @@ class Trainer:
             for chunk, yc in zip(chunks, targets, strict=True):
                 chunk = chunk.to(self.device).float() * self.scale
                 want = chunk if yc is None else yc.to(self.device).float() * y_scale
-                goal = self.sae.loss_target(chunk, None if yc is None else want)
+                goal = None if yc is None else self.sae.loss_target(chunk, want)
                 with self._autocast():
-                    out = self.sae(chunk, target=goal)
+                    out = self.sae(chunk) if goal is None else self.sae(chunk, target=goal)
                 err += float((out.x_hat.float() - (chunk if goal is None else goal)).pow(2).sum())
                 var += float((want - mean).pow(2).sum())
                 l0 += float(out.l0) * len(chunk)
