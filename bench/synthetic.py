@@ -57,7 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run_bench import machine  # noqa: E402
-from bench.target_l0_bench import SAELENS_FLAG, SAELENS_START, next_coef  # noqa: E402
+from bench.target_l0_bench import (  # noqa: E402
+    SAELENS_FLAG,
+    SAELENS_START,
+    next_coef,
+    run_json,
+)
 from worker.engine import architectures  # noqa: E402
 from worker.engine.activations import write_activation_file  # noqa: E402
 from worker.engine.synthetic import (  # noqa: E402
@@ -121,17 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if small and args.results == ROOT / "bench" / "synthetic-results":
         args.results = args.work / "synthetic-results-small"
     return args
-
-
-def run_json(cmd: list[str]) -> tuple[dict[str, Any], float]:
-    """The command's last stdout line as JSON, and its wall-clock seconds."""
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
 def saelens_choices() -> list[str]:
