@@ -4,6 +4,8 @@
     python run.py --data-dir /srv/sae --host 0.0.0.0 --port 8000
     python run.py --no-worker           # web only (the worker runs elsewhere)
     python run.py --worker-only         # worker only (e.g. on the GPU box, same data dir)
+    python run.py --worker-only --database-url postgresql://sae:pw@db:5432/sae \
+        --queue-url redis://db:6379/0 --artifacts /mnt/sae  # one worker of a lab's pool
     python run.py --allow-path ~/corpora --max-upload-mb 512
     python run.py --debug               # werkzeug's development server instead of gunicorn
 
@@ -47,6 +49,15 @@ GRACE_S = 5
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the SAE Studio web app and worker.")
     p.add_argument("--data-dir", default="data", help="SQLite files, models, runs (default ./data)")
+    p.add_argument("--database-url", metavar="URL",
+                   help="the app database (default $SAE_STUDIO_DATABASE_URL, else the SQLite "
+                        "file app.db in the data dir); e.g. postgresql://user:pw@host:5432/sae")
+    p.add_argument("--queue-url", metavar="URL",
+                   help="the task queue (default $SAE_STUDIO_QUEUE_URL, else the SQLite file "
+                        "queue.db in the data dir); e.g. redis://host:6379/0")
+    p.add_argument("--artifacts", metavar="DIR",
+                   help="where run folders and uploads live, a folder every machine mounts at "
+                        "the same path (default $SAE_STUDIO_ARTIFACTS, else the data dir)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (off the loopback a token is required)")
     p.add_argument("--port", type=int, default=5000)
@@ -82,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     # Read by worker.settings in both processes.
     os.environ["SAE_STUDIO_DATA"] = str(data_dir)
+    if args.database_url:
+        os.environ["SAE_STUDIO_DATABASE_URL"] = args.database_url
+    if args.queue_url:
+        os.environ["SAE_STUDIO_QUEUE_URL"] = args.queue_url
+    if args.artifacts:
+        artifacts = Path(args.artifacts).expanduser().resolve()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        os.environ["SAE_STUDIO_ARTIFACTS"] = str(artifacts)
     if args.allow_path:
         named = [d for d in os.environ.get("SAE_STUDIO_ALLOWED_PATHS", "").split(os.pathsep) if d]
         named += [str(Path(d).expanduser().resolve()) for d in args.allow_path]

@@ -1,35 +1,74 @@
-"""The app's data: peewee models on SQLite (WAL), shared by the web process and the worker.
+"""The app's data: peewee models on SQLite (WAL) or PostgreSQL, shared by the web process and
+the workers.
 
-Imports peewee and the torch-free ``engine.files`` only (no Flask, no torch). The database
-path is known at run time: ``init_db(path)`` binds the deferred ``db`` and creates or migrates
-the schema. Connections are per thread; the web opens one per request, the worker one per
-task (``db.connection_context()``) and writes in short ``db.atomic()`` blocks.
+Imports peewee and the torch-free ``engine.files`` only (no Flask, no torch). The database is
+known at run time: ``init_db(url)`` binds the deferred ``db`` (a ``DatabaseProxy`` every module
+imports) to a ``sqlite:///path`` file (or a plain path) or a PostgreSQL server
+(``postgresql://user:password@host:port/name``), and creates or migrates the schema.
+Connections are per thread on both; the web opens one per request, the worker one per task
+(``db.connection_context()``) and writes in short ``db.atomic()`` blocks.
 
-Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades version i to i+1.
+Writers take turns on both back-ends, so a block that reads and then writes sees no commit in
+between: on SQLite ``db.atomic()`` begins ``BEGIN IMMEDIATE``; on PostgreSQL each transaction
+takes one transaction-scoped advisory lock (``WRITE_LOCK``) right after ``BEGIN`` (see
+``AppPostgresqlDatabase``). Reads outside a transaction never wait.
+
+Schema versions: SQLite keeps them in ``PRAGMA user_version``; PostgreSQL in the one-row table
+``schema_version``, migrated in one transaction under ``pg_advisory_xact_lock(MIGRATION_LOCK)`` so
+that processes starting together migrate once. ``MIGRATIONS[i]`` upgrades version i to i+1; a new
+PostgreSQL database starts at 0 (v0 -> v1 creates today's tables, later steps check first).
+
+SQL that differs between the two lives here: ``json_value`` (a number or text at a key of a JSON
+text column), ``spread_metrics`` (a run's metric rows downsampled in the database), ``upsert``
+(insert or replace on a unique key) and ``data_version`` (the live pages' change poll).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from peewee import (
+    SQL,
     BooleanField,
-    CharField,
+    Case,
+    Cast,
+    ColumnBase,
+    Database,
+    DatabaseProxy,
+    Expression,
+    Field,
     FloatField,
     ForeignKeyField,
+    Insert,
     IntegerField,
     Model,
+    NodeList,
+    PostgresqlDatabase,
+    Select,
     SqliteDatabase,
     TextField,
+    fn,
 )
+from peewee import CharField as _CharField
 
 from .engine.files import json_safe
 
+log = logging.getLogger(__name__)
 
-class AppDatabase(SqliteDatabase):
+WRITE_LOCK = 0x5AE5_0001
+"""The PostgreSQL advisory lock key every ``db.atomic()`` transaction takes (writers in turn)."""
+MIGRATION_LOCK = 0x5AE5_0002
+"""The PostgreSQL advisory lock key the schema migration holds."""
+_WRITE = re.compile(r"\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
+
+
+class AppSqliteDatabase(SqliteDatabase):
     """Transactions take the write lock when they begin (BEGIN IMMEDIATE).
 
     With WAL, a deferred transaction that reads and then writes fails at once with "database is
@@ -37,12 +76,59 @@ class AppDatabase(SqliteDatabase):
     (busy_timeout). Web requests and worker threads all write in short read-then-write blocks.
     """
 
-    def atomic(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("lock_type", "IMMEDIATE")
-        return super().atomic(*args, **kwargs)
+    def begin(self, lock_type: str | None = None) -> None:
+        super().begin(lock_type or "IMMEDIATE")
 
 
-db = AppDatabase(None)
+class AppPostgresqlDatabase(PostgresqlDatabase):
+    """PostgreSQL with SQLite's write discipline and column sizes.
+
+    Every transaction takes the advisory lock ``WRITE_LOCK`` right after ``BEGIN`` (held to its
+    commit or rollback), and a write outside a transaction runs in one: like SQLite's single
+    writer and BEGIN IMMEDIATE, the app's read-then-write blocks (a claim of a queued training,
+    a control request, a progress flush) run one at a time across every process and machine,
+    so none reads a row another is about to change. ``lock_type`` (SQLite's) is accepted and
+    ignored. Reads outside a transaction never wait.
+
+    Column types: floats are DOUBLE PRECISION (REAL's 24-bit mantissa would round epoch
+    timestamps to ~2 minutes), integers and ids BIGINT (byte counts and token counts pass 2**31,
+    as on SQLite).
+    """
+
+    field_types = {**PostgresqlDatabase.field_types, "FLOAT": "DOUBLE PRECISION",
+                   "INT": "BIGINT", "AUTO": "BIGSERIAL"}
+
+    def begin(self, isolation_level: Any = None, lock_type: str | None = None) -> None:
+        super().begin(isolation_level)
+        try:
+            self.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        except Exception:
+            self.rollback()
+            raise
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        """A write outside a transaction runs in one of its own (so it too waits for the write
+        lock, as a SQLite write waits for an IMMEDIATE transaction); anything else as is."""
+        if self.in_transaction() or not _WRITE.match(sql):
+            return super().execute_sql(sql, params)
+        with self.atomic():
+            return super().execute_sql(sql, params)
+
+
+db = DatabaseProxy()
+"""The app database every module imports; ``init_db`` binds it (SQLite or PostgreSQL)."""
+_SQLITE = AppSqliteDatabase(None)
+_POSTGRES: AppPostgresqlDatabase | None = None
+
+
+class CharField(_CharField):
+    """A short text column without a length limit: SQLite never enforced VARCHAR(255), so on
+    PostgreSQL it is plain VARCHAR too (a long name or label must not fail there only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", None)
+        super().__init__(*args, **kwargs)
+
 
 MODEL_STATUSES = ("queued", "preparing", "ready", "failed")
 DATASET_STATUSES = MODEL_STATUSES
@@ -62,8 +148,8 @@ def now() -> float:
 
 
 class JSONField(TextField):
-    """JSON stored as text; non-finite floats are stored as null (standard JSON has no NaN, and
-    SQLite's json_extract reads the text)."""
+    """JSON stored as text on both back-ends; non-finite floats are stored as null (standard JSON
+    has no NaN, and the database's JSON functions read the text: ``json_value``)."""
 
     def db_value(self, value: Any) -> str | None:
         return None if value is None else json.dumps(json_safe(value))
@@ -194,6 +280,8 @@ class Training(BaseModel):
     name = CharField(null=True)
     """The user's name for it (None: the default name, ``jobs.trainings.default_name``)."""
     tags = JSONField(default=list)
+    worker = CharField(null=True)
+    """The worker that runs (or last ran) it: its heartbeat name, ``host:pid``; set by the claim."""
 
     class Meta:
         table_name = "training"
@@ -249,10 +337,19 @@ class LatentLabel(BaseModel):
 
 
 class WorkerHeartbeat(BaseModel):
-    """Written by each running worker every few seconds; the top bar shows its age."""
+    """Written by each running worker every second; the top bar shows the newest one's age, the
+    Workers page lists them all. ``created_at`` is when the worker started."""
 
     name = CharField(unique=True)
+    """``host:pid``: a restarted worker is a new row."""
     pid = IntegerField()
+    host = CharField(null=True)
+    data_dir = TextField(null=True)
+    """The worker's data folder on its host (one worker per data folder: ``worker.lock``)."""
+    running = JSONField(default=list)
+    """Ids of the trainings it is running now."""
+    slots = IntegerField(default=1)
+    """Trainings (or sweep sub-groups) it runs at once (``$SAE_STUDIO_MAX_TRAININGS``)."""
     device = CharField()
     device_name = CharField(null=True)
     device_memory = IntegerField(null=True)
@@ -305,23 +402,23 @@ TABLES = [LanguageModel, Dataset, Sweep, Template, Training, Metric, Checkpoint,
           LatentLabel, WorkerHeartbeat, Calibration]
 
 
-def _v0_to_v1(database: SqliteDatabase) -> None:
+def _v0_to_v1(database: DatabaseProxy) -> None:
     database.create_tables(TABLES)
 
 
-def _v1_to_v2(database: SqliteDatabase) -> None:
+def _v1_to_v2(database: DatabaseProxy) -> None:
     """Models and datasets that fail end ``failed``, like trainings (they ended ``error``)."""
     for table in (LanguageModel, Dataset):
         table.update(status="failed").where(table.status == "error").execute()
 
 
-def _v2_to_v3(database: SqliteDatabase) -> None:
+def _v2_to_v3(database: DatabaseProxy) -> None:
     """Trainings get ``eval_progress`` (the ``evaluating`` status's progress)."""
     if "eval_progress" not in {c.name for c in database.get_columns("training")}:
         database.execute_sql("ALTER TABLE training ADD COLUMN eval_progress REAL")
 
 
-def _v3_to_v4(database: SqliteDatabase) -> None:
+def _v3_to_v4(database: DatabaseProxy) -> None:
     """Trainings keep their first start across Retry: ``attempt_started_at`` (the current
     attempt's start) and ``elapsed_before_s`` (earlier attempts' seconds)."""
     columns = {c.name for c in database.get_columns("training")}
@@ -333,12 +430,12 @@ def _v3_to_v4(database: SqliteDatabase) -> None:
                              "NOT NULL DEFAULT 0")
 
 
-def _v4_to_v5(database: SqliteDatabase) -> None:
+def _v4_to_v5(database: DatabaseProxy) -> None:
     """The time estimate's measurements: table ``calibration``."""
     database.create_tables([Calibration])
 
 
-def _v5_to_v6(database: SqliteDatabase) -> None:
+def _v5_to_v6(database: DatabaseProxy) -> None:
     """Sweeps and templates (tables ``sweep``, ``template``); trainings get ``sweep_id``,
     ``task_group``, ``name`` and ``tags``."""
     database.create_tables([Sweep, Template])
@@ -352,12 +449,12 @@ def _v5_to_v6(database: SqliteDatabase) -> None:
     database.execute_sql("CREATE INDEX IF NOT EXISTS training_sweep_id ON training (sweep_id)")
 
 
-def _v6_to_v7(database: SqliteDatabase) -> None:
+def _v6_to_v7(database: DatabaseProxy) -> None:
     """Users' latent labels and notes: table ``latent_label``."""
     database.create_tables([LatentLabel])
 
 
-def _v7_to_v8(database: SqliteDatabase) -> None:
+def _v7_to_v8(database: DatabaseProxy) -> None:
     """The ``mlp_in`` hook point (transcoders' input) for models registered before it: every
     model the engine finds an MLP output in has its input too (the same MLP module, OPT's fc1,
     BERT's intermediate), so it joins the hook points of each model that lists mlp_out."""
@@ -368,27 +465,210 @@ def _v7_to_v8(database: SqliteDatabase) -> None:
                 LanguageModel.id == model.id).execute()
 
 
+def _v8_to_v9(database: DatabaseProxy) -> None:
+    """Many workers: trainings say which worker runs them (``worker``); heartbeats say the host,
+    what the worker runs and how many slots it has."""
+    added = {"training": {"worker": "VARCHAR(255)"},
+             "worker_heartbeat": {"host": "VARCHAR(255)", "data_dir": "TEXT",
+                                  "running": "TEXT NOT NULL DEFAULT '[]'",
+                                  "slots": "INTEGER NOT NULL DEFAULT 1"}}
+    for table, columns in added.items():
+        have = {c.name for c in database.get_columns(table)}
+        for column, kind in columns.items():
+            if column not in have:
+                database.execute_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
 MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,
-              _v7_to_v8]
+              _v7_to_v8, _v8_to_v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def init_db(path: Path | str) -> SqliteDatabase:
-    """Bind ``db`` to the SQLite file at ``path`` (WAL) and bring its schema up to date."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db.init(str(path), pragmas={"journal_mode": "wal", "foreign_keys": 1,
-                                "synchronous": "normal", "busy_timeout": 10_000},
-            timeout=10, check_same_thread=False)
+def sqlite_path(url: str | Path) -> Path | None:
+    """The file a ``sqlite:///path`` URL (or a plain path) names; None for another scheme.
+    ``sqlite:///data/app.db`` is relative, ``sqlite:////srv/app.db`` absolute."""
+    text = str(url)
+    if text.startswith("sqlite:///"):
+        return Path(text.removeprefix("sqlite:///"))
+    return None if "://" in text else Path(text)
+
+
+def url_scheme(url: str | Path) -> str:
+    """The scheme of a URL (``postgresql``), for messages that must not echo a password."""
+    return str(url).split("://", 1)[0] if "://" in str(url) else ""
+
+
+def init_db(url: Path | str) -> Database:
+    """Bind ``db`` to the database at ``url`` and bring its schema up to date: a ``sqlite:///``
+    URL or a plain path is a SQLite file (WAL); ``postgresql://user:password@host:port/name``
+    (or ``postgres://``, query options such as ``?sslmode=require`` passed to libpq) a
+    PostgreSQL database, which must exist. Raises ValueError for another scheme."""
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _bind(_SQLITE)
+        _SQLITE.init(str(path), pragmas={"journal_mode": "wal", "foreign_keys": 1,
+                                         "synchronous": "normal", "busy_timeout": 10_000},
+                     timeout=10, check_same_thread=False)
+        _migrate_sqlite()
+    elif url_scheme(url) in ("postgresql", "postgres"):
+        from playhouse.db_url import parse
+
+        params = parse(str(url), unquote_password=True, unquote_user=True)
+        name = params.pop("database", "")
+        if not name:
+            raise ValueError(f"The database URL '{url_scheme(url)}://...' names no database; "
+                             "use postgresql://user:password@host:port/name.")
+        params.setdefault("connect_timeout", 10)
+        global _POSTGRES
+        if _POSTGRES is None:
+            _POSTGRES = AppPostgresqlDatabase(None)
+        _bind(_POSTGRES)
+        _POSTGRES.init(name, **params)
+        _migrate_postgres()
+    else:
+        raise ValueError(f"Unsupported database URL '{url_scheme(url)}://...'; use "
+                         "sqlite:///path or postgresql://user:password@host:port/name.")
+    return db.obj
+
+
+def _bind(database: Database) -> None:
+    """Point ``db`` at ``database`` (closing this thread's connection to the one before)."""
+    if db.obj is not None and db.obj is not database and not db.obj.is_closed():
+        db.obj.close()
+    if db.obj is not database:
+        db.initialize(database)
+
+
+def _migrate_sqlite() -> None:
+    """Run the missing migrations, each in its own transaction with its ``user_version``."""
     with db.connection_context():
         version = db.execute_sql("PRAGMA user_version").fetchone()[0]
         for i in range(version, SCHEMA_VERSION):
             with db.atomic():
                 MIGRATIONS[i](db)
                 db.execute_sql(f"PRAGMA user_version = {i + 1}")
-    return db
+        if version < SCHEMA_VERSION:
+            log.info("Migrated the database from schema %d to %d", version, SCHEMA_VERSION)
+
+
+def _migrate_postgres() -> None:
+    """Run the missing migrations in one transaction under ``MIGRATION_LOCK``: a second process
+    starting meanwhile waits, then finds the schema current. DDL is transactional on
+    PostgreSQL, so a failed migration leaves the database as it was."""
+    with db.connection_context():
+        with db.atomic():
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            db.execute_sql("CREATE TABLE IF NOT EXISTS schema_version "
+                           "(version INTEGER NOT NULL)")
+            row = db.execute_sql("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                db.execute_sql("INSERT INTO schema_version (version) VALUES (0)")
+            version = row[0] if row else 0
+            for i in range(version, SCHEMA_VERSION):
+                MIGRATIONS[i](db)
+            if version < SCHEMA_VERSION:
+                db.execute_sql("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+    if version < SCHEMA_VERSION:
+        log.info("Migrated the database from schema %d to %d", version, SCHEMA_VERSION)
+
+
+def schema_version() -> int:
+    """The bound database's schema version (``SCHEMA_VERSION`` once ``init_db`` ran)."""
+    if is_postgres():
+        return db.execute_sql("SELECT version FROM schema_version").fetchone()[0]
+    return db.execute_sql("PRAGMA user_version").fetchone()[0]
+
+
+def is_bound() -> bool:
+    """Whether ``db`` is bound to a database in this process (``init_db`` ran)."""
+    return db.obj is not None and db.obj.database is not None
+
+
+def is_postgres() -> bool:
+    """Whether ``db`` is bound to PostgreSQL (else SQLite)."""
+    return isinstance(db.obj, PostgresqlDatabase)
+
+
+def open_app_database() -> None:
+    """Bind ``db`` to the configured app database (``settings.database_url()``), migrating it."""
+    from .settings import database_url
+
+    init_db(database_url())
 
 
 def data_version() -> int:
-    """SQLite's PRAGMA data_version: changes when another connection commits (a cheap poll)."""
+    """A number that changes when a write is committed (a cheap poll for live pages).
+
+    SQLite: ``PRAGMA data_version`` (changes when another connection commits). PostgreSQL: a
+    hash of ``pg_current_snapshot()`` (PostgreSQL 13+), the set of transactions a new query would
+    see as committed: it changes whenever a transaction that wrote anything ends (committed or
+    rolled back, by anyone, in any database of the server) and never for reads. It is read from
+    the same state that decides visibility, so a commit the caller's next query does not see yet
+    changes a later value (a write-ahead-log position can already include a commit that queries
+    do not see yet)."""
+    if is_postgres():
+        text = db.execute_sql("SELECT pg_current_snapshot()::text").fetchone()[0]
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
     return db.execute_sql("PRAGMA data_version").fetchone()[0]
+
+
+# ---------------------------------------------------------------------------- portable SQL
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def json_value(column: Any, key: str, *, text: bool = False) -> ColumnBase:
+    """The number (``text``: the text) at top-level ``key`` of a JSON text column, as SQL for
+    the bound database; NULL when the key is missing.
+
+    SQLite: ``json_extract(column, '$.key')``. PostgreSQL: ``CAST(column AS json) ->> 'key'``,
+    cast to double precision when the value is a JSON number (NULL otherwise: a string or a
+    boolean is not a number). ``key`` is a plain name (letters, digits, underscores)."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"Not a plain JSON key: {key!r}")
+    if not is_postgres():
+        return fn.json_extract(column, f"$.{key}")
+    as_json = Cast(column, "json")
+    value = NodeList((as_json, SQL(f"->> '{key}'")), parens=True)
+    if text:
+        return value
+    kind = fn.json_typeof(NodeList((as_json, SQL(f"-> '{key}'"))))
+    return Case(None, [(kind == "number", Cast(value, "double precision"))])
+
+
+def spread_metrics(training_id: int, limit: int, *keys: str | tuple[str, ...]
+                   ) -> list[tuple[Any, ...]]:
+    """``(step, value, ...)`` of at most ~``limit`` of a training's Metric rows spread over the
+    run, oldest first: every stride-th row by step, the first and last kept. A key names a
+    number in the row's ``data`` (``json_value``); a tuple of keys is the first present.
+
+    Downsampled and unpacked in the database (row_number + the JSON functions), so a chart
+    costs the same whether its run has 100 or 100,000 metric rows.
+    """
+    n = Metric.select().where(Metric.training == training_id).count()
+    if n == 0:
+        return []
+    stride = max(1, -(-n // limit))
+    rn = fn.row_number().over(order_by=[Metric.step]) - 1
+    rows = (Metric.select(Metric.step, Metric.data, rn.alias("rn"))
+            .where(Metric.training == training_id).alias("m"))
+
+    def value(key: str | tuple[str, ...]) -> ColumnBase:
+        if isinstance(key, str):
+            return json_value(rows.c.data, key)
+        return fn.coalesce(*(json_value(rows.c.data, k) for k in key))
+
+    mod = fn.mod(rows.c.rn, stride) if is_postgres() else Expression(rows.c.rn, "%", stride)
+    query = (Select([rows], [rows.c.step, *(value(k) for k in keys)])
+             .where((mod == 0) | (rows.c.rn == n - 1)).order_by(rows.c.step))
+    return list(db.execute(query).fetchall())
+
+
+def upsert(query: Insert, *keys: Field) -> Insert:
+    """The insert ``query`` replacing the row that has the same ``keys`` (a unique index) when
+    there is one: every other column takes the new values, as SQLite's INSERT OR REPLACE did,
+    the row keeping its id (``ON CONFLICT (keys) DO UPDATE``, on SQLite and PostgreSQL)."""
+    names = {k.name for k in keys}
+    kept = [f for f in keys[0].model._meta.sorted_fields
+            if f.name not in names and not f.primary_key]
+    return query.on_conflict(conflict_target=list(keys), preserve=kept)

@@ -1,14 +1,21 @@
 """Where SAE Studio keeps its files, and the worker's limits (read from the environment).
 
-Everything lives under one data folder: ``$SAE_STUDIO_DATA`` or ``./data``. ``run.py`` sets the
-variable before it imports anything, so the web process and the Huey worker agree. The values
-are read on every call (tests point them at a temporary folder).
+By default everything lives under one data folder: ``$SAE_STUDIO_DATA`` or ``./data``.
+``run.py`` sets the variables before it imports anything, so the web process and the Huey worker
+agree. The values are read on every call (tests point them at a temporary folder).
 
     data/app.db                 the app's SQLite database (worker.db)
     data/queue.db               Huey's task queue
-    data/uploads/               corpora uploaded through the web
-    data/trainings/<id>/        one training's run folder (checkpoints/, saelens/)
+    data/uploads/               corpora uploaded through the web       } the artifacts folder
+    data/trainings/<id>/        one training's run folder (checkpoints, } (default: the data
+                                saelens/, eval/)                        }  folder)
     data/models/, data/tokens/  the engine's caches (converted models, token stores)
+
+A lab points every machine at the same servers and one shared folder (README "Running it for a
+lab"): ``$SAE_STUDIO_DATABASE_URL`` (``postgresql://user:password@host:5432/name``),
+``$SAE_STUDIO_QUEUE_URL`` (``redis://host:6379/0``) and ``$SAE_STUDIO_ARTIFACTS`` (a folder every
+machine mounts at the same path). Models and token stores stay a per-machine cache in the data
+folder: a worker that lacks them builds them.
 """
 
 from __future__ import annotations
@@ -23,21 +30,45 @@ def data_dir() -> Path:
 
 
 def app_db_path() -> Path:
+    """The default app database: a SQLite file in the data folder."""
     return data_dir() / "app.db"
 
 
 def queue_db_path() -> Path:
-    """Huey's queue file, made by ``worker.queue`` when the queue is first used."""
+    """Huey's default queue file, made by ``worker.queue`` when the queue is first used."""
     return data_dir() / "queue.db"
 
 
+def database_url() -> str:
+    """The app database: ``$SAE_STUDIO_DATABASE_URL`` (``run.py --database-url``;
+    ``postgresql://user:password@host:port/name`` or ``sqlite:///path``), else the SQLite file
+    ``app_db_path()`` as a ``sqlite:///`` URL."""
+    return os.environ.get("SAE_STUDIO_DATABASE_URL", "").strip() or f"sqlite:///{app_db_path()}"
+
+
+def queue_url() -> str:
+    """The task queue: ``$SAE_STUDIO_QUEUE_URL`` (``run.py --queue-url``; ``redis://host:port/db``
+    or ``sqlite:///path``), else the SQLite file ``queue_db_path()`` as a ``sqlite:///`` URL."""
+    return os.environ.get("SAE_STUDIO_QUEUE_URL", "").strip() or f"sqlite:///{queue_db_path()}"
+
+
+def artifacts_dir() -> Path:
+    """Where run folders and uploads live, absolute: ``$SAE_STUDIO_ARTIFACTS``
+    (``run.py --artifacts``; a folder every machine of a lab mounts at the same path), else the
+    data folder."""
+    named = os.environ.get("SAE_STUDIO_ARTIFACTS", "").strip()
+    return Path(named).expanduser().resolve() if named else data_dir()
+
+
 def uploads_dir() -> Path:
-    return data_dir() / "uploads"
+    """Corpora uploaded through the web (in the artifacts folder: every worker reads them)."""
+    return artifacts_dir() / "uploads"
 
 
 def trainings_dir() -> Path:
-    """Training N writes to ``trainings_dir() / str(N)`` (the engine's out_dir)."""
-    return data_dir() / "trainings"
+    """Training N writes to ``trainings_dir() / str(N)`` (the engine's out_dir), in the
+    artifacts folder: a Retry on another worker continues from the newest checkpoint there."""
+    return artifacts_dir() / "trainings"
 
 
 def work_dir() -> Path:

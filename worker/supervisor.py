@@ -5,10 +5,11 @@ terminal's Ctrl-C reaches run.py only, which then stops it in order) and watches
 second: a consumer that exits is started again, and the new one marks the trainings the dead one
 left running ``interrupted`` (Retry continues them). A consumer that is alive but has not
 heartbeat for ``HEARTBEAT_ALIVE_S`` (5 s; it beats every second) is hung: it is killed, its
-trainings are marked ``interrupted`` at once, and a new one is started. ``stop()`` asks running
-trainings to checkpoint, then stops the consumer. The consumer knows run.py's pid
-(``SAE_STUDIO_PARENT_PID``) and stops by itself when run.py is gone, however run.py died
-(``worker.tasks``).
+trainings are marked ``interrupted`` at once, and a new one is started. ``stop()`` asks the
+trainings this consumer runs to checkpoint, then stops it. Only this consumer's trainings
+(``Training.worker``, its ``host:pid``): other workers sharing the database go on. The
+consumer knows run.py's pid (``SAE_STUDIO_PARENT_PID``) and stops by itself when run.py is
+gone, however run.py died (``worker.tasks``).
 """
 
 from __future__ import annotations
@@ -44,22 +45,29 @@ def start_worker(workers: int, env: dict[str, str]) -> subprocess.Popen:
 
 
 def _db() -> None:
-    from .db import db, init_db
-    from .settings import app_db_path
+    from .db import is_bound, open_app_database
 
-    if db.deferred:  # not bound yet in this process
-        init_db(app_db_path())
+    if not is_bound():  # not bound yet in this process
+        open_app_database()
+
+
+def worker_name(worker: subprocess.Popen) -> str:
+    """The consumer's name in the heartbeats and on the trainings it claims (``host:pid``)."""
+    return f"{socket.gethostname()}:{worker.pid}"
 
 
 def stop_worker(worker: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """Ask running trainings to checkpoint and stop as ``interrupted``, then stop the consumer
-    (SIGINT: huey finishes its current task, then exits); SIGKILL after ``timeout_s``."""
+    """Ask the trainings this consumer runs to checkpoint and stop as ``interrupted`` (other
+    workers' trainings go on), then stop it (SIGINT: huey finishes its current task, then
+    exits); SIGKILL after ``timeout_s``."""
     if worker.poll() is not None:
         return
-    from .jobs import interrupt_running
+    from .db import db
+    from .jobs.workers import interrupt_worker
 
     _db()
-    n = interrupt_running()
+    with db.connection_context():
+        n = interrupt_worker(worker_name(worker))
     if n:
         print(f"Checkpointing {n} running training(s); Retry continues them.", flush=True)
     worker.send_signal(signal.SIGINT)
@@ -92,7 +100,7 @@ class Supervisor:
 
         _db()
         with db.connection_context():
-            return heartbeat_age(f"{socket.gethostname()}:{self.proc.pid}", self.started_at)
+            return heartbeat_age(worker_name(self.proc), self.started_at)
 
     def _watch(self) -> None:
         from .jobs import HEARTBEAT_ALIVE_S
@@ -123,7 +131,7 @@ class Supervisor:
     def _kill_hung(self, silent: float) -> str:
         """Kill the hung consumer (its whole session) and mark its trainings interrupted now."""
         from .db import db
-        from .jobs import mark_interrupted
+        from .jobs.workers import mark_worker_interrupted
 
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -132,7 +140,9 @@ class Supervisor:
         self.proc.wait()
         why = f"stopped responding (no heartbeat for {silent:.0f} s) and was killed"
         with db.connection_context():
-            mark_interrupted(f"The worker {why}; Retry continues from the newest checkpoint.")
+            mark_worker_interrupted(worker_name(self.proc),
+                                    f"The worker {why}; Retry continues from the newest "
+                                    "checkpoint.")
         return why
 
     def stop(self) -> None:

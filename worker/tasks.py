@@ -9,6 +9,13 @@ to enqueue. A task never raises: a failure is stored on its row (status ``failed
 sentence in ``error`` and the traceback in the log; a probe returns its error as its result.
 Only the probes return a value (Huey stores no result for ``None``), so nothing accumulates in
 the queue's result store.
+
+Many workers (one per data folder, on any number of machines) may share the database, the queue
+and the artifacts folder. A worker claims a training (``_claim``: conditional, so two never take
+the same one) when one of its own slots is free and the training's device is one it has, else
+puts the task back on the queue for another; the row then names it (``Training.worker``, the
+``host:pid`` of its heartbeat). Each worker beats every second and, every few seconds, marks
+the trainings of dead workers interrupted (``jobs.workers``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,19 @@ from huey.signals import SIGNAL_INTERRUPTED
 from peewee import fn
 
 from . import settings
-from .db import RUNNING, Checkpoint, Dataset, LanguageModel, Metric, Training, WorkerHeartbeat, db
+from .db import (
+    RUNNING,
+    Checkpoint,
+    Dataset,
+    LanguageModel,
+    Metric,
+    Training,
+    WorkerHeartbeat,
+    db,
+    is_bound,
+    open_app_database,
+)
+from .jobs import workers as pool
 from .progress import Throttled
 from .queue import huey
 
@@ -39,12 +58,17 @@ __all__ = ["huey", "prepare_model", "prepare_dataset", "probe_activations", "pro
 log = logging.getLogger("worker.tasks")
 
 HEARTBEAT_S = 1.0
-"""Seconds between heartbeats (``jobs.health``: alive when younger than 5 s)."""
+"""Seconds between heartbeats (``jobs.health``: alive when younger than 5 s, dead after 15)."""
+REAP_S = 5.0
+"""Seconds between a worker's looks for dead workers whose trainings it marks interrupted."""
 PROGRESS_S = 0.5
 """Seconds between writes of a model's or dataset's progress."""
-INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
-                       "from the newest checkpoint.")
+RETRY_CLAIM_S = 2
+"""A training this worker cannot take now (no free slot, or its device is not here) goes back
+to the queue for this many seconds; another worker (or this one, later) takes it then."""
+INTERRUPTED_MESSAGE = pool.INTERRUPTED_MESSAGE
 _init_lock = threading.Lock()
+_claim_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -53,10 +77,8 @@ def connection() -> Iterator[None]:
     """This thread's connection for the task: opened (and closed) here unless already open
     (an immediate-mode task runs inside its caller's connection)."""
     with _init_lock:
-        if db.database is None:
-            from .db import init_db
-
-            init_db(settings.app_db_path())
+        if not is_bound():
+            open_app_database()
     opened = db.is_closed()
     if opened:
         db.connect()
@@ -65,6 +87,12 @@ def connection() -> Iterator[None]:
     finally:
         if opened and not db.is_closed():
             db.close()
+
+
+def worker_name() -> str:
+    """This worker's name, ``host:pid``: its heartbeat row and the ``worker`` of the trainings
+    it claims."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def error_message(exc: BaseException) -> str:
@@ -187,25 +215,61 @@ def run_training(training_id: int, resume: bool = False) -> None:
                     .where(Training.id == training_id).execute()
 
 
+def device_fits(requested: str | None) -> bool:
+    """Whether a training asking for the device ``requested`` (its config's ``device``) can run
+    on this worker: ``auto`` and ``cpu`` anywhere, ``cuda`` / ``cuda:N`` where CUDA has more
+    than N devices, ``mps`` where MPS is available. A name torch does not know fits nowhere
+    (``jobs.configs`` refuses such names before a training is queued)."""
+    import torch
+
+    name = str(requested or "auto").strip().lower()
+    if name in ("auto", "cpu"):
+        return True
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return bool(torch.backends.mps.is_available())
+    return device.type == "cpu"
+
+
 def _claim(training_ids: list[int]) -> list[int]:
-    """Move the queued trainings among ``training_ids`` (one, or a sweep's sub-group: one slot)
-    to initializing if a training slot is free (one transaction). Returns the ids claimed, in
-    order; [] when none is queued (deleted or stopped meanwhile) or no slot is free."""
-    with db.atomic():
-        queued = {t.id for t in Training.select(Training.id)
-                  .where(Training.id.in_(training_ids) & (Training.status == "queued"))}
-        if not queued:
+    """Claim the queued trainings among ``training_ids`` (one, or a sweep's sub-group: one
+    slot, all its queued rows or none) for this worker: status initializing, ``worker`` this
+    worker's name. Returns the ids claimed, in order; [] when none is queued (deleted, stopped,
+    or claimed by another worker meanwhile), when their device is not here, or when this
+    worker's slots (``settings.max_concurrent_trainings()``) are all busy with its own trainings.
+
+    Safe beside other workers on any database: the update is conditional (``status = 'queued'``)
+    and its affected-row count decides; when another worker took some of the rows first, this
+    claim is rolled back. The lock keeps this worker's own threads from sharing out one slot."""
+    me = worker_name()
+    with _claim_lock, db.atomic() as txn:
+        rows = list(Training.select(Training.id, Training.config)
+                    .where(Training.id.in_(training_ids) & (Training.status == "queued")))
+        if not rows:
             return []
-        slots = {t.task_group or f"#{t.id}" for t in Training.select(Training.id,
-                                                                      Training.task_group)
-                 .where(Training.status.in_(RUNNING) & Training.id.not_in(training_ids))}
-        if len(slots) >= settings.max_concurrent_trainings():
+        if not all(device_fits((r.config or {}).get("device")) for r in rows):
             return []
+        busy = {t.task_group or f"#{t.id}" for t in Training.select(Training.id,
+                                                                     Training.task_group)
+                .where(Training.status.in_(RUNNING) & (Training.worker == me)
+                       & Training.id.not_in(training_ids))}
+        if len(busy) >= settings.max_concurrent_trainings():
+            return []
+        queued = {r.id for r in rows}
         now = time.time()
-        Training.update(status="initializing", started_at=fn.COALESCE(Training.started_at, now),
-                        attempt_started_at=now, requested=None, error=None, finished_at=None,
-                        eval_progress=None, updated_at=now) \
-            .where(Training.id.in_(list(queued))).execute()
+        n = Training.update(status="initializing", worker=me,
+                            started_at=fn.COALESCE(Training.started_at, now),
+                            attempt_started_at=now, requested=None, error=None,
+                            finished_at=None, eval_progress=None, updated_at=now) \
+            .where(Training.id.in_(sorted(queued)) & (Training.status == "queued")).execute()
+        if n != len(queued):  # another worker took some of them first: all or none
+            txn.rollback()
+            return []
         return [i for i in training_ids if i in queued]
 
 
@@ -216,7 +280,7 @@ def _run_training(training_id: int, resume: bool) -> None:
     if not _claim([training_id]):
         t = Training.get_or_none(Training.id == training_id)
         if t is not None and t.status == "queued":
-            run_training.schedule((training_id, resume), delay=2)
+            run_training.schedule((training_id, resume), delay=RETRY_CLAIM_S)
         return
 
     from .engine.errors import FolderInUse
@@ -253,6 +317,19 @@ def _keep_rows_until(training_id: int, step: int | None, out_dir: Path) -> None:
             Checkpoint.delete().where((Checkpoint.training == training_id)
                                       & Checkpoint.path.not_in(on_disk)).execute()
             Training.update(current_step=step).where(Training.id == training_id).execute()
+
+
+def local_config(t: Training) -> dict[str, Any]:
+    """The training's config for this machine. Its ``model`` is the folder the worker that
+    prepared the model resolved, in that worker's data folder (a per-machine cache); where that
+    folder is not here, the model's source is used instead and resolved as the engine does
+    (a bundled name converted into this worker's data folder, a Hub id downloaded). The token
+    store is per machine too: the pipeline builds a missing one in this data folder."""
+    config = dict(t.config or {})
+    path = config.get("model")
+    if path and not Path(str(path)).expanduser().exists() and t.model.source:
+        config["model"] = t.model.source
+    return config
 
 
 def _names(t: Training) -> dict[str, Any]:
@@ -298,7 +375,7 @@ def _train(t: Training, out_dir: Path) -> None:
     shutil.rmtree(out_dir / "eval", ignore_errors=True)  # a report is for the weights it read
     _keep_rows_until(training_id, found[1].step if found else None, out_dir)
 
-    cfg = TrainConfig.from_dict(t.config)
+    cfg = TrainConfig.from_dict(local_config(t))
     device = pick_device(cfg.device)
     _update(Training, training_id, device=str(device))
     reporter.log(f"Preparing the model and activations on {device}...")
@@ -350,7 +427,7 @@ def _run_group(training_ids: list[int]) -> None:
     if not claimed:
         if Training.select().where(Training.id.in_(training_ids)
                                    & (Training.status == "queued")).exists():
-            run_group.schedule((training_ids,), delay=2)
+            run_group.schedule((training_ids,), delay=RETRY_CLAIM_S)
         return
 
     from contextlib import ExitStack
@@ -390,7 +467,7 @@ def _train_group(trainings: list[Training], out_dirs: list[Path]) -> None:
         shutil.rmtree(out_dir / "eval", ignore_errors=True)
         _keep_rows_until(t.id, step, out_dir)
 
-    cfgs = [TrainConfig.from_dict(t.config) for t in trainings]
+    cfgs = [TrainConfig.from_dict(local_config(t)) for t in trainings]
     device = pick_device(cfgs[0].device)
     with db.atomic():
         Training.update(device=str(device), updated_at=time.time()) \
@@ -488,19 +565,24 @@ def _load_probe(source: str, checkpoint: Path, device_name: str) -> Any:
 
 # ---------------------------------------------------------------------------- worker start-up
 def recover() -> int:
-    """Mark trainings left running as interrupted; re-queue models and datasets left preparing.
+    """Mark trainings left running by the previous worker on this data folder, or by dead
+    workers, interrupted (``jobs.workers.recover_trainings``: never a live worker's); re-queue
+    models and datasets left preparing, unless another worker is alive (it may be preparing
+    them: those rows name no worker).
 
     Returns how many rows were changed. Called when the consumer starts (no task runs yet).
     """
+    host, data_dir = socket.gethostname(), str(settings.data_dir())
+    models: list[int] = []
+    datasets: list[int] = []
     with connection():
+        n = pool.recover_trainings(host, data_dir)
         with db.atomic():
-            n = Training.update(status="interrupted", error=INTERRUPTED_MESSAGE, requested=None,
-                                finished_at=time.time(), updated_at=time.time()) \
-                .where(Training.status.in_(RUNNING)).execute()
-            models = [m.id for m in LanguageModel.select(LanguageModel.id)
-                      .where(LanguageModel.status == "preparing")]
-            datasets = [d.id for d in Dataset.select(Dataset.id)
-                        .where(Dataset.status == "preparing")]
+            if not pool.others_alive(host, data_dir):
+                models = [m.id for m in LanguageModel.select(LanguageModel.id)
+                          .where(LanguageModel.status == "preparing")]
+                datasets = [d.id for d in Dataset.select(Dataset.id)
+                            .where(Dataset.status == "preparing")]
             if models:
                 LanguageModel.update(status="queued", message="Waiting for the worker.") \
                     .where(LanguageModel.id.in_(models)).execute()
@@ -540,29 +622,57 @@ def measure_device() -> dict[str, Any]:
             "gflops": round(gflops, 2)}
 
 
-def write_heartbeat(name: str, device: dict[str, Any]) -> None:
-    """Insert or refresh this worker's heartbeat row."""
+def write_heartbeat(name: str, device: dict[str, Any], started_at: float | None = None) -> None:
+    """Insert or refresh this worker's heartbeat row: its device (``measure_device``), host,
+    data folder, slots and the trainings it runs now; ``started_at`` (default: now, on the
+    first beat) is when the worker started."""
+    now = time.time()
+    values = dict(pid=os.getpid(), host=socket.gethostname(), data_dir=str(settings.data_dir()),
+                  slots=settings.max_concurrent_trainings(), updated_at=now)
     with connection():
         with db.atomic():
-            WorkerHeartbeat.insert(name=name, pid=os.getpid(), updated_at=time.time(),
+            values["running"] = pool.running_ids(name)
+            update = {getattr(WorkerHeartbeat, key): value
+                      for key, value in {**values, **device}.items()}
+            if started_at is not None:
+                update[WorkerHeartbeat.created_at] = started_at
+            WorkerHeartbeat.insert(name=name, created_at=started_at or now, **values,
                                    **device).on_conflict(
-                conflict_target=[WorkerHeartbeat.name],
-                update={WorkerHeartbeat.updated_at: time.time(),
-                        WorkerHeartbeat.pid: os.getpid()}).execute()
+                conflict_target=[WorkerHeartbeat.name], update=update).execute()
 
 
-def _heartbeat_loop(name: str) -> None:
-    try:
-        device = measure_device()
-    except Exception:  # a heartbeat without a speed is still useful
-        log.exception("Measuring the device failed")
-        device = {"device": "cpu", "device_name": None, "device_memory": None, "gflops": None}
+def reap() -> int:
+    """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``)."""
+    with connection():
+        n = pool.reap_dead_workers()
+    if n:
+        log.warning("Marked %d training(s) of dead workers interrupted", n)
+    return n
+
+
+def _heartbeat_loop(name: str, device: dict[str, Any], started_at: float) -> None:
+    """Beat every ``HEARTBEAT_S``; every ``REAP_S`` also interrupt what dead workers left."""
+    reaped = time.monotonic()
     while True:
+        time.sleep(HEARTBEAT_S)
         try:
-            write_heartbeat(name, device)
+            write_heartbeat(name, device, started_at)
         except Exception:  # keep beating
             log.exception("Writing the heartbeat failed")
-        time.sleep(HEARTBEAT_S)
+        if time.monotonic() - reaped >= REAP_S:
+            reaped = time.monotonic()
+            try:
+                reap()
+            except Exception:  # a busy database: next time
+                log.exception("Looking for dead workers failed")
+
+
+def _measured_device() -> dict[str, Any]:
+    try:
+        return measure_device()
+    except Exception:  # a heartbeat without a speed is still useful
+        log.exception("Measuring the device failed")
+        return {"device": "cpu", "device_name": None, "device_memory": None, "gflops": None}
 
 
 def sweep_temporary_files(root: Path) -> int:
@@ -650,9 +760,15 @@ def on_worker_start() -> None:
         removed = sweep_temporary_files(settings.data_dir())
         if removed:
             log.info("Removed %d temporary files left by an interrupted save", removed)
-        name = f"{socket.gethostname()}:{os.getpid()}"
-        threading.Thread(target=_heartbeat_loop, args=(name,), name="sae-heartbeat",
-                         daemon=True).start()
+        # The first beat before any task runs: a training this worker claims always has a
+        # heartbeat row, so no other worker takes it for a dead one's.
+        name, device, started_at = worker_name(), _measured_device(), time.time()
+        try:
+            write_heartbeat(name, device, started_at)
+        except Exception:  # the loop tries again
+            log.exception("Writing the heartbeat failed")
+        threading.Thread(target=_heartbeat_loop, args=(name, device, started_at),
+                         name="sae-heartbeat", daemon=True).start()
         parent = os.environ.get("SAE_STUDIO_PARENT_PID", "")
         if parent.isdigit():
             threading.Thread(target=_watch_parent, args=(int(parent),), name="sae-parent",
@@ -669,9 +785,7 @@ def _watch_parent(parent: int, poll_s: float = 1.0, grace_s: float = 120.0) -> N
     log.warning("run.py (pid %s) is gone: interrupting running trainings and stopping", parent)
     try:
         with connection():
-            with db.atomic():
-                Training.update(requested="interrupt").where(Training.status.in_(RUNNING)) \
-                    .execute()
+            pool.interrupt_worker(worker_name())
     except Exception:  # still stop
         log.exception("Asking running trainings to stop failed")
     os.kill(os.getpid(), signal.SIGINT)

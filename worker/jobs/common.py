@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
-from ..db import RUNNING, data_version, db, init_db
+from ..db import RUNNING, data_version, db, open_app_database
 from ..engine.files import json_safe
 from .errors import Conflict, Invalid, NotFound
 
 MAX_ID = 2**63 - 1
-"""The largest row id SQLite stores (a signed 64-bit integer); larger ids do not exist."""
+"""The largest row id (a signed 64-bit integer: SQLite's, BIGINT on PostgreSQL); larger ids do
+not exist."""
 MAX_NAME = 200
 """The longest name a model or dataset may have (characters)."""
 MAX_SOURCE = 1000
@@ -28,8 +29,8 @@ OUTSIDE_ROOTS = ("Local files must be under an allowed folder (uploads, or one n
 
 # ---------------------------------------------------------------------------- the database
 def open_database() -> None:
-    """Bind the app database of the data folder (``settings.app_db_path()``), migrating it."""
-    init_db(settings.app_db_path())
+    """Bind the app database (``settings.database_url()``), migrating it."""
+    open_app_database()
 
 
 def connect() -> None:
@@ -44,8 +45,10 @@ def disconnect() -> None:
 
 
 def changes_since(version: int | None) -> int | None:
-    """The database's change counter when another connection committed since ``version`` was
-    read, else None; ``changes_since(None)`` reads the counter (a cheap poll for live pages)."""
+    """The database's change counter when a write was committed since ``version`` was read,
+    else None; ``changes_since(None)`` reads the counter (a cheap poll for live pages). It may
+    also change without a change the caller sees (another database on the same PostgreSQL
+    server, a rolled-back write): callers compare what they show (``db.data_version``)."""
     now = data_version()
     return now if now != version else None
 

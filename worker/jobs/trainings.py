@@ -33,6 +33,8 @@ from ..db import (
     Metric,
     Training,
     db,
+    json_value,
+    spread_metrics,
 )
 from ..engine.files import json_safe
 from ..engine.sweep import applies
@@ -44,7 +46,7 @@ from .sweeps import act_on_rows, queue_groups
 
 TRAINING_FIELDS = ("id", "status", "current_step", "total_steps", "error", "requested",
                    "config", "estimate", "out_dir", "device", "created_at", "updated_at",
-                   "started_at", "finished_at", "result", "eval_progress")
+                   "started_at", "finished_at", "result", "eval_progress", "worker")
 LATEST_KEYS = ("step", "loss", "mse", "l0", "dead", "dead_neurons", "fvu", "learning_rate",
                "tokens_per_s")
 """The API's ``latest`` contract (``training_as_dict``)."""
@@ -126,7 +128,7 @@ def list_trainings(status: str | None = None, model: Any = None, encoder_type: s
     if "sweep" in ids:
         query = query.where(Training.sweep == ids["sweep"])
     if encoder_type not in blank:
-        query = query.where(fn.coalesce(fn.json_extract(Training.config, "$.encoder_type"),
+        query = query.where(fn.coalesce(json_value(Training.config, "encoder_type", text=True),
                                         "topk") == encoder_type)
     rows = list(query.order_by(Training.id.desc()))
     if tag is not None:
@@ -222,22 +224,9 @@ def log_lines(training_id: int | str, after_id: int = 0) -> list[dict[str, Any]]
 # ---------------------------------------------------------------------------- the card's data
 def chart_rows(training_id: int, limit: int) -> list[tuple[int, Any, Any, Any]]:
     """(step, loss, l0, sparsity_coef) of at most ~``limit`` rows spread over the run, first
-    and last kept.
-
-    Downsampled and unpacked in SQLite (row_number + json_extract), so a card costs the same
-    whether its run has 100 or 100,000 metric rows.
-    """
-    n = Metric.select().where(Metric.training == training_id).count()
-    if n == 0:
-        return []
-    stride = max(1, -(-n // limit))
-    cursor = db.execute_sql(
-        "SELECT step, json_extract(data, '$.loss'), json_extract(data, '$.l0'),"
-        " json_extract(data, '$.sparsity_coef') FROM ("
-        " SELECT step, data, row_number() OVER (ORDER BY step) - 1 AS rn"
-        " FROM metric WHERE training_id = ?) WHERE rn % ? = 0 OR rn = ? ORDER BY step",
-        (training_id, stride, n - 1))
-    return list(cursor.fetchall())
+    and last kept (``db.spread_metrics``: downsampled in the database, so a card costs the same
+    whether its run has 100 or 100,000 metric rows)."""
+    return spread_metrics(training_id, limit, "loss", "l0", "sparsity_coef")
 
 
 def card_data(training: Training, *, log_limit: int, chart_limit: int | None
