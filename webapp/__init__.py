@@ -49,6 +49,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         security,
         sweeps,
         trainings,
+        workers,
         ws,
     )
 
@@ -93,6 +94,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(compare.bp)
     app.register_blueprint(config_templates.bp)
     app.register_blueprint(sweeps.bp)
+    app.register_blueprint(workers.bp)
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
     return app

@@ -15,6 +15,7 @@ is the HTTP status to answer with. One module per noun:
 - ``sweeps``: many SAEs from one activation source (create, read, steer, delete), each a
   training row trained in sub-groups that fit the memory budget;
 - ``health``: the newest worker heartbeat; ``reports``: the evaluation files of a training;
+- ``workers``: every worker's heartbeat (the Workers page), and the trainings dead workers left;
 - ``templates``: saved training and sweep configurations and the built-in presets.
 
 The names below are the public services; ``from worker import jobs; jobs.add_model(...)``.
@@ -47,7 +48,7 @@ from .datasets import (
 )
 from .errors import Conflict, Invalid, JobError, NotFound
 from .estimates import after_training_s, estimate
-from .health import HEARTBEAT_ALIVE_S, health, heartbeat_age
+from .health import HEARTBEAT_ALIVE_S, HEARTBEAT_DEAD_S, health, heartbeat_age
 from .labels import (
     all_tags,
     default_name,
@@ -104,6 +105,15 @@ from .trainings import (
     training_as_dict,
     with_aliases,
 )
+from .workers import (
+    WORKER_FIELDS,
+    interrupt_worker,
+    list_workers,
+    mark_worker_interrupted,
+    reap_dead_workers,
+    worker_as_dict,
+    workers_overview,
+)
 
 __all__ = [
     "ACTIONS", "ALIASES", "Conflict", "FINISHED", "HEARTBEAT_ALIVE_S", "HOOK_POINTS", "Invalid",
@@ -126,4 +136,7 @@ __all__ = [
     # templates and presets
     "PRESETS", "Preset", "create_template", "delete_template", "form_strings", "get_template",
     "list_templates", "template_as_dict", "template_toml", "training_fields",
+    # the pool of workers
+    "HEARTBEAT_DEAD_S", "WORKER_FIELDS", "interrupt_worker", "list_workers",
+    "mark_worker_interrupted", "reap_dead_workers", "worker_as_dict", "workers_overview",
 ]

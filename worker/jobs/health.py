@@ -1,4 +1,5 @@
-"""The worker's health as the web sees it: the newest heartbeat row (device, speed, age)."""
+"""The workers' health as the web sees it: the newest heartbeat row (device, speed, age) for the
+top bar, and the two thresholds every worker is judged by (alive, dead)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ HEARTBEAT_ALIVE_S = 5.0
 """A worker whose newest heartbeat is younger than this (seconds) is alive; one that beats every
 second (``worker.tasks.HEARTBEAT_S``) and falls silent this long is hung (``worker.supervisor``
 kills and restarts it)."""
+
+HEARTBEAT_DEAD_S = 15.0
+"""A worker whose newest heartbeat is older than this (seconds) is dead: every live worker marks
+the trainings it was running ``interrupted`` (``jobs.workers.reap_dead_workers``; Retry continues
+them on any worker). Three times ``HEARTBEAT_ALIVE_S``: under run.py a hung worker is killed and
+its trainings interrupted by its supervisor first, and a database too busy to take a heartbeat
+for a few seconds does not cost a running training."""
 
 
 def newest_heartbeat() -> WorkerHeartbeat | None:

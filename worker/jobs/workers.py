@@ -1,0 +1,176 @@
+"""The pool of workers: every worker's heartbeat (the Workers page), and the trainings a worker
+left behind when it stopped.
+
+Any number of workers may share one database and queue (``run.py --worker-only`` on each
+machine). Each beats once a second (``worker.tasks``): its row in ``WorkerHeartbeat`` names it
+``host:pid`` and says where it runs (host, data folder), its device, its slots and the trainings
+it runs now. A claimed training names its worker (``Training.worker``). Judged by the age of the
+newest beat, a worker is
+
+- ``alive`` while younger than ``HEARTBEAT_ALIVE_S`` (5 s),
+- ``silent`` up to ``HEARTBEAT_DEAD_S`` (15 s): hung or busy (under run.py its supervisor kills
+  a silent worker and interrupts its trainings itself),
+- ``dead`` after that: every live worker marks the trainings it was running ``interrupted``
+  (``reap_dead_workers``), and Retry continues them on any worker from the newest checkpoint
+  in the shared artifacts folder.
+
+A worker starting on a data folder also interrupts what the previous worker on that folder left
+running (``recover_trainings``): the folder's ``worker.lock`` proves that one is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..db import RUNNING, Training, WorkerHeartbeat, db
+from .health import HEARTBEAT_ALIVE_S, HEARTBEAT_DEAD_S
+
+SHOWN_S = 24 * 3600.0
+"""The Workers page lists the live workers and those heard from in the last 24 hours; older rows
+are counted, not listed."""
+
+INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
+                       "from the newest checkpoint.")
+"""The error of a training whose worker is gone and unknown (no heartbeat row), or was the
+previous worker on this data folder."""
+
+WORKER_FIELDS = ("name", "host", "pid", "data_dir", "device", "device_name", "device_memory",
+                 "gflops", "slots", "running", "alive", "state", "age_s", "started_at",
+                 "updated_at")
+"""The keys of a worker in the API (``worker_as_dict``)."""
+
+
+def worker_state(age_s: float) -> str:
+    """``alive``, ``silent`` or ``dead`` for a worker whose newest beat is ``age_s`` old."""
+    if age_s < HEARTBEAT_ALIVE_S:
+        return "alive"
+    return "silent" if age_s < HEARTBEAT_DEAD_S else "dead"
+
+
+def worker_as_dict(hb: WorkerHeartbeat, now: float | None = None) -> dict[str, Any]:
+    """One heartbeat row as the API gives it (``WORKER_FIELDS``): ``device_memory`` in bytes,
+    ``gflops`` the fp32 matmul speed measured at start, ``running`` the ids of the trainings it
+    ran at its newest beat, ``alive`` whether it beat in the last 5 s, ``state`` alive / silent
+    / dead, ``age_s`` the seconds since its newest beat, ``started_at`` when it started (epoch
+    seconds)."""
+    age = max(0.0, (time.time() if now is None else now) - hb.updated_at)
+    state = worker_state(age)
+    running = [int(i) for i in (hb.running or [])]
+    return {"name": hb.name, "host": hb.host, "pid": hb.pid, "data_dir": hb.data_dir,
+            "device": hb.device, "device_name": hb.device_name,
+            "device_memory": hb.device_memory, "gflops": hb.gflops, "slots": hb.slots,
+            "running": running, "alive": state == "alive", "state": state,
+            "age_s": round(age, 1), "started_at": hb.created_at, "updated_at": hb.updated_at}
+
+
+def list_workers(within_s: float | None = None) -> list[dict[str, Any]]:
+    """Every worker's heartbeat, newest first (``worker_as_dict``); with ``within_s``, only
+    those heard from in the last ``within_s`` seconds."""
+    now = time.time()
+    query = WorkerHeartbeat.select().order_by(WorkerHeartbeat.updated_at.desc(),
+                                              WorkerHeartbeat.name)
+    if within_s is not None:
+        query = query.where(WorkerHeartbeat.updated_at >= now - within_s)
+    return [worker_as_dict(hb, now) for hb in query]
+
+
+def workers_overview(within_s: float = SHOWN_S) -> dict[str, Any]:
+    """The Workers page: ``{"items": workers heard from in the last ``within_s`` seconds, newest
+    first, "hidden": how many older rows are left out, "alive": how many items are alive,
+    "dead_after_s": HEARTBEAT_DEAD_S}``."""
+    items = list_workers(within_s)
+    hidden = WorkerHeartbeat.select().count() - len(items)
+    return {"items": items, "hidden": max(0, hidden),
+            "alive": sum(w["alive"] for w in items), "dead_after_s": HEARTBEAT_DEAD_S}
+
+
+def running_ids(name: str) -> list[int]:
+    """The trainings the worker ``name`` runs now (claimed by it, status in RUNNING)."""
+    return [t.id for t in Training.select(Training.id)
+            .where((Training.worker == name) & Training.status.in_(RUNNING))
+            .order_by(Training.id)]
+
+
+# ---------------------------------------------------------------------------- left behind
+def stopped_message(name: str, silent_s: float) -> str:
+    """The error of a training whose worker ``name`` has been silent ``silent_s`` seconds."""
+    return (f"The worker {name} stopped (no heartbeat for {silent_s:.0f} s); Retry continues "
+            "from the newest checkpoint.")
+
+
+def _gone(host: str | None, data_dir: str | None, now: float) -> dict[str | None, str]:
+    """The workers (names, None for a training no worker claimed) that left trainings running
+    and are gone, with the sentence to store: dead (silent ``HEARTBEAT_DEAD_S``), unknown (no
+    heartbeat row), or with ``host`` and ``data_dir`` the previous worker on that data folder."""
+    names = {t.worker for t in Training.select(Training.worker).distinct()
+             .where(Training.status.in_(RUNNING))}
+    if not names:
+        return {}
+    beats = {hb.name: hb for hb in WorkerHeartbeat.select().where(
+        WorkerHeartbeat.name.in_([n for n in names if n is not None]))}
+    gone: dict[str | None, str] = {}
+    for name in names:
+        hb = beats.get(name) if name is not None else None
+        if hb is None:
+            gone[name] = INTERRUPTED_MESSAGE
+        elif host is not None and (hb.host, hb.data_dir) == (host, data_dir):
+            gone[name] = INTERRUPTED_MESSAGE
+        elif now - hb.updated_at >= HEARTBEAT_DEAD_S:
+            gone[name] = stopped_message(name, now - hb.updated_at)
+    return gone
+
+
+def _interrupt(gone: dict[str | None, str], now: float) -> int:
+    """Mark the running trainings of each gone worker ``interrupted`` with its sentence; a row
+    another worker claimed meanwhile (a Retry) is left alone."""
+    n = 0
+    for name, message in gone.items():
+        mine = Training.worker.is_null() if name is None else Training.worker == name
+        n += Training.update(status="interrupted", error=message, requested=None,
+                             finished_at=now, updated_at=now) \
+            .where(mine & Training.status.in_(RUNNING)).execute()
+    return n
+
+
+def reap_dead_workers(now: float | None = None) -> int:
+    """Mark the trainings of dead workers (no heartbeat for ``HEARTBEAT_DEAD_S``, or no
+    heartbeat row at all) ``interrupted``, naming the worker. Every live worker calls this every
+    few seconds; returns how many trainings it marked."""
+    now = time.time() if now is None else now
+    with db.atomic():
+        return _interrupt(_gone(None, None, now), now)
+
+
+def recover_trainings(host: str, data_dir: str, now: float | None = None) -> int:
+    """At a worker's start on ``host`` and ``data_dir``: mark ``interrupted`` the trainings the
+    previous worker on this data folder left running (it is gone: this one holds the folder's
+    ``worker.lock``), and those of dead or unknown workers. A live worker elsewhere keeps its
+    trainings. Returns how many were marked."""
+    now = time.time() if now is None else now
+    with db.atomic():
+        return _interrupt(_gone(host, data_dir, now), now)
+
+
+def others_alive(host: str, data_dir: str, now: float | None = None) -> bool:
+    """Whether a worker other than one on ``host`` and ``data_dir`` is alive or silent (not
+    dead): it may be preparing a model or dataset (those rows name no worker)."""
+    now = time.time() if now is None else now
+    return any((hb.host, hb.data_dir) != (host, data_dir) for hb in WorkerHeartbeat.select()
+               .where(WorkerHeartbeat.updated_at > now - HEARTBEAT_DEAD_S))
+
+
+def interrupt_worker(name: str) -> int:
+    """Ask the trainings the worker ``name`` runs to checkpoint and stop as ``interrupted``
+    (that worker shuts down; Retry continues them). Returns how many were asked."""
+    with db.atomic():
+        return Training.update(requested="interrupt") \
+            .where((Training.worker == name) & Training.status.in_(RUNNING)).execute()
+
+
+def mark_worker_interrupted(name: str, reason: str) -> int:
+    """Mark the trainings the worker ``name`` runs ``interrupted`` now, with ``reason`` as their
+    error (it was killed: nobody else will). Returns how many were marked."""
+    now = time.time()
+    with db.atomic():
+        return _interrupt({name: reason}, now)
