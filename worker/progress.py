@@ -4,7 +4,7 @@
 
 - ``on_metrics`` buffers the engine's rows as they are (the job layer adds the API's older
   names when it reads them) and flushes them at most every 0.5 s (always the first row, and
-  at ``close()``) in one ``db.atomic()``: Metric rows (replaced: a retried run re-reports
+  at ``close()``) in one ``db.atomic()``: Metric rows (upserted: a retried run re-reports
   steps), ``Training.current_step``, ``latest`` and status ``training``;
 - ``on_log`` writes LogLine rows; ``on_checkpoint`` keeps the Checkpoint rows in step with the
   files (retention deletions included, ``is_best`` on the best step only);
@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .db import REQUESTS, Checkpoint, LogLine, Metric, Training, db
+from .db import REQUESTS, Checkpoint, LogLine, Metric, Training, db, upsert
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,11 @@ class TrainingReporter:
         rows, self.pending = self.pending, []
         last = rows[-1]
         with db.atomic():
-            Metric.insert_many(
-                [{"training": self.training_id, "step": int(r["step"]), "data": r} for r in rows]
-            ).on_conflict_replace().execute()
+            by_step = {int(r["step"]): r for r in rows}  # one row per step (the newest)
+            upsert(Metric.insert_many(
+                [{"training": self.training_id, "step": step, "data": r}
+                 for step, r in by_step.items()]
+            ), Metric.training, Metric.step).execute()
             Training.update(current_step=int(last["step"]), latest=last, updated_at=time.time()) \
                 .where(Training.id == self.training_id).execute()
             Training.update(status="training") \
@@ -178,10 +180,11 @@ class TrainingReporter:
         step = int(info["step"])
         best = info.get("best_step")
         with db.atomic():
-            Checkpoint.insert(training=self.training_id, step=step, path=str(info["path"]),
-                              loss=info.get("loss"), size_bytes=int(info.get("size_bytes") or 0),
-                              is_best=best == step, reason=self._last_reason) \
-                .on_conflict_replace().execute()
+            upsert(Checkpoint.insert(training=self.training_id, step=step, path=str(info["path"]),
+                                     loss=info.get("loss"),
+                                     size_bytes=int(info.get("size_bytes") or 0),
+                                     is_best=best == step, reason=self._last_reason),
+                   Checkpoint.training, Checkpoint.step).execute()
             deleted = [str(p) for p in info.get("deleted") or []]
             if deleted:
                 Checkpoint.delete().where((Checkpoint.training == self.training_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..db import FINISHED, TRAINING_STATUSES, Training, db
+from ..db import FINISHED, TRAINING_STATUSES, Training, spread_metrics
 from ..engine.files import json_safe
 from .common import finite, with_model_and_dataset
 from .errors import Invalid, NotFound
@@ -125,23 +125,13 @@ def final_figures(t: Training, latents: int | None = None) -> dict[str, Any]:
 def curves(t: Training, latents: int | None = None, limit: int = CURVE_POINTS
            ) -> dict[str, list[Any]]:
     """``{step, tokens, loss, fvu, l0, dead, dead_frac}``: equal-length lists, oldest first, at
-    most ``limit`` rows spread over the run (first and last kept; downsampled in SQLite)."""
+    most ``limit`` rows spread over the run (first and last kept; ``db.spread_metrics``)."""
     latents = latents if latents is not None else d_sae(t)
     out: dict[str, list[Any]] = {"step": [], "tokens": [], **{k: [] for k in CURVES}}
-    n = db.execute_sql("SELECT count(*) FROM metric WHERE training_id = ?", (t.id,)).fetchone()[0]
-    if n == 0:
-        return out
-    stride = max(1, -(-n // limit))
-    cursor = db.execute_sql(
-        "SELECT step, json_extract(data, '$.tokens'), json_extract(data, '$.loss'),"
-        " json_extract(data, '$.fvu'), json_extract(data, '$.l0'),"
-        " coalesce(json_extract(data, '$.dead'), json_extract(data, '$.dead_neurons')),"
-        " json_extract(data, '$.dead_frac') FROM ("
-        " SELECT step, data, row_number() OVER (ORDER BY step) - 1 AS rn"
-        " FROM metric WHERE training_id = ?) WHERE rn % ? = 0 OR rn = ? ORDER BY step",
-        (t.id, stride, n - 1))
+    rows = spread_metrics(t.id, limit, "tokens", "loss", "fvu", "l0", ("dead", "dead_neurons"),
+                          "dead_frac")
     batch = int((t.config or {}).get("batch_size") or 0)
-    for step, tokens, loss, fvu, l0, dead, dead_frac in cursor.fetchall():
+    for step, tokens, loss, fvu, l0, dead, dead_frac in rows:
         out["step"].append(int(step))
         tok = finite(tokens)
         out["tokens"].append(int(tok) if tok is not None else int(step) * batch)
