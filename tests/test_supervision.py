@@ -1,16 +1,19 @@
 """run.py supervises its worker: a SIGKILLed run.py leaves no orphan worker behind (the orphan
 would go on training beside the next run.py's worker), and a worker that dies alone is started
-again, and one that hangs (no heartbeat) is killed and replaced. Real processes: run.py, its Huey
+again, and one that hangs (no heartbeat) is killed and replaced; two workers on one database share
+the trainings, and one whose worker dies moves to the other. Real processes: run.py, its Huey
 consumer, signals."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
 from pathlib import Path
 
+from . import cluster
 from .processes import RunPy, alive, wait_for
 
 
@@ -105,7 +108,81 @@ def test_a_hung_worker_is_killed_and_its_training_interrupted(tmp_path: Path) ->
         assert final["status"] == "stopped", final
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.wait(90) == 0
+    except AssertionError:
+        print("run.py's output:", *run.lines[-80:], sep="\n")  # shown with the failure
+        raise
     finally:
         for pid in (run.proc.pid, hung, new):
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_two_workers_share_the_work_and_a_dead_ones_training_moves(tmp_path: Path) -> None:
+    """Two ``run.py --worker-only`` (their own data folders; one database, queue and artifacts
+    folder) take one training each; one worker is SIGKILLed with its run.py: the other marks its
+    training interrupted within the dead threshold, and after Retry finishes it from the newest
+    checkpoint in the shared artifacts folder."""
+    from worker.jobs import HEARTBEAT_DEAD_S
+    from worker.tasks import REAP_S
+
+    shared = cluster.sqlite_shared(tmp_path / "shared")
+    web = RunPy(tmp_path / "web", "--no-worker", *shared.args())
+    a = b = None
+    try:
+        a = cluster.WorkerProcess(tmp_path / "a", shared)
+        b = cluster.WorkerProcess(tmp_path / "b", shared)
+        seen = cluster.wait_workers(web, [a.name, b.name])
+        assert {w["data_dir"] for w in seen} == {str((tmp_path / n).resolve()) for n in "ab"}
+        assert all(w["slots"] == 1 and w["running"] == [] for w in seen)
+
+        m = web.call("/models", {"source": "minilm-l6"})
+        d = web.call("/datasets", {"source": "kjv", "max_tokens": "20000", "context_size": "64"})
+        wait_for(lambda: web.call(f"/models/{m['id']}")["status"] == "ready", 120, "the model")
+        wait_for(lambda: web.call(f"/datasets/{d['id']}")["status"] == "ready", 120, "the data")
+        form = {"model_id": m["id"], "dataset_id": d["id"], "layer": 2, "expansion_factor": 2,
+                "k": 8, "batch_size": 128, "total_steps": 100_000, "log_every": 5,
+                "auto_save_interval": 10, "eval_tokens": 0, "device": "cpu"}
+        ids = [web.call("/trainings", form)["id"] for _ in range(2)]
+        rows = [cluster.wait_status(web, i, "training") for i in ids]
+        by_worker = {r["worker"]: r["id"] for r in rows}
+        assert set(by_worker) == {a.name, b.name}  # one slot each: one training each
+        running = {w["name"]: w["running"] for w in cluster.workers(web)}
+        assert running[a.name] == [by_worker[a.name]] and running[b.name] == [by_worker[b.name]]
+        moved, other = by_worker[a.name], by_worker[b.name]
+
+        web.call(f"/trainings/{other}/stop", {}, "POST")  # b's slot is free for the Retry
+        cluster.wait_status(web, other, "stopped")
+        wait_for(lambda: web.call(f"/trainings/{moved}/checkpoints")["items"], 60,
+                 "a checkpoint of the training on a")
+        a.kill()
+        killed_at = time.monotonic()
+        row = cluster.wait_status(web, moved, "interrupted",
+                                  timeout=HEARTBEAT_DEAD_S + REAP_S + 15)
+        assert time.monotonic() - killed_at < HEARTBEAT_DEAD_S + REAP_S + 5
+        assert f"The worker {a.name} stopped (no heartbeat for" in row["error"]
+        states = {w["name"]: w["state"] for w in cluster.workers(web)}
+        assert states[a.name] == "dead" and states[b.name] == "alive"
+
+        newest = max(c["step"] for c in web.call(f"/trainings/{moved}/checkpoints")["items"])
+        assert newest > 0
+        cluster.set_total_steps(shared.database_url, moved, newest + 20)
+        assert web.call(f"/trainings/{moved}/retry", {}, "POST")["status"] == "queued"
+        final = cluster.wait_status(web, moved, "completed")
+        assert final["worker"] == b.name and final["current_step"] == newest + 20
+        assert final["result"]["steps"] == newest + 20
+        log = cluster.log_lines(shared.database_url, moved)
+        # from the newest checkpoint on disk: the one listed, or one saved as a was killed
+        resumed = [int(m.group(1)) for line in log
+                   if (m := re.fullmatch(r"Resumed from .* at step (\d+)\.", line))]
+        assert resumed and newest <= resumed[-1] < newest + 20, log
+    except AssertionError:
+        for label, lines in (("web", web.lines), ("a", a.lines if a else []),
+                             ("b", b.lines if b else [])):
+            print(f"{label}'s output:", *lines[-40:], sep="\n")  # shown with the failure
+        raise
+    finally:
+        if web.proc.poll() is None:
+            web.stop()
+        for worker in (a, b):
+            if worker is not None:
+                worker.close()
