@@ -141,7 +141,8 @@ def test_two_workers_share_the_work_and_a_dead_ones_training_moves(tmp_path: Pat
         wait_for(lambda: web.call(f"/datasets/{d['id']}")["status"] == "ready", 120, "the data")
         form = {"model_id": m["id"], "dataset_id": d["id"], "layer": 2, "expansion_factor": 2,
                 "k": 8, "batch_size": 128, "total_steps": 100_000, "log_every": 5,
-                "auto_save_interval": 10, "eval_tokens": 0, "device": "cpu"}
+                "auto_save_interval": 10, "buffer_tokens": 4096, "eval_tokens": 0,
+                "device": "cpu"}
         ids = [web.call("/trainings", form)["id"] for _ in range(2)]
         rows = [cluster.wait_status(web, i, "training") for i in ids]
         by_worker = {r["worker"]: r["id"] for r in rows}
