@@ -7,12 +7,15 @@
     sae-studio export  runs/a --out sae_folder          # or a checkpoint file; --force
     sae-studio evaluate runs/a          # CE loss recovered, KL, densities, top contexts
     sae-studio info    smollm2-135m --expansion-factor 16
+    torchrun --nproc-per-node 2 -m worker train --activations acts.safetensors --out runs/c
 
 Bad input ends with one line on stderr and exit status 2; what can be checked without the model
 (the options against the hidden size and layer count of a model already on disk) is checked
 before it loads. Every command's last stdout line is one strict JSON object (null, never NaN);
 ``train``'s: steps, tokens, tokens_per_s, fvu, l0, dead_frac, heldout_vectors,
 dead_window_tokens, out, checkpoint, stopped, eval and ``definitions`` (a sentence per figure).
+Under torchrun (``WORLD_SIZE`` > 1) ``train`` trains one SAE on all the processes
+(``engine.distributed``); rank 0 alone shows progress and prints the JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -245,31 +249,46 @@ def _checkpoint_of(path: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train one SAE: in this process, or under torchrun on all its processes (the
+    combination checked before the process group starts: one line and exit 2 when bad)."""
+    from .engine import distributed
     from .engine.checkpoints import load_checkpoint
     from .engine.devices import pick_device
     from .engine.pipeline import check_before_loading, definitions, train_and_evaluate
     from .engine.trainer import Callbacks
 
+    dist = distributed.from_env()
     resume = _checkpoint_of(args.resume) if args.resume else None
     base = load_checkpoint(resume).meta["config"] if resume else None
     cfg = _build_config(args, base)
+    distributed.local_batch(cfg.batch_size, dist)
+    device = distributed.device_for(dist, pick_device(cfg.device))
     data_dir = _data_dir(args)
-    out = Path(args.out) if args.out else (
-        resume.parent.parent if resume else Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    preparing, evaluating = _StderrProgress("preparing"), _StderrProgress("evaluate")
-    steps = _StepBar(cfg.total_steps, args.metrics_jsonl, preparing)
+    distributed.setup(dist, device)
     try:
-        check_before_loading(cfg, data_dir, preparing)
-        with folder_lock(out):  # one trainer per run folder (a worker may train there)
-            values = train_and_evaluate(
-                cfg, out, data_dir=data_dir, device=pick_device(cfg.device),
-                callbacks=Callbacks(on_log=_note, on_metrics=steps), resume=resume,
-                prepare_progress=preparing, after_fit=steps.close, evaluate=args.evaluate,
-                eval_progress=evaluating, log=_note)
+        out = Path(args.out) if args.out else (  # rank 0's name, whenever each rank starts
+            resume.parent.parent if resume else
+            Path(dist.broadcast_object(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))))
+        main = dist.is_main
+        preparing, evaluating = _StderrProgress("preparing"), _StderrProgress("evaluate")
+        steps = _StepBar(cfg.total_steps, args.metrics_jsonl if main else None, preparing)
+        try:
+            with dist.main_first():  # rank 0 converts a model once; the others read it
+                check_before_loading(cfg, data_dir, preparing if main else None)
+            # one trainer per run folder (a worker may train there); rank 0 holds it
+            with folder_lock(out) if main else nullcontext():
+                values = train_and_evaluate(
+                    cfg, out, data_dir=data_dir, device=device,
+                    callbacks=Callbacks(on_log=_note, on_metrics=steps), resume=resume,
+                    prepare_progress=preparing if main else None, after_fit=steps.close,
+                    evaluate=args.evaluate, eval_progress=evaluating, log=_note, dist=dist)
+        finally:
+            steps.close()
+            evaluating.close()
     finally:
-        steps.close()
-        evaluating.close()
-    _print_json(dict(values, definitions=definitions(values)))
+        distributed.teardown()
+    if main:
+        _print_json(dict(values, definitions=definitions(values)))
     return 0
 
 

@@ -187,9 +187,16 @@ def write_activation_file(
 
 
 class CachedActivations:
-    """Batches from an activation file: a seeded permutation per epoch; the last rows held out."""
+    """Batches from an activation file: a seeded permutation per epoch; the last rows held out.
 
-    def __init__(self, path: Path | str, *, seed: int = 0, holdout: int = 16_384) -> None:
+    Sharded (``rank`` of ``world`` training processes, ``distributed``): ``next_batch(n)``
+    returns this rank's rows ``rank::world`` of the next ``n x world`` rows the single process
+    would read, so ``world`` ranks of ``n`` rows see the same rows per step as one process of
+    ``n x world``; the position counts the whole stream (the same on every rank)."""
+
+    def __init__(self, path: Path | str, *, seed: int = 0, holdout: int = 16_384,
+                 rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
         self.file = ActivationFile(path)
         self.d_in, self.d_target = self.file.d_in, self.file.d_target
         self.meta = dict(self.file.meta, activations=str(path))
@@ -207,6 +214,7 @@ class CachedActivations:
 
     def next_batch(self, n: int) -> Tensor:
         parts = []
+        n *= self.world  # the whole stream's rows of this step; this rank keeps its share
         while n > 0:
             epoch, off = divmod(self.position, self.n_train)
             take = min(n, self.n_train - off)
@@ -214,7 +222,8 @@ class CachedActivations:
             parts.append(np.sort(idx))  # sorted reads are faster; order inside a batch is moot
             self.position += take
             n -= take
-        return self.file.rows(np.concatenate(parts))
+        idx = np.concatenate(parts)
+        return self.file.rows(idx if self.world == 1 else idx[self.rank::self.world])
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "cached", "position": self.position}
@@ -244,7 +253,12 @@ class FilterStats:
 
 
 class LiveActivations:
-    """Activations extracted on the fly from a model over a token store (see module docstring)."""
+    """Activations extracted on the fly from a model over a token store (see module docstring).
+
+    Sharded (``rank`` of ``world`` training processes, ``distributed``): each epoch's context
+    order is the single process's, and this rank extracts the contexts at positions
+    ``i % world == rank`` of it, with its own buffer; ``sample`` stays the unsharded stream's,
+    so every rank initialises from the same vectors."""
 
     def __init__(
         self,
@@ -266,8 +280,11 @@ class LiveActivations:
         progress: Callable[[int], None] | None = None,
         extract: Callable[[Tensor], Tensor] | None = None,
         target_hook_point: str | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.model, self.store, self.layer, self.hook_point = model, store, layer, hook_point
+        self.rank, self.world = rank, world
         self.target_hook_point = target_hook_point
         """A transcoder's target (rows [x | y], see the module docstring); None for an SAE."""
         hooks = [(layer, hook_point)] + ([(layer, target_hook_point)] if target_hook_point
@@ -294,6 +311,12 @@ class LiveActivations:
         if self.n_train_ctx < 1:
             raise DataError("The token store has no contexts to train on.")
         self.holdout_ids = np.arange(self.n_train_ctx, n_ctx)
+        self.epoch_len = len(range(rank, self.n_train_ctx, world))
+        """Contexts this rank extracts per epoch (all the training contexts for one process)."""
+        if self.epoch_len < 1:
+            raise DataError(f"The token store has {self.n_train_ctx} training contexts, fewer "
+                            f"than the {world} training processes.")
+        self._whole: tuple[int, np.ndarray] | None = None
         self.stats = FilterStats()
         self.width = int(self._run(np.array([0]), None)[0].shape[1])
         """Values per row: d_in + d_target."""
@@ -312,16 +335,29 @@ class LiveActivations:
         self.exhausted = False
 
     # -- contexts
-    def _ctx_ids(self, cursor: int, count: int) -> np.ndarray:
+    def _order(self, epoch: int, whole: bool) -> np.ndarray:
+        """Epoch ``epoch``'s context order: this rank's share, or the ``whole`` stream's."""
+        if whole:
+            if self._whole is None or self._whole[0] != epoch:
+                perm = torch.randperm(self.n_train_ctx, generator=_gen(self.seed, 104729, epoch))
+                self._whole = (epoch, perm.numpy())
+            return self._whole[1]
+        if epoch != self._epoch:
+            perm = torch.randperm(self.n_train_ctx, generator=_gen(self.seed, 104729, epoch))
+            self._perm = perm.numpy()[self.rank::self.world]
+            self._epoch = epoch
+        return self._perm
+
+    def _ctx_ids(self, cursor: int, count: int, whole: bool = False) -> np.ndarray:
+        """``count`` context ids from position ``cursor`` of this rank's stream (``whole``:
+        of the unsharded stream)."""
         out = []
+        length = self.n_train_ctx if whole else self.epoch_len
         while count > 0:
-            epoch, off = divmod(cursor, self.n_train_ctx)
-            if epoch != self._epoch:
-                self._perm = torch.randperm(self.n_train_ctx,
-                                            generator=_gen(self.seed, 104729, epoch)).numpy()
-                self._epoch = epoch
-            take = min(count, self.n_train_ctx - off)
-            out.append(self._perm[off:off + take])
+            epoch, off = divmod(cursor, length)
+            order = self._order(epoch, whole)
+            take = min(count, length - off)
+            out.append(order[off:off + take])
             cursor += take
             count -= take
         return np.concatenate(out)
@@ -360,7 +396,7 @@ class LiveActivations:
     def _build(self, cursor: int, median: float | None) -> tuple[Tensor, int, float | None]:
         """Extract ~half a buffer of new vectors starting at ``cursor``."""
         parts, norms_all, got = [], [], 0
-        limit = None if self.max_epochs is None else self.max_epochs * self.n_train_ctx
+        limit = None if self.max_epochs is None else self.max_epochs * self.epoch_len
         while got < self.half and (limit is None or cursor < limit):
             count = self.batch_contexts if limit is None else min(self.batch_contexts,
                                                                   limit - cursor)
@@ -462,14 +498,14 @@ class LiveActivations:
         sample taken is kept: SAEs of a group share it."""
         if self._sample is not None and len(self._sample) >= n:
             return self._sample[:n]
-        saved = (self._epoch, self._perm, self.stats)
+        saved = self.stats
         parts, got, cursor = [], 0, 0
         while got < n and cursor < self.n_train_ctx:
-            kept, _ = self._run(self._ctx_ids(cursor, self.batch_contexts), None)
+            kept, _ = self._run(self._ctx_ids(cursor, self.batch_contexts, whole=True), None)
             parts.append(kept)
             got += kept.shape[0]
             cursor += self.batch_contexts
-        self._epoch, self._perm, self.stats = saved
+        self.stats = saved
         if not parts:
             raise DataError("The corpus gave no activations to sample.")
         self._sample = torch.cat(parts)[:n]

@@ -7,7 +7,9 @@ which opens the source (``open_source``), trains (``Trainer.fit``), frees a live
 evaluates on held-out text (``evaluate_run``), returning the result dict with ``eval`` merged;
 ``definitions(values)`` says in a sentence per figure what each of that dict's numbers measures.
 ``check_before_loading(cfg, data_dir)`` checks the options against the input size before
-anything slow (the CLI calls it first).
+anything slow (the CLI calls it first). Under torchrun (``dist``, ``distributed``) each rank
+opens its shard of the source (rank 0 first: it builds any token store), trains, and rank 0
+alone evaluates on held-out text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from .activations import CachedActivations, LiveActivations, write_activation_file
 from .config import TrainConfig
+from .distributed import SINGLE, Dist
 from .errors import ConfigError, DataError
 from .trainer import Trainer
 
@@ -117,10 +120,14 @@ def source_meta(cfg: TrainConfig, loaded: Any, store: Any, layer: int) -> dict[s
 
 
 def open_source(cfg: TrainConfig, *, data_dir: Path, device: torch.device,
-                progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
-    """The activation source a training reads, and the metadata its export carries."""
+                progress: Progress | None = None, dist: Dist = SINGLE
+                ) -> tuple[Any, dict[str, Any]]:
+    """The activation source a training reads (this rank's shard under ``dist``), and the
+    metadata its export carries."""
+    shard = {"rank": dist.rank, "world": dist.world_size}
     if cfg.activations:
-        src = CachedActivations(cfg.activations, seed=cfg.seed, holdout=cfg.eval_tokens)
+        src = CachedActivations(cfg.activations, seed=cfg.seed, holdout=cfg.eval_tokens,
+                                **shard)
         check_file_target(cfg, src.meta)
         return src, dict(src.meta)
     loaded, store, layer = load_for_extraction(cfg, data_dir, device, progress)
@@ -130,7 +137,7 @@ def open_source(cfg: TrainConfig, *, data_dir: Path, device: torch.device,
         buffer_tokens=cfg.buffer_tokens, exclude_special=cfg.exclude_special,
         exclude_pos0=cfg.exclude_pos0, outlier_factor=cfg.outlier_factor,
         holdout_tokens=cfg.eval_tokens, device=device, meta=meta,
-        target_hook_point=cfg.target_hook_point)
+        target_hook_point=cfg.target_hook_point, **shard)
     meta["d_target"] = src.d_target
     return src, meta
 
@@ -325,7 +332,7 @@ def train_and_evaluate(
     evaluate: bool | Callable[[], bool] = True, eval_progress: Progress | None = None,
     log: Callable[[str], None] = lambda message: None,
     on_eval_start: Callable[[], None] | None = None,
-    on_eval_error: Callable[[Exception], None] | None = None,
+    on_eval_error: Callable[[Exception], None] | None = None, dist: Dist = SINGLE,
 ) -> dict[str, Any]:
     """Open the activation source, train (continuing from ``resume``), free a live model, then
     evaluate on held-out text into ``out_dir/eval``. Returns ``TrainResult.to_dict()`` plus
@@ -346,17 +353,23 @@ def train_and_evaluate(
     worker's ``evaluating`` status); ``eval_progress`` then gets (fraction, message). ``log``
     receives one sentence per evaluation stage. An evaluation failure raises unless
     ``on_eval_error`` takes it (the training's result stands).
+
+    ``dist``: this process's place under torchrun (``distributed``; its process group set up):
+    each rank trains on its shard; only rank 0's values carry the evaluations (the other
+    ranks' have no held-out figures and no ``report``).
     """
-    source, meta = open_source(cfg, data_dir=data_dir, device=device, progress=prepare_progress)
+    with dist.main_first():  # rank 0 first: it may convert the model, build the token store
+        source, meta = open_source(cfg, data_dir=data_dir, device=device,
+                                   progress=prepare_progress, dist=dist)
     meta = dict(meta, **(names or {}))
-    trainer = Trainer(cfg, source, out_dir, callbacks=callbacks, export_meta=meta)
+    trainer = Trainer(cfg, source, out_dir, callbacks=callbacks, export_meta=meta, dist=dist)
     try:
         result = trainer.fit(resume=resume)
     finally:
         if after_fit is not None:
             after_fit()
     values = result_values(result, cfg)
-    if not (evaluate() if callable(evaluate) else evaluate):
+    if not dist.is_main or not (evaluate() if callable(evaluate) else evaluate):
         return values
     del source, trainer.source  # free a live model before the evaluation loads it again
     return held_out_evaluation([values], [trainer], [out_dir], data_dir=data_dir, metas=[meta],

@@ -13,10 +13,16 @@ step's statistics stay on the device: every ``log_every`` steps they are read at
 (a non-finite loss stops the run, and is checked again before any checkpoint is written, so a
 NaN is never saved) and logged; every ``auto_save_interval`` steps a checkpoint is saved. At the
 end: evaluate on held-out vectors, save the final checkpoint and export the SAELens folder.
+
+Under torchrun (``dist``, see ``distributed``) every rank runs this loop on its shard of each
+global batch (``batch_size / world_size`` rows); after backward the gradients and the step's
+statistics are reduced over the ranks (``_share``), so every rank takes the same step; rank 0
+alone reports, writes checkpoints and exports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +41,7 @@ from . import checkpoints as ck
 from .activations import ActivationSource
 from .config import TrainConfig
 from .devices import autocast_dtype, halve_on_oom, peak_memory_mb, pick_device, pick_precision
+from .distributed import SINGLE, Dist, device_for, local_batch
 from .errors import CheckpointError, ConfigError, TrainingError
 from .export import export_saelens
 from .l0_control import START_FRAC, L0Controller
@@ -226,9 +233,13 @@ class Trainer:
         *,
         callbacks: Callbacks | None = None,
         export_meta: dict[str, Any] | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         self.cfg, self.source, self.out_dir = cfg, source, Path(out_dir)
-        self.cb = callbacks or Callbacks()
+        self.dist = dist
+        """This process's place among the training processes (``distributed``); the source
+        must be this rank's shard."""
+        self.cb = self._shared_callbacks(callbacks or Callbacks())
         self.export_meta = dict(source.meta, **(export_meta or {}))
         self.d_in = source.d_in
         self.d_target = int(getattr(source, "d_target", 0) or 0)
@@ -242,8 +253,10 @@ class Trainer:
             raise ConfigError(f"A transcoder's input and target must have the same width "
                               f"(got {self.d_in} and {self.d_target}).")
         cfg.validate(d_in=self.d_in)
+        self.local_batch = local_batch(cfg.batch_size, dist)
+        """Vectors this rank trains on per step (its share of the global ``batch_size``)."""
         self.d_sae = cfg.d_sae(self.d_in)
-        self.device = pick_device(cfg.device)
+        self.device = device_for(dist, pick_device(cfg.device))
         self.precision = pick_precision(cfg.precision, self.device)
         if self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("fp16 needs a GPU; use fp32 or bf16 on the CPU.")
@@ -258,7 +271,7 @@ class Trainer:
         self.opt = Adam(self.sae.parameters(), lr=self.base_lr, betas=(cfg.beta1, cfg.beta2),
                         weight_decay=cfg.weight_decay, decoupled=cfg.optimizer == "adamw")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.micro = cfg.micro_batch_size or cfg.batch_size
+        self.micro = min(cfg.micro_batch_size or self.local_batch, self.local_batch)
         self.step, self.tokens, self.scale = 0, 0, 1.0
         """Steps and tokens trained; the input scale (E||scale x|| = sqrt(d_in))."""
         self.target_scale = 1.0
@@ -272,6 +285,22 @@ class Trainer:
         """Seconds spent in training steps and the tokens trained before them (this attempt)."""
         self.coef_now: float | Tensor = 0.0
         """The sparsity coefficient of the last step (a device tensor under target-L0 control)."""
+
+    def _shared_callbacks(self, cb: Callbacks) -> Callbacks:
+        """``cb`` for one process. Under DDP rank 0's callbacks (the other ranks' are silent),
+        and one answer from the caller for all the ranks: rank 0's ``control``, heard on
+        logging steps only (the steps that wait for the device anyway) and broadcast."""
+        dist = self.dist
+        if not dist.enabled:
+            return cb
+        own = cb.control
+
+        def control(step: int) -> str | None:
+            if step % self.cfg.log_every:
+                return None
+            return dist.broadcast_object(own(step) if dist.is_main else None)
+
+        return dataclasses.replace(cb if dist.is_main else Callbacks(), control=control)
 
     def _l0_controller(self) -> L0Controller | None:
         """With ``cfg.target_l0``: a controller starting from the configured coefficient once
@@ -306,6 +335,11 @@ class Trainer:
             target = target * self.target_scale
         self.sae.init_from_sample(sample * self.scale, b_dec_init=cfg.b_dec_init,
                                   from_data=cfg.init_from_data, seed=cfg.seed, target=target)
+        if self.dist.enabled:  # the same rows gave the same SAE; rank 0's makes sure of it
+            self.dist.broadcast_module(self.sae)
+            scales = self.dist.broadcast(torch.tensor(
+                [self.scale, self.target_scale], dtype=torch.float64, device=self.device))
+            self.scale, self.target_scale = scales.tolist()
 
     def split(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         """A source's rows as (inputs, targets): a transcoder's [x | y], else (rows, None)."""
@@ -329,6 +363,10 @@ class Trainer:
 
     def save(self, reason: str = "auto") -> Path:
         self._read_window()  # never save weights a non-finite loss has reached
+        data = self.source.state_dict()
+        ranks_data = self.dist.all_gather_object(data) if self.dist.enabled else None
+        if not self.dist.is_main:  # rank 0 writes, with every rank's data position
+            return ck.checkpoint_path(self.ckpt_dir, self.step)
         loss = self._window_loss if self._window_loss is not None else math.inf
         is_best = loss <= self.best_loss
         if is_best:
@@ -352,9 +390,11 @@ class Trainer:
             "best_step": self.best_step, "micro_batch_size": self.micro,
             "param_groups": [{k: v for k, v in pg.items() if k != "params"}
                              for pg in opt_state["param_groups"]],
-            "data": self.source.state_dict(), "source_meta": self.export_meta,
-            "reason": reason, "created_at": time.time(),
+            "data": data, "source_meta": self.export_meta,
+            "reason": reason, "created_at": time.time(), "world_size": self.dist.world_size,
         }
+        if ranks_data is not None:
+            meta["data_ranks"] = ranks_data
         path = ck.atomic_save(tensors, meta, ck.checkpoint_path(self.ckpt_dir, self.step))
         if reason == "manual":
             self.protect.add(self.step)
@@ -371,6 +411,13 @@ class Trainer:
     def load(self, path: Path | str) -> None:
         c = ck.load_checkpoint(path)
         m = c.meta
+        world = int(m.get("world_size") or 1)
+        if world != self.dist.world_size:
+            raise CheckpointError(
+                f"Checkpoint '{path}' was written by a run on {world} process(es) and holds "
+                f"each one's data position; resume it on {world} (torchrun --nproc-per-node "
+                f"{world}{'' if world > 1 else ', or without torchrun'}), not "
+                f"{self.dist.world_size}.")
         if (m.get("d_in"), m.get("d_sae")) != (self.d_in, self.d_sae):
             raise CheckpointError(
                 f"Checkpoint '{path}' is for an SAE of {m.get('d_in')} -> {m.get('d_sae')}, "
@@ -397,7 +444,8 @@ class Trainer:
         self.best_loss = m["best_loss"] if m.get("best_loss") is not None else math.inf
         self.best_step = m.get("best_step")
         self.micro = min(self.micro, int(m.get("micro_batch_size") or self.micro))
-        self.source.load_state_dict(m["data"])
+        self.source.load_state_dict(m["data_ranks"][self.dist.rank] if "data_ranks" in m
+                                    else m["data"])
 
     # ------------------------------------------------------------------ one step
     def _dead(self, window: int) -> Tensor:
@@ -446,7 +494,7 @@ class Trainer:
         def halved(micro: int) -> None:
             self.opt.zero_grad(set_to_none=True)
             self.cb.on_log(f"Out of memory at step {self.step}: micro-batch reduced to "
-                           f"{micro} ({self.cfg.batch_size // micro} accumulation steps, same "
+                           f"{micro} ({self.local_batch // micro} accumulation steps, same "
                            "effective batch).")
 
         def too_small(micro: int) -> TrainingError:
@@ -471,7 +519,7 @@ class Trainer:
                 stopped = True
                 break
             t0 = time.perf_counter()
-            self.learn(self.source.next_batch(self.cfg.batch_size))  # 2.-5.
+            self.learn(self.source.next_batch(self.local_batch))  # 2.-5.
             rows = self.read_if_logging()  # 6. (reading the window waits for the device)
             self.end_step(time.perf_counter() - t0, rows)
         return self.finish(stopped)
@@ -510,7 +558,7 @@ class Trainer:
         batch = batch * self.scale if self.scale != 1.0 else batch
         if target is not None and self.target_scale != 1.0:
             target = target * self.target_scale
-        acc = self._train_step(batch, target, coef)
+        acc = self._share(self._train_step(batch, target, coef))
 
         # 4. clip, step, the type's constraints (unit-norm decoder rows, thresholds)
         self.scaler.unscale_(self.opt)
@@ -525,7 +573,7 @@ class Trainer:
             self.l0_control.observe(acc["l0"], self.step, lr / self.base_lr)
 
         # 5. dead-latent counters, window statistics (on the device: no host sync)
-        n = batch.shape[0]
+        n = batch.shape[0] * self.dist.world_size  # the global batch
         self.since_fired += n
         self.since_fired.masked_fill_(acc["fired"] > 0, 0)
         self.step += 1
@@ -535,6 +583,25 @@ class Trainer:
         self.win.rows.append(torch.stack(
             [acc[key].float() for key in STEP_STATS[:-1]] + [grad_norm.float()]))
         self.lr_now, self.coef_now = lr, coef
+
+    def _share(self, acc: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Under DDP: average the gradients over the ranks and make the step's statistics
+        the global batch's, the same on every rank: means of the ranks' means (equal shards:
+        loss, L0, BatchTopK's min kept activation), sums of the squared errors, variances and
+        firing counts (the dead-latent counters, AuxK masks). As with micro-batches, each
+        rank's share is a micro-batch (its variance about its own mean; BatchTopK selects
+        within it)."""
+        dist = self.dist
+        if not dist.enabled:
+            return acc
+        dist.reduce_grads(self.sae.parameters())
+        means = [key for key in ("loss", "mse", "aux", "l0", "min_kept") if key in acc]
+        keys = means + ["err", "var"]
+        stats = dist.all_reduce_sum(torch.stack([acc[key].float() for key in keys]))
+        stats[:len(means)] /= dist.world_size
+        shared = dict(zip(keys, stats.unbind(), strict=True))
+        shared["fired"] = dist.all_reduce_sum(acc["fired"])
+        return shared
 
     def _logs_now(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps
@@ -562,11 +629,10 @@ class Trainer:
         """7. Evaluate on held-out vectors, save the final checkpoint, export for SAELens."""
         cfg = self.cfg
         self._read_window()
-        evaluation = self.evaluate()
+        evaluation = self.evaluate() if self.dist.is_main else {}
         final = self.save("stop" if stopped else "final")
-        export_dir = export_saelens(self.sae, self.out_dir / "saelens", scale=self.scale,
-                                    target_scale=self.target_scale, meta=self.export_meta,
-                                    sparsity=evaluation.pop("_freq", None))
+        stats = self._filter_stats()
+        sparsity = evaluation.pop("_freq", None)
         dead_now = int(self._dead(cfg.dead_window_tokens).sum())
         trained = self.tokens - self.start_tokens
         result = TrainResult(
@@ -575,7 +641,11 @@ class Trainer:
             fvu=evaluation.get("fvu", float("nan")), l0=evaluation.get("l0", float("nan")),
             dead_frac=dead_now / self.d_sae, out=str(self.out_dir), checkpoint=str(final),
             stopped=stopped, eval=evaluation)
-        stats = getattr(self.source, "stats", None)
+        if not self.dist.is_main:  # rank 0 evaluates, exports and reports
+            return result
+        export_dir = export_saelens(self.sae, self.out_dir / "saelens", scale=self.scale,
+                                    target_scale=self.target_scale, meta=self.export_meta,
+                                    sparsity=sparsity)
         if stats is not None:
             result.filtered = stats.to_dict()
             self.cb.on_log(f"Activations: {stats.kept:,} kept of {stats.seen:,} tokens; excluded "
@@ -585,6 +655,15 @@ class Trainer:
                        f"L0 {result.l0:.1f}, dead {100 * result.dead_frac:.1f}%; "
                        f"SAELens export in {export_dir}.")
         return result
+
+    def _filter_stats(self) -> Any:
+        """A live source's ``FilterStats`` (None for a file), summed over the ranks."""
+        stats = getattr(self.source, "stats", None)
+        if stats is None or not self.dist.enabled:
+            return stats
+        counts = stats.to_dict()
+        summed = self.dist.all_reduce_sum(torch.tensor(list(counts.values()), device=self.device))
+        return type(stats)(**dict(zip(counts, summed.tolist(), strict=True)))
 
     def _metrics(self, rows: list[list[float]], lr: float) -> dict[str, Any]:
         """The log line of the window, from its statistics ``rows`` (``_read_window``)."""
