@@ -82,7 +82,8 @@ def test_a_hung_worker_is_killed_and_its_training_interrupted(tmp_path: Path) ->
         wait_for(lambda: run.call(f"/datasets/{d['id']}")["status"] == "ready", 120, "the data")
         t = run.call("/trainings", {"model_id": m["id"], "dataset_id": d["id"], "layer": 3,
                                     "expansion_factor": 2, "batch_size": 128,
-                                    "total_steps": 100_000, "log_every": 5, "eval_tokens": 0})
+                                    "total_steps": 100_000, "log_every": 5,
+                                    "buffer_tokens": 4096, "eval_tokens": 0})
         tid = t["id"]
         wait_for(lambda: run.call(f"/trainings/{tid}")["status"] == "training", 120, "training")
         assert run.call("/healthz")["worker_alive"]
