@@ -108,7 +108,11 @@ class AppPostgresqlDatabase(PostgresqlDatabase):
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         """A write outside a transaction runs in one of its own (so it too waits for the write
-        lock, as a SQLite write waits for an IMMEDIATE transaction); anything else as is."""
+        lock, as a SQLite write waits for an IMMEDIATE transaction); anything else as is.
+        PostgreSQL text cannot hold a NUL character: one in a value becomes U+FFFD (in what is
+        stored and in what is looked for alike), where SQLite kept it."""
+        if params and any(isinstance(p, str) and "\x00" in p for p in params):
+            params = [p.replace("\x00", "\ufffd") if isinstance(p, str) else p for p in params]
         if self.in_transaction() or not _WRITE.match(sql):
             return super().execute_sql(sql, params)
         with self.atomic():

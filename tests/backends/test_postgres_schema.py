@@ -59,7 +59,8 @@ def test_an_empty_database_migrates_to_the_current_schema(postgres_url: str) -> 
 
 def test_values_keep_their_range_and_precision(postgres_url: str) -> None:
     """Epoch seconds to the microsecond (REAL would round them to minutes), byte counts past
-    2**31, names past 255 characters: what SQLite stored, PostgreSQL stores."""
+    2**31, names past 255 characters: what SQLite stored, PostgreSQL stores (a NUL character
+    aside)."""
     init_db(postgres_url)
     stamp = 1_800_000_000.123456
     m = make_model(created_at=stamp, n_params=7_000_000_000, name="m" * 1000)
@@ -73,6 +74,10 @@ def test_values_keep_their_range_and_precision(postgres_url: str) -> None:
         assert hb.device_memory == 80 * 2**30 and hb.running == [3, 4]
         t = make_training(m, make_dataset(), steps=30, every=10)
         assert Training.get_by_id(t.id).latest["step"] == 30
+        # PostgreSQL text holds no NUL: stored (and looked for) as U+FFFD, not an error
+        odd = make_model(name="a\x00b")
+        assert LanguageModel.get(LanguageModel.name == "a\x00b").id == odd.id
+        assert LanguageModel.get_by_id(odd.id).name == "a\ufffdb"
 
 
 MIGRATE = textwrap.dedent("""
