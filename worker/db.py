@@ -32,6 +32,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from peewee import (
     SQL,
@@ -502,11 +503,38 @@ def url_scheme(url: str | Path) -> str:
     return str(url).split("://", 1)[0] if "://" in str(url) else ""
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def url_problem(url: str | Path) -> str | None:
+    """Why ``init_db`` refuses ``url`` (one sentence that never repeats a password; for a
+    command line's error), or None when it is a SQLite path or a PostgreSQL URL."""
+    if sqlite_path(url) is not None:
+        return None
+    scheme = url_scheme(url)
+    if scheme not in POSTGRES_SCHEMES:
+        return (f"Unsupported database URL '{scheme}://...'; use sqlite:///path or "
+                "postgresql://user:password@host:port/name.")
+    try:
+        parsed = urlsplit(str(url))
+        parsed.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        return f"The database URL '{scheme}://...' has a port that is not a number from 0 to 65535."
+    if not parsed.path.strip("/"):
+        return (f"The database URL '{scheme}://...' names no database; use "
+                "postgresql://user:password@host:port/name.")
+    return None
+
+
 def init_db(url: Path | str) -> Database:
     """Bind ``db`` to the database at ``url`` and bring its schema up to date: a ``sqlite:///``
     URL or a plain path is a SQLite file (WAL); ``postgresql://user:password@host:port/name``
     (or ``postgres://``, query options such as ``?sslmode=require`` passed to libpq) a
-    PostgreSQL database, which must exist. Raises ValueError for another scheme."""
+    PostgreSQL database, which must exist. Raises ValueError (``url_problem``'s sentence) for
+    another URL, peewee's OperationalError when the server cannot be reached."""
+    problem = url_problem(url)
+    if problem:
+        raise ValueError(problem)
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -515,14 +543,11 @@ def init_db(url: Path | str) -> Database:
                                          "synchronous": "normal", "busy_timeout": 10_000},
                      timeout=10, check_same_thread=False)
         _migrate_sqlite()
-    elif url_scheme(url) in ("postgresql", "postgres"):
+    else:
         from playhouse.db_url import parse
 
         params = parse(str(url), unquote_password=True, unquote_user=True)
-        name = params.pop("database", "")
-        if not name:
-            raise ValueError(f"The database URL '{url_scheme(url)}://...' names no database; "
-                             "use postgresql://user:password@host:port/name.")
+        name = params.pop("database")
         params.setdefault("connect_timeout", 10)
         global _POSTGRES
         if _POSTGRES is None:
@@ -530,9 +555,6 @@ def init_db(url: Path | str) -> Database:
         _bind(_POSTGRES)
         _POSTGRES.init(name, **params)
         _migrate_postgres()
-    else:
-        raise ValueError(f"Unsupported database URL '{url_scheme(url)}://...'; use "
-                         "sqlite:///path or postgresql://user:password@host:port/name.")
     return db.obj
 
 

@@ -33,6 +33,7 @@ import datetime
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from huey import Huey
 from huey.storage import BaseStorage, PriorityRedisStorage, SqliteStorage
@@ -51,19 +52,34 @@ class RedisQueue(PriorityRedisStorage):
         return calendar.timegm(ts.timetuple()) + ts.microsecond * 1e-6
 
 
-def open_storage(name: str, url: str) -> BaseStorage:
-    """Huey's storage for the queue ``name`` at ``url`` (see the module docstring); ValueError
-    for another scheme. A SQLite file (and its folder) is made here; Redis is not contacted
-    until the first command."""
+def url_problem(url: str) -> str | None:
+    """Why ``open_storage`` refuses ``url`` (one sentence that never repeats a password; for a
+    command line's error), or None."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme in REDIS_SCHEMES:
-        return RedisQueue(name, url=url)
+        try:
+            urlsplit(url).port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError:
+            return (f"The queue URL '{scheme}://...' has a port that is not a number from 0 "
+                    "to 65535.")
+        return None
     if not scheme or url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return SqliteStorage(name, filename=str(path))
-    raise ValueError(f"Unsupported queue URL '{scheme}://...'; use sqlite:///path or "
-                     "redis://host:port/db.")
+        return None
+    return f"Unsupported queue URL '{scheme}://...'; use sqlite:///path or redis://host:port/db."
+
+
+def open_storage(name: str, url: str) -> BaseStorage:
+    """Huey's storage for the queue ``name`` at ``url`` (see the module docstring); ValueError
+    (``url_problem``'s sentence) for another URL. A SQLite file (and its folder) is made here;
+    Redis is not contacted until the first command."""
+    problem = url_problem(url)
+    if problem:
+        raise ValueError(problem)
+    if url.split("://", 1)[0] in REDIS_SCHEMES:
+        return RedisQueue(name, url=url)
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStorage(name, filename=str(path))
 
 
 class LazyStorage:

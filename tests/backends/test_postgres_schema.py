@@ -27,6 +27,7 @@ from worker.db import (
     is_bound,
     is_postgres,
     schema_version,
+    url_problem,
 )
 
 from ..web.conftest import make_dataset, make_model, make_training
@@ -184,8 +185,16 @@ def test_sqlite_urls_and_plain_paths_are_sqlite_files(tmp_path: Path) -> None:
     ("mysql://sae:secret@db/sae", "Unsupported database URL 'mysql://...'"),
     ("postgresql://sae:secret@127.0.0.1:5432/", "names no database"),
     ("redis://127.0.0.1:6379/0", "Unsupported database URL 'redis://...'"),
+    ("postgresql://sae:secret@db:54x2/sae", "has a port that is not a number"),
 ])
 def test_other_urls_are_refused_without_echoing_a_password(url: str, words: str) -> None:
+    assert words in (url_problem(url) or "")  # what run.py can say before starting
     with pytest.raises(ValueError) as caught:
         init_db(url)
     assert words in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_good_urls_have_no_problem(tmp_path: Path) -> None:
+    for url in ("sqlite:///data/app.db", "sqlite:////srv/app.db", str(tmp_path / "app.db"),
+                "postgresql://sae:p%40ss@db.lab:5432/sae?sslmode=require", "postgres://h/sae"):
+        assert url_problem(url) is None, url

@@ -20,7 +20,7 @@ from tests.jobs.conftest import FAST
 from tests.processes import ROOT, wait_for
 from worker import interactive, jobs
 from worker.jobs import common, probes
-from worker.queue import huey, open_storage
+from worker.queue import huey, open_storage, url_problem
 from worker.supervisor import consumer_command
 
 TEXT = "In the beginning God created the heaven and the earth."
@@ -108,6 +108,8 @@ def test_queue_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=r"Unsupported queue URL 'amqp://\.\.\.'") as caught:
         open_storage("q", "amqp://guest:secret@127.0.0.1/")
     assert "secret" not in str(caught.value)
+    assert "port that is not a number" in url_problem("redis://:secret@127.0.0.1:99999/0")
+    assert url_problem("redis://:secret@10.0.0.5:6379/1") is None
     # Huey hands the schedule naive UTC times: they mean the same instant in any time zone
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     time.tzset()
