@@ -321,9 +321,12 @@ def test_torchrun_cli_live_extraction_from_a_tiny_model(tmp_path, capsys):
                        tmp_path / "data")  # its fvu: the held-out vectors', as two's
     assert two["tokens"] == one["tokens"] == 40 * 256
     assert abs(two["fvu"] - one["fvu"]) < 0.05, (two["fvu"], one["fvu"])
-    assert two["filtered"]["kept"] >= two["tokens"]  # both ranks' extraction, summed
     assert (tmp_path / "two" / "eval" / "report.json").is_file()
     assert two["eval"]["measured_on"] == "heldout_text"
     meta = ck.load_checkpoint(two["checkpoint"]).meta
-    first, second = meta["data_ranks"]
+    first, second = meta["data_ranks"]  # each rank's own stream position
     assert first["kind"] == second["kind"] == "live" and first != second
+    # the filter counts reported are both ranks' extraction, summed
+    assert two["filtered"] == {key: first["stats"][key] + second["stats"][key]
+                               for key in first["stats"]}
+    assert two["filtered"]["kept"] >= two["tokens"]
