@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import ROOT
+from tests.processes import ROOT, wait_for
 from worker import jobs, tasks
 from worker.db import Training, db
 from worker.progress import TrainingReporter
@@ -59,7 +59,9 @@ CLAIM = textwrap.dedent("""
     init_db(sys.argv[1])
     ids = json.loads(sys.argv[2])
     random.Random(int(sys.argv[4])).shuffle(ids)
+    tasks.device_fits("cpu")  # imports torch now, not inside the first claim
     go = Path(sys.argv[3])
+    Path(f"{go}.ready{sys.argv[4]}").touch()
     deadline = time.monotonic() + 60
     while not go.exists() and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -82,7 +84,8 @@ def test_each_queued_training_is_claimed_exactly_once(data_dir: Path, postgres_u
     procs = [subprocess.Popen([sys.executable, "-c", CLAIM, postgres_url, json.dumps(ids),
                                str(go), str(k)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in range(3)]
-    time.sleep(4)  # all three imported the worker and wait for the file
+    wait_for(lambda: all(Path(f"{go}.ready{k}").exists() for k in range(3)), 120,
+             "the claimers to start")  # all three imported the worker and wait for the file
     go.touch()
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT
+from tests.processes import ROOT, wait_for
 from worker.db import (
     SCHEMA_VERSION,
     TABLES,
@@ -85,11 +85,12 @@ MIGRATE = textwrap.dedent("""
     import logging, os, sys, time
     from pathlib import Path
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    from worker.db import LanguageModel, db, init_db, schema_version
     go = Path(sys.argv[2])
+    Path(f"{go}.ready{os.getpid()}").touch()
     deadline = time.monotonic() + 60
     while not go.exists() and time.monotonic() < deadline:
         time.sleep(0.001)
-    from worker.db import LanguageModel, db, init_db, schema_version
     init_db(sys.argv[1])
     with db.connection_context():
         LanguageModel.create(name=f"from {os.getpid()}", source="x")
@@ -104,7 +105,8 @@ def test_two_processes_starting_together_migrate_once(postgres_url: str, tmp_pat
     procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, postgres_url, str(go)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    time.sleep(3)  # both imported peewee and wait for the file
+    wait_for(lambda: len(list(tmp_path.glob("go.ready*"))) == 2, 120,
+             "both processes to start")  # both imported the models and wait for the file
     go.touch()
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
