@@ -51,7 +51,8 @@ ROW_SELECTS = {
 
 def _field(info: jobs.OptionInfo) -> Field:
     """The form field of an option (``OptionInfo``)."""
-    if info.kind == "choice" or info.choices or info.name in MODEL_FIELDS + ("expansion_factor",):
+    if (info.kind == "choice" or info.choices or info.name in MODEL_FIELDS + ("expansion_factor",)
+            or (info.kind == "bool" and info.optional)):  # blank / on / off: a select
         kind = "select"
     else:
         kind = {"int": "int", "float": "float", "bool": "bool"}.get(info.kind, "text")
@@ -95,6 +96,8 @@ def _choices(infos: list[jobs.OptionInfo], model: Any, models: list[Any], shown:
     out: dict[str, list[tuple[str, str]]] = {
         info.name: [("", "none")] * info.optional + [(c, c) for c in info.choices]
         for info in infos if info.choices}
+    out.update({info.name: [("", "auto (the type's default)"), ("true", "on"), ("false", "off")]
+                for info in infos if info.kind == "bool" and info.optional})
     out["model_id"] = [(str(m.id), f"{m.name} ({m.n_layers} layers, hidden {m.hidden_dim})")
                        for m in models]
     out["dataset_id"] = [(str(d.id), d.name) for d in jobs.ready_datasets()]

@@ -66,6 +66,14 @@ def _lr_help() -> str:
     return f"Adam's step size. Blank = automatic: {parts} (inputs are normalised)."
 
 
+def _init_help() -> str:
+    on = [n for n in architectures.names() if architectures.get(n).init_from_data]
+    off = [n for n in architectures.names() if not architectures.get(n).init_from_data]
+    return ("Initialise the decoder rows from centred data samples instead of random "
+            f"directions. Blank = the type's default: on for {', '.join(on)}"
+            + (f"; off for {', '.join(off)}." if off else "."))
+
+
 DATA, SAE, OPTIM, RUN = "Data", "SAE", "Optimisation", "Checkpoints and evaluation"
 
 
@@ -250,10 +258,8 @@ class TrainConfig:
         "geometric_median", label="Decoder bias init", group=SAE, choices=B_DEC_INITS,
         help="Initial decoder bias: the geometric median of a data sample, its mean, or "
              "zeros.")
-    init_from_data: bool = opt(
-        True, label="Initialise from data", group=SAE,
-        help="Initialise the decoder rows from centred data samples instead of random "
-             "directions.")
+    init_from_data: bool | None = opt(
+        None, label="Initialise from data", group=SAE, help=_init_help)
     optimizer: str = opt(
         "adam", label="Optimizer", group=OPTIM, choices=OPTIMIZERS,
         help="adam, or adamw (weight decay decoupled from the gradient).")
@@ -323,6 +329,13 @@ class TrainConfig:
         if self.learning_rate is not None:
             return self.learning_rate
         return architectures.get(self.encoder_type).lr_base * math.sqrt(4096 / d_sae)
+
+    def data_init(self) -> bool:
+        """Whether the decoder starts from data samples: the set value, or the type's default
+        (``Architecture.init_from_data``)."""
+        if self.init_from_data is not None:
+            return self.init_from_data
+        return architectures.get(self.encoder_type).init_from_data
 
     def warmup_steps(self) -> int:
         if self.lr_warmup_steps is not None:

@@ -334,7 +334,7 @@ class Trainer:
                                           / target.norm(dim=1).mean().clamp_min(1e-8))
             target = target * self.target_scale
         self.sae.init_from_sample(sample * self.scale, b_dec_init=cfg.b_dec_init,
-                                  from_data=cfg.init_from_data, seed=cfg.seed, target=target)
+                                  from_data=cfg.data_init(), seed=cfg.seed, target=target)
         if self.dist.enabled:  # the same rows gave the same SAE; rank 0's makes sure of it
             self.dist.broadcast_module(self.sae)
             scales = self.dist.broadcast(torch.tensor(
