@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SAE_STUDIO_ALLOWED_PATHS"] = os.pathsep.join(named)
     if args.max_upload_mb is not None:
         os.environ["SAE_STUDIO_MAX_UPLOAD_MB"] = str(args.max_upload_mb)
+    check_backends(p)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
@@ -173,6 +174,32 @@ def main(argv: list[str] | None = None) -> int:
             if supervisor is not None:
                 supervisor.stop()
     return 0
+
+
+def check_backends(p: argparse.ArgumentParser) -> None:
+    """Refuse a bad --database-url / --queue-url, or servers that cannot be reached, in one line
+    (exit 2) before anything starts; the database is created or migrated here, once."""
+    from worker import db, queue, settings
+
+    database, tasks = settings.database_url(), settings.queue_url()
+    for problem in (db.url_problem(database), queue.url_problem(tasks)):
+        if problem:
+            p.error(problem)
+    try:
+        db.open_app_database()
+    except Exception as exc:  # peewee's OperationalError: no server, wrong password, no database
+        p.error(f"Cannot open the database ({db.url_scheme(database)}://...): "
+                f"{_first_line(exc)}")
+    try:
+        queue.open_storage("sae-studio", tasks).enqueued_items(1)  # one round trip
+    except Exception as exc:  # redis' ConnectionError
+        p.error(f"Cannot reach the task queue ({tasks.split('://')[0]}://...): "
+                f"{_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def serve_production(config: dict, host: str, port: int, threads: int,
