@@ -7,6 +7,7 @@ real trainings of the bundled model (the two-process test is in tests/test_super
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import time
@@ -159,10 +160,12 @@ def test_the_heartbeat_says_where_the_worker_runs_and_what(
 # ---------------------------------------------------------------------------- dead workers
 def test_live_workers_interrupt_the_trainings_of_dead_ones(data_dir: Path,
                                                            enqueued: list) -> None:
-    m, d = make_model(), make_dataset()
-    beat("live:1", age=1)
-    beat("late:2", age=HEARTBEAT_DEAD_S - 4)  # silent, not dead yet
+    beat("live:1")
+    beat("late:2", age=HEARTBEAT_DEAD_S - 8)  # silent, not dead yet
     beat("dead:3", age=HEARTBEAT_DEAD_S + 5)
+    states = {w["name"]: w["state"] for w in jobs.list_workers()}
+    assert states == {"live:1": "alive", "late:2": "silent", "dead:3": "dead"}
+    m, d = make_model(), make_dataset()
     live = make_training(m, d, "training", worker="live:1")
     late = make_training(m, d, "paused", worker="late:2")
     dead = make_training(m, d, "training", worker="dead:3")
@@ -172,19 +175,18 @@ def test_live_workers_interrupt_the_trainings_of_dead_ones(data_dir: Path,
     queued = make_training(m, d, "queued")
 
     assert tasks.reap() == 3
-    message = f"The worker dead:3 stopped (no heartbeat for {HEARTBEAT_DEAD_S + 5:.0f} s); " \
-        "Retry continues from the newest checkpoint."
     for t in (dead, dead_eval):
         r = row(t.id)
-        assert (r.status, r.error, r.requested) == ("interrupted", message, None)
-        assert r.finished_at == pytest.approx(time.time(), abs=5)
+        assert (r.status, r.requested) == ("interrupted", None)
+        silent = re.fullmatch(r"The worker dead:3 stopped \(no heartbeat for (\d+) s\); Retry "
+                              r"continues from the newest checkpoint\.", r.error)
+        assert silent and HEARTBEAT_DEAD_S + 5 <= int(silent.group(1)) < HEARTBEAT_DEAD_S + 60
+        assert r.finished_at == pytest.approx(time.time(), abs=30)
     assert (row(ghost.id).status, row(ghost.id).error) == ("interrupted", INTERRUPTED_MESSAGE)
     assert [status_of(t.id) for t in (live, late, done, queued)] == [
         "training", "paused", "completed", "queued"]
     assert row(live.id).error is None and row(done.id).finished_at == done.finished_at
     assert tasks.reap() == 0
-    states = {w["name"]: w["state"] for w in jobs.list_workers()}
-    assert states == {"live:1": "alive", "late:2": "silent", "dead:3": "dead"}
 
     # Retry queues it again with resume, for any worker
     assert jobs.request(dead.id, "retry").status == "queued"
