@@ -103,6 +103,7 @@ def card_view(t: Any, *, with_metrics: bool = True) -> dict[str, Any]:
         "layer": cfg.get("layer"), "hook": cfg.get("hook_point", "residual"),
         "target_hook": cfg.get("target_hook_point"), "skip": bool(cfg.get("skip_connection")),
         "created_at": t.created_at, "started_at": started, "finished_at": t.finished_at,
+        "worker": t.worker,
         "step": step, "total": total, "fraction": fraction, "elapsed": elapsed, "eta": eta,
         "eta_to": eta_to,
         "latest": latest, "d_sae": d_sae, "l0_frac": l0_frac, "dead_frac": dead_frac,

@@ -287,6 +287,10 @@ class Training(BaseModel):
     tags = JSONField(default=list)
     worker = CharField(null=True)
     """The worker that runs (or last ran) it: its heartbeat name, ``host:pid``; set by the claim."""
+    queue_seen_at = FloatField(null=True)
+    """When a worker last held its queued task (a claim attempt, epoch seconds). A queued
+    training whose task no worker has held for a while was lost with a killed worker
+    (``jobs.workers.lost_tasks``) and is queued again."""
 
     class Meta:
         table_name = "training"
@@ -471,9 +475,10 @@ def _v7_to_v8(database: DatabaseProxy) -> None:
 
 
 def _v8_to_v9(database: DatabaseProxy) -> None:
-    """Many workers: trainings say which worker runs them (``worker``); heartbeats say the host,
-    what the worker runs and how many slots it has."""
-    added = {"training": {"worker": "VARCHAR(255)"},
+    """Many workers: trainings say which worker runs them (``worker``) and when a worker last
+    held their queued task (``queue_seen_at``); heartbeats say the host, what the worker runs
+    and how many slots it has."""
+    added = {"training": {"worker": "VARCHAR(255)", "queue_seen_at": "DOUBLE PRECISION"},
              "worker_heartbeat": {"host": "VARCHAR(255)", "data_dir": "TEXT",
                                   "running": "TEXT NOT NULL DEFAULT '[]'",
                                   "slots": "INTEGER NOT NULL DEFAULT 1"}}

@@ -48,6 +48,7 @@ from .db import (
     is_bound,
     open_app_database,
 )
+from .jobs import common
 from .jobs import workers as pool
 from .progress import Throttled
 from .queue import huey
@@ -247,6 +248,9 @@ def _claim(training_ids: list[int]) -> list[int]:
     and its affected-row count decides; when another worker took some of the rows first, this
     claim is rolled back. The lock keeps this worker's own threads from sharing out one slot."""
     me = worker_name()
+    with db.atomic():  # this task is alive (``jobs.workers.lost_tasks``)
+        Training.update(queue_seen_at=time.time()) \
+            .where(Training.id.in_(training_ids) & (Training.status == "queued")).execute()
     with _claim_lock, db.atomic() as txn:
         rows = list(Training.select(Training.id, Training.config)
                     .where(Training.id.in_(training_ids) & (Training.status == "queued")))
@@ -642,11 +646,17 @@ def write_heartbeat(name: str, device: dict[str, Any], started_at: float | None 
 
 
 def reap() -> int:
-    """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``)."""
+    """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``) and
+    queue again the tasks a dead worker took along (``jobs.workers.lost_tasks``)."""
     with connection():
         n = pool.reap_dead_workers()
+        lost = pool.lost_tasks()
     if n:
         log.warning("Marked %d training(s) of dead workers interrupted", n)
+    for task_name, args in lost:  # after the commit: a task finds its rows as marked
+        log.warning("Queueing %s%s again: its task was lost (a worker died holding it)",
+                    task_name, args)
+        common.enqueue(task_name, *args)
     return n
 
 

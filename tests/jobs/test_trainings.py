@@ -236,8 +236,9 @@ def test_concurrency_limit_requeues(model: LanguageModel, dataset: Any, enqueued
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     a = jobs.create_training(form(model, dataset))
     b = jobs.create_training(form(model, dataset))
-    with db.atomic():
-        Training.update(status="training").where(Training.id == a.id).execute()
+    with db.atomic():  # this worker's one slot is busy (another worker's rows do not count)
+        Training.update(status="training", worker=tasks.worker_name()) \
+            .where(Training.id == a.id).execute()
     scheduled = []
     monkeypatch.setattr(tasks.run_training, "schedule",
                         lambda args, delay: scheduled.append((args, delay)))

@@ -254,3 +254,40 @@ def test_a_worker_without_the_preparing_workers_model_folder_loads_the_model(
     assert done.status == "completed", done.error
     assert done.current_step == 20 and done.config["model"] == elsewhere
     assert any((data_dir / "tokens").glob("*/meta.json"))
+
+
+def test_a_lost_queued_task_is_queued_again(data_dir: Path, enqueued: list,
+                                            scheduled: list) -> None:
+    """A worker SIGKILLed while it holds a queued training's task (popped, not yet claimed or
+    put back) takes the task along; the live workers' check queues it again once no worker has
+    held it for QUEUE_LOST_S, once."""
+    from worker.jobs.workers import QUEUE_LOST_S
+
+    m, d = make_model(), make_dataset()
+    old = time.time() - QUEUE_LOST_S - 5
+    fresh = make_training(m, d, "queued")  # created just now: its task is on its way
+    lost = make_training(m, d, "queued")
+    held = make_training(m, d, "queued")  # a worker tried to claim it 3 s ago
+    running = make_training(m, d, "training", worker="live:1")
+    group = [make_training(m, d, s, task_group="9.0") for s in ("queued", "queued", "completed")]
+    beat("live:1")
+    for t in (lost, held, running, *group):
+        set_row(t.id, updated_at=old)
+    set_row(held.id, queue_seen_at=time.time() - 3)
+
+    tasks.reap()
+    assert enqueued == [("run_training", (lost.id, True)),
+                        ("run_group", ([group[0].id, group[1].id],))]
+    assert [status_of(t.id) for t in (fresh, lost, held, running)] == [
+        "queued", "queued", "queued", "training"]
+    enqueued.clear()
+    tasks.reap()  # marked seen: not queued twice
+    assert enqueued == []
+
+    # every claim attempt marks its task alive, also one that cannot claim (no such GPU here)
+    set_row(lost.id, queue_seen_at=old, config=dict(row(lost.id).config, device="cuda:7"))
+    tasks.run_training.call_local(lost.id, True)
+    assert scheduled == [((lost.id, True), 2)] and status_of(lost.id) == "queued"
+    assert row(lost.id).queue_seen_at == pytest.approx(time.time(), abs=30)
+    tasks.reap()
+    assert enqueued == []

@@ -142,6 +142,43 @@ def reap_dead_workers(now: float | None = None) -> int:
         return _interrupt(_gone(None, None, now), now)
 
 
+QUEUE_LOST_S = 30.0
+"""A queued training whose task no worker has held for this long (seconds; counted from its
+last claim attempt, creation or Retry, whichever is newest) has lost its task: a worker killed
+while holding it between the queue and its claim took it along (a queue's pop is final). Every
+worker tries to claim each queued task every ``worker.tasks.RETRY_CLAIM_S`` (2 s) while it
+cannot run it, so a live queue holds none this stale."""
+
+
+def lost_tasks(now: float | None = None) -> list[tuple[str, tuple[Any, ...]]]:
+    """The tasks to queue again for queued trainings whose task was lost (``QUEUE_LOST_S``):
+    ``("run_training", (id, True))`` for a training alone, ``("run_group", ([ids],))`` with the
+    queued members of a sweep's sub-group. Marks them seen now, so the next look (``REAP_S``
+    later, on any worker) does not queue them again. A duplicate task would be harmless: the
+    claim is conditional, and the second finds the training taken."""
+    now = time.time() if now is None else now
+    stale = now - QUEUE_LOST_S
+    with db.atomic():
+        rows = list(Training.select(Training.id, Training.task_group)
+                    .where((Training.status == "queued") & (Training.updated_at < stale)
+                           & ((Training.queue_seen_at.is_null())
+                              | (Training.queue_seen_at < stale)))
+                    .order_by(Training.id))
+        if not rows:
+            return []
+        groups = {r.task_group for r in rows if r.task_group}
+        members: dict[str, list[int]] = {g: [] for g in groups}
+        for t in (Training.select(Training.id, Training.task_group)
+                  .where(Training.task_group.in_(sorted(groups))
+                         & (Training.status == "queued")).order_by(Training.id)
+                  if groups else []):
+            members[t.task_group].append(t.id)
+        ids = [r.id for r in rows] + [i for g in members.values() for i in g]
+        Training.update(queue_seen_at=now).where(Training.id.in_(ids)).execute()
+    return ([("run_training", (r.id, True)) for r in rows if not r.task_group]
+            + [("run_group", (members[g],)) for g in sorted(groups)])
+
+
 def recover_trainings(host: str, data_dir: str, now: float | None = None) -> int:
     """At a worker's start on ``host`` and ``data_dir``: mark ``interrupted`` the trainings the
     previous worker on this data folder left running (it is gone: this one holds the folder's
