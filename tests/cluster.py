@@ -97,6 +97,35 @@ class WorkerProcess:
         stop_all(self.data_dir)
 
 
+class Watch:
+    """A cluster test's processes: ``with Watch(web) as watch: a = watch.add("a", WorkerProcess(
+    ...))``. On an assertion error it prints each process's last output lines (shown with the
+    failure); at the end it stops the web and closes every worker, however the test ended."""
+
+    def __init__(self, web: RunPy) -> None:
+        self.web = web
+        self.workers: dict[str, WorkerProcess] = {}
+
+    def add(self, label: str, worker: WorkerProcess) -> WorkerProcess:
+        self.workers[label] = worker
+        return worker
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is not None and issubclass(kind, AssertionError):
+                outputs = {"web": self.web.lines, **{k: w.lines for k, w in self.workers.items()}}
+                for label, lines in outputs.items():
+                    print(f"{label}'s output:", *lines[-40:], sep="\n")
+        finally:
+            if self.web.proc.poll() is None:
+                self.web.stop()
+            for worker in self.workers.values():
+                worker.close()
+
+
 def workers(web: RunPy) -> list[dict[str, Any]]:
     """``GET /workers``: the workers' heartbeats, newest first."""
     return web.call("/workers")["items"]

@@ -28,10 +28,9 @@ def test_postgres_redis_cluster_survives_a_killed_worker(
 
     shared = cluster.Shared(postgres_url, redis_url, tmp_path / "artifacts")
     web = RunPy(tmp_path / "web", "--no-worker", *shared.args())
-    a = b = None
-    try:
-        a = cluster.WorkerProcess(tmp_path / "a", shared)
-        b = cluster.WorkerProcess(tmp_path / "b", shared)
+    with cluster.Watch(web) as watch:
+        a = watch.add("a", cluster.WorkerProcess(tmp_path / "a", shared))
+        b = watch.add("b", cluster.WorkerProcess(tmp_path / "b", shared))
         cluster.wait_workers(web, [a.name, b.name])
         by_name = {a.name: a, b.name: b}
 
@@ -90,14 +89,3 @@ def test_postgres_redis_cluster_survives_a_killed_worker(
             assert not (folder / "app.db").exists() and not (folder / "queue.db").exists()
             assert not (folder / "trainings").exists()
         assert (survivor.data_dir / "models").is_dir() or (survivor.data_dir / "tokens").is_dir()
-    except AssertionError:
-        for label, lines in (("web", web.lines), ("a", a.lines if a else []),
-                             ("b", b.lines if b else [])):
-            print(f"{label}'s output:", *lines[-40:], sep="\n")  # shown with the failure
-        raise
-    finally:
-        if web.proc.poll() is None:
-            web.stop()
-        for worker in (a, b):
-            if worker is not None:
-                worker.close()

@@ -128,10 +128,9 @@ def test_two_workers_share_the_work_and_a_dead_ones_training_moves(tmp_path: Pat
 
     shared = cluster.sqlite_shared(tmp_path / "shared")
     web = RunPy(tmp_path / "web", "--no-worker", *shared.args())
-    a = b = None
-    try:
-        a = cluster.WorkerProcess(tmp_path / "a", shared)
-        b = cluster.WorkerProcess(tmp_path / "b", shared)
+    with cluster.Watch(web) as watch:
+        a = watch.add("a", cluster.WorkerProcess(tmp_path / "a", shared))
+        b = watch.add("b", cluster.WorkerProcess(tmp_path / "b", shared))
         seen = cluster.wait_workers(web, [a.name, b.name])
         assert {w["data_dir"] for w in seen} == {str((tmp_path / n).resolve()) for n in "ab"}
         assert all(w["slots"] == 1 and w["running"] == [] for w in seen)
@@ -177,14 +176,3 @@ def test_two_workers_share_the_work_and_a_dead_ones_training_moves(tmp_path: Pat
         resumed = [int(m.group(1)) for line in log
                    if (m := re.fullmatch(r"Resumed from .* at step (\d+)\.", line))]
         assert resumed and newest <= resumed[-1] < newest + 20, log
-    except AssertionError:
-        for label, lines in (("web", web.lines), ("a", a.lines if a else []),
-                             ("b", b.lines if b else [])):
-            print(f"{label}'s output:", *lines[-40:], sep="\n")  # shown with the failure
-        raise
-    finally:
-        if web.proc.poll() is None:
-            web.stop()
-        for worker in (a, b):
-            if worker is not None:
-                worker.close()
