@@ -271,7 +271,7 @@ def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: s
 
 
 def device_label(health: dict[str, Any]) -> str:
-    """"CPU", "CUDA: Orin (6 GB)" or "No worker yet"."""
+    """"CPU", "CUDA: Orin (5.6 GiB)" or "No worker yet" (memory as everywhere: ``fmt_bytes``)."""
     device = health.get("device")
     if not device:
         return "No worker yet"
@@ -282,7 +282,7 @@ def device_label(health: dict[str, Any]) -> str:
         return "CPU"
     text = f"{kind}: {name}" if name else kind
     if mem:
-        text += f" ({float(mem) / 1e9:.0f} GB)"
+        text += f" ({fmt_bytes(mem)})"
     return text
 
 

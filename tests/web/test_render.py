@@ -27,7 +27,7 @@ def test_formats():
     assert render.fmt_duration(3725) == "1h 02m" and render.fmt_duration(65) == "1m 05s"
     assert render.fmt_num(float("nan")) == "—" and render.fmt_num(None) == "—"
     assert render.device_label({"device": "cuda:0", "device_name": "Orin",
-                                "device_memory": 6e9}) == "CUDA: Orin (6 GB)"
+                                "device_memory": 6e9}) == "CUDA: Orin (5.6 GiB)"
     assert render.device_label({"device": "cpu"}) == "CPU"
 
 
@@ -86,7 +86,7 @@ def test_healthz_and_topbar(client):
     data = client.get("/healthz").get_json()
     assert data["worker_alive"] is True and data["device"] == "cuda:0"
     page = client.get("/").data.decode()
-    assert "CUDA: Orin (6 GB)" in page and "worker alive" in page
+    assert "CUDA: Orin (5.6 GiB)" in page and "worker alive" in page
     frag = client.get("/healthz", headers=HX).data.decode()
     assert frag.strip().startswith('<div id="worker-status"')
 
