@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,25 @@ def wait_status(web: RunPy, training_id: int, *statuses: str,
 
     return wait_for(reached, timeout, f"training {training_id} to be {'/'.join(statuses)}",
                     poll_s=0.2)
+
+
+def kill_mid_run(web: RunPy, worker: WorkerProcess, training_id: int,
+                 slack_s: float) -> dict[str, Any]:
+    """Once the training has a checkpoint, SIGKILL ``worker`` (which runs it) and wait until a
+    live worker marks it interrupted, naming the dead one, within the dead threshold plus one
+    look for dead workers plus ``slack_s`` seconds: its JSON then."""
+    from worker.jobs import HEARTBEAT_DEAD_S
+    from worker.tasks import REAP_S
+
+    wait_for(lambda: web.call(f"/trainings/{training_id}/checkpoints")["items"], 120,
+             f"a checkpoint of training {training_id}")
+    worker.kill()
+    killed_at = time.monotonic()
+    row = wait_status(web, training_id, "interrupted",
+                      timeout=HEARTBEAT_DEAD_S + REAP_S + slack_s + 10)
+    assert time.monotonic() - killed_at < HEARTBEAT_DEAD_S + REAP_S + slack_s
+    assert f"The worker {worker.name} stopped (no heartbeat for" in row["error"]
+    return row
 
 
 def set_total_steps(database_url: str, training_id: int, steps: int) -> None:

@@ -8,7 +8,6 @@ nothing is lost. Real processes throughout; every wait is bounded."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 from . import cluster
@@ -23,8 +22,6 @@ SHORT = 30
 
 def test_postgres_redis_cluster_survives_a_killed_worker(
         tmp_path: Path, postgres_url: str, redis_url: str) -> None:  # noqa: F811 (fixtures)
-    from worker.jobs import HEARTBEAT_DEAD_S
-    from worker.tasks import REAP_S
 
     shared = cluster.Shared(postgres_url, redis_url, tmp_path / "artifacts")
     web = RunPy(tmp_path / "web", "--no-worker", *shared.args())
@@ -50,14 +47,7 @@ def test_postgres_redis_cluster_survives_a_killed_worker(
         sweep = web.call("/sweeps", {**form, "total_steps": SHORT, "k": "4,8"})
         ids = short_ids + sweep["trainings"]
 
-        wait_for(lambda: web.call(f"/trainings/{long_id}/checkpoints")["items"], 120,
-                 "a checkpoint of the long training")
-        doomed.kill()
-        killed_at = time.monotonic()
-        row = cluster.wait_status(web, long_id, "interrupted",
-                                  timeout=HEARTBEAT_DEAD_S + REAP_S + 30)
-        assert f"The worker {doomed.name} stopped (no heartbeat for" in row["error"]
-        assert time.monotonic() - killed_at < HEARTBEAT_DEAD_S + REAP_S + 20
+        cluster.kill_mid_run(web, doomed, long_id, slack_s=20)
 
         newest = max(c["step"] for c in web.call(f"/trainings/{long_id}/checkpoints")["items"])
         assert newest > 0
