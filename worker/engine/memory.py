@@ -40,7 +40,7 @@ tests/engine/test_memory.py); ``sae-studio info`` and the web form show it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import architectures
 from .architectures import MemoryTerms
@@ -78,6 +78,9 @@ class MemoryEstimate:
     file_pages: int = 0
     allocator: int = 0
     peak_phase: str = "step"
+    by_phase: dict[str, int] = field(default_factory=dict, compare=False)
+    """Each phase's SAE-side bytes (optimizer + activations + batch + buffer): the largest is
+    ``peak_phase``'s. Not part of ``total`` (shown by bench/memory_check.py)."""
 
     @property
     def total(self) -> int:
@@ -200,7 +203,8 @@ def estimate_memory(
         file_pages = _resident_file_bytes(file_bytes, row // 4 * DTYPE_BYTES.get(file_dtype, 4),
                                           batch_size, total_steps, n_sample, eval_tokens)
     return MemoryEstimate(params, optimizer, max(0, activations), batch_term, model, buffer,
-                          runtime, file_pages, allocator, peak_phase)
+                          runtime, file_pages, allocator, peak_phase,
+                          {p: sum(v) for p, v in phases.items()})
 
 
 def _resident_file_bytes(file_bytes: int, row_bytes: int, batch_size: int,

@@ -128,23 +128,25 @@ register(Architecture(
     "topk", "the k largest latents per token.",
     "worker.engine.architectures.topk:TopKSAE",
     options=("k", *_AUXK), lr_base=6e-3,
-    memory=MemoryTerms(**_TOPK_MEMORY, step_selections=1, step_mask_bytes=0, eval_dense=2)))
+    memory=MemoryTerms(**_TOPK_MEMORY, step_selections=1, step_mask_bytes=0, eval_dense=1.25)))
 register(Architecture(
     "standard", "ReLU with an L1 penalty.",
     "worker.engine.architectures.standard:StandardSAE",
-    options=("l1_alpha", "target_l0", "tie_weights"), lr_base=4e-3, init_from_data=False))
+    options=("l1_alpha", "target_l0", "tie_weights"), lr_base=4e-3, init_from_data=False,
+    memory=MemoryTerms(step_dense_backward=2, eval_dense=3)))
 register(Architecture(
     "jumprelu", "a learned threshold per latent with an L0 penalty.",
     "worker.engine.architectures.jumprelu:JumpReLUSAE",
     options=("l0_coef", "target_l0", "jumprelu_bandwidth", "jumprelu_init_threshold"),
     lr_base=2e-3,
-    memory=MemoryTerms(extra_params_per_latent=1, step_dense_backward=5, init_dense=3)))
+    memory=MemoryTerms(extra_params_per_latent=1, step_dense_forward=2, step_dense_backward=2,
+                       init_dense=4, eval_dense=1.5)))
 register(Architecture(
     "batchtopk", "k latents per token on average across the batch, a fixed threshold "
     "afterwards.",
     "worker.engine.architectures.batchtopk:BatchTopKSAE",
     options=("k", *_AUXK, "batchtopk_threshold_momentum"), lr_base=2e-3,
-    memory=MemoryTerms(**_TOPK_MEMORY, step_selections=2, init_dense=3)))
+    memory=MemoryTerms(**_TOPK_MEMORY, step_selections=2, init_dense=3, eval_dense=4)))
 register(Architecture(
     "matryoshka_batchtopk", "BatchTopK whose nested prefixes of the dictionary (the Matryoshka "
     "widths) each reconstruct the input on their own; the loss sums their errors.",
@@ -152,5 +154,5 @@ register(Architecture(
     options=("k", *_AUXK, "batchtopk_threshold_momentum", "matryoshka_widths"), lr_base=2e-3,
     # + the prefix reconstructions and their errors, [micro, levels, d_in] each (about two
     # dense units in the forward and two in the backward at 8x with four levels)
-    memory=MemoryTerms(**dict(_TOPK_MEMORY, step_dense_forward=3, step_dense_backward=2),
-                       step_selections=2, init_dense=3)))
+    memory=MemoryTerms(**dict(_TOPK_MEMORY, step_dense_forward=2, step_dense_backward=2),
+                       step_selections=2, init_dense=3, eval_dense=4)))
