@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -261,6 +262,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = _checkpoint_of(args.resume) if args.resume else None
     base = load_checkpoint(resume).meta["config"] if resume else None
     cfg = _build_config(args, base)
+    if cfg.gpus > 1 and not dist.enabled:  # --gpus N: the same command on N processes
+        return _under_torchrun(cfg.gpus, args.argv)
+    if dist.enabled and cfg.gpus not in (1, dist.world_size):
+        raise ConfigError(f"--gpus {cfg.gpus} does not match the {dist.world_size} processes "
+                          "torchrun started; leave --gpus out under torchrun.")
     distributed.local_batch(cfg.batch_size, dist)
     device = distributed.device_for(dist, pick_device(cfg.device))
     data_dir = _data_dir(args)
@@ -290,6 +296,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main:
         _print_json(dict(values, definitions=definitions(values)))
     return 0
+
+
+def _under_torchrun(n: int, argv: list[str]) -> int:
+    """Run this command again as ``torchrun --standalone --nproc-per-node n -m worker ...``
+    (one machine, a free rendezvous port); its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={n}", "-m", "worker", *argv]
+    print(f"Starting {n} training processes: torchrun --standalone --nproc-per-node {n} "
+          "-m worker ...", file=sys.stderr)
+    return subprocess.call(cmd)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -505,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad flag (already reported on one line)
         return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except EngineError as exc:

@@ -210,20 +210,29 @@ def run_training(training_id: int, resume: bool = False) -> None:
             _run_training(training_id, resume)
         except Exception as exc:  # stored on the row, logged with its traceback
             log.exception("Training %s failed", training_id)
-            with db.atomic():
-                Training.update(status="failed", error=error_message(exc), requested=None,
-                                finished_at=time.time(), updated_at=time.time()) \
-                    .where(Training.id == training_id).execute()
+            _fail(training_id, exc)
 
 
-def device_fits(requested: str | None) -> bool:
-    """Whether a training asking for the device ``requested`` (its config's ``device``) can run
-    on this worker: ``auto`` and ``cpu`` anywhere, ``cuda`` / ``cuda:N`` where CUDA has more
-    than N devices, ``mps`` where MPS is available. A name torch does not know fits nowhere
-    (``jobs.configs`` refuses such names before a training is queued)."""
+def _fail(training_id: int, exc: BaseException) -> None:
+    """Store that an attempt failed, with its one-line message."""
+    with db.atomic():
+        Training.update(status="failed", error=error_message(exc), requested=None,
+                        finished_at=time.time(), updated_at=time.time()) \
+            .where(Training.id == training_id).execute()
+
+
+def device_fits(requested: str | None, gpus: int = 1) -> bool:
+    """Whether a training asking for the device ``requested`` (its config's ``device``) on
+    ``gpus`` processes can run on this worker: ``auto`` and ``cpu`` anywhere, ``cuda`` /
+    ``cuda:N`` where CUDA has more than N devices, ``mps`` where MPS is available; with
+    ``gpus`` > 1, ``cpu`` anywhere (gloo processes) and ``cuda`` / ``auto`` where CUDA has at
+    least ``gpus`` devices. A name torch does not know fits nowhere (``jobs.configs`` refuses
+    such names before a training is queued)."""
     import torch
 
     name = str(requested or "auto").strip().lower()
+    if gpus > 1 and name in ("auto", "cuda"):
+        return torch.cuda.is_available() and torch.cuda.device_count() >= gpus
     if name in ("auto", "cpu"):
         return True
     try:
@@ -256,7 +265,7 @@ def _claim(training_ids: list[int]) -> list[int]:
                     .where(Training.id.in_(training_ids) & (Training.status == "queued")))
         if not rows:
             return []
-        if not all(device_fits((r.config or {}).get("device")) for r in rows):
+        if not all(device_fits((r.config or {}).get("device"), _gpus(r.config)) for r in rows):
             return []
         busy = {t.task_group or f"#{t.id}" for t in Training.select(Training.id,
                                                                      Training.task_group)
@@ -277,6 +286,14 @@ def _claim(training_ids: list[int]) -> list[int]:
         return [i for i in training_ids if i in queued]
 
 
+def _gpus(config: dict[str, Any] | None) -> int:
+    """The processes a training's config asks for (``gpus``; 1 when unset or bad)."""
+    try:
+        return max(1, int((config or {}).get("gpus") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 def _run_training(training_id: int, resume: bool) -> None:
     t = Training.get_or_none(Training.id == training_id)
     if t is None or t.status != "queued":
@@ -293,7 +310,12 @@ def _run_training(training_id: int, resume: bool) -> None:
     out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
     try:
         with folder_lock(out_dir):  # never beside another trainer of this run (an orphan)
-            _train(t, out_dir)
+            if _gpus(t.config) > 1:
+                from . import ddp
+
+                ddp.run(training_id, _gpus(t.config), out_dir)
+            else:
+                _train(t, out_dir)
     except FolderInUse as exc:
         _folder_in_use([training_id], exc)
 
@@ -360,15 +382,29 @@ def _finish(training_id: int, values: dict[str, Any], interrupted: bool) -> str:
     return status
 
 
-def _train(t: Training, out_dir: Path) -> None:
-    """Run a claimed training in ``out_dir`` (its folder lock held) and store how it ended."""
+def _train(t: Training, out_dir: Path, dist: Any = None, device: Any = None) -> None:
+    """Run a claimed training in ``out_dir`` (its folder lock held) and store how it ended.
+
+    Under ``dist`` (one rank of ``worker.ddp``, its process group joined, on ``device``) rank
+    0 does all of this and the other ranks train their shards silently."""
     from .engine.checkpoints import newest_loadable
     from .engine.config import TrainConfig
     from .engine.devices import pick_device
+    from .engine.distributed import SINGLE
     from .engine.pipeline import train_and_evaluate
+    from .engine.trainer import Callbacks
     from .progress import TrainingReporter
 
+    dist = dist or SINGLE
     training_id = t.id
+    cfg = TrainConfig.from_dict(local_config(t))
+    device = device or pick_device(cfg.device)
+    if not dist.is_main:  # rank 0 picked the checkpoint; one answer for all the ranks
+        resume = dist.broadcast_object(None)
+        train_and_evaluate(cfg, out_dir, data_dir=settings.data_dir(), device=device,
+                           callbacks=Callbacks(), resume=Path(resume) if resume else None,
+                           names=_names(t), evaluate=False, dist=dist)
+        return
     reporter = TrainingReporter(training_id)
     # Always continue from the newest checkpoint that loads when there is one (a fresh
     # training's folder is empty): a stale queue entry of a retried training must not restart
@@ -376,13 +412,14 @@ def _train(t: Training, out_dir: Path) -> None:
     found = newest_loadable(out_dir / "checkpoints", lambda path, exc: reporter.log(
         f"Skipping {path.name}: {exc} Continuing from an older checkpoint.", "warning"))
     checkpoint = found[0] if found else None
+    dist.broadcast_object(str(checkpoint) if checkpoint else None)
     shutil.rmtree(out_dir / "eval", ignore_errors=True)  # a report is for the weights it read
     _keep_rows_until(training_id, found[1].step if found else None, out_dir)
 
-    cfg = TrainConfig.from_dict(local_config(t))
-    device = pick_device(cfg.device)
-    _update(Training, training_id, device=str(device))
-    reporter.log(f"Preparing the model and activations on {device}...")
+    _update(Training, training_id, device=str(device) if not dist.enabled
+            else f"{device.type} x{dist.world_size}")
+    reporter.log(f"Preparing the model and activations on {device}"
+                 + (f" ({dist.world_size} processes)..." if dist.enabled else "..."))
 
     values = train_and_evaluate(
         cfg, out_dir, data_dir=settings.data_dir(), device=device,
@@ -390,10 +427,10 @@ def _train(t: Training, out_dir: Path) -> None:
         prepare_progress=reporter.preparing, after_fit=reporter.close,
         evaluate=lambda: not reporter.interrupted,
         on_eval_start=reporter.start_evaluation, eval_progress=reporter.evaluation_progress,
-        log=reporter.log, on_eval_error=_eval_failed(reporter))
+        log=reporter.log, on_eval_error=_eval_failed(reporter), dist=dist)
     eval_ended = time.time()
     status = _finish(training_id, values, reporter.interrupted)
-    if status == "completed" and checkpoint is None:  # a clean sample: a fresh start
+    if status == "completed" and checkpoint is None and not dist.enabled:  # a clean sample
         from .jobs.estimates import record_calibration
 
         try:

@@ -260,7 +260,8 @@ def test_cli_refuses_a_bad_combination_in_one_line(acts, tmp_path, monkeypatch, 
         monkeypatch.setenv(key, value)
     argv = ["train", "--activations", str(acts), "--out", str(tmp_path / "run")]
     for extra, match in ((["--batch-size", "255", "--device", "cpu"], "must divide evenly"),
-                         (["--device", "cuda"], "CUDA")):
+                         (["--device", "cuda"], "CUDA"),
+                         (["--gpus", "4", "--device", "cpu"], "--gpus 4 does not match the 2")):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("sae-studio: error: ") and match in err[0]
@@ -306,6 +307,24 @@ def test_torchrun_cli_on_an_activation_file_matches_one_process(acts, tmp_path, 
     assert main(["train", "--resume", str(tmp_path / "two"), "--total-steps", "60"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "torchrun --nproc-per-node 2" in err[-1] and len(err) == 1
+
+
+def test_gpus_flag_starts_the_processes_itself(acts, tmp_path):
+    """``train --gpus 2`` runs itself under torchrun: one JSON line, a two-process run."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               SAE_STUDIO_DATA=str(tmp_path / "data"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "train", "--gpus", "2", "--activations", str(acts),
+         "--k", "4", "--expansion-factor", "4", "--batch-size", "256", "--total-steps", "20",
+         "--eval-tokens", "1000", "--device", "cpu", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting 2 training processes" in proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    out = json.loads(lines[0])
+    assert out["tokens"] == 20 * 256 and ck.load_checkpoint(out["checkpoint"]).meta[
+        "world_size"] == 2
 
 
 def test_torchrun_cli_live_extraction_from_a_tiny_model(tmp_path, capsys):

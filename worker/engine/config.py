@@ -228,6 +228,12 @@ class TrainConfig:
     device: str = opt(
         "auto", label="Device", group=OPTIM, kind="str", choices=DEVICES,
         help="Where to train: auto = CUDA, then MPS, then the CPU; or cpu, cuda, cuda:N, mps.")
+    gpus: int = opt(
+        1, label="GPUs", unit="processes", group=OPTIM, min=1, max=64,
+        help="Processes that train this one SAE together (DDP): one per GPU with device cuda "
+             "or auto (only a worker with that many GPUs takes the training), gloo processes "
+             "with device cpu. Each trains on batch size / GPUs vectors per step; gradients "
+             "are averaged. The command line starts them through torchrun.")
     aux_k: int | None = opt(
         None, label="AuxK latents", unit="latents", group=SAE, min=0, max=MAX_LATENTS,
         help="Dead latents the AuxK loss uses to reconstruct the residual. Blank = half the "
@@ -372,6 +378,13 @@ class TrainConfig:
         def ok(*names: str) -> bool:
             return not any(n in out for n in names)
 
+        if self.gpus > 1 and ok("gpus", "device"):
+            if self.device.startswith("cuda:") or self.device == "mps":
+                out["gpus"] = (f"GPUs ({self.gpus}) needs device cuda, auto or cpu: each "
+                               f"process takes the GPU of its rank, so not {self.device}.")
+            elif ok("batch_size") and self.batch_size % self.gpus:
+                out["gpus"] = (f"The batch size ({self.batch_size:,}) must divide evenly among "
+                               f"the {self.gpus} processes (GPUs).")
         if ok("micro_batch_size", "batch_size") and self.micro_batch_size is not None:
             if self.micro_batch_size > self.batch_size:
                 out["micro_batch_size"] = (f"Micro-batch size ({self.micro_batch_size:,}) must "

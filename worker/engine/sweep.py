@@ -121,7 +121,11 @@ def unique_names(cfgs: Sequence[TrainConfig]) -> list[str]:
 
 
 def check_group(cfgs: Sequence[TrainConfig]) -> None:
-    """ConfigError when the runs cannot train as one group (different sources or steps)."""
+    """ConfigError when the runs cannot train as one group (different sources or steps, or
+    several processes asked for: a group trains in one process)."""
+    if any(cfg.gpus > 1 for cfg in cfgs):
+        raise ConfigError("GPUs (--gpus) is for a single training; a sweep's SAEs train "
+                          "together in one process. Leave it at 1 in a sweep.")
     check_shared(list(cfgs))
     for name in SOURCE_SHARED:
         values = {repr(getattr(cfg, name)) for cfg in cfgs}

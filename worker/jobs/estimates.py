@@ -196,9 +196,11 @@ def _time(model: LanguageModel, cfg: TrainConfig, d_in: int, d_sae: int, device:
 def memory_of(model: LanguageModel, cfg: TrainConfig, device: str | None, precision: str
               ) -> MemoryEstimate:
     """The engine's memory estimate of ``cfg`` on ``model`` (live extraction) on ``device``
-    (None: no worker seen, so the reference device, a Jetson's GPU)."""
+    (None: no worker seen, so the reference device, a Jetson's GPU). With ``gpus`` > 1: one
+    process's, which trains on batch size / gpus vectors per step."""
     return estimate_memory(int(model.hidden_dim), cfg.d_sae(int(model.hidden_dim)),
-                           encoder_type=cfg.encoder_type, k=cfg.k, batch_size=cfg.batch_size,
+                           encoder_type=cfg.encoder_type, k=cfg.k,
+                           batch_size=max(1, cfg.batch_size // cfg.gpus),
                            micro_batch_size=cfg.micro_batch_size, precision=precision,
                            model_params=int(model.n_params or 0),
                            model_dtype=str(model.dtype or "float32"),
@@ -280,7 +282,9 @@ def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str
          "fits": bool, "warning": str | None, "d_in": int | None, "d_sae": int | None,
          "precision": "fp32" | "bf16" | ..., "device": str | None,
          "time_s": float | None, "seconds": float | None, "time_range_s": [low, high] | None,
-         "calibrated": bool, "time_basis": str | None, "invalid": {field: sentence}}
+         "calibrated": bool, "time_basis": str | None, "invalid": {field: sentence},
+         "processes": int (only with gpus > 1: memory_bytes is then per GPU on CUDA, all the
+         processes' on the CPU; the time is one process's work on one device)}
 
     ``time_s`` (and its older name ``seconds``): start to ``completed`` in seconds, measured
     (``calibrated``) or None; ``time_range_s``: the guessed range before a calibration;
@@ -308,6 +312,11 @@ def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str
     est = memory_of(model, cfg, device, precision)
     parts = est.to_dict()
     total = parts.pop("total")
+    if cfg.gpus > 1:  # per GPU on CUDA; on the CPU the processes share the machine's memory
+        out["processes"] = cfg.gpus
+        if device == "cpu":
+            total *= cfg.gpus
+            parts = {k: v * cfg.gpus for k, v in parts.items()}
     out.update(memory_bytes=total, parts=parts, d_in=d_in, d_sae=d_sae, fits=total <= budget,
                precision=precision, device=device)
     if total > budget:
@@ -316,4 +325,7 @@ def estimate(model: LanguageModel | None, values: Mapping[str, Any]) -> dict[str
                           "micro-batch size or number of latents.")
     out.update(_time(model, cfg, d_in, d_sae, device, precision,
                      hb.gflops if hb is not None else None))
+    if cfg.gpus > 1 and out["time_basis"]:
+        out["time_basis"] += (f" This is one process's time for the whole batch; {cfg.gpus} "
+                              "processes split each step's batch (on GPUs, sooner).")
     return out

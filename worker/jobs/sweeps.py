@@ -139,7 +139,8 @@ def build_sweep(form: Mapping[str, Any]
     try:
         check_group(cfgs)
     except ConfigError as exc:
-        raise Invalid(str(exc), {"form": str(exc)}) from None
+        field = "gpus" if any(c.gpus > 1 for c in cfgs) else "form"
+        raise Invalid(str(exc), {field: str(exc)}) from None
     return cfgs, lists, model, dataset
 
 
