@@ -40,8 +40,11 @@ def consumer_command(workers: int) -> list[str]:
 
 def start_worker(workers: int, env: dict[str, str]) -> subprocess.Popen:
     """A consumer in its own session (run.py forwards Ctrl-C in order, see ``stop_worker``)."""
-    return subprocess.Popen(consumer_command(workers), cwd=ROOT, env=env,
-                            start_new_session=True)
+    from .engine.memory import HOST_ALLOCATOR_TUNABLES  # torch-free
+
+    tunables = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HOST_ALLOCATOR_TUNABLES]))
+    return subprocess.Popen(consumer_command(workers), cwd=ROOT,
+                            env=dict(env, GLIBC_TUNABLES=tunables), start_new_session=True)
 
 
 def _db() -> None:

@@ -304,6 +304,7 @@ def _run_training(training_id: int, resume: bool) -> None:
             run_training.schedule((training_id, resume), delay=RETRY_CLAIM_S)
         return
 
+    from .engine.devices import release_host_memory
     from .engine.errors import FolderInUse
     from .engine.files import folder_lock
 
@@ -318,6 +319,8 @@ def _run_training(training_id: int, resume: bool) -> None:
                 _train(t, out_dir)
     except FolderInUse as exc:
         _folder_in_use([training_id], exc)
+    finally:
+        release_host_memory()  # the heap keeps a CPU training's freed blocks until now
 
 
 def _folder_in_use(training_ids: list[int], exc: Exception) -> None:
@@ -485,6 +488,10 @@ def _run_group(training_ids: list[int]) -> None:
             _train_group(trainings, out_dirs)
     except FolderInUse as exc:
         _folder_in_use(claimed, exc)
+    finally:
+        from .engine.devices import release_host_memory
+
+        release_host_memory()
 
 
 def _train_group(trainings: list[Training], out_dirs: list[Path]) -> None:

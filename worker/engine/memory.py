@@ -61,6 +61,16 @@ GLIBC_MMAP_MAX = 32 * MB
 """glibc's largest dynamic mmap threshold: freed blocks up to this size stay in the heap."""
 FAULT_WINDOW = 64 * 1024
 """Bytes mapped per page fault in a memory-mapped file whose pages are cached (fault-around)."""
+HOST_HEAP_BLOCK_MAX = 1 << 30
+"""Blocks up to this size come from glibc's heap (and are reused) once ``keep_host_memory`` ran."""
+HOST_TRIM_THRESHOLD = (1 << 31) - 1
+"""Free memory at the heap's top kept rather than returned (mallopt takes a C int)."""
+HOST_ALLOCATOR_TUNABLES = (f"glibc.malloc.mmap_threshold={HOST_HEAP_BLOCK_MAX}:"
+                           f"glibc.malloc.trim_threshold={HOST_TRIM_THRESHOLD}:"
+                           "glibc.malloc.arena_max=1")
+"""``GLIBC_TUNABLES`` for a process whose threads train (the worker): what ``keep_host_memory``
+asks at run time, plus one arena, so that a task thread's large blocks come from the main
+heap too (a thread's own arena maps every block over 64 MB afresh, whatever the threshold)."""
 INIT_SAMPLE_MAX = 65_536
 INIT_ENCODE_ROWS = 4096
 EVAL_CHUNK_MAX = 4096

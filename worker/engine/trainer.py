@@ -40,7 +40,15 @@ from . import architectures
 from . import checkpoints as ck
 from .activations import ActivationSource
 from .config import TrainConfig
-from .devices import autocast_dtype, halve_on_oom, peak_memory_mb, pick_device, pick_precision
+from .devices import (
+    autocast_dtype,
+    halve_on_oom,
+    keep_host_memory,
+    peak_memory_mb,
+    pick_device,
+    pick_precision,
+    release_host_memory,
+)
 from .distributed import SINGLE, Dist, device_for, local_batch
 from .errors import CheckpointError, ConfigError, TrainingError
 from .export import export_saelens
@@ -260,6 +268,8 @@ class Trainer:
         self.precision = pick_precision(cfg.precision, self.device)
         if self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("fp16 needs a GPU; use fp32 or bf16 on the CPU.")
+        if self.device.type == "cpu":
+            keep_host_memory()  # reuse the step's large blocks instead of faulting them anew
         self.base_lr = cfg.lr(self.d_sae)
         self.aux_window = min(cfg.dead_window_tokens, 10 * cfg.batch_size)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -535,6 +545,8 @@ class Trainer:
             self.cb.on_log(f"Started: {cfg.encoder_type} SAE {self.d_in} -> {self.d_sae}, "
                            f"{cfg.total_steps} steps of {cfg.batch_size} tokens on "
                            f"{self.device.type} ({self.precision}).")
+        if self.device.type == "cpu":  # the initialisation's blocks, back to the system
+            release_host_memory()
         self.win = self._new_window()
         self.train_time, self.start_tokens = 0.0, self.tokens
         if self.device.type == "cuda":
@@ -629,6 +641,8 @@ class Trainer:
         """7. Evaluate on held-out vectors, save the final checkpoint, export for SAELens."""
         cfg = self.cfg
         self._read_window()
+        if self.device.type == "cpu":  # the steps' blocks: the evaluation's are shaped apart
+            release_host_memory()
         evaluation = self.evaluate() if self.dist.is_main else {}
         final = self.save("stop" if stopped else "final")
         stats = self._filter_stats()
