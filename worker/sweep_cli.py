@@ -201,9 +201,9 @@ def _weights_on_disk(folder: Path) -> tuple[int, str]:
 def memory_groups(runs: list[TrainConfig], d_in: int, n_layers: int | None, data_dir: Path,
                   device: Any, budget: int) -> tuple[list[list[int]], list[int]]:
     """The runs split into groups that each fit ``budget`` bytes (``memory.split_group``) and
-    each group's estimate (``memory.group_memory``)."""
+    each group's estimate (``memory.placed_memory``: per GPU when spread over several)."""
     from .engine.devices import pick_precision
-    from .engine.memory import estimate_memory, group_memory, split_group
+    from .engine.memory import estimate_memory, placed_memory, split_group
     from .engine.models import BUNDLED_MODELS, resolve_model_path
 
     first = runs[0]
@@ -226,8 +226,10 @@ def memory_groups(runs: list[TrainConfig], d_in: int, n_layers: int | None, data
                             skip_connection=cfg.skip_connection)
             for cfg in runs]
     hooks = [(cfg.layer, cfg.hook_point, cfg.target_hook_point) for cfg in runs]
-    groups = split_group(ests, hooks, budget)
-    return groups, [group_memory([ests[i] for i in g], [hooks[i] for i in g]) for g in groups]
+    gpus = first.gpus  # > 1: a group's SAEs spread over that many GPUs (engine.group.place)
+    groups = split_group(ests, hooks, budget, gpus)
+    return groups, [placed_memory([ests[i] for i in g], [hooks[i] for i in g], gpus)
+                    for g in groups]
 
 
 def _device_bytes(device: Any) -> int:

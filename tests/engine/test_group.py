@@ -178,3 +178,48 @@ def test_a_group_must_share_its_source_and_steps(base: TrainConfig, tmp_path: Pa
     with pytest.raises(ConfigError, match="share context_size"):
         train_group([base, base.replace(context_size=64)], [tmp_path / "a", tmp_path / "b"],
                     data_dir=tmp_path, device=CPU)
+
+
+def test_place_spreads_a_group_over_gpus(base: TrainConfig, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gpus`` N in a group: SAE i on cuda:(i mod N), checked before any GPU is touched. (The
+    training itself on several GPUs needs a machine with them: not run here.)"""
+    from worker.engine.group import place
+    from worker.engine.sweep import check_group, check_shared
+
+    cfgs = [base.replace(k=k, gpus=2, device="auto") for k in (2, 4, 8)]
+    assert place([base, base], CPU) == [base, base]  # gpus 1: as they are
+    with pytest.raises(ConfigError, match="this group runs on cpu"):
+        place(cfgs, CPU)
+    with pytest.raises(ConfigError, match=r"GPUs \(2\) in a sweep .* not cpu"):
+        check_group([c.replace(device="cpu") for c in cfgs])
+    with pytest.raises(ConfigError, match="GPUs"):  # the worker's own check, on this CPU
+        train_group([c.replace(device="cpu") for c in cfgs], [tmp_path / str(i) for i in
+                                                              range(3)],
+                    data_dir=tmp_path, device=CPU)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="CUDA sees 1"):
+        place(cfgs, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    placed = place(cfgs, torch.device("cuda"))
+    assert [c.device for c in placed] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [c.gpus for c in placed] == [1, 1, 1] and [c.k for c in placed] == [2, 4, 8]
+    assert all(not c.errors() for c in placed)
+    check_shared(placed)  # one kind of device: a group may span GPUs
+    with pytest.raises(ConfigError, match="share device"):
+        check_shared([placed[0], placed[1].replace(device="cpu")])
+
+
+def test_memory_of_a_group_spread_over_gpus() -> None:
+    from worker.engine.memory import estimate_memory, group_memory, placed_memory, split_group
+
+    ests = [estimate_memory(576, 4608, device="cuda", model_params=135_000_000,
+                            buffer_tokens=65_536) for _ in range(4)]
+    hooks = [(15, "residual", None)] * 4
+    whole = group_memory(ests, hooks)
+    halves = placed_memory(ests, hooks, 2)
+    assert placed_memory(ests, hooks, 1) == whole
+    assert halves == group_memory(ests[:2], hooks[:2]) < whole
+    budget = halves  # two SAEs per device fit, three do not
+    assert split_group(ests, hooks, budget) == [[0, 1], [2, 3]]
+    assert split_group(ests, hooks, budget, gpus=2) == [[0, 1, 2, 3]]

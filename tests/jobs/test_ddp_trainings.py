@@ -101,9 +101,17 @@ def test_placement_and_validation(model: LanguageModel, dataset: Any, enqueued: 
         with pytest.raises(jobs.Invalid) as exc:
             jobs.create_training(form(model, dataset, **overrides))
         assert words in exc.value.errors["gpus"], exc.value.errors
-    with pytest.raises(jobs.Invalid) as exc:
+    with pytest.raises(jobs.Invalid) as exc:  # a sweep spreads its SAEs over GPUs
         jobs.create_sweep(dict(form(model, dataset, gpus="2"), k="4,8"))
-    assert "a sweep's SAEs train together in one process" in exc.value.errors["gpus"]
+    assert "spreads its SAEs over that many GPUs" in exc.value.errors["gpus"]
+    enqueued.clear()
+    sweep = jobs.create_sweep(dict(form(model, dataset, gpus="2", device="auto"), k="4,8"))
+    ids = jobs.sweep_as_dict(sweep)["groups"][0]
+    assert [jobs.get_training(i).config["gpus"] for i in ids] == [2, 2]
+    if has < 2:  # not claimed by a worker without two GPUs
+        monkeypatch.setattr(tasks.run_group, "schedule", lambda args, delay: None)
+        tasks.run_group.call_local(ids)
+        assert {status_of(i) for i in ids} == {"queued"}
 
 
 def test_estimate_is_per_process(model: LanguageModel, dataset: Any) -> None:

@@ -233,7 +233,9 @@ class TrainConfig:
         help="Processes that train this one SAE together (DDP): one per GPU with device cuda "
              "or auto (only a worker with that many GPUs takes the training), gloo processes "
              "with device cpu. Each trains on batch size / GPUs vectors per step; gradients "
-             "are averaged. The command line starts them through torchrun.")
+             "are averaged. The command line starts them through torchrun. In a sweep: its "
+             "SAEs spread over this many GPUs of one worker (SAE i on GPU i mod GPUs), one "
+             "process, one forward.")
     aux_k: int | None = opt(
         None, label="AuxK latents", unit="latents", group=SAE, min=0, max=MAX_LATENTS,
         help="Dead latents the AuxK loss uses to reconstruct the residual. Blank = half the "

@@ -134,6 +134,25 @@ class GroupTrainer:
         return [trainer.finish(stopped) for trainer in self.trainers]
 
 
+def place(cfgs: list[TrainConfig], device: torch.device) -> list[TrainConfig]:
+    """A group's SAEs on the GPUs its ``gpus`` asks for, the way sparsify distributes modules:
+    with ``gpus`` N > 1, SAE i trains on ``cuda:(i mod N)`` (its config says so: device
+    ``cuda:j``, gpus 1) while the model's forward stays on ``device`` (the first GPU), and each
+    step's batch is copied to every SAE's GPU. One process: the GPUs work in parallel because
+    nothing waits for a GPU between logging steps. ConfigError off CUDA or with fewer GPUs."""
+    n = cfgs[0].gpus if cfgs else 1
+    if n <= 1:
+        return cfgs
+    if device.type != "cuda":
+        raise ConfigError(f"GPUs ({n}) spreads a sweep's SAEs over that many GPUs; this group "
+                          f"runs on {device.type}.")
+    have = torch.cuda.device_count()
+    if have < n:
+        raise ConfigError(f"GPUs ({n}) spreads a sweep's SAEs over {n} GPUs, but CUDA sees "
+                          f"{have} here.")
+    return [cfg.replace(device=f"cuda:{i % n}", gpus=1) for i, cfg in enumerate(cfgs)]
+
+
 def open_group_sources(cfgs: list[TrainConfig], *, data_dir: Path, device: torch.device,
                        progress: Progress | None = None
                        ) -> tuple[list[TrainConfig], dict[tuple[int, str], Any], dict, Any]:
@@ -196,6 +215,7 @@ def train_group(
     check_group(cfgs)
     runs, sources, metas, shared = open_group_sources(list(cfgs), data_dir=data_dir,
                                                       device=device, progress=prepare_progress)
+    runs = place(runs, device)
     members = [Member(cfg, Path(out), (member_callbacks or [None] * len(runs))[i],
                       dict(metas[Member(cfg, Path()).hook], **(names or {})))
                for i, (cfg, out) in enumerate(zip(runs, out_dirs, strict=True))]

@@ -257,17 +257,28 @@ def group_memory(estimates: list[MemoryEstimate], hooks: list[object]) -> int:
             + max(e.file_pages for e in estimates))
 
 
-def split_group(estimates: list[MemoryEstimate], hooks: list[object], budget: int
-                ) -> list[list[int]]:
-    """Indices of the SAEs in sub-groups that each fit ``budget`` bytes (``group_memory``),
-    filled in order, SAEs of one hook kept together where they fit. An SAE too large on its
-    own gets a sub-group of its own (its estimate warns)."""
+def placed_memory(estimates: list[MemoryEstimate], hooks: list[object], gpus: int = 1) -> int:
+    """Peak bytes on the fullest GPU of a sub-group spread over ``gpus`` GPUs (SAE i on GPU
+    i mod gpus, ``engine.group.place``): the largest GPU's ``group_memory``. The model and the
+    buffers live on the first GPU only; they are counted on each (an upper bound)."""
+    if gpus <= 1:
+        return group_memory(estimates, hooks)
+    return max(group_memory(estimates[g::gpus], hooks[g::gpus])
+               for g in range(min(gpus, len(estimates))))
+
+
+def split_group(estimates: list[MemoryEstimate], hooks: list[object], budget: int,
+                gpus: int = 1) -> list[list[int]]:
+    """Indices of the SAEs in sub-groups that each fit ``budget`` bytes (per GPU when spread
+    over ``gpus``: ``placed_memory``), filled in order, SAEs of one hook kept together where
+    they fit. An SAE too large on its own gets a sub-group of its own (its estimate warns)."""
     order = sorted(range(len(estimates)), key=lambda i: hooks.index(hooks[i]))
     groups: list[list[int]] = []
     for i in order:
         if groups:
             trial = groups[-1] + [i]
-            if group_memory([estimates[j] for j in trial], [hooks[j] for j in trial]) <= budget:
+            if placed_memory([estimates[j] for j in trial], [hooks[j] for j in trial],
+                             gpus) <= budget:
                 groups[-1].append(i)
                 continue
         groups.append([i])

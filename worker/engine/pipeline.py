@@ -406,10 +406,12 @@ def held_out_evaluation(
     if on_eval_start is not None:
         on_eval_start()
     log("Evaluating on held-out contexts (CE loss, latent statistics, top contexts)...")
-    targets = [EvalTarget(t.cfg, t.sae, t.scale, Path(out), t.step, meta, t.target_scale)
+    device = trainers[0].device  # a group spread over GPUs is evaluated on the first
+    targets = [EvalTarget(t.cfg, t.sae.to(device), t.scale, Path(out), t.step, meta,
+                          t.target_scale)
                for t, out, meta in zip(trainers, out_dirs, metas, strict=True)]
     try:
-        reports = evaluate_runs(targets, data_dir=data_dir, device=trainers[0].device,
+        reports = evaluate_runs(targets, data_dir=data_dir, device=device,
                                 precision=trainers[0].precision, progress=eval_progress)
     except Exception as exc:
         if on_eval_error is None:

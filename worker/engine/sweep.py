@@ -30,13 +30,15 @@ data seed is the first run's seed)."""
 
 
 SHARED = ("batch_size", "total_steps", "auto_save_interval", "log_every", "device",
-          "precision")
-"""Options every member of a group must share: they step together on the same batches."""
+          "precision", "gpus")
+"""Options every member of a group must share: they step together on the same batches (the
+device by kind: ``engine.group.place`` spreads a group's SAEs over cuda:0, cuda:1, ...)."""
 
 def check_shared(cfgs: list[TrainConfig]) -> None:
     """ConfigError naming the first ``SHARED`` option the configs disagree on."""
     for name in SHARED:
-        values = {getattr(cfg, name) for cfg in cfgs}
+        values = {str(cfg.device).split(":")[0] if name == "device" else getattr(cfg, name)
+                  for cfg in cfgs}
         if len(values) > 1:
             raise ConfigError(f"The SAEs of a group train together, so they must share "
                               f"{name}; got {sorted(map(str, values))}.")
@@ -122,11 +124,12 @@ def unique_names(cfgs: Sequence[TrainConfig]) -> list[str]:
 
 def check_group(cfgs: Sequence[TrainConfig]) -> None:
     """ConfigError when the runs cannot train as one group (different sources or steps, or
-    several processes asked for: a group trains in one process)."""
-    if any(cfg.gpus > 1 for cfg in cfgs):
-        raise ConfigError("GPUs (--gpus) is for a single training; a sweep's SAEs train "
-                          "together in one process. Leave it at 1 in a sweep.")
+    GPUs to spread the SAEs over on the CPU)."""
     check_shared(list(cfgs))
+    if cfgs and cfgs[0].gpus > 1 and cfgs[0].device in ("cpu", "mps"):
+        raise ConfigError(f"GPUs ({cfgs[0].gpus}) in a sweep spreads its SAEs over that many "
+                          f"GPUs of one worker; use device cuda or auto, not "
+                          f"{cfgs[0].device} (or GPUs 1).")
     for name in SOURCE_SHARED:
         values = {repr(getattr(cfg, name)) for cfg in cfgs}
         if len(values) > 1:

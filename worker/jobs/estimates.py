@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..db import Calibration, LanguageModel, Training, db
-from ..engine.memory import MemoryEstimate, estimate_memory, group_memory, split_group
+from ..engine.memory import MemoryEstimate, estimate_memory, placed_memory, split_group
 from .configs import check_form
 from .health import newest_heartbeat
 
@@ -241,10 +241,11 @@ def group_estimate(model: LanguageModel, cfgs: list[TrainConfig]) -> dict[str, A
     hb, budget, source = _budget()
     device = cfgs[0].device if cfgs[0].device != "auto" else (hb.device if hb else None)
     precision = _precision(cfgs[0], device)
-    ests = [memory_of(model, cfg, device, precision) for cfg in cfgs]
+    gpus = cfgs[0].gpus  # > 1: each sub-group's SAEs spread over that many GPUs, each whole
+    ests = [memory_of(model, cfg.replace(gpus=1), device, precision) for cfg in cfgs]
     hooks = [(cfg.layer, cfg.hook_point, cfg.target_hook_point) for cfg in cfgs]
-    groups = split_group(ests, hooks, budget)
-    sizes = [group_memory([ests[i] for i in g], [hooks[i] for i in g]) for g in groups]
+    groups = split_group(ests, hooks, budget, gpus)
+    sizes = [placed_memory([ests[i] for i in g], [hooks[i] for i in g], gpus) for g in groups]
     out: dict[str, Any] = {
         "runs": len(cfgs), "groups": groups, "group_memory_bytes": sizes,
         "memory_bytes": max(sizes), "budget_bytes": budget, "budget_source": source,

@@ -139,7 +139,7 @@ def build_sweep(form: Mapping[str, Any]
     try:
         check_group(cfgs)
     except ConfigError as exc:
-        field = "gpus" if any(c.gpus > 1 for c in cfgs) else "form"
+        field = "gpus" if "GPUs" in str(exc) else "form"
         raise Invalid(str(exc), {field: str(exc)}) from None
     return cfgs, lists, model, dataset
 
