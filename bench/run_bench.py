@@ -9,7 +9,9 @@ Then, for each encoder type (topk, batchtopk, matryoshka_batchtopk, standard, ju
 trains on the same file and settings (8x, k=32 where it applies, Matryoshka prefixes d_sae / 8,
 / 4, / 2, d_sae on both sides, batch 4096, 100 steps, fp32, CPU): SAE Studio with its
 defaults and SAELens tuned (lr 4e-3, expected-average normalisation) — for topk also SAELens with
-its defaults. All are evaluated on the same held-out rows (the file's last 16,384).
+its defaults. All are evaluated on the same held-out rows (the file's last 16,384). Last,
+``topk_skip_transcoder``: ours alone (SAELens has no transcoder trainer) on SmolLM2-135M layer
+15's mlp_in -> mlp_out pairs (extracted into data/bench when missing), FVU on the targets.
 
 Two speeds per run: tokens/s of the training steps (each tool's own clock around its steps),
 and the whole process as a user meets it: the wall-clock seconds from starting the command to
@@ -38,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 DEFAULT_FILE = ROOT / "data" / "bench" / "smollm2-l15-kjv.safetensors"
+TRANSCODER_FILE = ROOT / "data" / "bench" / "smollm2-l15-mlp-kjv.safetensors"
+TRANSCODER = "topk_skip_transcoder"
+"""A TopK skip transcoder, mlp_in -> mlp_out: ours alone (SAELens loads transcoders but has no
+trainer for them), on its own pair file."""
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -113,6 +119,28 @@ def extraction_speed(model: str, layer: int, n_batches: int = 5) -> dict:
     return {"full_forward_tok_s": full, "extract_tok_s": part, "speedup": part / full}
 
 
+def transcoder_run(args: argparse.Namespace) -> dict:
+    """Ours on the pair file (extracted first when missing): FVU on the targets, the same
+    steps and batch; ``--repeats`` runs, medians."""
+    pairs = args.transcoder_activations
+    if not pairs.exists():
+        run_json([PY, "-m", "worker", "extract", "--model", "smollm2-135m", "--dataset", "kjv",
+                  "--layer", "15", "--hook-point", "mlp_in", "--target-hook-point", "mlp_out",
+                  "--max-tokens", str(args.max_tokens), "--out", str(pairs)])
+    out = args.out / f"sae_studio_{TRANSCODER}"
+    cmd = [PY, "-m", "worker", "train", "--activations", str(pairs), "--k", str(args.k),
+           "--expansion-factor", str(args.expansion_factor), "--batch-size",
+           str(args.batch_size), "--total-steps", str(args.total_steps), "--encoder-type",
+           "topk", "--hook-point", "mlp_in", "--target-hook-point", "mlp_out",
+           "--skip-connection", "--no-evaluate", "--eval-tokens", str(args.holdout),
+           "--out", str(out)]
+    done = []
+    for _ in range(args.repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        done.append(run_json(cmd))
+    return median_run(done)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--activations", type=Path, default=None)
@@ -124,12 +152,16 @@ def main() -> int:
     p.add_argument("--holdout", type=int, default=16_384)
     p.add_argument("--types", type=lambda v: v.split(","),
                    default=["topk", "batchtopk", "matryoshka_batchtopk", "standard",
-                            "jumprelu"],
+                            "jumprelu", TRANSCODER],
                    help="encoder types to compare, comma-separated")
     p.add_argument("--no-saelens-defaults", action="store_true",
                    help="skip SAELens at its default settings (topk; not used by the ratios)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each (ours, SAELens) pair, interleaved; medians reported")
+    p.add_argument("--transcoder-activations", type=Path, default=TRANSCODER_FILE,
+                   help="input/target pairs for the topk_skip_transcoder type (mlp_in -> "
+                   "mlp_out of SmolLM2-135M layer 15, made by `sae-studio extract "
+                   "--hook-point mlp_in --target-hook-point mlp_out`; extracted when missing)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +214,11 @@ def main() -> int:
             "| ratio | whole process (s) | ratio | whole process, CPU s | ratio |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch, name, r in runs:
+            if arch not in ref:  # no SAELens run to compare with (transcoders)
+                lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
+                             f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} | - "
+                             f"| {r['process_s']:.1f} | - | {r['process_cpu_s']:.1f} | - |")
+                continue
             lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
                          f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} "
                          f"| {r['tokens_per_s'] / ref[arch]['tokens_per_s']:.2f}x "
@@ -198,6 +235,11 @@ def main() -> int:
         print("\n".join(lines), flush=True)
 
     for arch in args.types:
+        if arch == TRANSCODER:
+            runs.append((arch, "SAE Studio (defaults; SAELens cannot train transcoders)",
+                         transcoder_run(args)))
+            write()
+            continue
         ours_cmd = [PY, "-m", "worker", "train", *common, "--encoder-type", arch,
                     "--no-evaluate", "--eval-tokens", str(args.holdout),
                     "--out", str(args.out / f"sae_studio_{arch}")]

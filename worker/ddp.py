@@ -34,7 +34,8 @@ log = logging.getLogger("sae_studio.worker")
 
 POLL_S = 0.5
 STOP_GRACE_S = 10.0
-"""Seconds the other ranks get to exit after one failed, before they are killed."""
+"""Seconds the other ranks get to exit after one failed or rank 0 ended, before they are
+stopped (terminated, then killed)."""
 
 
 def _free_port() -> int:
@@ -92,9 +93,14 @@ def run(training_id: int, world: int, out_dir: Path) -> None:
                     env=rank_env(rank, world, port), stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
         failed: list[int] = []
+        main_ended: float | None = None
         while not failed and any(p.poll() is None for p in procs):
             time.sleep(POLL_S)
             failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if main_ended is None and procs[0].poll() is not None:
+                main_ended = time.monotonic()
+            if main_ended is not None and time.monotonic() - main_ended > STOP_GRACE_S:
+                break  # rank 0 ended the training (or never started it): the rest stop
     finally:
         _stop(procs)
     if not failed:
@@ -140,8 +146,8 @@ def rank_main(training_id: int) -> int:
     dist = distributed.from_env()
     with connection():
         t = Training.get_or_none(Training.id == training_id)
-        if t is None or t.status not in RUNNING:
-            return 0  # deleted or stopped before this rank started
+        if t is None or (dist.is_main and t.status not in RUNNING):
+            return 0  # deleted or stopped before rank 0 started (the worker stops the rest)
         cfg = TrainConfig.from_dict(local_config(t))
         out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
     try:

@@ -145,3 +145,20 @@ def test_pause_resume_and_stop_reach_every_rank(model: LanguageModel, dataset: A
     row = jobs.get_training(t.id)
     assert row.status == "stopped", (row.status, row.error)
     assert not _rank_pids(t.id, 0) and not _rank_pids(t.id, 1)
+
+
+def test_ranks_of_a_training_stopped_before_they_start_end_soon(
+        model: LanguageModel, dataset: Any, enqueued: list) -> None:
+    """Rank 0 finds the training no longer running and exits; the worker stops rank 1 (left
+    waiting for rank 0 at the rendezvous) after the grace period instead of its 60 minutes."""
+    import time
+
+    from worker import ddp
+
+    t = jobs.create_training(form(model, dataset, gpus="2"))
+    jobs.request(t.id, "stop")  # a queued training stops at once
+    assert status_of(t.id) == "stopped"
+    began = time.monotonic()
+    ddp.run(t.id, 2, Path(t.out_dir))
+    assert time.monotonic() - began < ddp.STOP_GRACE_S + 20
+    assert status_of(t.id) == "stopped" and not _rank_pids(t.id, 1)
