@@ -226,6 +226,12 @@ def main() -> int:
                          f"| {ref[arch]['process_s'] / r['process_s']:.2f}x "
                          f"| {r['process_cpu_s']:.1f} "
                          f"| {ref[arch]['process_cpu_s'] / r['process_cpu_s']:.2f}x |")
+        if any(arch == TRANSCODER for arch, _, _ in runs):
+            lines += ["", f"{TRANSCODER}: TopK with a skip connection, reading mlp_in and "
+                      f"predicting mlp_out of SmolLM2-135M layer 15 (its own file, "
+                      f"{args.transcoder_activations.name}; FVU of the mlp_out targets on the "
+                      "file's last held-out pairs; a file shorter than the steps' tokens "
+                      "repeats). SAELens loads transcoders but cannot train them: no ratio."]
         if "extraction_vs_full_forward" in results:
             e = results["extraction_vs_full_forward"]
             lines += ["", f"Extraction to layer 15 of SmolLM2-135M: {e['extract_tok_s']:,.0f} "
