@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import settings
 from .db import RUNNING, Training, db
@@ -44,13 +45,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _prctl() -> Any:
+    """libc's ``prctl``, looked up here in the parent (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the worker's stop still reaches rank 0
-        pass
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec (the worker has other threads: nothing here
+    imports or looks anything up): SIGKILL when the thread that started it ends."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -91,7 +106,8 @@ def run(training_id: int, world: int, out_dir: Path) -> None:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "worker.ddp", str(training_id)],
                     env=rank_env(rank, world, port), stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent if _PRCTL is not None else None))
         failed: list[int] = []
         main_ended: float | None = None
         while not failed and any(p.poll() is None for p in procs):

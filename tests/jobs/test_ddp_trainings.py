@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,25 @@ def test_ranks_of_a_training_stopped_before_they_start_end_soon(
     ddp.run(t.id, 2, Path(t.out_dir))
     assert time.monotonic() - began < ddp.STOP_GRACE_S + 20
     assert status_of(t.id) == "stopped" and not _rank_pids(t.id, 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_dies_with_the_thread_that_started_it() -> None:
+    """The ranks get SIGKILL when the worker thread that started them ends (a killed worker
+    leaves no rank training on)."""
+    import subprocess
+    import threading
+
+    from worker import ddp
+
+    started: list[subprocess.Popen] = []
+
+    def start() -> None:
+        started.append(subprocess.Popen(["sleep", "60"], preexec_fn=ddp._die_with_parent))
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    (child,) = started
+    wait_for(lambda: child.poll() is not None, timeout=10, what="the child's end")
+    assert child.returncode == -signal.SIGKILL
