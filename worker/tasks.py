@@ -311,10 +311,10 @@ def _run_training(training_id: int, resume: bool) -> None:
     out_dir = Path(t.out_dir or settings.trainings_dir() / str(training_id))
     try:
         with folder_lock(out_dir):  # never beside another trainer of this run (an orphan)
-            if _gpus(t.config) > 1:
+            if (gpus := _gpus(t.config)) > 1:
                 from . import ddp
 
-                ddp.run(training_id, _gpus(t.config), out_dir)
+                ddp.run(training_id, gpus, out_dir)
             else:
                 _train(t, out_dir)
     except FolderInUse as exc:
