@@ -10,8 +10,11 @@ trains on the same file and settings (8x, k=32 where it applies, Matryoshka pref
 / 4, / 2, d_sae on both sides, batch 4096, 100 steps, fp32, CPU): SAE Studio with its
 defaults and SAELens tuned (lr 4e-3, expected-average normalisation) — for topk also SAELens with
 its defaults. All are evaluated on the same held-out rows (the file's last 16,384). Last,
-``topk_skip_transcoder``: ours alone (SAELens has no transcoder trainer) on SmolLM2-135M layer
-15's mlp_in -> mlp_out pairs (extracted into data/bench when missing), FVU on the targets.
+``topk_skip_transcoder`` (SmolLM2-135M layer 15, mlp_in -> mlp_out, with a learned skip):
+SAELens loads transcoders but has no trainer for them, so ours is compared with EleutherAI's
+sparsify (``bench/sparsify_train.py``, in .venv-saelens), which trains transcoders from the
+model; both therefore train from the model here, on the same KJV contexts, and are evaluated on
+the same held-out (mlp_in, mlp_out) pairs (``transcoder_inputs``).
 
 Two speeds per run: tokens/s of the training steps (each tool's own clock around its steps),
 and the whole process as a user meets it: the wall-clock seconds from starting the command to
@@ -40,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 DEFAULT_FILE = ROOT / "data" / "bench" / "smollm2-l15-kjv.safetensors"
-TRANSCODER_FILE = ROOT / "data" / "bench" / "smollm2-l15-mlp-kjv.safetensors"
 TRANSCODER = "topk_skip_transcoder"
-"""A TopK skip transcoder, mlp_in -> mlp_out: ours alone (SAELens loads transcoders but has no
-trainer for them), on its own pair file."""
+"""A TopK skip transcoder, mlp_in -> mlp_out, trained from the model: SAELens loads transcoders
+but has no trainer for them, so its reference is EleutherAI's sparsify (bench/sparsify_train.py),
+which trains them from the model."""
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -119,26 +122,106 @@ def extraction_speed(model: str, layer: int, n_batches: int = 5) -> dict:
     return {"full_forward_tok_s": full, "extract_tok_s": part, "speedup": part / full}
 
 
-def transcoder_run(args: argparse.Namespace) -> dict:
-    """Ours on the pair file (extracted first when missing): FVU on the targets, the same
-    steps and batch; ``--repeats`` runs, medians."""
-    pairs = args.transcoder_activations
-    if not pairs.exists():
-        run_json([PY, "-m", "worker", "extract", "--model", "smollm2-135m", "--dataset", "kjv",
-                  "--layer", "15", "--hook-point", "mlp_in", "--target-hook-point", "mlp_out",
-                  "--max-tokens", str(args.max_tokens), "--out", str(pairs)])
-    out = args.out / f"sae_studio_{TRANSCODER}"
-    cmd = [PY, "-m", "worker", "train", "--activations", str(pairs), "--k", str(args.k),
-           "--expansion-factor", str(args.expansion_factor), "--batch-size",
-           str(args.batch_size), "--total-steps", str(args.total_steps), "--encoder-type",
-           "topk", "--hook-point", "mlp_in", "--target-hook-point", "mlp_out",
-           "--skip-connection", "--no-evaluate", "--eval-tokens", str(args.holdout),
-           "--out", str(out)]
-    done = []
-    for _ in range(args.repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        done.append(run_json(cmd))
-    return median_run(done)
+def transcoder_inputs(args: argparse.Namespace) -> dict:
+    """The shared inputs of the transcoder comparison, made once before the timed runs: the
+    KJV token store both tools read (SmolLM2-135M's tokenizer, context 128, sized so the
+    training contexts hold the steps' tokens and the last ones the held-out tokens), the first
+    training contexts as a .npy for sparsify (steps x batch tokens), and the held-out
+    (mlp_in, mlp_out) pairs of layer 15 on the store's held-out contexts (positions 1.. and no
+    special tokens, as our trainer keeps them; no outlier filter): both transcoders' FVU is
+    measured on these."""
+    import math
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from worker.engine.config import TrainConfig
+    from worker.engine.models import data_dir_default, extract_layers, load_model
+    from worker.engine.pipeline import heldout_contexts, prepare_tokens
+
+    context = 128
+    per_ctx = context - 1  # position 0 is not trained on
+    n_train = math.ceil(args.total_steps * args.batch_size / per_ctx)
+    n_hold = math.ceil(args.holdout / per_ctx)
+    max_tokens = (n_train + n_hold) * context
+    cfg = TrainConfig(model="smollm2-135m", dataset="kjv", context_size=context,
+                      max_tokens=max_tokens)
+    loaded = load_model(cfg.model)
+    store = prepare_tokens(cfg, loaded, data_dir_default())
+    folder = args.out / "transcoder_inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = folder / "train_tokens.npy"
+    np.save(tokens, np.asarray(store.contexts[:args.total_steps * args.batch_size // context]))
+    held = torch.from_numpy(heldout_contexts(store, args.holdout))
+    special = torch.tensor(sorted(store.special_ids), dtype=torch.long)
+    xs, ys = [], []
+    for ids in held.split(16):
+        x, y = extract_layers(loaded.model, ids, [(15, "mlp_in"), (15, "mlp_out")])
+        keep = ~torch.isin(ids, special)
+        keep[:, 0] = False
+        xs.append(x[keep])
+        ys.append(y[keep])
+    heldout = folder / "heldout_pairs.safetensors"
+    save_file({"x": torch.cat(xs)[:args.holdout].contiguous(),
+               "y": torch.cat(ys)[:args.holdout].contiguous()}, str(heldout))
+    return {"max_tokens": max_tokens, "tokens": str(tokens), "heldout": str(heldout),
+            "train_contexts": store.n_contexts - len(held), "heldout_contexts": len(held)}
+
+
+def heldout_fvu(saelens_folder: Path, heldout: Path) -> dict:
+    """FVU of the mlp_out targets and L0 of our exported transcoder (the SAELens folder, raw
+    activations in and out) on the held-out pairs; the same formula as sparsify_train.py."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT))
+    from worker.engine.export import load_saelens
+
+    sae = load_saelens(saelens_folder).eval()
+    pairs = load_file(str(heldout))
+    x, y = pairs["x"].float(), pairs["y"].float()
+    mean, err, total, nonzero = y.mean(0), 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for xc, yc in zip(x.split(4096), y.split(4096), strict=True):
+            f = sae.encode(xc)
+            err += float((sae.reconstruct(xc, f) - yc).pow(2).sum())
+            total += float((yc - mean).pow(2).sum())
+            nonzero += float((f != 0).sum())
+    return {"fvu": err / total, "l0": nonzero / len(x), "heldout_tokens": len(x)}
+
+
+def transcoder_runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """Ours and sparsify, both from the model on the same KJV contexts (``--repeats`` runs,
+    interleaved; medians): a TopK skip transcoder of SmolLM2-135M layer 15, mlp_in -> mlp_out,
+    k and expansion as the other types, 100 steps of 4,096 tokens."""
+    shared = transcoder_inputs(args)
+    ours_out = args.out / f"sae_studio_{TRANSCODER}"
+    theirs_out = args.out / f"sparsify_{TRANSCODER}"
+    ours = [PY, "-m", "worker", "train", "--model", "smollm2-135m", "--dataset", "kjv",
+            "--layer", "15", "--hook-point", "mlp_in", "--target-hook-point", "mlp_out",
+            "--skip-connection", "--encoder-type", "topk", "--k", str(args.k),
+            "--expansion-factor", str(args.expansion_factor), "--batch-size",
+            str(args.batch_size), "--total-steps", str(args.total_steps), "--max-tokens",
+            str(shared["max_tokens"]), "--eval-tokens", str(args.holdout), "--no-evaluate",
+            "--out", str(ours_out)]
+    theirs = [str(SAELENS_PY), str(ROOT / "bench" / "sparsify_train.py"), "--model",
+              str(ROOT / "data" / "models" / "smollm2-135m"), "--tokens", str(shared["tokens"]),
+              "--layer", "15", "--k", str(args.k), "--expansion-factor",
+              str(args.expansion_factor), "--batch-size", str(args.batch_size // 128),
+              "--skip-connection", "--heldout", str(shared["heldout"]), "--out", str(theirs_out)]
+    done: dict[str, list[dict]] = {"ours": [], "sparsify": []}
+    for _ in range(args.repeats):  # interleaved: ours, sparsify, ours, sparsify
+        shutil.rmtree(ours_out, ignore_errors=True)
+        r = run_json(ours)
+        done["ours"].append(dict(r, fvu_own_heldout=r["fvu"],
+                                 **heldout_fvu(ours_out / "saelens", shared["heldout"])))
+        shutil.rmtree(theirs_out, ignore_errors=True)
+        done["sparsify"].append(run_json(theirs))
+    version = done["sparsify"][-1]["sparsify_version"]
+    return [("SAE Studio (defaults; from the model)", dict(median_run(done["ours"]), **shared)),
+            (f"sparsify {version} (defaults; from the model)", median_run(done["sparsify"]))]
 
 
 def main() -> int:
@@ -158,10 +241,6 @@ def main() -> int:
                    help="skip SAELens at its default settings (topk; not used by the ratios)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each (ours, SAELens) pair, interleaved; medians reported")
-    p.add_argument("--transcoder-activations", type=Path, default=TRANSCODER_FILE,
-                   help="input/target pairs for the topk_skip_transcoder type (mlp_in -> "
-                   "mlp_out of SmolLM2-135M layer 15, made by `sae-studio extract "
-                   "--hook-point mlp_in --target-hook-point mlp_out`; extracted when missing)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +273,8 @@ def main() -> int:
         results["runs"] = [{"encoder_type": a, "run": label, **r} for a, label, r in runs]
         results["load_1min_end"] = os.getloadavg()[0]
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-        ref = {a: r for a, label, r in runs if label.startswith("SAELens (tuned")}
+        ref = {a: r for a, label, r in runs
+               if label.startswith(("SAELens (tuned", "sparsify"))}
         loads = [x for _, _, r in runs for x in r["load_1min_runs"]]
         lines = [
             f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
@@ -206,7 +286,8 @@ def main() -> int:
             "second of the training steps (each tool's clock around its steps). Whole process: "
             "from starting the command to its exit (import, open the file, initialise, train, "
             "evaluate the held-out vectors, save / export), wall-clock seconds and CPU seconds "
-            "(user + system, all threads). Ratios: vs SAELens tuned, same encoder"
+            "(user + system, all threads). Ratios: vs SAELens tuned, same encoder "
+            f"({TRANSCODER}: vs sparsify)"
             + (f"; medians of {args.repeats} interleaved runs each" if args.repeats > 1 else "")
             + f". Load average (1 min) before the runs: {min(loads):.2f}-{max(loads):.2f}.",
             "",
@@ -214,11 +295,6 @@ def main() -> int:
             "| ratio | whole process (s) | ratio | whole process, CPU s | ratio |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch, name, r in runs:
-            if arch not in ref:  # no SAELens run to compare with (transcoders)
-                lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
-                             f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} | - "
-                             f"| {r['process_s']:.1f} | - | {r['process_cpu_s']:.1f} | - |")
-                continue
             lines.append(f"| {arch} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} "
                          f"| {100 * r['dead_frac']:.1f}% | {r['tokens_per_s']:,.0f} "
                          f"| {r['tokens_per_s'] / ref[arch]['tokens_per_s']:.2f}x "
@@ -226,12 +302,25 @@ def main() -> int:
                          f"| {ref[arch]['process_s'] / r['process_s']:.2f}x "
                          f"| {r['process_cpu_s']:.1f} "
                          f"| {ref[arch]['process_cpu_s'] / r['process_cpu_s']:.2f}x |")
-        if any(arch == TRANSCODER for arch, _, _ in runs):
-            lines += ["", f"{TRANSCODER}: TopK with a skip connection, reading mlp_in and "
-                      f"predicting mlp_out of SmolLM2-135M layer 15 (its own file, "
-                      f"{args.transcoder_activations.name}; FVU of the mlp_out targets on the "
-                      "file's last held-out pairs; a file shorter than the steps' tokens "
-                      "repeats). SAELens loads transcoders but cannot train them: no ratio."]
+        ours_tc = next((r for a, label, r in runs
+                        if a == TRANSCODER and label.startswith("SAE Studio")), None)
+        if ours_tc is not None:
+            lines += ["", f"{TRANSCODER}: TopK with a learned skip connection, reading mlp_in "
+                      "and predicting mlp_out of SmolLM2-135M layer 15, trained from the model "
+                      f"by both tools on the same {ours_tc['train_contexts']:,} KJV contexts of "
+                      f"128 tokens (sparsify: the first {args.total_steps * args.batch_size:,} "
+                      "tokens of them, 32 contexts a step; ours: "
+                      f"{args.total_steps * args.batch_size:,} vectors of positions 1.., "
+                      f"--max-tokens {ours_tc['max_tokens']:,}); FVU of the mlp_out targets and "
+                      f"L0 on the same {ours_tc['heldout_tokens']:,} held-out pairs "
+                      f"({ours_tc['heldout_contexts']} held-out contexts, positions 1..; our "
+                      "exported SAELens folder vs sparsify's saved coder, each tool's own "
+                      "forward). Training tokens/s here include the model's forward pass "
+                      "(ours runs the model up to layer 15's MLP, sparsify the whole model). "
+                      "dead = latents that fired on none of the training tokens. SAELens loads "
+                      "transcoders but has no trainer for them: the reference is EleutherAI's "
+                      "sparsify at its defaults (Signum, schedule-free, its own learning rate, "
+                      f"no AuxK). Ours' own held-out FVU: {ours_tc['fvu_own_heldout']:.3f}."]
         if "extraction_vs_full_forward" in results:
             e = results["extraction_vs_full_forward"]
             lines += ["", f"Extraction to layer 15 of SmolLM2-135M: {e['extract_tok_s']:,.0f} "
@@ -242,8 +331,7 @@ def main() -> int:
 
     for arch in args.types:
         if arch == TRANSCODER:
-            runs.append((arch, "SAE Studio (defaults; SAELens cannot train transcoders)",
-                         transcoder_run(args)))
+            runs += [(arch, label, r) for label, r in transcoder_runs(args)]
             write()
             continue
         ours_cmd = [PY, "-m", "worker", "train", *common, "--encoder-type", arch,

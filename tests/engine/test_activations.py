@@ -148,6 +148,58 @@ def test_live_stream_resumes_exactly(tiny):
         torch.testing.assert_close(got, want)
 
 
+def _drain(src, n_batches, n=300):
+    return [src.next_batch(n) for _ in range(n_batches)]
+
+
+def test_live_budget_extracts_only_what_the_run_needs(tiny):
+    full = _live(tiny, holdout_tokens=0)
+    want = torch.cat(_drain(full, 10))  # rounds serving 512, 1,024, 1,024 and 1,024
+    budget = _live(tiny, holdout_tokens=0)
+    budget.expect(3000)
+    got = torch.cat(_drain(budget, 10))
+    assert got.shape[0] == 3000
+    # Round 2 is the budget's last (952 more after the 512 kept back): it serves all it
+    # extracts; rounds 0 and 1 are as without a budget.
+    torch.testing.assert_close(got[:1536], want[:1536])
+    assert not torch.allclose(got[1536:], want[1536:3000])
+    # The last round extracted only what was still needed (whole batches of 8 contexts).
+    assert 3000 <= budget.stats.kept < 3000 + 8 * 31
+    assert full.stats.kept >= 3000 + 512
+    # Asked for more than it expected, the stream goes on with full rounds.
+    assert budget.next_batch(300).shape[0] == 300
+    assert budget.given == 3300
+
+
+def test_live_budget_stream_resumes_exactly_inside_the_last_round(tiny):
+    a = _live(tiny)
+    a.expect(3000)
+    _drain(a, 9)  # 2,700: inside the last round (it began at 1,536)
+    state = a.state_dict()
+    expected = _drain(a, 2)  # the budget's last 300, then 300 beyond it
+    b = _live(tiny)
+    b.expect(3000)
+    b.load_state_dict(state)
+    for want, got in zip(expected, _drain(b, 2), strict=True):
+        torch.testing.assert_close(got, want)
+    assert b.given == a.given == 3300
+
+
+def test_live_state_from_before_budgets_replays_full_rounds(tiny):
+    a = _live(tiny)  # as a run without a budget went (the stream of older checkpoints)
+    _drain(a, 8)
+    state = a.state_dict()
+    del state["given"]
+    state["prev_start"] = state["prev_start"][:2]
+    expected = _drain(a, 3)
+    b = _live(tiny)
+    b.expect(3000)
+    b.load_state_dict(state)
+    assert b.budget is None
+    for want, got in zip(expected, _drain(b, 3), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_live_holdout_is_disjoint_from_training(tiny):
     loaded, store = tiny
     src = _live(tiny, holdout_tokens=256)

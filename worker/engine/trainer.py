@@ -263,6 +263,7 @@ class Trainer:
         cfg.validate(d_in=self.d_in)
         self.local_batch = local_batch(cfg.batch_size, dist)
         """Vectors this rank trains on per step (its share of the global ``batch_size``)."""
+        source.expect(cfg.total_steps * self.local_batch)  # a live source extracts no more
         self.d_sae = cfg.d_sae(self.d_in)
         self.device = device_for(dist, pick_device(cfg.device))
         self.precision = pick_precision(cfg.precision, self.device)
