@@ -287,6 +287,10 @@ def test_train_from_model_and_dataset_defaults_to_middle_layer(tiny, tmp_path, c
     f = result["filtered"]
     assert f["position0"] > 0 and f["special"] > 0
     assert f["kept"] == f["seen"] - f["position0"] - f["special"] - f["outliers"]
+    # The training stream's counts: 6 steps of 128, extracted no further than the run needs
+    # (whole batches of 16 contexts of 31 kept tokens at most), sample and held-out apart.
+    assert 6 * 128 <= f["kept"] < 6 * 128 + 16 * 31
+    assert "not the initialisation sample" in result["definitions"]["filtered"]
     saved = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())
     assert saved["d_sae"] == 8 * 32  # default expansion factor 8
     assert saved["metadata"]["hook_name"] == "blocks.1.hook_resid_post"  # middle of 3 layers

@@ -171,6 +171,17 @@ def test_live_budget_extracts_only_what_the_run_needs(tiny):
     assert budget.given == 3300
 
 
+def test_live_filter_counts_are_the_training_streams(tiny):
+    src = _live(tiny)
+    src.expect(600)
+    _drain(src, 2)
+    counts = src.stats.to_dict()
+    assert counts["kept"] >= 600
+    src.sample(500)
+    src.holdout()
+    assert src.stats.to_dict() == counts  # initialisation sample and held-out not counted
+
+
 def test_live_budget_stream_resumes_exactly_inside_the_last_round(tiny):
     a = _live(tiny)
     a.expect(3000)

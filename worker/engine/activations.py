@@ -541,14 +541,17 @@ class LiveActivations:
         sample taken is kept: SAEs of a group share it."""
         if self._sample is not None and len(self._sample) >= n:
             return self._sample[:n]
-        saved = self.stats
+        saved, self.stats = self.stats, FilterStats()  # the training stream's counts only
         parts, got, cursor = [], 0, 0
-        while got < n and cursor < self.n_train_ctx:
-            kept, _ = self._run(self._ctx_ids(cursor, self.batch_contexts, whole=True), None)
-            parts.append(kept)
-            got += kept.shape[0]
-            cursor += self.batch_contexts
-        self.stats = saved
+        try:
+            while got < n and cursor < self.n_train_ctx:
+                kept, _ = self._run(self._ctx_ids(cursor, self.batch_contexts, whole=True),
+                                    None)
+                parts.append(kept)
+                got += kept.shape[0]
+                cursor += self.batch_contexts
+        finally:
+            self.stats = saved
         if not parts:
             raise DataError("The corpus gave no activations to sample.")
         self._sample = torch.cat(parts)[:n]
@@ -561,10 +564,12 @@ class LiveActivations:
             return torch.empty(0, self.width)
         if self._holdout is not None and self._holdout[0] == self.median:
             return self._holdout[1]
-        saved = self.stats
-        parts = [self._run(self.holdout_ids[i:i + self.batch_contexts], self.median)[0]
-                 for i in range(0, len(self.holdout_ids), self.batch_contexts)]
-        self.stats = saved
+        saved, self.stats = self.stats, FilterStats()  # the training stream's counts only
+        try:
+            parts = [self._run(self.holdout_ids[i:i + self.batch_contexts], self.median)[0]
+                     for i in range(0, len(self.holdout_ids), self.batch_contexts)]
+        finally:
+            self.stats = saved
         self._holdout = (self.median, torch.cat(parts))
         return self._holdout[1]
 

@@ -451,6 +451,11 @@ def definitions(values: dict[str, Any]) -> dict[str, str]:
                      f"{values['dead_window_tokens']:,} training tokens (dead_window_tokens); "
                      "the web card's Dead latents.",
     }
+    if values.get("filtered"):
+        out["filtered"] = ("The training stream's live extraction, in tokens: seen (read by "
+                           "the model), position0, special and outliers (excluded), kept (the "
+                           "vectors it extracted for the training steps; not the "
+                           "initialisation sample or the held-out vectors).")
     measured_on = (values.get("eval") or {}).get("measured_on")
     if measured_on == "heldout_text":
         out["eval"] = ("The held-out text evaluation of OUT/eval/report.json: fvu, l0 and the "
