@@ -25,8 +25,8 @@ by re-extracting two rounds.
 The trainer says how many vectors the run will ask for (``expect``: steps x batch). The round
 that can serve the rest (what is still needed is at most half a buffer beyond the kept half)
 extracts only that, and serves it all with the kept half, keeping nothing back: no forward pass
-is spent on vectors the run would never see (a 100-step run of 4,096 on SmolLM2 read ~489,000
-tokens for its 409,600 vectors before, ~427,600 now). Asked for more, the stream goes on with
+is spent on vectors the run would never see (a 100-step run of 4,096 on SmolLM2 read ~487,400
+tokens for its 409,600 vectors before, ~426,000 now). Asked for more, the stream goes on with
 full rounds.
 
 Transcoder pairs
