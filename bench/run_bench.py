@@ -276,12 +276,18 @@ def main() -> int:
         ref = {a: r for a, label, r in runs
                if label.startswith(("SAELens (tuned", "sparsify"))}
         loads = [x for _, _, r in runs for x in r["load_1min_runs"]]
+        ours_tc = next((r for a, label, r in runs
+                        if a == TRANSCODER and label.startswith("SAE Studio")), None)
+        data = "; ".join(([f"the SAE types on the same file ({acts.name})"]
+                          if any(a != TRANSCODER for a, _, _ in runs) else [])
+                         + ([f"{TRANSCODER} from the model (below)"] if ours_tc else []))
         lines = [
-            f"Machine: {results['machine']}. Same file ({acts.name}), {args.expansion_factor}x "
+            f"Machine: {results['machine']}. Data: {data}. {args.expansion_factor}x "
             f"({'k=' + str(args.k) + ' where it applies, ' if args.k else ''}"
             "Matryoshka prefixes d_sae/8, /4, /2, d_sae, defaults "
             f"otherwise), batch {args.batch_size}, {args.total_steps} steps, fp32; FVU/L0 on "
-            f"the same {args.holdout:,} held-out vectors; dead = latents that never fired "
+            f"the same held-out vectors (a file's last {args.holdout:,}; {TRANSCODER}: "
+            "below); dead = latents that never fired "
             "during the run (SAELens: in its last 100 steps). Training tokens/s: vectors per "
             "second of the training steps (each tool's clock around its steps). Whole process: "
             "from starting the command to its exit (import, open the file, initialise, train, "
@@ -302,8 +308,6 @@ def main() -> int:
                          f"| {ref[arch]['process_s'] / r['process_s']:.2f}x "
                          f"| {r['process_cpu_s']:.1f} "
                          f"| {ref[arch]['process_cpu_s'] / r['process_cpu_s']:.2f}x |")
-        ours_tc = next((r for a, label, r in runs
-                        if a == TRANSCODER and label.startswith("SAE Studio")), None)
         if ours_tc is not None:
             lines += ["", f"{TRANSCODER}: TopK with a learned skip connection, reading mlp_in "
                       "and predicting mlp_out of SmolLM2-135M layer 15, trained from the model "
