@@ -133,13 +133,13 @@ def transcoder_inputs(args: argparse.Namespace) -> dict:
     import math
 
     import numpy as np
-    import torch
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
+    from worker.engine.activations import LiveActivations
     from worker.engine.config import TrainConfig
-    from worker.engine.models import data_dir_default, extract_layers, load_model
-    from worker.engine.pipeline import heldout_contexts, prepare_tokens
+    from worker.engine.models import data_dir_default, load_model
+    from worker.engine.pipeline import prepare_tokens
 
     context = 128
     per_ctx = context - 1  # position 0 is not trained on
@@ -154,20 +154,16 @@ def transcoder_inputs(args: argparse.Namespace) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     tokens = folder / "train_tokens.npy"
     np.save(tokens, np.asarray(store.contexts[:args.total_steps * args.batch_size // context]))
-    held = torch.from_numpy(heldout_contexts(store, args.holdout))
-    special = torch.tensor(sorted(store.special_ids), dtype=torch.long)
-    xs, ys = [], []
-    for ids in held.split(16):
-        x, y = extract_layers(loaded.model, ids, [(15, "mlp_in"), (15, "mlp_out")])
-        keep = ~torch.isin(ids, special)
-        keep[:, 0] = False
-        xs.append(x[keep])
-        ys.append(y[keep])
+    # Our trainer's own held-out rows [x | y] (its held-out contexts, its position-0 and
+    # special-token filter), without the outlier filter: the same pairs for both tools.
+    src = LiveActivations(loaded.model, store, 15, "mlp_in", target_hook_point="mlp_out",
+                          outlier_factor=0, holdout_tokens=args.holdout)
+    rows = src.holdout()[:args.holdout]
     heldout = folder / "heldout_pairs.safetensors"
-    save_file({"x": torch.cat(xs)[:args.holdout].contiguous(),
-               "y": torch.cat(ys)[:args.holdout].contiguous()}, str(heldout))
+    save_file({"x": rows[:, :src.d_in].contiguous(), "y": rows[:, src.d_in:].contiguous()},
+              str(heldout))
     return {"max_tokens": max_tokens, "tokens": str(tokens), "heldout": str(heldout),
-            "train_contexts": store.n_contexts - len(held), "heldout_contexts": len(held)}
+            "train_contexts": src.n_train_ctx, "heldout_contexts": len(src.holdout_ids)}
 
 
 def heldout_fvu(saelens_folder: Path, heldout: Path) -> dict:
