@@ -186,6 +186,9 @@ class PreparedRow(BaseModel):
     error = TextField(null=True)
     progress = FloatField(default=0.0)
     message = TextField(null=True)
+    worker = CharField(null=True)
+    """The worker preparing it (``host:pid``) while ``preparing``: if that worker dies, another
+    one queues the row again (``jobs.workers.requeue_preparations``)."""
 
 
 class LanguageModel(PreparedRow):
@@ -489,8 +492,16 @@ def _v8_to_v9(database: DatabaseProxy) -> None:
                 database.execute_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
+def _v9_to_v10(database: DatabaseProxy) -> None:
+    """Models and datasets say which worker prepares them (``worker``), so that a row left
+    ``preparing`` by a dead worker is queued again while other workers live."""
+    for table in ("language_model", "dataset"):
+        if "worker" not in {c.name for c in database.get_columns(table)}:
+            database.execute_sql(f"ALTER TABLE {table} ADD COLUMN worker VARCHAR")
+
+
 MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,
-              _v7_to_v8, _v8_to_v9]
+              _v7_to_v8, _v8_to_v9, _v9_to_v10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

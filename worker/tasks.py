@@ -119,20 +119,31 @@ def _row_progress(model: type, row_id: int) -> Throttled:
 # ---------------------------------------------------------------------------- models, datasets
 def _prepare(table: type, row_id: int, work: Callable[[Any, Throttled], dict[str, Any]],
              first_message: str) -> None:
-    """Run ``work(row, report)`` for a model or dataset row: status ``preparing`` first, then
-    ``ready`` with the values ``work`` returns, or ``failed`` with the sentence of its error."""
+    """Run ``work(row, report)`` for a model or dataset row: claimed from ``queued`` as
+    ``preparing`` with this worker's name (a row already taken or ready is left alone: a task
+    queued twice does nothing the second time), then ``ready`` with the values ``work`` returns,
+    or ``failed`` with the sentence of its error — unless the row was queued again meanwhile
+    (this worker was taken for dead: ``jobs.workers.requeue_preparations``)."""
+    me = worker_name()
     with connection():
+        mine = (table.id == row_id) & (table.worker == me) & (table.status == "preparing")
         try:
-            row = table.get_or_none(table.id == row_id)
-            if row is None:
+            with db.atomic():
+                claimed = table.update(status="preparing", worker=me, error=None, progress=0.0,
+                                       message=first_message, updated_at=time.time()) \
+                    .where((table.id == row_id) & (table.status == "queued")).execute()
+            if not claimed:
+                log.info("%s %s is not queued: left alone", table.__name__, row_id)
                 return
-            _update(table, row_id, status="preparing", error=None, progress=0.0,
-                    message=first_message)
-            values = work(row, _row_progress(table, row_id))
-            _update(table, row_id, status="ready", progress=1.0, error=None, **values)
+            values = work(table.get_by_id(row_id), _row_progress(table, row_id))
+            with db.atomic():
+                table.update(status="ready", progress=1.0, error=None, worker=None,
+                             updated_at=time.time(), **values).where(mine).execute()
         except Exception as exc:  # stored on the row, logged with its traceback
             log.exception("Preparing %s %s failed", table.__name__, row_id)
-            _update(table, row_id, status="failed", error=error_message(exc), message=None)
+            with db.atomic():
+                table.update(status="failed", error=error_message(exc), message=None,
+                             worker=None, updated_at=time.time()).where(mine).execute()
 
 
 @huey.task()
@@ -614,34 +625,18 @@ def _load_probe(source: str, checkpoint: Path, device_name: str) -> Any:
 # ---------------------------------------------------------------------------- worker start-up
 def recover() -> int:
     """Mark trainings left running by the previous worker on this data folder, or by dead
-    workers, interrupted (``jobs.workers.recover_trainings``: never a live worker's); re-queue
-    models and datasets left preparing, unless another worker is alive (it may be preparing
-    them: those rows name no worker).
+    workers, interrupted (``jobs.workers.recover_trainings``: never a live worker's); queue again
+    the models and datasets they left preparing (``jobs.workers.requeue_preparations``).
 
     Returns how many rows were changed. Called when the consumer starts (no task runs yet).
     """
     host, data_dir = socket.gethostname(), str(settings.data_dir())
-    models: list[int] = []
-    datasets: list[int] = []
     with connection():
         n = pool.recover_trainings(host, data_dir)
-        with db.atomic():
-            if not pool.others_alive(host, data_dir):
-                models = [m.id for m in LanguageModel.select(LanguageModel.id)
-                          .where(LanguageModel.status == "preparing")]
-                datasets = [d.id for d in Dataset.select(Dataset.id)
-                            .where(Dataset.status == "preparing")]
-            if models:
-                LanguageModel.update(status="queued", message="Waiting for the worker.") \
-                    .where(LanguageModel.id.in_(models)).execute()
-            if datasets:
-                Dataset.update(status="queued", message="Waiting for the worker.") \
-                    .where(Dataset.id.in_(datasets)).execute()
-    for model_id in models:
-        prepare_model(model_id)
-    for dataset_id in datasets:
-        prepare_dataset(dataset_id)
-    return n + len(models) + len(datasets)
+        again = pool.requeue_preparations(host, data_dir)
+    for task_name, args in again:  # after the commit: the task finds its row queued
+        common.enqueue(task_name, *args)
+    return n + len(again)
 
 
 def measure_device() -> dict[str, Any]:
@@ -690,13 +685,19 @@ def write_heartbeat(name: str, device: dict[str, Any], started_at: float | None 
 
 
 def reap() -> int:
-    """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``) and
-    queue again the tasks a dead worker took along (``jobs.workers.lost_tasks``)."""
+    """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``), queue
+    again the models and datasets they left preparing (``jobs.workers.requeue_preparations``)
+    and the tasks a dead worker took along (``jobs.workers.lost_tasks``). Returns how many
+    trainings it marked."""
     with connection():
         n = pool.reap_dead_workers()
+        again = pool.requeue_preparations()
         lost = pool.lost_tasks()
     if n:
         log.warning("Marked %d training(s) of dead workers interrupted", n)
+    for task_name, args in again:
+        log.warning("Queueing %s%s again: its worker stopped while preparing it", task_name, args)
+        common.enqueue(task_name, *args)
     for task_name, args in lost:  # after the commit: a task finds its rows as marked
         log.warning("Queueing %s%s again: its task was lost (a worker died holding it)",
                     task_name, args)

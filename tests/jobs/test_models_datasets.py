@@ -121,7 +121,7 @@ def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
     assert [jobs.get_model(m.id).status, jobs.get_dataset(d.id).status] == ["failed", "failed"]
     assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
     with db.connection_context():
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
 
 
 def test_schema_v8_adds_mlp_in_where_the_model_has_an_mlp(data_dir: Path) -> None:
@@ -139,6 +139,24 @@ def test_schema_v8_adds_mlp_in_where_the_model_has_an_mlp(data_dir: Path) -> Non
     assert jobs.get_model(old.id).hook_points == ["residual", "mlp_out", "attn_out", "mlp_in"]
     assert jobs.get_model(no_mlp.id).hook_points == ["residual", "attn_out"]
     assert jobs.get_model(new.id).hook_points == ["residual", "mlp_in", "mlp_out"]
+
+
+def test_schema_v10_adds_the_preparing_worker(data_dir: Path) -> None:
+    """Databases from before schema 10 have no ``worker`` on models and datasets: it is added
+    (empty), the rows keep their values."""
+    with db.connection_context():
+        m = LanguageModel.create(name="m", source="m", status="preparing", progress=0.3)
+        d = Dataset.create(name="d", source="d", status="ready")
+        for table in ("language_model", "dataset"):
+            db.execute_sql(f"ALTER TABLE {table} DROP COLUMN worker")
+        db.execute_sql("PRAGMA user_version = 9")
+    init_db(data_dir / "app.db")
+    with db.connection_context():
+        for table in ("language_model", "dataset"):
+            assert "worker" in {c.name for c in db.get_columns(table)}
+    m, d = jobs.get_model(m.id), jobs.get_dataset(d.id)
+    assert (m.status, m.progress, m.worker) == ("preparing", 0.3, None)
+    assert (d.status, d.worker) == ("ready", None)
 
 
 def test_same_source_added_twice_is_named_apart(enqueued: list) -> None:

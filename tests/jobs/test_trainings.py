@@ -204,7 +204,7 @@ def test_schema_v3_adds_eval_progress(data_dir: Path) -> None:
     init_db(data_dir / "app.db")
     with db.connection_context():
         assert "eval_progress" in {c.name for c in db.get_columns("training")}
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
 
 
 def test_never_beside_another_trainer_of_the_run(model: LanguageModel, dataset: Any,
@@ -314,10 +314,12 @@ def test_state_machine_and_recovery(model: LanguageModel, dataset: Any, enqueued
     with db.atomic():
         Training.update(status="training", error=None).where(Training.id == t.id).execute()
         preparing = LanguageModel.create(name="m", source="minilm-l6", status="preparing")
+    enqueued.clear()
     assert tasks.recover() == 2
     t = jobs.get_training(t.id)
     assert t.status == "interrupted" and t.error == tasks.INTERRUPTED_MESSAGE
-    assert jobs.get_model(preparing.id).status == "ready"  # re-enqueued (immediate: ran)
+    assert jobs.get_model(preparing.id).status == "queued"  # queued again
+    assert enqueued == [("prepare_model", (preparing.id,))]
 
     # retry to completion: steps continue from the newest checkpoint, not from 0
     with db.atomic():

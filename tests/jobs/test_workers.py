@@ -211,23 +211,92 @@ def test_start_up_recovery_leaves_a_live_workers_training_alone(data_dir: Path) 
     beside = make_training(m, d, "paused", worker=f"{host}:6")
     previous = make_training(m, d, "training", worker=f"{host}:7")
     gone = make_training(m, d, "evaluating", worker="gone:8")
-    preparing = make_model("preparing", name="m2")  # maybe gpu-box's: left alone
+    preparing = make_model("preparing", name="m2", worker="gpu-box:5")  # live: left alone
+    left = make_model("preparing", name="m3", worker=f"{host}:7")  # the previous worker's
 
-    assert tasks.recover() == 2
+    assert tasks.recover() == 3
     assert [status_of(t.id) for t in (elsewhere, beside)] == ["training", "paused"]
     assert (row(previous.id).status, row(previous.id).error) == ("interrupted",
                                                                  INTERRUPTED_MESSAGE)
     assert row(gone.id).status == "interrupted"
     assert row(gone.id).error.startswith("The worker gone:8 stopped (no heartbeat for ")
     assert jobs.get_model(preparing.id).status == "preparing"
+    # prepared again at once (immediate mode: the task ran), by this worker
+    assert (jobs.get_model(left.id).status, jobs.get_model(left.id).worker) == ("ready", None)
 
-    # alone on the database (the other rows gone): their trainings name unknown workers, and a
-    # model left preparing is prepared again (immediate mode: it ran)
+    # alone on the database (the other rows gone): their trainings and model name unknown
+    # workers, and the model is prepared again
     with db.atomic():
         WorkerHeartbeat.delete().where(WorkerHeartbeat.host != "gone").execute()
     assert tasks.recover() == 3
     assert [status_of(t.id) for t in (elsewhere, beside)] == ["interrupted"] * 2
     assert jobs.get_model(preparing.id).status == "ready"
+
+
+def test_live_workers_queue_again_what_dead_ones_left_preparing(
+        data_dir: Path, enqueued: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model or dataset names the worker preparing it: when that worker dies (or has no
+    heartbeat row), a live worker's reap queues the row again; a live or silent worker's rows
+    stay. The task claims a row only from ``queued``, so a second copy of it does nothing."""
+    beat("live:1")
+    beat("late:2", age=HEARTBEAT_DEAD_S - 8)
+    beat("dead:3", age=HEARTBEAT_DEAD_S + 5)
+    rows = {name: make_model("preparing", name=name, worker=name, progress=0.4)
+            for name in ("live:1", "late:2", "dead:3", "ghost:4")}
+    old = make_model("preparing", name="old")  # from before rows named their worker
+    ds = make_dataset("preparing", worker="dead:3", progress=0.7)
+    ready = make_model("ready", name="ready", worker=None)
+
+    assert tasks.reap() == 0  # counts trainings only
+    again = {("prepare_model", (rows[n].id,)) for n in ("dead:3", "ghost:4")}
+    again |= {("prepare_model", (old.id,)), ("prepare_dataset", (ds.id,))}
+    assert set(enqueued) == again and len(enqueued) == 4
+    for m in (rows["dead:3"], rows["ghost:4"], old):
+        m = jobs.get_model(m.id)
+        assert (m.status, m.worker, m.progress) == ("queued", None, 0.0)
+        assert m.message == "Waiting for the worker (the worker preparing it stopped)."
+    assert jobs.get_dataset(ds.id).status == "queued"
+    for name in ("live:1", "late:2"):
+        assert (jobs.get_model(rows[name].id).status,
+                jobs.get_model(rows[name].id).worker) == ("preparing", name)
+    assert jobs.get_model(ready.id).status == "ready"
+    enqueued.clear()
+    assert tasks.reap() == 0 and enqueued == []  # nothing left to queue
+
+    # the queued task runs on this worker: it claims the row, names itself while preparing
+    seen: list[tuple[str, str | None]] = []
+    real = tasks._prepare_model
+
+    def spy(model: Any, report: Any) -> dict[str, Any]:
+        m = jobs.get_model(model.id)
+        seen.append((m.status, m.worker))
+        return real(model, report)
+
+    monkeypatch.setattr(tasks, "_prepare_model", spy)
+    tasks.prepare_model.call_local(old.id)
+    tasks.prepare_model.call_local(old.id)  # a duplicate: the row is no longer queued
+    tasks.prepare_model.call_local(rows["live:1"].id)  # another worker's: left alone
+    assert seen == [("preparing", tasks.worker_name())]
+    assert (jobs.get_model(old.id).status, jobs.get_model(old.id).worker) == ("ready", None)
+    assert jobs.get_model(rows["live:1"].id).status == "preparing"
+
+
+def test_a_preparation_taken_from_its_worker_keeps_the_new_claim(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker taken for dead (its row queued again and claimed by another) finishing late
+    does not overwrite the row: its ``ready`` or ``failed`` applies only to its own claim."""
+    m = make_model("queued", name="late", source="minilm-l6", n_layers=None)
+    real = tasks._prepare_model
+
+    def taken(model: Any, report: Any) -> dict[str, Any]:
+        with db.atomic():
+            LanguageModel.update(worker="other:9").where(LanguageModel.id == model.id).execute()
+        return real(model, report)
+
+    monkeypatch.setattr(tasks, "_prepare_model", taken)
+    tasks.prepare_model.call_local(m.id)
+    after = jobs.get_model(m.id)
+    assert (after.status, after.worker, after.n_layers) == ("preparing", "other:9", None)
 
 
 def test_stopped_message_names_the_worker() -> None:

@@ -15,7 +15,9 @@ newest beat, a worker is
   in the shared artifacts folder.
 
 A worker starting on a data folder also interrupts what the previous worker on that folder left
-running (``recover_trainings``): the folder's ``worker.lock`` proves that one is gone.
+running (``recover_trainings``): the folder's ``worker.lock`` proves that one is gone. Models
+and datasets name the worker preparing them (``worker``) likewise: those a gone worker left
+``preparing`` are queued again (``requeue_preparations``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..db import RUNNING, Training, WorkerHeartbeat, db
+from ..db import RUNNING, Dataset, LanguageModel, Training, WorkerHeartbeat, db
 from .health import HEARTBEAT_ALIVE_S, HEARTBEAT_DEAD_S
 
 SHOWN_S = 24 * 3600.0
@@ -101,10 +103,18 @@ def stopped_message(name: str, silent_s: float) -> str:
 
 def _gone(host: str | None, data_dir: str | None, now: float) -> dict[str | None, str]:
     """The workers (names, None for a training no worker claimed) that left trainings running
-    and are gone, with the sentence to store: dead (silent ``HEARTBEAT_DEAD_S``), unknown (no
-    heartbeat row), or with ``host`` and ``data_dir`` the previous worker on that data folder."""
+    and are gone, with the sentence to store (``_gone_workers``)."""
     names = {t.worker for t in Training.select(Training.worker).distinct()
              .where(Training.status.in_(RUNNING))}
+    return _gone_workers(names, host, data_dir, now, INTERRUPTED_MESSAGE, stopped_message)
+
+
+def _gone_workers(names: set[str | None], host: str | None, data_dir: str | None, now: float,
+                  unknown: str, silent: Any) -> dict[str | None, str]:
+    """Those of ``names`` that are gone, with the sentence to store: dead (silent
+    ``HEARTBEAT_DEAD_S``: ``silent(name, seconds)``), unknown (None or no heartbeat row:
+    ``unknown``), or with ``host`` and ``data_dir`` the previous worker on that data folder
+    (``unknown``: its folder's lock proves it is gone)."""
     if not names:
         return {}
     beats = {hb.name: hb for hb in WorkerHeartbeat.select().where(
@@ -113,11 +123,11 @@ def _gone(host: str | None, data_dir: str | None, now: float) -> dict[str | None
     for name in names:
         hb = beats.get(name) if name is not None else None
         if hb is None:
-            gone[name] = INTERRUPTED_MESSAGE
+            gone[name] = unknown
         elif host is not None and (hb.host, hb.data_dir) == (host, data_dir):
-            gone[name] = INTERRUPTED_MESSAGE
+            gone[name] = unknown
         elif now - hb.updated_at >= HEARTBEAT_DEAD_S:
-            gone[name] = stopped_message(name, now - hb.updated_at)
+            gone[name] = silent(name, now - hb.updated_at)
     return gone
 
 
@@ -189,12 +199,37 @@ def recover_trainings(host: str, data_dir: str, now: float | None = None) -> int
         return _interrupt(_gone(host, data_dir, now), now)
 
 
-def others_alive(host: str, data_dir: str, now: float | None = None) -> bool:
-    """Whether a worker other than one on ``host`` and ``data_dir`` is alive or silent (not
-    dead): it may be preparing a model or dataset (those rows name no worker)."""
+PREPARE_TASKS = {"language_model": "prepare_model", "dataset": "prepare_dataset"}
+"""The task that prepares a row of each table (``worker.tasks``)."""
+
+REQUEUED_MESSAGE = "Waiting for the worker (the worker preparing it stopped)."
+"""The message of a model or dataset queued again because its worker is gone."""
+
+
+def requeue_preparations(host: str | None = None, data_dir: str | None = None,
+                         now: float | None = None) -> list[tuple[str, tuple[Any, ...]]]:
+    """Queue again the models and datasets left ``preparing`` by a gone worker (the rule of
+    trainings: dead, unknown, or with ``host`` and ``data_dir`` the previous worker on that
+    data folder); a live worker's are left alone. Returns the tasks to queue once this commits,
+    ``("prepare_model", (id,))`` or ``("prepare_dataset", (id,))``: the preparation starts over
+    (a row is claimed only from ``queued``, so a duplicate task does nothing)."""
     now = time.time() if now is None else now
-    return any((hb.host, hb.data_dir) != (host, data_dir) for hb in WorkerHeartbeat.select()
-               .where(WorkerHeartbeat.updated_at > now - HEARTBEAT_DEAD_S))
+    found: list[tuple[str, tuple[Any, ...]]] = []
+    with db.atomic():
+        for table in (LanguageModel, Dataset):
+            names = {r.worker for r in table.select(table.worker).distinct()
+                     .where(table.status == "preparing")}
+            gone = _gone_workers(names, host, data_dir, now, REQUEUED_MESSAGE,
+                                 lambda *_: REQUEUED_MESSAGE)
+            for name in gone:
+                theirs = table.worker.is_null() if name is None else table.worker == name
+                ids = [r.id for r in table.select(table.id).where(
+                    theirs & (table.status == "preparing")).order_by(table.id)]
+                table.update(status="queued", worker=None, progress=0.0,
+                             message=REQUEUED_MESSAGE, updated_at=now) \
+                    .where(table.id.in_(ids) & (table.status == "preparing")).execute()
+                found += [(PREPARE_TASKS[table._meta.table_name], (i,)) for i in ids]
+    return found
 
 
 def interrupt_worker(name: str) -> int:
