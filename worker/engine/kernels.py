@@ -30,6 +30,10 @@ from torch import Tensor
 SPARSE_MAX_DENSITY = 0.16
 """Standard/JumpReLU training on the CPU: below this fraction of (token, latent) entries
 selected, use the sparse path (see ``CSR``)."""
+SPARSE_DEVICES: tuple[str, ...] = ("cpu",)
+"""The device types whose standard/JumpReLU steps may take the sparse path (``bench/
+step_paths.py`` times both paths per density on a device: the crossover it finds on a GPU
+decides whether "cuda" joins)."""
 
 
 # ------------------------------------------------------------------ statistics
@@ -296,13 +300,14 @@ def threshold_pre_acts(x: Tensor, w_enc: Tensor, bias: Tensor, floor: Tensor | f
                        max_density: float) -> tuple[Tensor, CSR | None]:
     """Pre-activations x @ w_enc + bias of a ReLU / JumpReLU training step.
 
-    Returns ``(pre [n, d_sae], None)`` (dense backward), or — on the CPU when at most
+    Returns ``(pre [n, d_sae], None)`` (dense backward), or — on the CPU (a device type in
+    ``SPARSE_DEVICES``) when at most
     ``max_density`` of the entries are above ``floor`` — ``(pre at those entries, flat
     row-major, their CSR pattern)`` with a sparse backward. ``max_density`` 0 forces the dense
     path, 1 the sparse one (on the CPU)."""
     with torch.no_grad():
         pre = torch.addmm(bias, x, w_enc)
-    if x.device.type == "cpu" and max_density > 0:
+    if x.device.type in SPARSE_DEVICES and max_density > 0:
         keep = pre > floor
         density = int(torch.count_nonzero(keep)) / max(keep.numel(), 1)
         if density <= max_density:
