@@ -687,12 +687,14 @@ def write_heartbeat(name: str, device: dict[str, Any], started_at: float | None 
 def reap() -> int:
     """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``), queue
     again the models and datasets they left preparing (``jobs.workers.requeue_preparations``)
-    and the tasks a dead worker took along (``jobs.workers.lost_tasks``). Returns how many
+    and the tasks a dead worker took along (``jobs.workers.lost_tasks``); delete the heartbeat
+    rows of workers silent for a week (``jobs.workers.forget_old_workers``). Returns how many
     trainings it marked."""
     with connection():
         n = pool.reap_dead_workers()
         again = pool.requeue_preparations()
         lost = pool.lost_tasks()
+        pool.forget_old_workers()
     if n:
         log.warning("Marked %d training(s) of dead workers interrupted", n)
     for task_name, args in again:

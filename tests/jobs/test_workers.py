@@ -20,7 +20,7 @@ import torch
 from worker import jobs, tasks
 from worker.db import LanguageModel, Training, WorkerHeartbeat, db
 from worker.jobs.health import HEARTBEAT_DEAD_S
-from worker.jobs.workers import INTERRUPTED_MESSAGE, stopped_message
+from worker.jobs.workers import INTERRUPTED_MESSAGE, KEPT_S, stopped_message
 
 from ..web.conftest import make_dataset, make_model, make_training
 from .conftest import form, status_of
@@ -297,6 +297,22 @@ def test_a_preparation_taken_from_its_worker_keeps_the_new_claim(
     tasks.prepare_model.call_local(m.id)
     after = jobs.get_model(m.id)
     assert (after.status, after.worker, after.n_layers) == ("preparing", "other:9", None)
+
+
+def test_heartbeat_rows_of_long_dead_workers_are_deleted(data_dir: Path) -> None:
+    """Every worker start adds a row (``host:pid``): rows silent for a week go at the live
+    workers' check; the Workers page counts the rows older than a day it does not list."""
+    beat("live:1")
+    beat("yesterday:2", age=2 * 24 * 3600)
+    beat("old:3", age=KEPT_S + 60)
+    m, d = make_model(), make_dataset()
+    done = make_training(m, d, "completed", worker="old:3")
+    overview = jobs.workers_overview()
+    assert [w["name"] for w in overview["items"]] == ["live:1"] and overview["hidden"] == 2
+    assert tasks.reap() == 0
+    assert sorted(hb.name for hb in WorkerHeartbeat.select()) == ["live:1", "yesterday:2"]
+    assert jobs.workers_overview()["hidden"] == 1
+    assert row(done.id).worker == "old:3"  # a training keeps its worker's name
 
 
 def test_stopped_message_names_the_worker() -> None:

@@ -32,6 +32,10 @@ SHOWN_S = 24 * 3600.0
 """The Workers page lists the live workers and those heard from in the last 24 hours; older rows
 are counted, not listed."""
 
+KEPT_S = 7 * 24 * 3600.0
+"""A worker's heartbeat row is deleted a week after its last beat (``forget_old_workers``): each
+start of a worker adds a row (its name is ``host:pid``), so rows would pile up forever."""
+
 INTERRUPTED_MESSAGE = ("The worker stopped while this training was running; Retry continues "
                        "from the newest checkpoint.")
 """The error of a training whose worker is gone and unknown (no heartbeat row), or was the
@@ -150,6 +154,15 @@ def reap_dead_workers(now: float | None = None) -> int:
     now = time.time() if now is None else now
     with db.atomic():
         return _interrupt(_gone(None, None, now), now)
+
+
+def forget_old_workers(now: float | None = None) -> int:
+    """Delete the heartbeat rows of workers silent for ``KEPT_S`` (long dead: their trainings
+    were marked interrupted within seconds of their death; a training keeps its worker's name).
+    Returns how many rows were deleted."""
+    now = time.time() if now is None else now
+    with db.atomic():
+        return WorkerHeartbeat.delete().where(WorkerHeartbeat.updated_at < now - KEPT_S).execute()
 
 
 QUEUE_LOST_S = 30.0
