@@ -197,3 +197,14 @@ def log_lines(database_url: str, training_id: int) -> list[str]:
     with db.connection_context():
         return [line.message for line in LogLine.select().where(LogLine.training == training_id)
                 .order_by(LogLine.id)]
+
+
+def dataset_row(database_url: str, dataset_id: int) -> tuple[str, str | None, str | None]:
+    """The dataset's (status, worker preparing it, message), read from the shared database
+    (the API does not show the worker)."""
+    from worker.db import Dataset, db, init_db
+
+    init_db(database_url)
+    with db.connection_context():
+        d = Dataset.get_by_id(dataset_id)
+        return d.status, d.worker, d.message

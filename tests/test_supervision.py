@@ -167,3 +167,38 @@ def test_two_workers_share_the_work_and_a_dead_ones_training_moves(tmp_path: Pat
         resumed = [int(m.group(1)) for line in log
                    if (m := re.fullmatch(r"Resumed from .* at step (\d+)\.", line))]
         assert resumed and newest <= resumed[-1] < newest + 20, log
+
+
+def test_a_dataset_whose_worker_dies_while_preparing_it_is_prepared_by_another(
+        tmp_path: Path) -> None:
+    """Two workers; the one preparing a dataset (its row names it) is SIGKILLed mid-way: the
+    other puts the row back to queued once the dead threshold has passed, queues its preparation
+    and prepares it to ready."""
+    shared = cluster.sqlite_shared(tmp_path / "shared")
+    web = RunPy(tmp_path / "web", "--no-worker", *shared.args())
+    with cluster.Watch(web) as watch:
+        workers = {w.name: w for w in (watch.add("a", cluster.WorkerProcess(tmp_path / "a",
+                                                                            shared)),
+                                       watch.add("b", cluster.WorkerProcess(tmp_path / "b",
+                                                                            shared)))}
+        cluster.wait_workers(web, list(workers))
+        m = web.call("/models", {"source": "minilm-l6"})
+        wait_for(lambda: web.call(f"/models/{m['id']}")["status"] == "ready", 120, "the model")
+        d = web.call("/datasets", {"source": "kjv", "context_size": "64"})  # the whole corpus
+
+        def preparing_worker() -> str | None:
+            status, worker, _ = cluster.dataset_row(shared.database_url, d["id"])
+            assert status != "ready", "prepared before its worker could be killed"
+            return worker if status == "preparing" else None
+
+        name = wait_for(preparing_worker, 60, "a worker to prepare the dataset")
+        workers[name].kill()
+        (survivor,) = set(workers) - {name}
+        wait_for(lambda: "its worker stopped while preparing it" in "\n".join(
+            workers[survivor].lines), 90, "the live worker to queue the dataset again")
+        wait_for(lambda: web.call(f"/datasets/{d['id']}")["status"] == "ready", 180,
+                 "the dataset to be prepared again")
+        status, worker, _ = cluster.dataset_row(shared.database_url, d["id"])
+        assert (status, worker) == ("ready", None)
+        done = web.call(f"/datasets/{d['id']}")
+        assert done["n_tokens"] > 500_000 and done["error"] is None
