@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue 12 as one prepared run for a session lent a GPU (the device tool's
-# `run`, which sets $OUT and copies back what is written there; ~5 min on an H200):
+# `run`, which sets $OUT and copies back what is written there; not yet run on a GPU):
 #
 #   bash bench/gpu_session.sh
 #

@@ -13,12 +13,15 @@ def test_models_page_and_json(client, app):
     assert page.status_code == 200
     assert b"No models yet" in page.data and "model-form" in ids(page.data.decode())
     model = make_model()
-    make_model(status="preparing", name="slow", progress=0.4)
+    make_model(status="preparing", name="slow", progress=0.4, message="Loading the model...",
+               worker="gpu-box:5")
     page = client.get("/models").data.decode()
     assert f"model-{model.id}" in ids(page) and "384" in page
     assert 'hx-trigger="every 1s"' in page  # the preparing row polls itself
+    assert "Loading the model... (on gpu-box:5)" in page  # which worker prepares it
     listing = client.get("/models", headers=JSON).get_json()
     assert [m["name"] for m in listing["items"]] == ["slow", "minilm-l6"]
+    assert [m["worker"] for m in listing["items"]] == ["gpu-box:5", None]
 
 
 def test_model_detail_html_fragment_json(client, app):

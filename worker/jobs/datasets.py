@@ -24,8 +24,9 @@ from .errors import Invalid
 
 DATASET_FIELDS = ("id", "name", "source", "status", "error", "progress", "message",
                   "context_size", "max_tokens", "text_field", "n_documents", "n_tokens",
-                  "samples", "created_at", "updated_at")
-"""The keys of ``dataset_as_dict`` (the JSON API)."""
+                  "samples", "worker", "created_at", "updated_at")
+"""The keys of ``dataset_as_dict`` (the JSON API); ``worker`` names the worker preparing it while
+``preparing`` (null otherwise)."""
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
