@@ -110,10 +110,15 @@ def _update(model: type, row_id: int, **values: Any) -> None:
         model.update(updated_at=time.time(), **values).where(model.id == row_id).execute()
 
 
-def _row_progress(model: type, row_id: int) -> Throttled:
-    """A progress callback (fraction, message) writing the row at most every PROGRESS_S."""
-    return Throttled(lambda fraction, message: _update(model, row_id, progress=fraction,
-                                                       message=message), PROGRESS_S)
+def _row_progress(model: type, row_id: int, worker: str) -> Throttled:
+    """A progress callback (fraction, message) writing the row at most every PROGRESS_S, while
+    ``worker`` is preparing it."""
+    def write(fraction: float, message: str) -> None:
+        with db.atomic():
+            model.update(progress=fraction, message=message, updated_at=time.time()).where(
+                (model.id == row_id) & (model.worker == worker)).execute()
+
+    return Throttled(write, PROGRESS_S)
 
 
 # ---------------------------------------------------------------------------- models, datasets
@@ -135,7 +140,7 @@ def _prepare(table: type, row_id: int, work: Callable[[Any, Throttled], dict[str
             if not claimed:
                 log.info("%s %s is not queued: left alone", table.__name__, row_id)
                 return
-            values = work(table.get_by_id(row_id), _row_progress(table, row_id))
+            values = work(table.get_by_id(row_id), _row_progress(table, row_id, me))
             with db.atomic():
                 table.update(status="ready", progress=1.0, error=None, worker=None,
                              updated_at=time.time(), **values).where(mine).execute()

@@ -284,19 +284,22 @@ def test_live_workers_queue_again_what_dead_ones_left_preparing(
 def test_a_preparation_taken_from_its_worker_keeps_the_new_claim(
         data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker taken for dead (its row queued again and claimed by another) finishing late
-    does not overwrite the row: its ``ready`` or ``failed`` applies only to its own claim."""
+    does not overwrite the row: its progress, ``ready`` or ``failed`` apply only to its own
+    claim."""
     m = make_model("queued", name="late", source="minilm-l6", n_layers=None)
     real = tasks._prepare_model
 
     def taken(model: Any, report: Any) -> dict[str, Any]:
         with db.atomic():
             LanguageModel.update(worker="other:9").where(LanguageModel.id == model.id).execute()
+        report(0.5, "halfway")  # not written either: the row is no longer this worker's
         return real(model, report)
 
     monkeypatch.setattr(tasks, "_prepare_model", taken)
     tasks.prepare_model.call_local(m.id)
     after = jobs.get_model(m.id)
     assert (after.status, after.worker, after.n_layers) == ("preparing", "other:9", None)
+    assert (after.progress, after.message) == (0.0, "Loading the model...")
 
 
 def test_heartbeat_rows_of_long_dead_workers_are_deleted(data_dir: Path) -> None:
