@@ -300,11 +300,10 @@ def threshold_pre_acts(x: Tensor, w_enc: Tensor, bias: Tensor, floor: Tensor | f
                        max_density: float) -> tuple[Tensor, CSR | None]:
     """Pre-activations x @ w_enc + bias of a ReLU / JumpReLU training step.
 
-    Returns ``(pre [n, d_sae], None)`` (dense backward), or — on the CPU (a device type in
-    ``SPARSE_DEVICES``) when at most
-    ``max_density`` of the entries are above ``floor`` — ``(pre at those entries, flat
-    row-major, their CSR pattern)`` with a sparse backward. ``max_density`` 0 forces the dense
-    path, 1 the sparse one (on the CPU)."""
+    Returns ``(pre [n, d_sae], None)`` (dense backward), or — on a device type in
+    ``SPARSE_DEVICES`` (the CPU) when at most ``max_density`` of the entries are above
+    ``floor`` — ``(pre at those entries, flat row-major, their CSR pattern)`` with a sparse
+    backward. ``max_density`` 0 forces the dense path, 1 the sparse one (on those devices)."""
     with torch.no_grad():
         pre = torch.addmm(bias, x, w_enc)
     if x.device.type in SPARSE_DEVICES and max_density > 0:

@@ -107,31 +107,29 @@ def stopped_message(name: str, silent_s: float) -> str:
 
 def _gone(host: str | None, data_dir: str | None, now: float) -> dict[str | None, str]:
     """The workers (names, None for a training no worker claimed) that left trainings running
-    and are gone, with the sentence to store (``_gone_workers``)."""
+    and are gone (``_gone_workers``), with the sentence to store."""
     names = {t.worker for t in Training.select(Training.worker).distinct()
              .where(Training.status.in_(RUNNING))}
-    return _gone_workers(names, host, data_dir, now, INTERRUPTED_MESSAGE, stopped_message)
+    return {name: INTERRUPTED_MESSAGE if silent is None else stopped_message(name, silent)
+            for name, silent in _gone_workers(names, host, data_dir, now).items()}
 
 
-def _gone_workers(names: set[str | None], host: str | None, data_dir: str | None, now: float,
-                  unknown: str, silent: Any) -> dict[str | None, str]:
-    """Those of ``names`` that are gone, with the sentence to store: dead (silent
-    ``HEARTBEAT_DEAD_S``: ``silent(name, seconds)``), unknown (None or no heartbeat row:
-    ``unknown``), or with ``host`` and ``data_dir`` the previous worker on that data folder
-    (``unknown``: its folder's lock proves it is gone)."""
+def _gone_workers(names: set[str | None], host: str | None, data_dir: str | None,
+                  now: float) -> dict[str | None, float | None]:
+    """Those of ``names`` that are gone: dead (silent ``HEARTBEAT_DEAD_S``: the seconds it has
+    been silent), unknown (None or no heartbeat row: None), or with ``host`` and ``data_dir``
+    the previous worker on that data folder (None: its folder's lock proves it is gone)."""
     if not names:
         return {}
     beats = {hb.name: hb for hb in WorkerHeartbeat.select().where(
         WorkerHeartbeat.name.in_([n for n in names if n is not None]))}
-    gone: dict[str | None, str] = {}
+    gone: dict[str | None, float | None] = {}
     for name in names:
         hb = beats.get(name) if name is not None else None
-        if hb is None:
-            gone[name] = unknown
-        elif host is not None and (hb.host, hb.data_dir) == (host, data_dir):
-            gone[name] = unknown
+        if hb is None or (host is not None and (hb.host, hb.data_dir) == (host, data_dir)):
+            gone[name] = None
         elif now - hb.updated_at >= HEARTBEAT_DEAD_S:
-            gone[name] = silent(name, now - hb.updated_at)
+            gone[name] = now - hb.updated_at
     return gone
 
 
@@ -232,9 +230,7 @@ def requeue_preparations(host: str | None = None, data_dir: str | None = None,
         for table in (LanguageModel, Dataset):
             names = {r.worker for r in table.select(table.worker).distinct()
                      .where(table.status == "preparing")}
-            gone = _gone_workers(names, host, data_dir, now, REQUEUED_MESSAGE,
-                                 lambda *_: REQUEUED_MESSAGE)
-            for name in gone:
+            for name in _gone_workers(names, host, data_dir, now):
                 theirs = table.worker.is_null() if name is None else table.worker == name
                 ids = [r.id for r in table.select(table.id).where(
                     theirs & (table.status == "preparing")).order_by(table.id)]
