@@ -107,6 +107,29 @@ def test_train_with_target_l0(acts, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_options_the_encoder_type_does_not_use_get_a_note(acts, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("l1_alpha = 3\n")
+    assert main(["train", "--activations", str(acts), "--config", str(cfg), "--encoder-type",
+                 "topk", "--target-l0", "40", "--k", "4", "--expansion-factor", "2",
+                 "--batch-size", "256", "--total-steps", "2", "--auto-save-interval", "0",
+                 "--no-evaluate", "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: --l1-alpha is not used by the topk encoder type (only by standard); this "
+        "training ignores it.",
+        "note: --target-l0 is not used by the topk encoder type (only by standard, jumprelu); "
+        "this training ignores it."]
+    assert _last_json(captured.out)["l0"] == pytest.approx(4, abs=0.1)
+    # options the type uses, and defaults never named, get none
+    assert main(["train", "--activations", str(acts), "--encoder-type", "standard",
+                 "--target-l0", "10", "--expansion-factor", "2", "--batch-size", "256",
+                 "--total-steps", "2", "--auto-save-interval", "0", "--no-evaluate",
+                 "--device", "cpu", "--out", str(tmp_path / "s")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_train_matryoshka_and_bad_widths(acts, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--activations", str(acts), "--encoder-type", "matryoshka_batchtopk",

@@ -159,6 +159,26 @@ def _build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) 
     return cfg
 
 
+def _given(args: argparse.Namespace) -> list[str]:
+    """The options named on the command line or in ``--config``'s file."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    toml = _load_toml(args.config) if getattr(args, "config", None) else {}
+    return [k for k in {**toml, **vars(args)} if k in names]
+
+
+def unused_notes(cfg: TrainConfig, given: list[str]) -> list[str]:
+    """A note for each option given (flag or TOML key) that the chosen encoder type does not
+    use (``--target-l0`` with topk, ``--k`` with standard ...): it is kept in the config, so a
+    sweep or a later change of type can use it, but this training ignores it."""
+    out = []
+    for name in given:
+        info = option(name)
+        if info.applies_to and cfg.encoder_type not in info.applies_to:
+            out.append(f"note: {info.flag} is not used by the {cfg.encoder_type} encoder type "
+                       f"(only by {', '.join(info.applies_to)}); this training ignores it.")
+    return out
+
+
 def _data_dir(args: argparse.Namespace) -> Path:
     from .engine.models import data_dir_default
 
@@ -262,6 +282,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = _checkpoint_of(args.resume) if args.resume else None
     base = load_checkpoint(resume).meta["config"] if resume else None
     cfg = _build_config(args, base)
+    if dist.is_main:
+        for message in unused_notes(cfg, _given(args)):
+            _note(message)
     if cfg.gpus > 1 and not dist.enabled:  # --gpus N: the same command on N processes
         return _under_torchrun(cfg.gpus, args.argv)
     if dist.enabled and cfg.gpus not in (1, dist.world_size):
