@@ -693,12 +693,16 @@ def reap() -> int:
     """Mark the trainings of dead workers interrupted (``jobs.workers.reap_dead_workers``), queue
     again the models and datasets they left preparing (``jobs.workers.requeue_preparations``)
     and the tasks a dead worker took along (``jobs.workers.lost_tasks``); delete the heartbeat
-    rows of workers silent for a week (``jobs.workers.forget_old_workers``). Returns how many
-    trainings it marked."""
+    rows of workers silent for a week (``jobs.workers.forget_old_workers``); queue again the
+    preparations whose task is neither in the queue nor claimed (``lost_preparations``).
+    Returns how many trainings it marked."""
+    waiting = _queued_preparations()  # before the rows are read: a task taken since is claimed
     with connection():
         n = pool.reap_dead_workers()
         again = pool.requeue_preparations()
         lost = pool.lost_tasks()
+        if waiting is not None:
+            lost += pool.lost_preparations(waiting)
         pool.forget_old_workers()
     if n:
         log.warning("Marked %d training(s) of dead workers interrupted", n)
@@ -706,10 +710,22 @@ def reap() -> int:
         log.warning("Queueing %s%s again: its worker stopped while preparing it", task_name, args)
         common.enqueue(task_name, *args)
     for task_name, args in lost:  # after the commit: a task finds its rows as marked
-        log.warning("Queueing %s%s again: its task was lost (a worker died holding it)",
+        log.warning("Queueing %s%s again: its task was lost (a worker died holding it, or it "
+                    "never reached the queue)",
                     task_name, args)
         common.enqueue(task_name, *args)
     return n
+
+
+def _queued_preparations() -> set[tuple[str, int]] | None:
+    """``(task name, row id)`` of the model and dataset preparations waiting in the queue; None
+    when the queue cannot be read whole (then none is taken for lost this time)."""
+    names = set(pool.PREPARE_TASKS.values())
+    try:
+        return {(t.name, t.args[0]) for t in huey.pending() if t.name in names and t.args}
+    except Exception:  # unreachable queue, or a task this version does not know
+        log.exception("Reading the queue's waiting tasks failed")
+        return None
 
 
 def _heartbeat_loop(name: str, device: dict[str, Any], started_at: float) -> None:

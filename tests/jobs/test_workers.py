@@ -344,6 +344,50 @@ def test_a_worker_without_the_preparing_workers_model_folder_loads_the_model(
     assert any((data_dir / "tokens").glob("*/meta.json"))
 
 
+def test_a_lost_preparation_task_is_queued_again(data_dir: Path, enqueued: list,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model or dataset ``queued`` for QUEUE_LOST_S whose task is not in the queue (a worker
+    killed between the pop and its claim took it along, or the enqueue after the row's commit
+    failed) is queued again by the live workers' check, once; one whose task waits in the queue
+    (behind busy threads) is left to it. Read on a real SQLite queue with no consumer."""
+    from worker.db import Dataset
+    from worker.jobs.workers import QUEUE_LOST_S
+    from worker.queue import huey
+
+    old = time.time() - QUEUE_LOST_S - 5
+    waiting = make_model("queued", name="waiting")
+    lost = make_model("queued", name="lost")
+    fresh = make_model("queued", name="fresh")  # its task is on its way
+    ds = make_dataset("queued")
+    with db.atomic():
+        LanguageModel.update(updated_at=old).where(
+            LanguageModel.id.in_([waiting.id, lost.id])).execute()
+        Dataset.update(updated_at=old).where(Dataset.id == ds.id).execute()
+    huey.immediate = False  # a fresh storage at its first use: queue.db in the data folder
+    try:
+        tasks.prepare_model(waiting.id)
+        tasks.prepare_model(ds.id)  # the dataset's id, but a model's task: not its task
+        assert huey.pending_count() == 2 and (data_dir / "queue.db").is_file()
+        assert tasks.reap() == 0
+        assert enqueued == [("prepare_model", (lost.id,)), ("prepare_dataset", (ds.id,))]
+        assert [jobs.get_model(m.id).status for m in (waiting, lost, fresh)] == ["queued"] * 3
+        enqueued.clear()
+        assert tasks.reap() == 0 and enqueued == []  # marked: not again for QUEUE_LOST_S
+
+        with db.atomic():
+            LanguageModel.update(updated_at=old).where(LanguageModel.id == lost.id).execute()
+
+        def unreadable(*args: Any) -> list:
+            raise OSError("the queue is down")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(huey, "pending", unreadable)
+            assert tasks.reap() == 0 and enqueued == []  # unreadable: none taken for lost
+        assert tasks.reap() == 0 and enqueued == [("prepare_model", (lost.id,))]
+    finally:
+        huey.immediate = True
+
+
 def test_a_lost_queued_task_is_queued_again(data_dir: Path, enqueued: list,
                                             scheduled: list) -> None:
     """A worker SIGKILLed while it holds a queued training's task (popped, not yet claimed or

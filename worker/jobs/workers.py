@@ -241,6 +241,31 @@ def requeue_preparations(host: str | None = None, data_dir: str | None = None,
     return found
 
 
+def lost_preparations(waiting: set[tuple[str, int]],
+                      now: float | None = None) -> list[tuple[str, tuple[Any, ...]]]:
+    """The preparation tasks to queue again for models and datasets ``queued`` for
+    ``QUEUE_LOST_S`` whose task is not among ``waiting`` (the ``(task name, row id)`` of the
+    preparation tasks in the queue, read before this is called): a worker killed between the
+    queue's pop and its claim took the task along, or the enqueue after the row's commit
+    failed (the queue was down). A preparation is claimed as soon as a worker takes its task,
+    so one that is neither in the queue nor claimed for that long is gone. Marks the rows
+    (``updated_at``) so the next look waits as long again; a duplicate task does nothing (the
+    claim is from ``queued`` only)."""
+    now = time.time() if now is None else now
+    found: list[tuple[str, tuple[Any, ...]]] = []
+    with db.atomic():
+        for table in (LanguageModel, Dataset):
+            task = PREPARE_TASKS[table._meta.table_name]
+            ids = [r.id for r in table.select(table.id).where(
+                (table.status == "queued") & (table.updated_at < now - QUEUE_LOST_S))
+                .order_by(table.id) if (task, r.id) not in waiting]
+            if ids:
+                table.update(updated_at=now).where(
+                    table.id.in_(ids) & (table.status == "queued")).execute()
+                found += [(task, (i,)) for i in ids]
+    return found
+
+
 def interrupt_worker(name: str) -> int:
     """Ask the trainings the worker ``name`` runs to checkpoint and stop as ``interrupted``
     (that worker shuts down; Retry continues them). Returns how many were asked."""
