@@ -119,3 +119,24 @@ def test_queue_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_the_waiting_preparations_are_read_from_redis(redis_url: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live workers' check reads which preparations wait in the queue (a model or dataset
+    queued for long whose task is not there has lost it): on Redis, priorities and all."""
+    from worker import tasks
+
+    monkeypatch.setenv("SAE_STUDIO_QUEUE_URL", redis_url)
+    huey.immediate = True
+    huey.immediate = False  # a fresh storage, opened at its first use: Redis
+    try:
+        tasks.prepare_model(5)
+        tasks.prepare_dataset(5)
+        tasks.probe_activations(1, "step_1.safetensors", TEXT, None)  # not a preparation
+        assert isinstance(huey.storage.backend(), PriorityRedisStorage)
+        assert huey.pending_count() == 3
+        assert tasks._queued_preparations() == {("prepare_model", 5), ("prepare_dataset", 5)}
+    finally:
+        huey.flush()
+        huey.immediate = True
