@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--threads must be between 1 and 10000")
 
     data_dir = Path(args.data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # made here: its owner's alone
     # Read by worker.settings in both processes.
     os.environ["SAE_STUDIO_DATA"] = str(data_dir)
     if args.database_url:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -118,10 +119,20 @@ def raw_websocket(address: str, path: str) -> tuple[list[tuple[int, bytes]], byt
 
 # ---------------------------------------------------------------------------- the tests
 def test_run_py_serves_with_gunicorn_and_debug_with_werkzeug(data_dir: Path) -> None:
-    run = RunPy(data_dir, "--no-worker")
+    fresh = data_dir / "made-by-run-py"
+    old = os.umask(0o022)  # a umask that leaves new files readable by everyone
+    try:
+        run = RunPy(fresh, "--no-worker")
+    finally:
+        os.umask(old)
     try:
         assert server_header(run) == "gunicorn"
         assert "no worker" in run.find(r"(SAE Studio: http.*)")
+        with urllib.request.urlopen(run.url + "/", timeout=10) as r:  # gunicorn's answer
+            assert r.headers["X-Frame-Options"] == "DENY"
+        # the folder it made is its owner's alone, the database and queue in it with it
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+        assert (fresh / "app.db").is_file()
     finally:
         assert run.stop() == 0
     debug = RunPy(data_dir, "--no-worker", "--debug")

@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Flask, render_template, request
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from worker import jobs, settings
 
@@ -85,6 +86,21 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             return render.json_response({"error": "Not found."}, 404)
         return render_template("error.html", message="This page does not exist.",
                                status=404), 404
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        """Every other HTTP error (405, 400, a 500 from a bug: logged by Flask) as a sentence:
+        JSON for JSON clients and the WebSocket, else the error page."""
+        if exc.code is None or exc.code < 400:
+            return exc
+        message = exc.description or exc.name
+        headers = {"Allow": ", ".join(exc.valid_methods)} \
+            if isinstance(exc, MethodNotAllowed) and exc.valid_methods else {}
+        if render.wants_json() or request.path.startswith("/ws/"):
+            resp = render.json_response({"error": message}, exc.code)
+            resp.headers.update(headers)
+            return resp
+        return render_template("error.html", message=message, status=exc.code), exc.code, headers
 
     app.register_blueprint(models.bp)
     app.register_blueprint(datasets.bp)

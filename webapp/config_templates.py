@@ -24,14 +24,9 @@ from flask.typing import ResponseReturnValue
 from worker import jobs
 
 from .forms import form_ctx
-from .render import is_fragment_request, json_response, page_or_fragment, wants_json
+from .render import is_fragment_request, json_response, page_or_fragment, posted, wants_json
 
 bp = Blueprint("config_templates", __name__)
-
-
-def _posted() -> Mapping[str, Any]:
-    posted = request.get_json(silent=True) if request.is_json else request.form
-    return posted if isinstance(posted, Mapping) else {}
 
 
 def template_view(tpl: Any) -> dict[str, Any]:
@@ -80,13 +75,13 @@ def index() -> ResponseReturnValue:
 
 @bp.post("/templates")
 def create() -> ResponseReturnValue:
-    posted = _posted()
+    fields = posted()
     try:
-        tpl = jobs.create_template(posted)
+        tpl = jobs.create_template(fields)
     except jobs.Invalid as exc:
         if wants_json():
             return json_response({"error": str(exc), "errors": exc.errors}, 422)
-        values = {k: str(posted.get(k) or "") for k in ("name", "from_training")}
+        values = {k: str(fields.get(k) or "") for k in ("name", "from_training")}
         ctx = _page_ctx(values, exc.errors)
         if is_fragment_request():
             return (render_template("config_templates/_form.html", **ctx), 422,

@@ -26,7 +26,7 @@ from flask.typing import ResponseReturnValue
 from worker import jobs
 from worker.jobs import probes
 
-from .render import is_fragment_request, json_response
+from .render import is_fragment_request, json_response, posted
 from .reports import display_token
 
 bp = Blueprint("probes", __name__)
@@ -37,13 +37,8 @@ SHADE = "91, 156, 255"
 
 def _values() -> dict[str, Any]:
     """The request's fields: a JSON object's, or the form's (first value of each)."""
-    if request.is_json:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise jobs.Invalid("The body must be a JSON object of fields.",
-                               {"form": "Send a JSON object."})
-        return body
-    return {k: request.form.get(k) for k in request.form}
+    body = posted()
+    return dict(body) if request.is_json else {k: body.get(k) for k in body}
 
 
 def _answer(kind: str, t_id: int, run: Any) -> ResponseReturnValue:

@@ -6,14 +6,17 @@ pieces the templates call as filters and globals.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flask import Response, jsonify, render_template, request
+from flask import Response, current_app, jsonify, render_template, request
 from markupsafe import Markup, escape
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from worker.jobs import Invalid
 from worker.jobs.common import finite
 
 
@@ -24,6 +27,32 @@ def is_fragment_request() -> bool:
     h = request.headers
     return h.get("HX-Request") == "true" and h.get("HX-Boosted") != "true" \
         and h.get("HX-History-Restore-Request") != "true"
+
+
+def posted() -> Mapping[str, Any]:
+    """The request's fields: a JSON object's (``Content-Type: application/json``), else the
+    form's (a MultiDict: checkboxes read right). A JSON body that does not parse, nests past
+    what the parser follows, or is not an object raises ``Invalid`` (422 with the sentence);
+    one over the size limit ``RequestEntityTooLarge`` (413), chunked or not."""
+    if not request.is_json:
+        return request.form
+    data = request.get_data(cache=True)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and request.content_length is None and len(data) >= limit:
+        raise RequestEntityTooLarge()  # a chunked body is cut at the limit, not refused
+    problem = None
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        problem = "The JSON body nests too deeply."
+    except ValueError as exc:  # not JSON, or not UTF-8
+        problem = f"The body is not valid JSON ({exc})."
+    else:
+        if not isinstance(body, Mapping):
+            problem = "The body must be a JSON object of fields."
+    if problem:
+        raise Invalid(problem, {"form": problem})
+    return body
 
 
 def page_or_fragment(page: str, fragment: str, status: int = 200, **ctx: Any) -> tuple[str, int]:

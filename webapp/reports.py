@@ -39,6 +39,7 @@ from .render import (
     json_response,
     wants_json,
 )
+from .render import posted as posted_fields
 
 bp = Blueprint("reports", __name__)
 
@@ -265,11 +266,8 @@ def label(training_id: int, n: int) -> ResponseReturnValue:
     t = jobs.get_training(training_id)
     fragment = is_fragment_request()
     as_json = not fragment and (wants_json() or request.is_json)
-    posted = request.get_json(silent=True) if request.is_json else request.form
     try:
-        if not isinstance(posted, Mapping):
-            msg = "Send a JSON object or form fields with label and/or notes."
-            raise jobs.Invalid(msg, {"form": msg})
+        posted = posted_fields()
         changes = {k: posted.get(k) for k in ("label", "notes") if k in posted}
         state = reports.set_latent_label(t, n, **changes)
     except reports.NoReport as exc:

@@ -9,8 +9,9 @@ Every request (HTTP and the WebSocket's upgrade) goes through ``check_request``,
    page sends its own domain name, so it gets 403.
 2. **Token.** With ``TOKEN`` set (``run.py`` sets one whenever it listens off the loopback),
    a request needs ``Authorization: Bearer <token>``, the cookie a browser got from
-   ``?token=<token>`` (``HttpOnly``, ``SameSite=Strict``; the page then redirects to the URL
-   without the token), or ``?token=`` itself; else 401. Compared in constant time.
+   ``?token=<token>`` (``HttpOnly``, ``SameSite=Strict``, its value an HMAC of the token, not
+   the token; the page then redirects to the URL without the token), or ``?token=`` itself;
+   else 401. Compared in constant time.
 3. **Same origin.** A state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` (or,
    without one, ``Referer``) is another origin, or that says ``Sec-Fetch-Site: cross-site``,
    gets 403; so does a WebSocket upgrade with a foreign ``Origin``.
@@ -19,6 +20,8 @@ Every request (HTTP and the WebSocket's upgrade) goes through ``check_request``,
    ``X-CSRF-Token`` header (htmx sends it on every request, ``hx-headers`` in base.html) or in
    the form field ``csrf_token``; else 403. Programs on the loopback (curl, no such headers)
    need none.
+
+Every answer also forbids framing by other sites (``FRAMING_HEADERS``).
 
 The CSRF token is an HMAC of a per-data-dir secret (``<data dir>/secret_key``, created once,
 mode 0600), which is also Flask's ``SECRET_KEY``.
@@ -78,6 +81,11 @@ class Doors:
     """The access token; None: none needed."""
     csrf: str
     """The CSRF token the pages carry."""
+    cookie: str = ""
+    """The value of the cookie a browser gets for the token: an HMAC of it under the data
+    folder's secret, never the token itself (a browser sends a host's cookies to every port of
+    that host, so another server there sees it; it opens this app, but it is not the token,
+    which also works as a Bearer header and in links)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -146,9 +154,11 @@ def doors_for(config: dict[str, Any], secret: str) -> Doors:
         hosts |= {host_name(socket.gethostname()), host_name(socket.getfqdn())}
     else:
         hosts.add(bind)
-    token = config.get("TOKEN")
+    token = str(config["TOKEN"]) if config.get("TOKEN") else None
     csrf = hmac.new(secret.encode(), b"sae-studio csrf", hashlib.sha256).hexdigest()
-    return Doors(frozenset(hosts), wildcard, str(token) if token else None, csrf)
+    cookie = hmac.new(secret.encode(), f"sae-studio cookie {token}".encode(),
+                      hashlib.sha256).hexdigest() if token else ""
+    return Doors(frozenset(hosts), wildcard, token, csrf, cookie)
 
 
 def init_app(app: Flask) -> None:
@@ -164,15 +174,35 @@ def init_app(app: Flask) -> None:
     app.jinja_env.globals["csrf_field"] = lambda: Markup(
         f'<input type="hidden" name="{CSRF_FIELD}" value="{doors.csrf}">')
     app.register_error_handler(RequestEntityTooLarge, _too_large)
+    app.after_request(_framing)
+
+
+FRAMING_HEADERS = {"X-Frame-Options": "DENY",
+                   "Content-Security-Policy": "frame-ancestors 'none'",
+                   "X-Content-Type-Options": "nosniff",
+                   "Referrer-Policy": "same-origin"}
+"""On every answer: no other site may show our pages in a frame (a framed page is our own
+origin, CSRF token and all, so a click lured onto its buttons would act), no type sniffing,
+and no URL of ours in the Referer sent to other sites."""
+
+
+def _framing(response: Response) -> Response:
+    for name, value in FRAMING_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 def _too_large(_exc: RequestEntityTooLarge) -> ResponseReturnValue:
     limit = current_app.config.get("MAX_CONTENT_LENGTH") or 0
-    if limit and (request.content_length or 0) > limit:
-        msg = (f"The upload is too large: the limit is {limit / 2**20:,.0f} MB "
-               "(run.py --max-upload-mb).")
+    field_limit = current_app.config.get("MAX_FORM_MEMORY_SIZE") or 0
+    upload = (f"the limit is {limit / 2**20:,.0f} MB for the whole request (run.py "
+              "--max-upload-mb)")
+    if request.content_length is None:  # chunked: which limit it reached is not known
+        msg = (f"The request is too large: {upload}, and {field_limit / 1000:,.0f} kB for a "
+               "form field other than a file.")
+    elif limit and request.content_length > limit:
+        msg = f"The upload is too large: {upload}."
     else:  # one form field over Flask's MAX_FORM_MEMORY_SIZE
-        field_limit = current_app.config.get("MAX_FORM_MEMORY_SIZE") or 0
         msg = f"A form field is too long: the limit is {field_limit / 1000:,.0f} kB."
     return error_response(TooLarge(msg, {"file": msg}))
 
@@ -203,7 +233,7 @@ def _token_answer(doors: Doors) -> ResponseReturnValue | None:
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer " and _same(auth[7:].strip(), doors.token):
         return None
-    if _same(request.cookies.get(_cookie_name(), ""), doors.token):
+    if _same(request.cookies.get(_cookie_name(), ""), doors.cookie):
         return None
     given = request.args.get("token")
     if given is not None and _same(given, doors.token):
@@ -211,7 +241,7 @@ def _token_answer(doors: Doors) -> ResponseReturnValue | None:
             return None
         rest = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
         resp = redirect(request.path + (f"?{urlencode(rest)}" if rest else ""), 303)
-        resp.set_cookie(_cookie_name(), doors.token, httponly=True, samesite="Strict",
+        resp.set_cookie(_cookie_name(), doors.cookie, httponly=True, samesite="Strict",
                         secure=request.is_secure)
         return resp
     return _refuse(401, "SAE Studio needs its access token: open the URL that run.py printed "

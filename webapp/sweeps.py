@@ -28,7 +28,7 @@ from worker.jobs import sweeps as sweep_jobs
 
 from . import answers, live
 from .forms import MODEL_FIELDS, form_ctx, form_values
-from .render import is_fragment_request, json_response, wants_json
+from .render import is_fragment_request, json_response, posted, wants_json
 from .trainings import card_html, training_json
 
 bp = Blueprint("sweeps", __name__)
@@ -139,12 +139,6 @@ def sweep_cards(only_recent: bool = False) -> list[Markup]:
 
 
 # ---------------------------------------------------------------------------- the form
-def posted() -> Mapping[str, Any]:
-    """The request's fields: a JSON object, or the form (a MultiDict: checkboxes read right)."""
-    body = request.get_json(silent=True) if request.is_json else request.form
-    return body if isinstance(body, Mapping) else {}
-
-
 def sweep_form_ctx(values: dict[str, str], errors: dict[str, str] | None = None
                    ) -> dict[str, Any]:
     """The training form's context in sweep mode: the list fields keep their comma-separated
@@ -205,7 +199,7 @@ def index() -> ResponseReturnValue:
 def create() -> ResponseReturnValue:
     """Queue a sweep from the form's fields (list fields comma-separated) or a JSON object
     (list fields as lists): 201 ``{"id", "status", "trainings", ...}``."""
-    src = posted()
+    src = posted()  # a JSON object, or the form (a MultiDict: checkboxes read right)
     values = _list_values(src)
     try:
         sweep = jobs.create_sweep(src)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from .render import (
     page_or_fragment,
     wants_json,
 )
+from .render import posted as posted_fields
 
 bp = Blueprint("trainings", __name__)
 
@@ -220,9 +220,7 @@ def list_trainings() -> ResponseReturnValue:
 @bp.post("/trainings")
 def create() -> ResponseReturnValue:
     """Queue a training from the form's fields, or from a JSON object with the same names."""
-    posted = request.get_json(silent=True) if request.is_json else request.form
-    if not isinstance(posted, Mapping):
-        posted = {}
+    posted = posted_fields()
     values = form_values(posted)
     try:
         t = jobs.create_training(posted)
@@ -274,6 +272,13 @@ def estimate() -> ResponseReturnValue:
         ctx = sweep_form_ctx(values)
     else:
         ctx = form_ctx(values)
+        # the form shows the model's default for a layer or hook point the model lacks (a
+        # select cannot show it); a program asking about that value learns it is invalid
+        given = {n: values[n] for n in MODEL_FIELDS
+                 if values.get(n) and values[n] != ctx["values"].get(n)}
+        if given and ctx["model"] is not None and wants_json():
+            shown = {k: v for k, v in ctx["values"].items() if v != ""}
+            ctx["estimate"] = jobs.estimate(ctx["model"], {**shown, **given})
     if wants_json():
         return json_response(ctx["estimate"])
     return render_template("trainings/_estimate.html", **ctx)
@@ -298,10 +303,7 @@ def update(training_id: int) -> ResponseReturnValue:
     out. Answers the card (htmx) or the training as JSON; 422 ``{"error", "errors": {"name",
     "tags"}}`` for a name over 200 characters, more than 20 tags, a tag over 40 characters or
     with a comma (JSON list). POST is the no-JavaScript fallback (then back to the card)."""
-    posted = request.get_json(silent=True) if request.is_json else request.form
-    if not isinstance(posted, Mapping):
-        msg = "Send a JSON object or form fields with name and/or tags."
-        raise jobs.Invalid(msg, {"form": msg})
+    posted = posted_fields()
     changes = {k: posted.get(k) for k in ("name", "tags") if k in posted}
     t = jobs.label(training_id, **changes)
     if wants_json():

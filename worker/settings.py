@@ -107,6 +107,19 @@ def allowed_roots() -> list[Path]:
     return roots
 
 
+def root_forms() -> list[Path]:
+    """``allowed_roots()`` as named (absolute, links not followed) and as resolved: a folder
+    reached through a link on this machine (a shared mount) starts stored paths either way."""
+    named = [Path(os.environ.get("SAE_STUDIO_DATA") or "data").expanduser().absolute()]
+    raw = os.environ.get("SAE_STUDIO_ARTIFACTS", "").strip()
+    artifacts = Path(raw).expanduser().absolute() if raw else named[0]
+    named += [artifacts / "uploads", named[0] / "models"]
+    named += [Path(p).expanduser().absolute()
+              for p in os.environ.get("SAE_STUDIO_ALLOWED_PATHS", "").split(os.pathsep)
+              if p.strip()]
+    return list(dict.fromkeys([*allowed_roots(), *named[1:]]))
+
+
 def max_upload_bytes() -> int:
     """The largest upload accepted, in bytes: ``$SAE_STUDIO_MAX_UPLOAD_MB`` megabytes (MiB,
     ``run.py --max-upload-mb``), default 1024."""

@@ -160,6 +160,7 @@ def prepare_model(model_id: int) -> None:
 def _prepare_model(model: LanguageModel, report: Throttled) -> dict[str, Any]:
     from .engine.models import load_model
 
+    unchanged_path(model.source)
     loaded = load_model(model.source, data_dir=settings.data_dir(),
                         progress=lambda message, fraction: report(fraction, message))
     info = loaded.info
@@ -179,6 +180,7 @@ def prepare_dataset(dataset_id: int) -> None:
 def _prepare_dataset(ds: Dataset, report: Throttled) -> dict[str, Any]:
     from .engine.corpora import iter_documents
 
+    unchanged_path(ds.source)
     n_docs, first = 0, []
     for text in iter_documents(ds.source, text_field=ds.text_field):
         n_docs += 1
@@ -364,6 +366,29 @@ def _keep_rows_until(training_id: int, step: int | None, out_dir: Path) -> None:
             Training.update(current_step=step).where(Training.id == training_id).execute()
 
 
+def unchanged_path(source: str | None) -> None:
+    """A local file or folder is stored by its resolved path when it is added (``jobs.common.
+    local_path``: checked then to be in an allowed folder); before the worker reads one, the
+    part of its path below the allowed folder it is in (``settings.root_forms``; else its own
+    folder) must hold no link. A link put there since would have the worker read a file nobody
+    allowed: DataError naming it. Names and Hub ids (relative) are left alone."""
+    from .engine.errors import DataError
+
+    if not source or not os.path.isabs(source):
+        return
+    path = Path(source)
+    # links above the folder it was added from (a shared mount reached through one) are fine
+    roots = [r for r in settings.root_forms() if path.is_relative_to(r) and r != path]
+    base = max(roots, key=lambda r: len(r.parts)) if roots else path.parent
+    try:
+        moved = path.resolve() != base.resolve() / path.relative_to(base)
+    except (OSError, RuntimeError):  # a loop of links
+        moved = True
+    if moved:
+        raise DataError(f"'{source}' has been replaced by a link (or moved behind one) since it "
+                        "was added, so it is not read; add the file or folder again.")
+
+
 def local_config(t: Training) -> dict[str, Any]:
     """The training's config for this machine. Its ``model`` is the folder the worker that
     prepared the model resolved, in that worker's data folder (a per-machine cache); where that
@@ -374,6 +399,8 @@ def local_config(t: Training) -> dict[str, Any]:
     path = config.get("model")
     if path and not Path(str(path)).expanduser().exists() and t.model.source:
         config["model"] = t.model.source
+    for key in ("model", "dataset"):
+        unchanged_path(config.get(key))
     return config
 
 
@@ -623,6 +650,7 @@ def _load_probe(source: str, checkpoint: Path, device_name: str) -> Any:
 
     device = pick_device(device_name)
     sae = load_probe_sae(checkpoint, device)
+    unchanged_path(source)
     loaded = load_model(source, data_dir=settings.data_dir(), device=str(device))
     return Probe(loaded, sae)
 

@@ -329,7 +329,18 @@ def test_token_link_sets_a_strict_cookie_and_redirects(token_app: Flask) -> None
     r = c.get("/datasets?token=s3cret&x=1")
     assert r.status_code == 303 and r.headers["Location"] == "/datasets?x=1"
     cookie = r.headers["Set-Cookie"]
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "s3cret" in cookie
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    # its value stands for the token but is not it: a browser sends a host's cookies to every
+    # port of that host, so another server there would read it
+    value = cookie.split(";")[0].split("=", 1)[1]
+    assert "s3cret" not in cookie and len(value) == 64
+    fresh = token_app.test_client()
+    assert fresh.get("/healthz", headers={"Authorization": f"Bearer {value}"}).status_code == 401
+    assert fresh.get(f"/healthz?token={value}").status_code == 401
+    other = create_app({"TESTING": True, "DATA_DIR": token_app.config["DATA_DIR"],
+                        "BIND_HOST": "0.0.0.0", "TOKEN": "another"}).test_client()
+    other.set_cookie("sae_studio_token_localhost", value)  # a cookie of another token
+    assert other.get("/healthz").status_code == 401
     page = c.get("/")
     assert page.status_code == 200 and 'name="csrf-token"' in page.get_data(as_text=True)
     # the cookie makes it a browser: a state change needs the page's CSRF token as well
@@ -364,9 +375,12 @@ def test_websocket_needs_the_token(token_app: Flask, rows: dict[str, int]) -> No
         html = ws_snapshot(address, path, {"Authorization": "Bearer s3cret"})
         assert f'id="training-{rows["training"]}-status"' in html
         # a browser's cookie (simple-websocket's Host header has no port)
-        html = ws_snapshot(address, path, {"Cookie": "sae_studio_token_127_0_0_1=s3cret",
+        cookie = token_app.extensions["sae_studio_doors"].cookie
+        html = ws_snapshot(address, path, {"Cookie": f"sae_studio_token_127_0_0_1={cookie}",
                                            "Origin": "http://127.0.0.1"})
         assert f'id="training-{rows["training"]}-status"' in html
+        assert ws_refusal(address, path, {"Cookie": "sae_studio_token_127_0_0_1=s3cret",
+                                          "Origin": "http://127.0.0.1"}) == 401
         assert ws_refusal(address, path, {"Authorization": "Bearer s3cret",
                                           "Origin": EVIL}) == 403
 
@@ -415,3 +429,67 @@ def test_an_overlong_form_field_is_413_with_its_own_sentence(client: FlaskClient
     r = client.post("/datasets", data={"source": "kjv", "name": "n" * 600_000},
                     headers=JSON, content_type="multipart/form-data")
     assert r.status_code == 413 and "form field is too long" in r.get_json()["error"]
+
+
+def test_no_other_site_may_frame_the_pages(client: Any, rows: dict[str, int]) -> None:
+    """A framed page is our own origin with its CSRF token: a click lured onto its Pause button
+    would act. Every answer forbids framing (pages, fragments, JSON, errors, static files)."""
+    for path, headers in ((f"/trainings/{rows['training']}", {}),
+                          (f"/trainings/{rows['training']}", {"HX-Request": "true"}),
+                          ("/trainings", JSON), ("/nowhere", {}), ("/static/app.js", {})):
+        r = client.get(path, headers=headers)
+        assert r.headers["X-Frame-Options"] == "DENY", path
+        assert r.headers["Content-Security-Policy"] == "frame-ancestors 'none'", path
+        assert r.headers["X-Content-Type-Options"] == "nosniff", path
+    r = client.post("/models", data={"source": "minilm-l6"},
+                    headers={"Origin": EVIL, **JSON})
+    assert r.status_code == 403 and r.headers["X-Frame-Options"] == "DENY"
+
+
+def test_bad_json_bodies_get_a_sentence_never_a_500(client: FlaskClient, rows: dict[str, int],
+                                                     data_dir: Path) -> None:
+    """Every JSON endpoint reads its body the same way: not JSON, not an object, or nested past
+    the parser (thousands of brackets) is a 422 with a sentence; a wrong method a JSON 405."""
+    t = rows["training"]
+    deep = "[" * 5000 + "]" * 5000
+    endpoints = [("post", "/trainings"), ("patch", f"/trainings/{t}"), ("post", "/templates"),
+                 ("post", "/sweeps"), ("put", f"/trainings/{t}/latents/0/label"),
+                 ("post", f"/trainings/{t}/activations"), ("post", f"/trainings/{t}/steer")]
+    for method, path in endpoints:
+        for body, words in ((deep, "nests too deeply"), ("{'a': 1", "not valid JSON"),
+                            ("[1, 2]", "must be a JSON object"), (b"\xff\xfe{", "not valid")):
+            r = getattr(client, method)(path, data=body, headers=JSON,
+                                        content_type="application/json")
+            assert r.status_code == 422, (method, path, body[:10], r.status_code)
+            assert words in r.get_json()["error"], (path, r.get_json())
+    r = client.post(f"/templates/{t}", headers=JSON)
+    assert r.status_code == 405 and "not allowed" in r.get_json()["error"]
+    assert "GET" in r.headers["Allow"]
+    page = client.post(f"/templates/{t}")
+    assert page.status_code == 405 and "<h1>Cannot do that</h1>" in page.get_data(as_text=True)
+
+
+def test_a_chunked_body_over_the_limit_is_413_on_a_real_server(data_dir: Path) -> None:
+    """A body without Content-Length (chunked) is cut at the limit by the server's stream, not
+    refused: the JSON endpoints and the upload say 413 all the same, with a sentence."""
+    import requests
+
+    app = create_app({"TESTING": True, "DATA_DIR": str(data_dir), "MAX_CONTENT_LENGTH": 64 * 1024})
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for i in range(0, len(data), 8192):
+            yield data[i:i + 8192]
+
+    big = b'{"name": "' + b"n" * 200_000 + b'"}'
+    with serve(app) as address:
+        r = requests.post(f"http://{address}/templates", data=chunks(big), timeout=30,
+                          headers={**JSON, "Content-Type": "application/json"})
+        assert r.status_code == 413 and "too large" in r.json()["error"], r.text
+        small = requests.post(f"http://{address}/templates", data=chunks(b'{"name": ""}'),
+                              timeout=30, headers={**JSON, "Content-Type": "application/json"})
+        assert small.status_code == 422 and "name" in small.json()["errors"], small.text
+        body, ctype = requests.models.RequestEncodingMixin._encode_files(
+            {"file": ("big.txt", b"word " * 200_000)}, {})
+        r = requests.post(f"http://{address}/datasets", data=chunks(body), timeout=30,
+                          headers={**JSON, "Content-Type": ctype})
+        assert r.status_code == 413 and "--max-upload-mb" in r.json()["error"], r.text

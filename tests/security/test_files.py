@@ -98,6 +98,47 @@ def test_an_allowed_root_and_the_uploads_folder_work(
     assert [name for name, _ in enqueued].count("prepare_dataset") == 3
 
 
+def test_a_link_swapped_in_after_adding_is_not_read(
+        client: FlaskClient, data_dir: Path, outside: Path, enqueued: list[Any],
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file is checked when it is added; a link put in its place (or in place of a folder
+    on its way) inside the allowed folder afterwards is refused by the worker before it reads
+    it. A link above the allowed folder (a shared mount reached through one) is fine."""
+    from worker.engine.errors import DataError
+    from worker.tasks import prepare_dataset, unchanged_path
+
+    real = tmp_path_factory.mktemp("real")
+    (real / "sub").mkdir()
+    (real / "sub" / "corpus.txt").write_text("In the beginning.\n\nAnd the earth.\n")
+    mount = tmp_path_factory.mktemp("mount") / "allowed"
+    mount.symlink_to(real)  # the allowed folder, named through a link
+    monkeypatch.setenv("SAE_STUDIO_ALLOWED_PATHS", str(mount))
+    response = post_dataset(client, str(mount / "sub" / "corpus.txt"))
+    assert response.status_code == 201, response.get_json()
+    stored = response.get_json()["source"]
+    assert stored == str(real / "sub" / "corpus.txt")  # resolved when added
+    unchanged_path(stored)
+    unchanged_path(str(mount / "sub" / "corpus.txt"))  # as another machine's mount names it
+    unchanged_path("kjv")
+
+    (real / "sub" / "corpus.txt").unlink()
+    (real / "sub" / "corpus.txt").symlink_to(outside / "secret.txt")
+    for source in (stored, str(mount / "sub" / "corpus.txt")):
+        with pytest.raises(DataError, match="has been replaced by a link"):
+            unchanged_path(source)
+    prepare_dataset.call_local(response.get_json()["id"])
+    row = jobs.get_dataset(response.get_json()["id"])
+    assert row.status == "failed" and "replaced by a link" in row.error
+    assert not any("secret" in s for s in row.samples or [])
+
+    (real / "sub" / "corpus.txt").unlink()  # a folder on the way swapped for a link
+    (real / "sub").rename(real / "old")
+    (real / "sub").symlink_to(outside)
+    (outside / "corpus.txt").write_text("the secret text\n")
+    with pytest.raises(DataError, match="has been replaced by a link"):
+        unchanged_path(stored)
+
+
 @pytest.mark.parametrize("path", ["/models/{}", "/datasets/{}", "/trainings/{}",
                                   "/trainings/{}/metrics", "/checkpoints/{}/download"])
 @pytest.mark.parametrize("row_id", [2**63, 99999999999999999999, int("9" * 400)])

@@ -179,8 +179,9 @@ def test_create_from_a_json_body(client, ready, enqueued):
                                               tie_weights="maybe"), headers=JSON)
     assert bad.status_code == 422
     assert set(bad.get_json()["errors"]) == {"layer", "k", "tie_weights"}
-    assert client.post("/trainings", json=[1, 2], headers=JSON).get_json()["errors"] == {
-        "model_id": "Choose a model.", "dataset_id": "Choose a dataset."}
+    not_object = client.post("/trainings", json=[1, 2], headers=JSON)
+    assert not_object.status_code == 422 and not_object.get_json()["errors"] == {
+        "form": "The body must be a JSON object of fields."}
     assert len(enqueued) == 1
 
 

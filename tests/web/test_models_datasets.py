@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
+
+from worker import settings
 
 from ..html import element_by_id, find_all, ids
 from .conftest import HX, JSON, make_dataset, make_model, make_training
@@ -97,6 +100,15 @@ def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):
                      headers=JSON, content_type="multipart/form-data")
     assert up.status_code == 201, up.get_json()
     assert up.get_json()["name"] == "c.txt" and enqueued[-1][0] == "prepare_dataset"
+    # names that lose their letters still keep their suffix: prepared as what they are
+    for name, saved in (("é\u202e.txt", "upload.txt"), ("...jsonl", "upload.jsonl"),
+                        ("a" * 300 + ".CSV", "a" * 76 + ".csv"),
+                        ("../../etc/cron.d/x y.txt", "x_y.txt")):
+        r = client.post("/datasets", data={"file": (io.BytesIO(b"words\n"), name)},
+                        headers=JSON, content_type="multipart/form-data")
+        assert r.status_code == 201, (name, r.get_json())
+        path = Path(r.get_json()["source"])
+        assert path.parent == settings.uploads_dir() and path.name[13:] == saved, path
     wrong = client.post("/datasets", data={"file": (io.BytesIO(b"x"), "c.pdf")},
                         headers=JSON, content_type="multipart/form-data")
     assert wrong.status_code == 422 and "upload" in wrong.get_json()["errors"]

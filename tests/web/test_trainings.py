@@ -91,6 +91,16 @@ def test_estimate(client, ready):
     assert "estimate-warning" in ids(over) and "budget" in over
     data = client.get(f"/trainings/estimate?model_id={model.id}", headers=JSON).get_json()
     assert data["fits"] is True and data["memory_bytes"] > 0 and data["budget_bytes"] == 6e9
+    # a layer the model lacks: the form shows the middle one, a program learns it is invalid
+    # (as POST /trainings says), whatever its size
+    for layer in ("6", "99999999999999999999"):
+        data = client.get(f"/trainings/estimate?model_id={model.id}&layer={layer}",
+                          headers=JSON).get_json()
+        assert data["memory_bytes"] is None and "layer" in data["invalid"], data
+    assert client.get(f"/trainings/estimate?model_id={model.id}&layer=6&hook_point=nope",
+                      headers=JSON).get_json()["invalid"].keys() >= {"layer", "hook_point"}
+    frag = client.get(f"/trainings/estimate?model_id={model.id}&layer=6", headers=HX)
+    assert b"estimate-memory" in frag.data  # the form's own: for the layer it shows
 
 
 def test_create_invalid_422(client, ready, enqueued):

@@ -96,12 +96,14 @@ def test_ws_finished_and_missing(live_server, ready):
         assert msg.startswith(f'<article id="training-{t.id}"') and "ws-connect" not in msg
     finally:
         _close(ws)
-    ws = simple_websocket.Client.connect(f"ws://{live_server}/ws/trainings/999?format=json")
-    try:
-        assert json.loads(ws.receive(timeout=2)) == {"type": "error",
-                                                     "error": "Training 999 does not exist."}
-    finally:
-        _close(ws)
+    for missing in ("999", "9223372036854775808"):  # past the database's integers too
+        ws = simple_websocket.Client.connect(
+            f"ws://{live_server}/ws/trainings/{missing}?format=json")
+        try:
+            assert json.loads(ws.receive(timeout=2)) == {
+                "type": "error", "error": f"Training {missing} does not exist."}
+        finally:
+            _close(ws)
 
 
 # ------------------------------------------------------------------ one poller per training

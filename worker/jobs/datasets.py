@@ -41,8 +41,14 @@ def ready_datasets() -> list[Dataset]:
 
 
 def _safe_filename(filename: str) -> str:
+    """The upload's name as saved: ASCII letters, digits, ``._-`` (others become ``_``), at
+    most 80 characters, its suffix (checked before: .txt, .jsonl or .csv) kept whatever the
+    rest becomes, so the preparation reads it as what it is."""
     base = Path(filename.replace("\\", "/")).name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:80] or "upload"
+    suffix = Path(base).suffix.lower()
+    stem = base[:-len(suffix)] if suffix else base
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:80 - len(suffix)]
+    return (stem or "upload") + suffix
 
 
 def _count(name: str, raw: Any, default: int | None, errors: dict[str, str]) -> int | None:
@@ -96,7 +102,7 @@ def _check_source(source: str, upload: tuple[str, BinaryIO] | None,
 def _save_upload(filename: str, stream: BinaryIO) -> Path:
     """Copy an upload to ``uploads_dir()/<uuid>-<safe name>``; Invalid when it is empty."""
     folder = settings.uploads_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # made here: its owner's alone
     dest = folder / f"{uuid.uuid4().hex[:12]}-{_safe_filename(filename)}"
     with open(dest, "wb") as fh:
         shutil.copyfileobj(stream, fh)

@@ -251,6 +251,8 @@ def signatures(training_id: int) -> dict[str, Any] | None:
     """Cheap fingerprints of a card's parts (``status, progress, tiles, charts, buttons, log,
     checkpoints_count, checkpoints``) plus ``row``, the training; None when it is gone. A live
     page compares them with the last ones it sent and re-renders the parts that differ."""
+    if not 0 <= training_id <= common.MAX_ID:  # no such row; the database's integers end there
+        return None
     t = Training.get_or_none(Training.id == training_id)
     if t is None:
         return None
