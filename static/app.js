@@ -74,3 +74,45 @@ function saeShowSweepEncoderFields() {
 document.addEventListener("change", saeShowSweepEncoderFields);
 document.addEventListener("htmx:afterSettle", saeShowSweepEncoderFields);
 document.addEventListener("DOMContentLoaded", saeShowSweepEncoderFields);
+
+// "Compare selected" is disabled until a training is ticked (the hint beside it says so).
+// The server renders it enabled: without JavaScript it opens /compare, which says what to do.
+function saeUpdateCompare() {
+  var button = document.getElementById("compare-selected");
+  if (!button) return;
+  var ticked = document.querySelectorAll(".compare-tick:checked").length;
+  button.disabled = ticked === 0;
+  button.title = ticked ? "Compare the ticked trainings (curves, final figures, Pareto fronts)"
+                        : "Tick at least one training to compare";
+  var hint = document.getElementById("compare-hint");
+  if (hint) hint.textContent = ticked ? ticked + " ticked" : "Tick trainings to compare";
+}
+document.addEventListener("change", saeUpdateCompare);
+document.addEventListener("htmx:afterSettle", saeUpdateCompare);
+document.addEventListener("htmx:oobAfterSwap", saeUpdateCompare);
+document.addEventListener("DOMContentLoaded", saeUpdateCompare);
+window.addEventListener("pageshow", saeUpdateCompare);  // back: the browser restores ticks
+
+// A card's log box opens on its newest line (app.css: column-reverse, where scrollTop is the
+// distance up from the newest line: 0 at the bottom, negative above). A swap of the log (a
+// WebSocket part, or the whole card) keeps a reader who scrolled up where they were.
+var saeLogScroll = {};
+function saeSaveLogScroll(event) {
+  var target = event.detail && event.detail.target;
+  if (!target || !target.querySelectorAll) return;
+  var logs = target.matches(".log") ? [target] : target.querySelectorAll(".log");
+  for (var i = 0; i < logs.length; i++) {
+    if (logs[i].id && logs[i].scrollTop) saeLogScroll[logs[i].id] = logs[i].scrollTop;
+  }
+}
+function saeRestoreLogScroll() {
+  for (var id in saeLogScroll) {
+    var el = document.getElementById(id);
+    if (el) el.scrollTop = saeLogScroll[id];
+  }
+  saeLogScroll = {};
+}
+document.addEventListener("htmx:beforeSwap", saeSaveLogScroll);
+document.addEventListener("htmx:oobBeforeSwap", saeSaveLogScroll);
+document.addEventListener("htmx:afterSwap", saeRestoreLogScroll);
+document.addEventListener("htmx:oobAfterSwap", saeRestoreLogScroll);

@@ -273,6 +273,10 @@ def test_options_are_checked_before_the_model_loads(tiny, tmp_path, capsys):
                    "Layer 5 is out of range")
     _fails_cleanly(capsys, [*data, "info", str(folder), "--k", "300"],
                    "k (300) cannot exceed the number of latents (256).")
+    _fails_cleanly(capsys, [*data, "train", "--model", str(folder), "--dataset", "kjv",
+                            "--context-size", "200"],
+                   f"Context size (200 tokens) is longer than {folder} reads (128 positions); "
+                   "choose at most 128.")
     assert not (tmp_path / "data" / "tokens").exists()
     _fails_cleanly(capsys, [*data, "train", "--model", str(folder), "--dataset", "kjv"],
                    "Could not load the model")  # the valid options pass on to the load
@@ -297,6 +301,17 @@ def test_extract_then_train_and_info(tiny, tmp_path, capsys):
     info = _last_json(capsys.readouterr().out)
     assert info["n_layers"] == 3 and info["hidden_size"] == 32
     assert info["sae"]["d_sae"] == 128 and info["memory"]["total"] > 0
+
+
+def test_info_gives_memory_in_mib(tiny, capsys):
+    """The text summary divides by 2**20 and says so: MiB, as the JSON's bytes over 2**20."""
+    assert main(["info", str(tiny), "--expansion-factor", "4", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert main(["info", str(tiny), "--json", "--expansion-factor", "4", "--device", "cpu"]) == 0
+    memory = _last_json(capsys.readouterr().out)["memory"]
+    assert f"~{memory['total'] / 2**20:,.0f} MiB (SAE+optimizer" in text, text
+    assert f"of {memory['device_bytes'] / 2**20:,.0f} MiB available" in text, text
+    assert " MB" not in text
 
 
 def test_train_from_model_and_dataset_defaults_to_middle_layer(tiny, tmp_path, capsys):

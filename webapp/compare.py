@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, request, url_for
+from flask import Blueprint, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
 from worker import jobs
@@ -96,7 +96,16 @@ def view(data: dict[str, Any], raw_ids: list[str], sort: str | None, order: str 
                    if r["status"] in ("completed", "stopped") else r["url"],
                    "live": r["live"]} for r in legend]
         paretos.append({"key": key, "title": title, "y_label": y_label, "better": better,
-                        "points": points, "frontier": data["pareto"][key]})
+                        "points": points, "frontier": data["pareto"][key], "note": None,
+                        "drawn": any(p["x"] is not None and p["y"] is not None
+                                     for p in points)})
+    not_causal = _not_causal_models(rows)
+    if not_causal:  # never a CE figure for these runs: say why instead of "not yet"
+        one = len(not_causal) == 1
+        paretos[1]["note"] = (
+            f"{' and '.join(not_causal)} {'is not a causal LM' if one else 'are not causal LMs'}"
+            f" (an encoder such as BERT predicts no next token): {'its' if one else 'their'}"
+            " runs have no CE loss to recover.")
     ids_text = ",".join(str(r["id"]) for r in legend)
     links = {}
     for key, _, _ in COLUMNS:
@@ -116,6 +125,23 @@ def view(data: dict[str, Any], raw_ids: list[str], sort: str | None, order: str 
             "multi_line_chart": multi_line_chart, "pareto_chart": pareto_chart}
 
 
+def _not_causal_models(rows: list[dict[str, Any]]) -> list[str]:
+    """The names of the runs' models known not to be causal LMs (their runs never get CE
+    figures), in the runs' order; a model whose kind is unknown (None) is not listed."""
+    names: dict[int, str] = {}
+    for r in rows:
+        mid = r.get("model_id")
+        if mid is not None and mid not in names and jobs.get_model(mid).is_causal is False:
+            names[mid] = r["model"]
+    return list(dict.fromkeys(names.values()))
+
+
+def _no_ids(raw_ids: list[str]) -> bool:
+    """True when ``ids`` names nothing (left out, blank, only commas): "Compare selected" with
+    nothing ticked."""
+    return not any(p.strip().lstrip("#") for text in raw_ids for p in str(text).split(","))
+
+
 def _given_order(raw_ids: list[str], ids: list[int]) -> list[int]:
     """The ids in the order the request gave them (the colours follow it)."""
     out: list[int] = []
@@ -132,8 +158,11 @@ def index() -> ResponseReturnValue:
     """``?ids=1,2,3`` (or repeated ``ids=``: the training list's checkboxes), ``sort`` (a
     table column) and ``order``. JSON: ``{"trainings": [...], "pareto": {"fvu": [ids],
     "ce_loss_recovered": [ids]}}``; 422 for malformed ids, none or more than 50, a bad sort
-    or order; 404 naming the ids that do not exist."""
+    or order; 404 naming the ids that do not exist. A browser asking with no ids gets the
+    page saying to tick trainings on the Training page (200)."""
     raw_ids = request.args.getlist("ids")
+    if _no_ids(raw_ids) and not wants_json():  # a page that says what to do, not an error
+        return render_template("compare/index.html", nothing=True)
     sort, order = request.args.get("sort") or None, request.args.get("order") or None
     data = jobs.compare_trainings(raw_ids, sort, order)
     for entry in data["trainings"]:

@@ -9,6 +9,7 @@ from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from worker import jobs
+from worker.jobs import datasets as dataset_jobs
 
 from . import answers
 
@@ -18,9 +19,11 @@ FIELDS = ("source", "name", "context_size", "max_tokens", "text_field")
 
 
 def _ctx(**extra: Any) -> dict[str, Any]:
+    """The page's context: the list, the form's values and errors, and ``fields`` (the engine
+    options' labels and help with the bounds the job layer checks: one source for both)."""
     return {"datasets": jobs.list_datasets(), "values": {"context_size": "128",
                                                          "text_field": "text"},
-            "errors": {}, **extra}
+            "errors": {}, "fields": dataset_jobs.form_fields(), **extra}
 
 
 @bp.get("")
@@ -50,7 +53,8 @@ def create() -> ResponseReturnValue:
 @bp.get("/<int:dataset_id>")
 def detail(dataset_id: int) -> ResponseReturnValue:
     dataset = jobs.get_dataset(dataset_id)
-    return answers.detail("datasets", dataset, jobs.dataset_as_dict, {"dataset": dataset})
+    return answers.detail("datasets", dataset, jobs.dataset_as_dict,
+                          {"dataset": dataset, "fields": dataset_jobs.form_fields()})
 
 
 @bp.delete("/<int:dataset_id>")

@@ -129,7 +129,7 @@ def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None
     values = dict(values or {})
     errors = dict(errors or {})
     models = jobs.ready_models()
-    if not values.get("model_id") and models:
+    if "model_id" not in values and models:  # a form opened afresh; a blank choice stays blank
         values["model_id"] = str(models[0].id)
     model = _ready_model(values.get("model_id"))
     infos = jobs.form_options()

@@ -207,14 +207,49 @@ def _tick_label(v: float) -> str:
     return fmt_sci(v)
 
 
+def _step_decimals(step: float) -> int | None:
+    """The decimals that write every multiple of a round tick step (1, 2, 2.5 or 5 x 10^e, as
+    ``nice_ticks`` makes) exactly: 0.002 -> 3, 0.0025 -> 4, 5 -> 0, 25 -> 0; None for any
+    other step (a log axis, or a range's bare ends)."""
+    e = math.floor(math.log10(step))
+    m = step / 10 ** e
+    for nice in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if abs(m - nice) < 1e-6:
+            return max(0, -e + (1 if nice == 2.5 else 0) - (1 if nice == 10.0 else 0))
+    return None
+
+
+def _tick_labels(ticks: Sequence[float]) -> list[str]:
+    """One axis's labels. Evenly spaced round ticks get the decimals their step needs, so that
+    no two read alike (15.9975, 16.0000, 16.0025, not "16" three times) and each is exact
+    (10.25, not 10.2); values from 10,000 up or with more than 4 decimals keep
+    ``_tick_label``'s compact forms (25k, 2.00e-4) unless those repeat. Other ticks keep
+    ``_tick_label``'s forms, with more significant digits while two are alike."""
+    labels = [_tick_label(t) for t in ticks]
+    steps = [b - a for a, b in zip(ticks, ticks[1:])]
+    if not steps or min(steps) <= 0:
+        return labels
+    step = min(steps)
+    d = _step_decimals(step) if max(steps) - step <= step * 1e-6 else None
+    repeats = len(set(labels)) < len(labels)
+    if d is not None and (repeats or (d <= 4 and max(abs(t) for t in ticks) < 10000)):
+        # 0.0 for a zero that came out as -1e-17 (no "-0.000")
+        return [f"{0.0 if abs(t) < step * 1e-6 else t:.{d}f}" for t in ticks]
+    digits = 3
+    while len(set(labels)) < len(labels) and digits < 15:
+        digits += 1
+        labels = [f"{t:.{digits}g}" for t in ticks]
+    return labels
+
+
 def _tick(cls: str, line: tuple[Any, Any, Any, Any], label_at: tuple[Any, Any], anchor: str,
-          value: float) -> str:
-    """One gridline or tick mark (``line``: x1, x2, y1, y2) and its value's label at
-    ``label_at`` (x, y); coordinates in SVG user units, as numbers or already formatted text."""
+          label: str) -> str:
+    """One gridline or tick mark (``line``: x1, x2, y1, y2) and its ``label`` at ``label_at``
+    (x, y); coordinates in SVG user units, as numbers or already formatted text."""
     x1, x2, y1, y2 = line
     x, y = label_at
     return (f'<line class="{cls}" x1="{x1}" x2="{x2}" y1="{y1}" y2="{y2}"/>'
-            f'<text x="{x}" y="{y}" text-anchor="{anchor}">{escape(_tick_label(value))}</text>')
+            f'<text x="{x}" y="{y}" text-anchor="{anchor}">{escape(label)}</text>')
 
 
 def _axes(out: list[str], yticks: list[float], xticks: list[float],
@@ -223,16 +258,16 @@ def _axes(out: list[str], yticks: list[float], xticks: list[float],
     """Gridlines with y labels, the x axis line with ticks and labels (shared by the charts)."""
     left, top, pw, ph = plot
     out.append('<g class="axis axis-y">')
-    for t in yticks:
+    for t, label in zip(yticks, _tick_labels(yticks)):
         y = f"{sy(t):.1f}"
         out.append(_tick("grid", (left, left + pw, y, y), (left - 6, f"{sy(t) + 3.5:.1f}"),
-                         "end", t))
+                         "end", label))
     out.append('</g><g class="axis axis-x">')
     out.append(f'<line class="axis-line" x1="{left}" x2="{left + pw}" y1="{top + ph}" '
                f'y2="{top + ph}"/>')
-    for t in xticks:
+    for t, label in zip(xticks, _tick_labels(xticks)):
         x = f"{sx(t):.1f}"
-        out.append(_tick("tick", (x, x, top + ph, top + ph + 4), (x, label_y), "middle", t))
+        out.append(_tick("tick", (x, x, top + ph, top + ph + 4), (x, label_y), "middle", label))
     out.append("</g>")
 
 
@@ -273,10 +308,12 @@ def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: s
     if x1 <= x0:
         x1 = x0 + 1
     y_lo, y_hi = min(ys), max(ys)
-    if y_hi - y_lo < 1e-12:
+    if y_hi - y_lo <= max(1e-12, 1e-9 * max(abs(y_lo), abs(y_hi))):  # flat: one labelled line
         pad = abs(y_hi) * 0.1 or 1.0
+        yticks = [y_hi]
         y_lo, y_hi = y_lo - pad, y_hi + pad
-    yticks = nice_ticks(y_lo, y_hi, 4)
+    else:
+        yticks = nice_ticks(y_lo, y_hi, 4)
     y0, y1 = min(yticks[0], y_lo), max(yticks[-1], y_hi)
     xticks = [t for t in nice_ticks(x0, x1, 5) if x0 <= t <= x1]
 

@@ -71,17 +71,24 @@ def _table_args() -> dict[str, Any]:
     return args
 
 
+SEARCH_FIELDS = ("by", "q")
+"""The search form's own fields: their errors show beside it; the others (``page``,
+``per_page``, ``sort``, ``order``: from a link or a typed URL) show above the table."""
+
+
 def _page_with_fallback(t: Any, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The requested page, or (for the HTML views) the closest valid one plus the errors."""
-    try:
-        return reports.latents_page(t, **args), {}
-    except jobs.Invalid as exc:
-        errors = dict(exc.errors) or {"q": str(exc)}
-    kept = {k: v for k, v in args.items() if k not in errors and k != "q"}
-    try:
-        return reports.latents_page(t, **kept), errors
-    except jobs.Invalid:
-        return reports.latents_page(t), errors
+    """The requested page, or (for the HTML views) the closest valid one plus the errors: one
+    per bad argument, each left out in turn. A bad table argument gets the sentence that names
+    it ("page must be a whole number, not “abc”."), as JSON clients do."""
+    errors: dict[str, str] = {}
+    for _ in TABLE_ARGS:
+        kept = {k: v for k, v in args.items() if k not in errors and not (errors and k == "q")}
+        try:
+            return reports.latents_page(t, **kept), errors
+        except jobs.Invalid as exc:
+            found = {k: v if k in SEARCH_FIELDS else str(exc) for k, v in exc.errors.items()}
+            errors.update(found or {"q": str(exc)})
+    return reports.latents_page(t), errors
 
 
 def view_params(page: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,6 +134,7 @@ def _table_ctx(t: Any, page: dict[str, Any], errors: dict[str, str], q: str = ""
     last = max(0, page["total"] - 1)
     return {"t": t, "latents": page, "errors": errors, "q": q or (page["q"] or ""),
             "table_url": table_url, "sort_url": sort_url, "latent_url": latent_url,
+            "search_fields": SEARCH_FIELDS,
             "sort_labels": SORT_LABELS, "search_labels": SEARCH_LABELS,
             "search_hint": SEARCH_HINTS[page["by"]].format(last=last)}
 

@@ -315,7 +315,14 @@ def update(training_id: int) -> ResponseReturnValue:
 
 @bp.delete("/trainings/<int:training_id>")
 def delete(training_id: int) -> ResponseReturnValue:
+    """Delete a finished training. htmx: its card swaps itself out; a sweep's run also brings
+    the sweep's card (out of band) without that run."""
+    sweep_id = jobs.get_training(training_id).sweep_id
     jobs.delete_training(training_id)
+    if sweep_id is not None and is_fragment_request() and not wants_json():
+        from .sweeps import render_card, sweep_view  # sweeps imports this module
+
+        return render_card(sweep_view(jobs.get_sweep(sweep_id)), oob=True)
     return answers.deleted("trainings", training_id)
 
 

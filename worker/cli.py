@@ -445,18 +445,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
         return 0
-    mb = 2**20
+    mib = 2**20
     print(f"{info.name}: {info.architecture} ({info.model_type}), {info.n_layers} layers, "
           f"hidden {info.hidden_size}, vocab {info.vocab_size}, "
           f"{info.n_params / 1e6:.1f}M parameters, {info.dtype}")
     print(f"hook points: {', '.join(info.hook_points)} at layers 0-{info.n_layers - 1} "
           f"(blocks: {info.blocks_path})")
     print(f"SAE {info.hidden_size} -> {d_sae} ({args.encoder_type}), batch {args.batch_size}, "
-          f"{precision} on {device}: ~{est.total / mb:,.0f} MB "
-          f"(SAE+optimizer {(est.sae_params + est.optimizer) / mb:,.0f} MB, activations "
-          f"{(est.activations + est.batch) / mb:,.0f} MB, model {est.model / mb:,.0f} MB, "
-          f"buffer {est.buffer / mb:,.0f} MB, runtime {est.runtime / mb:,.0f} MB) "
-          f"of {budget / mb:,.0f} MB available"
+          f"{precision} on {device}: ~{est.total / mib:,.0f} MiB "
+          f"(SAE+optimizer {(est.sae_params + est.optimizer) / mib:,.0f} MiB, activations "
+          f"{(est.activations + est.batch) / mib:,.0f} MiB, model {est.model / mib:,.0f} MiB, "
+          f"buffer {est.buffer / mib:,.0f} MiB, runtime {est.runtime / mib:,.0f} MiB) "
+          f"of {budget / mib:,.0f} MiB available"
           + ("" if est.total < budget else "  -- DOES NOT FIT"))
     return 0
 

@@ -216,7 +216,12 @@ class Dataset(PreparedRow):
     max_tokens = IntegerField(null=True)
     text_field = CharField(default="text")
     n_documents = IntegerField(null=True)
+    """Documents in the whole corpus (read to the end, whatever ``max_tokens``)."""
+    n_documents_tokenised = IntegerField(null=True)
+    """Documents with at least one token in the token store (its meta's ``n_documents``): fewer
+    than ``n_documents`` when ``max_tokens`` stops the store early; null until tokenised."""
     n_tokens = IntegerField(null=True)
+    """Tokens in the token store (whole contexts); null until tokenised."""
     samples = JSONField(null=True)
 
     class Meta:
@@ -500,8 +505,16 @@ def _v9_to_v10(database: DatabaseProxy) -> None:
             database.execute_sql(f"ALTER TABLE {table} ADD COLUMN worker VARCHAR")
 
 
+def _v10_to_v11(database: DatabaseProxy) -> None:
+    """Datasets say how many documents their token store holds (``n_documents_tokenised``)
+    beside the corpus's count (``n_documents``); null for rows prepared before (the pages then
+    show the corpus's count alone, as they did)."""
+    if "n_documents_tokenised" not in {c.name for c in database.get_columns("dataset")}:
+        database.execute_sql("ALTER TABLE dataset ADD COLUMN n_documents_tokenised BIGINT")
+
+
 MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,
-              _v7_to_v8, _v8_to_v9, _v9_to_v10]
+              _v7_to_v8, _v8_to_v9, _v9_to_v10, _v10_to_v11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

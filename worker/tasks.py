@@ -62,6 +62,8 @@ HEARTBEAT_S = 1.0
 """Seconds between heartbeats (``jobs.health``: alive when younger than 5 s, dead after 15)."""
 REAP_S = 5.0
 """Seconds between a worker's looks for dead workers whose trainings it marks interrupted."""
+REMEASURE_S = 300.0
+"""How often an idle worker measures its device's speed again (seconds; ``_heartbeat_loop``)."""
 PROGRESS_S = 0.5
 """Seconds between writes of a model's or dataset's progress."""
 RETRY_CLAIM_S = 2
@@ -173,7 +175,9 @@ def _prepare_model(model: LanguageModel, report: Throttled) -> dict[str, Any]:
 
 @huey.task()
 def prepare_dataset(dataset_id: int) -> None:
-    """Count the documents; tokenise with the newest ready model's tokenizer (if any)."""
+    """Count the corpus's documents (``n_documents``: all of them); tokenise with the newest
+    ready model's tokenizer (if any): the token store's tokens (``n_tokens``) and documents
+    (``n_documents_tokenised``, fewer when ``max_tokens`` stops it early)."""
     _prepare(Dataset, dataset_id, _prepare_dataset, "Reading documents...")
 
 
@@ -196,8 +200,8 @@ def _prepare_dataset(ds: Dataset, report: Throttled) -> dict[str, Any]:
     model = (LanguageModel.select().where(LanguageModel.status == "ready")
              .order_by(LanguageModel.id.desc()).first())
     if model is None:
-        return dict(n_documents=n_docs, n_tokens=None, samples=first,
-                    message="tokenised when a training starts")
+        return dict(n_documents=n_docs, n_documents_tokenised=None, n_tokens=None,
+                    samples=first, message="tokenised when a training starts")
 
     from transformers import AutoTokenizer
 
@@ -214,8 +218,8 @@ def _prepare_dataset(ds: Dataset, report: Throttled) -> dict[str, Any]:
         store = build_token_store(ds.source, tokenizer, out, context_size=ds.context_size,
                                   max_tokens=ds.max_tokens, text_field=ds.text_field,
                                   progress=report)
-    return dict(n_documents=n_docs, n_tokens=store.n_tokens,
-                samples=store.decode_samples(tokenizer, 3),
+    return dict(n_documents=n_docs, n_documents_tokenised=store.n_documents,
+                n_tokens=store.n_tokens, samples=store.decode_samples(tokenizer, 3),
                 message=f"Tokenised with {model.name} ({store.n_contexts:,} contexts).")
 
 
@@ -673,7 +677,8 @@ def recover() -> int:
 
 
 def measure_device() -> dict[str, Any]:
-    """The worker's device, its memory (bytes) and fp32 matmul speed (GFLOP/s, ~0.3 s)."""
+    """The worker's device, its memory (bytes) and fp32 matmul speed (GFLOP/s): the best of
+    three 0.1 s windows (~0.3 s in all), since other work on the machine only slows it."""
     import torch
 
     from .engine.devices import pick_device
@@ -689,11 +694,13 @@ def measure_device() -> dict[str, Any]:
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     (a @ b).sum().item()  # warm-up
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        (a @ b).sum().item()
-        runs += 1
-    gflops = 2 * n**3 * runs / (time.perf_counter() - t0) / 1e9
+    gflops = 0.0
+    for _ in range(3):
+        runs, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            (a @ b).sum().item()
+            runs += 1
+        gflops = max(gflops, 2 * n**3 * runs / (time.perf_counter() - t0) / 1e9)
     return {"device": str(device), "device_name": name, "device_memory": memory,
             "gflops": round(gflops, 2)}
 
@@ -757,10 +764,16 @@ def _queued_preparations() -> set[tuple[str, int]] | None:
 
 
 def _heartbeat_loop(name: str, device: dict[str, Any], started_at: float) -> None:
-    """Beat every ``HEARTBEAT_S``; every ``REAP_S`` also interrupt what dead workers left."""
-    reaped = time.monotonic()
+    """Beat every ``HEARTBEAT_S``; every ``REAP_S`` also interrupt what dead workers left;
+    every ``REMEASURE_S`` while it trains nothing, measure the device's speed again and keep
+    the fastest measurement (one taken while the machine was busy reads low, and the time
+    estimate's guess before a calibration comes from it)."""
+    reaped = measured = time.monotonic()
     while True:
         time.sleep(HEARTBEAT_S)
+        if time.monotonic() - measured >= REMEASURE_S:
+            measured = time.monotonic()
+            remeasure(name, device)
         try:
             write_heartbeat(name, device, started_at)
         except Exception:  # keep beating
@@ -771,6 +784,18 @@ def _heartbeat_loop(name: str, device: dict[str, Any], started_at: float) -> Non
                 reap()
             except Exception:  # a busy database: next time
                 log.exception("Looking for dead workers failed")
+
+
+def remeasure(name: str, device: dict[str, Any]) -> None:
+    """While the worker ``name`` trains nothing, measure its device's speed again into
+    ``device["gflops"]``, keeping the faster of the two."""
+    try:
+        with connection():
+            idle = not pool.running_ids(name)
+        if idle:
+            device["gflops"] = max(device.get("gflops") or 0.0, measure_device()["gflops"])
+    except Exception:  # keep the last measurement
+        log.exception("Measuring the device again failed")
 
 
 def _measured_device() -> dict[str, Any]:

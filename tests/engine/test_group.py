@@ -171,6 +171,30 @@ def test_resume_points_fall_back_past_a_truncated_checkpoint(base: TrainConfig,
     assert points is not None and [p.name for p in points] == ["step_00000010.safetensors"] * 2
 
 
+def test_each_run_logs_only_its_own_report(base: TrainConfig, tmp_path: Path) -> None:
+    """A group's result lines go to each member's own log (its ``on_log``), one each with its
+    own figures; the group's log keeps the lines about the whole group."""
+    runs = expand(base.replace(total_steps=10), {"k": [2, 4, 8]})
+    dirs = [tmp_path / n for n in unique_names(runs)]
+    group_log: list[str] = []
+    member_logs: list[list[str]] = [[] for _ in runs]
+    out = train_group(runs, dirs, data_dir=tmp_path / "data", device=CPU,
+                      member_callbacks=[Callbacks(on_log=lines.append) for lines in member_logs],
+                      log=group_log.append)
+    assert any(m.startswith("Evaluating on held-out contexts") for m in group_log)
+    assert not any("Report ready" in m for m in group_log), group_log
+    results = set()
+    for lines, values, folder in zip(member_logs, out["runs"], dirs, strict=True):
+        report = json.loads((folder / "eval" / "report.json").read_text())
+        mine = [m for m in lines if m.startswith("Report ready")]
+        assert len(mine) == 1 and mine[0].startswith(
+            f"Report ready: held-out FVU {report['fvu']:.4f}, L0 {report['l0']:.1f}, "
+            f"{report['dead']} dead, {report['dense']} dense"), lines
+        assert values["eval"]["fvu"] == report["fvu"]
+        results.add(mine[0])
+    assert len(results) == 3  # three SAEs, three results
+
+
 def test_a_group_must_share_its_source_and_steps(base: TrainConfig, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="share total_steps"):
         train_group([base, base.replace(total_steps=5)], [tmp_path / "a", tmp_path / "b"],

@@ -464,3 +464,23 @@ def test_smollm2_extraction(smollm2: tuple[Path, LoadedModel, list]) -> None:
         for h in handles:
             h.remove()
     assert ran == [f"layer {i}" for i in range(16)]
+
+
+def test_contexts_longer_than_the_model_reads_are_refused(tiny_dirs: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """Live extraction checks the context size against the model's positions once it loads
+    (a Hub model's config.json is not read before), before any corpus is tokenised: a clear
+    ConfigError, not a shape error from inside the model's forward."""
+    from worker.engine.config import TrainConfig
+    from worker.engine.models import max_positions
+    from worker.engine.pipeline import load_for_extraction
+
+    folder = tiny_dirs["llama"]
+    config = json.loads((folder / "config.json").read_text())
+    assert max_positions(config) == 128 == max_positions(load_model(str(folder)).model.config)
+    assert max_positions({"rope_theta": 10000.0}) is None  # says nothing: not checked
+    cfg = TrainConfig(model=str(folder), dataset="kjv", context_size=200, layer=1)
+    with pytest.raises(ConfigError, match=r"Context size \(200 tokens\) is longer than .* "
+                                          r"\(128 positions\); choose at most 128\."):
+        load_for_extraction(cfg, tmp_path, torch.device("cpu"))
+    assert not (tmp_path / "tokens").exists()

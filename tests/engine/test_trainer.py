@@ -221,6 +221,20 @@ def test_pause_save_and_stop_are_honoured_between_steps(acts, tmp_path):
     assert (tmp_path / "saelens" / "sae_weights.safetensors").is_file()
 
 
+def test_checkpoint_log_gives_the_file_size_in_mib(acts, tmp_path):
+    """The log's size is the file's bytes / 2**20, named MiB (the checkpoint table's unit)."""
+    cfg = _cfg(acts, expansion_factor=64, total_steps=20, auto_save_interval=10)
+    logs: list[str] = []
+    saved: list[dict] = []
+    train(cfg, tmp_path, on_log=logs.append, on_checkpoint=saved.append)
+    lines = [m for m in logs if m.startswith("Checkpoint saved at step")]
+    assert len(lines) == len(saved) >= 2
+    for line, info in zip(lines, saved, strict=True):
+        assert info["size_bytes"] > 2**20  # large enough for MB and MiB to differ at .1f
+        assert line.startswith(f"Checkpoint saved at step {info['step']} (")
+        assert line.endswith(f", {info['size_bytes'] / 2**20:.1f} MiB)."), line
+
+
 def test_retention_keeps_first_last_every_nth_and_best(tmp_path):
     d = tmp_path / "ckpts"
     for step in (10, 20, 30, 40, 50, 60, 70):

@@ -87,7 +87,7 @@ def test_dataset_validation(data_dir: Path) -> None:
         (dict(source=None), "source"),
         (dict(source="kjv", context_size="abc"), "context_size"),
         (dict(source="kjv", context_size="1"), "context_size"),
-        (dict(source="kjv", context_size="9000"), "context_size"),
+        (dict(source="kjv", context_size="200000"), "context_size"),
         (dict(source="kjv", context_size="128", max_tokens="100"), "max_tokens"),
         (dict(source="./missing/corpus.txt"), "source"),
         (dict(source=None, upload=("notes.pdf", io.BytesIO(b"x"))), "upload"),
@@ -101,6 +101,54 @@ def test_dataset_validation(data_dir: Path) -> None:
         assert exc.value.errors[field].endswith(".")
     assert Dataset.select().count() == 0
     assert not any((data_dir / "uploads").glob("*")) if (data_dir / "uploads").exists() else True
+
+
+def test_dataset_fields_are_named_and_bounded_as_their_options(enqueued: list) -> None:
+    """The add form's labels and help come from the options registry, and the errors name the
+    fields the same way, with the same bounds: one source for both."""
+    from worker.engine.config import option
+
+    fields = jobs.datasets.form_fields()
+    ctx, corpus = option("context_size"), option("max_tokens")
+    assert fields["context_size"] == {
+        "label": "Context size",
+        "help": f"Tokens per context when the corpus is tokenised. Between {ctx.min:,} and "
+                f"{ctx.max:,} tokens."}
+    assert fields["max_tokens"]["label"] == corpus.label == "Corpus tokens"
+    assert fields["max_tokens"]["help"].endswith("At least the context size.")
+    cases = {("1", None): ("context_size", f"between {ctx.min:,} and {ctx.max:,}"),
+             (str(ctx.max + 1), None): ("context_size", f"between {ctx.min:,} and {ctx.max:,}"),
+             ("128", "abc"): ("max_tokens", "must be a whole number (got 'abc')"),
+             ("128", "100"): ("max_tokens", "at least the context size (128; got 100)")}
+    for (context_size, max_tokens), (field, words) in cases.items():
+        with pytest.raises(jobs.Invalid) as exc:
+            jobs.add_dataset("kjv", context_size=context_size, max_tokens=max_tokens)
+        message = exc.value.errors[field]
+        assert message.startswith(fields[field]["label"] + " ") and words in message, message
+    # what the help promises is accepted: the option's largest context, the smallest corpus
+    d = jobs.add_dataset("kjv", context_size=str(ctx.max), max_tokens=str(ctx.max))
+    assert (d.context_size, d.max_tokens) == (ctx.max, ctx.max)
+    assert enqueued == [("prepare_dataset", (d.id,))]
+
+
+def test_dataset_counts_the_corpus_and_the_tokenised_documents(dataset: Dataset,
+                                                               data_dir: Path) -> None:
+    """max_tokens stops the token store early: the row keeps the corpus's document count and
+    says how many documents the store holds (its meta.json's n_documents)."""
+    import json
+
+    metas = [json.loads(m.read_text()) for m in (data_dir / "tokens").glob("*/meta.json")]
+    assert len(metas) == 1 and metas[0]["reached_max_tokens"] is True
+    d = jobs.get_dataset(dataset.id)
+    assert d.n_documents == 31102  # the whole corpus
+    assert 0 < d.n_documents_tokenised == metas[0]["n_documents"] < 1000
+    assert d.n_tokens == metas[0]["n_tokens"] == 16384
+    data = jobs.dataset_as_dict(d)
+    assert (data["n_documents"], data["n_documents_tokenised"]) == (31102, d.n_documents_tokenised)
+    jobs.delete_model(jobs.list_models()[0].id)  # no ready model: counted, not tokenised
+    untokenised = jobs.add_dataset("kjv", context_size="32", max_tokens="4096")
+    assert untokenised.status == "ready", untokenised.error
+    assert (untokenised.n_documents, untokenised.n_documents_tokenised) == (31102, None)
 
 
 def test_hub_dataset_fails_offline(data_dir: Path) -> None:
@@ -121,7 +169,7 @@ def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
     assert [jobs.get_model(m.id).status, jobs.get_dataset(d.id).status] == ["failed", "failed"]
     assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
     with db.connection_context():
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 11
 
 
 def test_schema_v8_adds_mlp_in_where_the_model_has_an_mlp(data_dir: Path) -> None:
@@ -157,6 +205,22 @@ def test_schema_v10_adds_the_preparing_worker(data_dir: Path) -> None:
     m, d = jobs.get_model(m.id), jobs.get_dataset(d.id)
     assert (m.status, m.progress, m.worker) == ("preparing", 0.3, None)
     assert (d.status, d.worker) == ("ready", None)
+
+
+def test_schema_v11_adds_the_tokenised_document_count(data_dir: Path) -> None:
+    """Databases from before schema 11 have no ``n_documents_tokenised`` on datasets: it is
+    added (null: shown as before), the rows keep their values."""
+    with db.connection_context():
+        d = Dataset.create(name="d", source="kjv", status="ready", n_documents=31102,
+                           n_tokens=200_000)
+        db.execute_sql("ALTER TABLE dataset DROP COLUMN n_documents_tokenised")
+        db.execute_sql("PRAGMA user_version = 10")
+    init_db(data_dir / "app.db")
+    with db.connection_context():
+        assert "n_documents_tokenised" in {c.name for c in db.get_columns("dataset")}
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    d = jobs.get_dataset(d.id)
+    assert (d.n_documents, d.n_documents_tokenised, d.n_tokens) == (31102, None, 200_000)
 
 
 def test_same_source_added_twice_is_named_apart(enqueued: list) -> None:

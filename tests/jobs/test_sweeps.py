@@ -57,6 +57,27 @@ def test_a_sweep_trains_its_runs_together_and_reports_each(model: Any, dataset: 
     assert len({round(e["fvu"], 6) for e in layers.values()}) == 4  # four different SAEs
 
 
+def test_each_run_of_a_group_logs_only_its_own_result(model: Any, dataset: Any,
+                                                      enqueued: list) -> None:
+    """The held-out result line ("Report ready: held-out FVU ...") of a group trained in one
+    task is written to its own run's log only; the group's lines go to every run."""
+    sweep = jobs.create_sweep(form(model, dataset, k="4,8,16", total_steps="10"))
+    assert len(jobs.sweep_as_dict(sweep)["groups"]) == 1
+    _run_groups(enqueued)
+    lines = {}
+    for t in jobs.sweep_trainings(sweep):
+        assert t.status == "completed", t.error
+        logs = [line["message"] for line in jobs.log_lines(t.id)]
+        assert any("3 SAEs trained together" in m for m in logs), logs
+        mine = [m for m in logs if m.startswith("Report ready")]
+        ev = t.result["eval"]
+        assert len(mine) == 1 and mine[0].startswith(
+            f"Report ready: held-out FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, "
+            f"{ev['dead']} dead, {ev['dense']} dense"), logs
+        lines[t.id] = mine[0]
+    assert len(set(lines.values())) == 3
+
+
 def test_bad_list_values_name_their_field_and_nothing_is_queued(model: Any, dataset: Any,
                                                                enqueued: list) -> None:
     with pytest.raises(jobs.Invalid) as exc:

@@ -157,6 +157,25 @@ def test_the_heartbeat_says_where_the_worker_runs_and_what(
     assert h["alive"] and h["name"] == me and h["device_name"] == "x86_64 CPU"
 
 
+def test_an_idle_worker_measures_its_device_again_and_keeps_the_fastest(data_dir: Path
+                                                                         ) -> None:
+    """The speed measured at the start may read low (the machine was busy): an idle worker
+    measures again (every REMEASURE_S) and keeps the faster figure; one that trains does not
+    measure (its own training would slow the measurement)."""
+    me = tasks.worker_name()
+    device = {"device": "cpu", "device_name": "x86_64 CPU", "device_memory": 2**34,
+              "gflops": 0.001}  # as if measured under a heavy load
+    tasks.remeasure(me, device)
+    assert device["gflops"] > 0.001
+    fast = dict(device, gflops=1e9)  # faster than any measurement: kept
+    tasks.remeasure(me, fast)
+    assert fast["gflops"] == 1e9
+    make_training(make_model(), make_dataset(), "training", worker=me)
+    busy = dict(device, gflops=0.001)
+    tasks.remeasure(me, busy)
+    assert busy["gflops"] == 0.001
+
+
 # ---------------------------------------------------------------------------- dead workers
 def test_live_workers_interrupt_the_trainings_of_dead_ones(data_dir: Path,
                                                            enqueued: list) -> None:

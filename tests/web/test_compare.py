@@ -196,3 +196,48 @@ def test_compare_without_metrics(client, app):
     assert "No metrics yet." in element_by_id(html, "compare-loss-chart").text
     assert element_by_id(html, "pareto-fvu-chart").get("data-points") == "0"
     assert "none yet" in text_of(html, "pareto-fvu-frontier")
+
+
+def test_compare_without_ids_is_a_page_for_browsers(client, four):
+    """"Compare selected" with nothing ticked (no JavaScript, or a typed URL): the compare page
+    says what to do and links back, instead of a 422 error page; JSON keeps the 422."""
+    for url in ("/compare", "/compare?", "/compare?ids=", "/compare?ids=,%20"):
+        page = client.get(url)
+        assert page.status_code == 200, url
+        html = page.data.decode()
+        assert "Choose at least one training" not in html
+        assert "Nothing to compare yet" in text_of(html, "compare-empty")
+        assert element_by_id(html, "compare-back").get("href").startswith("/")
+    status, body = get_json(client, "/compare")
+    assert status == 422 and "at least one" in body["error"]
+    # the Training page's button: its hint says to tick trainings; without JS it still submits
+    index = client.get("/").data.decode()
+    button = element_by_id(index, "compare-selected")
+    assert button.get("aria-describedby") == "compare-hint" and button.get("disabled") is None
+    assert "Tick" in text_of(index, "compare-hint")
+
+
+def test_compare_ce_chart_says_the_model_is_not_causal(client, app):
+    """MiniLM (a BERT encoder) has no CE loss to recover: the CE chart says so rather than
+    "No run has both figures yet"; a causal model's runs still get the chart."""
+    bert = make_model(is_causal=False)
+    dataset = make_dataset()
+    runs = [finished(bert, dataset, fvu=f, l0=l0, ce=None) for f, l0 in ((0.3, 20), (0.2, 40))]
+    ids = ",".join(str(t.id) for t in runs)
+    html = client.get(f"/compare?ids={ids}").data.decode()
+    box = element_by_id(html, "pareto-ce_loss_recovered")
+    assert "not a causal LM" in box.text and "minilm-l6" in box.text
+    assert "No run has both figures yet" not in box.text
+    assert "pareto-ce_loss_recovered-frontier" not in [e.get("id") for e in box.iter()]
+    assert element_by_id(html, "pareto-fvu-chart").get("data-points") == "2"
+    # mixed: the causal run is drawn, the note names the model whose runs are left out
+    gpt = finished(make_model(name="smollm2-135m", is_causal=True), dataset, fvu=0.25, l0=30,
+                   ce=0.9)
+    mixed = client.get(f"/compare?ids={ids},{gpt.id}").data.decode()
+    chart = element_by_id(mixed, "pareto-ce_loss_recovered-chart")
+    assert chart.get("data-points") == "1"
+    assert "minilm-l6" in text_of(mixed, "pareto-ce_loss_recovered-note")
+    # a model whose kind is unknown (an older row) keeps the generic empty chart
+    plain = finished(make_model(name="old"), dataset, fvu=0.3, l0=20, ce=None)
+    old = client.get(f"/compare?ids={plain.id}").data.decode()
+    assert "No run has both figures yet" in text_of(old, "pareto-ce_loss_recovered-chart")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from worker import settings
 
-from ..html import element_by_id, find_all, ids
+from ..html import element_by_id, find_all, ids, text_of
 from .conftest import HX, JSON, make_dataset, make_model, make_training
 
 
@@ -84,6 +84,60 @@ def test_datasets_page_detail_json(client, app):
     assert client.get("/datasets", headers=JSON).get_json()["items"][0]["id"] == d.id
     assert client.get(f"/datasets/{d.id}", headers=HX).data.decode().strip() \
         .startswith(f'<li id="dataset-{d.id}"')
+
+
+def test_dataset_form_labels_help_and_errors_come_from_the_options(client, enqueued):
+    """The form's labels and help say what the validation checks: the options' labels and
+    bounds (Context size 2-131,072 tokens, Corpus tokens), and an error names its field as the
+    label above it does."""
+    def label_and_help(page: str, name: str) -> tuple[str, str]:
+        field = element_by_id(page, f"field-{name}")
+        return find_all(field, "label")[0].text, find_all(field, "p")[0].text
+
+    page = client.get("/datasets").data.decode()
+    assert label_and_help(page, "context_size") == (
+        "Context size",
+        "Tokens per context when the corpus is tokenised. Between 2 and 131,072 tokens.")
+    assert label_and_help(page, "max_tokens") == (
+        "Corpus tokens",
+        "Tokens of the corpus to tokenise. Blank = all of it. At least the context size.")
+    assert "4096" not in page
+    bad = client.post("/datasets", data={"source": "kjv", "context_size": "1",
+                                         "max_tokens": "abc"}, headers=HX)
+    assert bad.status_code == 422
+    form = bad.data.decode()
+    assert label_and_help(form, "context_size") == (
+        "Context size", "Context size must be between 2 and 131,072 (got 1).")
+    assert label_and_help(form, "max_tokens") == (
+        "Corpus tokens", "Corpus tokens must be a whole number (got 'abc').")
+    ok = client.post("/datasets", data={"source": "kjv", "context_size": "8192"}, headers=JSON)
+    assert ok.status_code == 201 and ok.get_json()["context_size"] == 8192  # within the help
+    assert [name for name, _ in enqueued] == ["prepare_dataset"]
+
+
+def test_dataset_list_and_detail_tell_corpus_and_tokenised_documents_apart(client, app):
+    """The corpus's documents and the token store's are both shown, each named; a row prepared
+    before the store's count existed (or not tokenised yet) shows the corpus's alone."""
+    d = make_dataset(n_documents=31102, n_documents_tokenised=5718, n_tokens=200_000,
+                     context_size=128)
+    old = make_dataset(name="old", n_documents=31102, n_tokens=16384)
+    page = client.get("/datasets").data.decode()
+    assert element_by_id(page, f"dataset-{d.id}").text.endswith(
+        "31,102 docs (5,718 tokenised) · 200k tokens · ctx 128 Delete")
+    assert "31,102 docs · 16.4k tokens · ctx 64" in element_by_id(page, f"dataset-{old.id}").text
+    detail = client.get(f"/datasets/{d.id}").data.decode()
+    facts = {dt.text: dd.text for dt, dd in zip(find_all(detail, "dt"), find_all(detail, "dd"),
+                                                strict=True)}
+    assert facts["Documents in the corpus"] == "31,102"
+    assert facts["Documents tokenised"] == "5,718" == text_of(detail,
+                                                               "dataset-documents-tokenised")
+    assert facts["Corpus tokens"] == "whole corpus" and facts["Context size"] == "128 tokens"
+    assert "dataset-documents-tokenised" not in ids(client.get(f"/datasets/{old.id}").data
+                                                    .decode())
+    data = client.get(f"/datasets/{d.id}", headers=JSON).get_json()
+    assert (data["n_documents"], data["n_documents_tokenised"]) == (31102, 5718)
+    assert client.get(f"/datasets/{old.id}", headers=JSON).get_json()[
+        "n_documents_tokenised"] is None
 
 
 def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):

@@ -8,13 +8,13 @@ from ..html import Element, find_all
 from .conftest import HX
 
 
-def _group(svg: str, cls: str) -> Element:
+def _group(svg: str | Element, cls: str) -> Element:
     """The chart's one ``<g>`` of class ``cls`` (axis-x, axis-y, bars)."""
     (group,) = find_all(svg, "g", class_=cls)
     return group
 
 
-def _tick_labels(svg: str, axis: str) -> list[str]:
+def _tick_labels(svg: str | Element, axis: str) -> list[str]:
     return [t.text for t in find_all(_group(svg, f"axis-{axis}"), "text")]
 
 
@@ -126,3 +126,44 @@ def test_histogram_svg():
     broken = str(render.histogram_svg([0, 1], [1, 2, 3], chart_id="h4"))
     assert "No histogram." in broken
     assert "No histogram." in str(render.histogram_svg(["a", 1], [1], chart_id="h5"))
+
+
+def test_tick_labels_differ_on_a_narrow_range():
+    """L0 within 0.01 of 16 (k=16): the y labels carry the decimals of the tick step, not
+    "16" four times; a flat series has one labelled gridline."""
+    pts = [(s, 16 + 0.004 * ((s * 7) % 5 - 2) / 2) for s in range(1, 200)]
+    svg = str(render.line_chart(pts, label="L0", chart_id="c1", digits=1))
+    labels = _tick_labels(svg, "y")
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+    assert labels == ["15.9975", "16.0000", "16.0025"]  # step 0.0025: four decimals each
+    near_32 = str(render.line_chart([(s, 32 - 0.003 * (s % 3)) for s in range(1, 50)],
+                                    label="L0", chart_id="c2", digits=1))
+    assert len(set(_tick_labels(near_32, "y"))) == len(_tick_labels(near_32, "y")) >= 3
+    flat = str(render.line_chart([(1, 16.0), (2, 16.0), (3, 16.0000000001)], label="L0",
+                                 chart_id="c3", digits=1))
+    assert _tick_labels(flat, "y") == ["16"]
+    # the decimals follow the step: 10.25 is not cut to "10.2"; wide ranges keep whole numbers
+    assert render._tick_labels([10.0, 10.25, 10.5, 10.75]) == ["10.00", "10.25", "10.50",
+                                                               "10.75"]
+    assert render._tick_labels([0.0, 200.0, 400.0]) == ["0", "200", "400"]
+    assert render._tick_labels([0.0, 10000.0, 20000.0]) == ["0", "10k", "20k"]
+    assert render._tick_labels([100000.0, 100002.0, 100004.0]) == ["100000", "100002",
+                                                                   "100004"]
+
+
+def test_card_l0_chart_labels_on_a_k16_run(client, app):
+    """The served card: a TopK k=16 run whose L0 stays within 0.01 of 16 has distinct y labels
+    on its L0 chart (it read "16, 16, 16")."""
+    from worker.db import Metric, db
+
+    from .conftest import make_dataset, make_model, make_training, metric
+
+    t = make_training(make_model(), make_dataset(), "completed", steps=0, total=100)
+    rows = [dict(metric(s, 100), l0=16 - 0.008 * (s % 7) / 6) for s in range(5, 101, 5)]
+    with db.connection_context():
+        Metric.insert_many([{"training": t.id, "step": r["step"], "data": r}
+                            for r in rows]).execute()
+    html = client.get(f"/trainings/{t.id}").data.decode()
+    (chart,) = find_all(html, "svg", id=f"training-{t.id}-l0-chart")
+    labels = _tick_labels(chart, "y")
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels

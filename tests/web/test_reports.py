@@ -240,6 +240,12 @@ def test_report_page(client, done):
     tile = element_by_id(html, "report-tile-latents")
     assert "118" in [e.text for e in tile.iter()]
     assert "2 dead in 120 held-out tokens · 3 dense" in tile.text  # the window is stated
+    assert "report-run-rate" not in html  # no result stored: no rate to show
+    Training.update(result={"tokens_per_s": 2709.6, "tokens": 12800}).where(
+        Training.id == done.id).execute()
+    html = client.get(f"/trainings/{done.id}/report").data.decode()
+    assert element_by_id(html, "report-run-rate").text == "2.71k tokens/s (whole run)"
+    assert "trained on 12.8k tokens at" in html
     svg = element_by_id(html, f"training-{done.id}-density")
     assert svg.tag == "svg" and len(find_all(svg, "rect")) == 28
     assert "log10 frequency" in svg.text and "latents" in [t.text for t in find_all(svg, "text")]
@@ -297,6 +303,31 @@ def test_report_search(client, done):
     assert 'aria-sort="ascending"' in page.data.decode()  # the valid sort is kept
     junk = client.get(f"/trainings/{done.id}/report?sort=bogus&page=x")
     assert junk.status_code == 422 and len(ids(junk.data.decode(), "latent-row-")) == 50
+
+
+def test_report_bad_table_arguments_are_named(client, done):
+    """?page=abc / ?per_page=0 say which argument is wrong, above the table (not as the search
+    box's error, which it looked like); the table shows its default instead."""
+    url = f"/trainings/{done.id}/report"
+    for query, sentence in (("page=abc", "page must be a whole number, not “abc”."),
+                            ("per_page=0", "per_page must be from 1 to 500 (got 0).")):
+        for headers in ({}, HX):
+            r = client.get(f"{url}?{query}", headers=headers)
+            assert r.status_code == 422
+            html = r.data.decode()
+            box = element_by_id(html, "latents-args-errors")
+            assert sentence in box.text, box.text
+            assert attr(html, "latent-q", "aria-invalid") is None
+            assert not find_all(html, "p", class_="field-error")  # nothing beside the search
+            assert len(ids(html, "latent-row-")) == 50  # the default page, still usable
+    both = client.get(f"{url}?page=abc&per_page=0").data.decode()
+    text = element_by_id(both, "latents-args-errors").text
+    assert "page must be a whole number" in text and "per_page must be from 1 to 500" in text
+    # a bad search is still the search box's own error
+    bad_q = client.get(f"{url}?q=abc").data.decode()
+    assert attr(bad_q, "latent-q", "aria-invalid") == "true"
+    assert "is not a latent id" in text_of(bad_q, "latent-q-error")
+    assert "latents-args-errors" not in ids(bad_q)
 
 
 def test_report_json(client, done):

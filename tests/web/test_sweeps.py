@@ -220,6 +220,26 @@ def test_controls_and_delete(client, ready, enqueued):
     assert resp.status_code == 200 and resp.headers["HX-Redirect"] == "/sweeps"
 
 
+def test_deleting_one_run_updates_the_sweeps_card(client, ready, enqueued):
+    """A sweep's finished run deleted from its card: the answer carries the sweep's card (out
+    of band) without that run, so the Training page does not go on listing it."""
+    model, dataset = ready
+    body = client.post("/sweeps", json=sweep_form(model, dataset, k=[8, 16, 32]),
+                       headers=JSON).get_json()
+    sid, tids = body["id"], body["trainings"]
+    _set_status(tids, "completed", finished_at=time.time())
+    frag = client.delete(f"/trainings/{tids[0]}", headers=HX).data.decode()
+    card = element_by_id(frag, f"sweep-{sid}")
+    assert card.get("hx-swap-oob") == "true"
+    assert "2 runs" in element_by_id(frag, f"sweep-{sid}-meta").text
+    shown = ids(frag)
+    assert f"sweep-{sid}-run-{tids[1]}" in shown and f"sweep-{sid}-run-{tids[0]}" not in shown
+    assert client.delete(f"/trainings/{tids[1]}", headers=JSON).get_json() == {"deleted": tids[1]}
+    plain = client.delete(f"/trainings/{tids[2]}")  # no JavaScript: back to the page
+    assert plain.status_code == 302
+    assert client.get(f"/sweeps/{sid}", headers=JSON).get_json()["trainings"] == []
+
+
 # ---------------------------------------------------------------------------- the form
 def test_the_form_switches_to_sweep_mode_and_back(client, ready):
     model, dataset = ready

@@ -9,7 +9,7 @@ import zipfile
 from worker.db import Checkpoint, Metric, Training
 
 from ..html import attr, element_by_id, find_all, ids
-from .conftest import HX, JSON, make_model, make_training
+from .conftest import CONFIG, HX, JSON, make_model, make_training
 
 FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
         "total_steps": "20", "log_every": "5", "auto_save_interval": "10",
@@ -101,6 +101,23 @@ def test_estimate(client, ready):
                       headers=JSON).get_json()["invalid"].keys() >= {"layer", "hook_point"}
     frag = client.get(f"/trainings/estimate?model_id={model.id}&layer=6", headers=HX)
     assert b"estimate-memory" in frag.data  # the form's own: for the layer it shows
+
+
+def test_choosing_no_model_clears_its_details(client, ready):
+    """The form opens on the first ready model; choosing "Choose a ready model" (a blank
+    model_id) shows no model's layers, facts or estimate."""
+    model, _ = ready
+    fields = client.get("/trainings/model-fields?model_id=&layer=3", headers=HX)
+    body = fields.data.decode()
+    assert "Choose a model to see its layers." in body and "6 layers" not in body
+    assert "Layer 3" not in body
+    data = client.get("/trainings/estimate?model_id=", headers=JSON).get_json()
+    assert data["memory_bytes"] is None and data["time_range_s"] is None
+    assert data["warning"] == "Choose a ready model to see the memory and time estimate."
+    frag = client.get("/trainings/estimate?model_id=", headers=HX).data.decode()
+    assert "Choose a ready model" in frag and "estimate-memory" not in ids(frag)
+    opened = client.get("/trainings/model-fields", headers=HX).data.decode()  # afresh
+    assert f"{model.name}: 6 layers" in opened
 
 
 def test_create_invalid_422(client, ready, enqueued):
@@ -333,11 +350,25 @@ def test_card_states_windows_and_scales(client, ready):
     scale, tokens/s over which window: the report's figures use other windows and scales."""
     model, dataset = ready
     t = make_training(model, dataset, status="training", steps=300)  # 300 x 128 tokens so far
+    Training.update(config=dict(CONFIG, total_steps=1000, lr_decay_frac=0.2)).where(
+        Training.id == t.id).execute()
     card = client.get(f"/trainings/{t.id}", headers=HX).data.decode()
     dead = element_by_id(card, f"training-{t.id}-dead-window")
     assert "no fire in last 38.4k tokens" in dead.text and "38,400" in dead.get("title")
     assert "(training scale)" in element_by_id(card, f"training-{t.id}-tile-loss").text
     assert "(last window)" in element_by_id(card, f"training-{t.id}-throughput").text
+    assert f"training-{t.id}-run-rate" not in ids(card)  # running: no whole-run rate yet
+    lr = element_by_id(card, f"training-{t.id}-lr-schedule").text
+    assert lr == "constant, then to 0 over the last 20% of steps"
+    # finished: the whole run's rate (the result's tokens_per_s) beside the last window's
+    done = make_training(model, dataset, status="completed", steps=300, total=300,
+                         result={"tokens_per_s": 2709.6, "tokens": 38400, "steps": 300})
+    Training.update(config=dict(CONFIG, total_steps=300, lr_schedule="cosine")).where(
+        Training.id == done.id).execute()
+    card = client.get(f"/trainings/{done.id}", headers=HX).data.decode()
+    rate = element_by_id(card, f"training-{done.id}-throughput").text
+    assert "2.71k tokens/s (whole run)" in rate and "(last window)" in rate
+    assert element_by_id(card, f"training-{done.id}-lr-schedule").text == "cosine decay to 0"
 
 
 def test_card_charts_the_steered_coefficient_when_target_l0_is_set(client, ready):

@@ -47,7 +47,7 @@ from .evaluator import BatchCache, EvalOptions, Evaluator, Sample, TopN, Totals
 from .files import json_safe, replace_folder
 from .latent_stats import REPORT_KEYS as STATS_KEYS
 from .latent_stats import latent_stats
-from .models import LoadedModel, vocabulary_texts
+from .models import LoadedModel, max_positions, vocabulary_texts
 
 __all__ = ["EvalOptions", "Evaluation", "GroupSAE", "evaluate_sae", "evaluate_saes",
            "load_evaluation", "save_evaluation"]
@@ -127,10 +127,8 @@ def _check_contexts(contexts: np.ndarray | Tensor, loaded: LoadedModel) -> tuple
             f"The held-out contexts hold token id {hi if hi >= vocab else lo}, but the model "
             f"{loaded.info.name} has a vocabulary of {vocab} tokens: the token store was built "
             f"with another tokenizer; evaluate with the model it was built for.")
-    config = getattr(loaded.model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                        None)
-    if isinstance(limit, int) and t > limit:
+    limit = max_positions(getattr(loaded.model, "config", None))
+    if limit is not None and t > limit:
         raise ConfigError(f"The contexts are {t} tokens long, but {loaded.info.name} reads at "
                           f"most {limit} positions; build the token store with a shorter "
                           f"context size.")

@@ -209,7 +209,9 @@ def train_group(
     "tokens_per_s" (the group's training steps: every run's tokens/s), "wall_s" (load to
     last report), "forwards" (model forward passes of the shared extraction, None without)}``.
     ``after_fit``, ``evaluate``, ``on_eval_start``, ``on_eval_error`` as ``train_and_evaluate``'s
-    (the whole group is evaluated or not).
+    (the whole group is evaluated or not). ``log`` gets the evaluation's lines about the whole
+    group; each run's own result line goes to its ``member_callbacks`` entry's ``on_log`` (to
+    ``log``, naming the run, without them).
     """
     start = time.perf_counter()
     check_group(cfgs)
@@ -233,7 +235,9 @@ def train_group(
         held_out_evaluation(values, group.trainers, [m.out_dir for m in members],
                             data_dir=data_dir, metas=[m.export_meta or {} for m in members],
                             log=log, on_eval_start=on_eval_start, eval_progress=eval_progress,
-                            on_eval_error=on_eval_error)
+                            on_eval_error=on_eval_error,
+                            run_logs=[cb.on_log for cb in member_callbacks]
+                            if member_callbacks else None)
     return {"runs": values, "d_in": group.trainers[0].d_in, "tokens": results[0].tokens,
             "tokens_per_s": results[0].tokens_per_s,
             "wall_s": round(time.perf_counter() - start, 1),

@@ -584,3 +584,22 @@ def _is_wordpiece(tokenizer: Any) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = getattr(backend, "model", None)
     return type(model).__name__ == "WordPiece"
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest context a model reads: its config's ``max_position_embeddings`` (or GPT-2's
+    ``n_positions``), from a transformers config or its config.json as a dict; None when it
+    does not say (rotary models may not)."""
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    limit = get("max_position_embeddings") or get("n_positions")
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context_size(context_size: int, limit: int | None, name: str) -> None:
+    """ConfigError when contexts of ``context_size`` tokens are longer than the model ``name``
+    reads (``limit`` positions, from ``max_positions``)."""
+    if limit is not None and context_size > limit:
+        raise ConfigError(f"Context size ({context_size:,} tokens) is longer than {name} reads "
+                          f"({limit:,} positions); choose at most {limit:,}.")

@@ -69,10 +69,12 @@ def prepare_tokens(cfg: TrainConfig, loaded: Any, data_dir: Path,
 def load_for_extraction(cfg: TrainConfig, data_dir: Path, device: torch.device,
                         progress: Progress | None = None) -> tuple[Any, Any, int]:
     """Load the model and token store; resolve and check the layer. Returns (model, store, L)."""
-    from .models import default_layer, load_model
+    from .models import check_context_size, default_layer, load_model, max_positions
 
     assert cfg.model is not None
     loaded = load_model(cfg.model, data_dir=data_dir, device=str(device))
+    check_context_size(cfg.context_size, max_positions(getattr(loaded.model, "config", None)),
+                       loaded.info.name)
     n_layers = loaded.info.n_layers
     layer = cfg.layer if cfg.layer is not None else default_layer(n_layers)
     if not 0 <= layer < n_layers:
@@ -201,7 +203,7 @@ def check_before_loading(cfg: TrainConfig, data_dir: Path,
     checked when it loads. SmolLM2's one-time conversion happens here (``progress``). Returns
     (hidden size, layer count) where known."""
     from .activations import ActivationFile
-    from .models import BUNDLED_MODELS, resolve_model_path
+    from .models import BUNDLED_MODELS, check_context_size, max_positions, resolve_model_path
 
     d_in = n_layers = None
     if cfg.activations:
@@ -214,6 +216,8 @@ def check_before_loading(cfg: TrainConfig, data_dir: Path,
         config = json.loads((path / "config.json").read_text())
         d_in = _first_int(config, ("hidden_size", "d_model", "n_embd", "dim"))
         n_layers = _first_int(config, ("num_hidden_layers", "n_layer", "num_layers"))
+        if cfg.dataset:  # live extraction reads contexts of cfg.context_size tokens
+            check_context_size(cfg.context_size, max_positions(config), cfg.model)
     cfg.validate(d_in=d_in, n_layers=n_layers)
     return d_in, n_layers
 
@@ -392,10 +396,14 @@ def held_out_evaluation(
     log: Callable[[str], None] = lambda message: None,
     on_eval_start: Callable[[], None] | None = None, eval_progress: Progress | None = None,
     on_eval_error: Callable[[Exception], None] | None = None,
+    run_logs: list[Callable[[str], None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate trained SAEs (one, or a sweep's, sharing their source) on held-out text into
     each ``out_dir/eval`` and merge the headline figures into each ``values["eval"]`` (see
-    ``train_and_evaluate``)."""
+    ``train_and_evaluate``). ``log`` gets the lines about them all (evaluating, no report);
+    each SAE's own result line (Report ready: its FVU, L0...) goes to its ``run_logs`` entry
+    (a group's members' logs), or without them to ``log``, naming the run folder when there
+    are several."""
     cfg = trainers[0].cfg
     skipped = evaluation_skipped(cfg)
     if skipped:
@@ -420,14 +428,15 @@ def held_out_evaluation(
         for v in values:
             v["eval"]["report"] = False
         return values
-    for v, report, out in zip(values, reports, out_dirs, strict=True):
+    for i, (v, report, out) in enumerate(zip(values, reports, out_dirs, strict=True)):
         v["eval"].update(eval_summary(report), measured_on="heldout_text",
                          dead_frac=report["dead"] / max(1, report["dead"] + report["alive"]),
                          report=str(Path(out) / "eval"))
         recovered = report.get("ce_loss_recovered")
         target = report.get("target_hook_point")
-        log("Report ready{}: held-out FVU {:.4f}{}, L0 {:.1f}, {} dead, {} dense{}.".format(
-            f" ({Path(out).name})" if len(values) > 1 else "",
+        run_log = log if run_logs is None else run_logs[i]
+        run_log("Report ready{}: held-out FVU {:.4f}{}, L0 {:.1f}, {} dead, {} dense{}.".format(
+            f" ({Path(out).name})" if run_logs is None and len(values) > 1 else "",
             report["fvu"], f" (of {target})" if target else "", report["l0"], report["dead"],
             report["dense"],
             "" if recovered is None else f", CE loss recovered {100 * recovered:.1f}%"

@@ -270,10 +270,9 @@ class Probe:
 
 
 def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                        None)
-    return limit if isinstance(limit, int) and limit > 0 else None
+    from .models import max_positions
+
+    return max_positions(getattr(model, "config", None))
 
 
 def _cache_of(output: Any) -> Any:

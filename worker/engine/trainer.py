@@ -412,7 +412,8 @@ class Trainer:
         deleted = ck.apply_retention(self.ckpt_dir, self.cfg.keep_every, self.best_step,
                                      self.protect)
         size = path.stat().st_size
-        self.cb.on_log(f"Checkpoint saved at step {self.step} ({reason}, {size / 2**20:.1f} MB).")
+        self.cb.on_log(f"Checkpoint saved at step {self.step} ({reason}, "
+                       f"{size / 2**20:.1f} MiB).")
         self.cb.on_checkpoint({"path": str(path), "step": self.step, "loss": meta["loss"],
                                "size_bytes": size, "is_best": is_best,
                                "best_step": self.best_step,

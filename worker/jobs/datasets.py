@@ -17,17 +17,26 @@ from typing import Any, BinaryIO
 
 from .. import settings
 from ..db import Dataset
-from ..engine.config import check_value, option, parse_value
+from ..engine.config import check_value, option, parse_value, range_text
 from ..engine.documents import looks_like_path
 from . import common
 from .errors import Invalid
 
 DATASET_FIELDS = ("id", "name", "source", "status", "error", "progress", "message",
-                  "context_size", "max_tokens", "text_field", "n_documents", "n_tokens",
-                  "samples", "worker", "created_at", "updated_at")
+                  "context_size", "max_tokens", "text_field", "n_documents",
+                  "n_documents_tokenised", "n_tokens", "samples", "worker", "created_at",
+                  "updated_at")
 """The keys of ``dataset_as_dict`` (the JSON API); ``worker`` names the worker preparing it while
-``preparing`` (null otherwise)."""
+``preparing`` (null otherwise). ``n_documents`` counts the whole corpus's documents;
+``n_documents_tokenised`` and ``n_tokens`` what its token store holds (null until tokenised;
+``max_tokens`` may stop the store before the corpus ends)."""
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".csv")
+FORM_OPTIONS = ("context_size", "max_tokens", "text_field")
+"""The engine options a dataset row holds: the add form's fields, labelled and checked as the
+options registry says (``form_fields``, ``_count``)."""
+MAX_TOKENS_RULE = "at least the context size"
+"""The dataset's own bound on ``max_tokens`` (the token store keeps whole contexts), stricter
+than the option's minimum (1)."""
 
 
 def list_datasets() -> list[Dataset]:
@@ -49,6 +58,22 @@ def _safe_filename(filename: str) -> str:
     stem = base[:-len(suffix)] if suffix else base
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:80 - len(suffix)]
     return (stem or "upload") + suffix
+
+
+def form_fields() -> dict[str, dict[str, str]]:
+    """The add form's ``{"label", "help"}`` per option of ``FORM_OPTIONS``: the option's label
+    (the name its errors use) and help, with the bounds ``add_dataset`` checks: the option's
+    min and max for ``context_size`` ("Between 2 and 131,072 tokens."), ``MAX_TOKENS_RULE``
+    for ``max_tokens``."""
+    out = {}
+    for name in FORM_OPTIONS:
+        info = option(name)
+        bounds = MAX_TOKENS_RULE if name == "max_tokens" else range_text(info)
+        if bounds and info.unit and name != "max_tokens":
+            bounds += f" {info.unit}"
+        help_text = f"{info.help} {bounds[:1].upper()}{bounds[1:]}." if bounds else info.help
+        out[name] = {"label": info.label, "help": help_text}
+    return out
 
 
 def _count(name: str, raw: Any, default: int | None, errors: dict[str, str]) -> int | None:
@@ -127,20 +152,19 @@ def add_dataset(
     ``source``: ``kjv``, a local .txt/.jsonl/.csv path (must exist) or a Hugging Face dataset
     id; or ``upload=(filename, file object)`` of a .txt/.jsonl/.csv file, saved to
     ``uploads_dir()/<uuid>-<safe name>``. Values may be form strings. Raises Invalid with
-    messages for ``source``, ``upload``, ``context_size`` (2-4096 tokens), ``max_tokens``
-    (blank, or at least context_size), ``text_field``; nothing is saved then.
+    messages for ``source``, ``upload``, ``context_size`` (the option's bounds: 2-131,072
+    tokens), ``max_tokens`` (blank, or at least context_size), ``text_field``, each naming the
+    option by its label (the form's, ``form_fields``); nothing is saved then.
     """
     errors: dict[str, str] = {}
     if upload is not None and not upload[0]:
         upload = None
 
     ctx = _count("context_size", context_size, 128, errors)
-    if ctx is not None and not 2 <= ctx <= 4096:
-        errors["context_size"] = f"Context size must be between 2 and 4096 tokens (got {ctx})."
     max_tok = _count("max_tokens", max_tokens, None, errors)
     if max_tok is not None and ctx is not None and max_tok < ctx:
-        errors["max_tokens"] = (f"Max tokens must be at least the context size ({ctx}), or "
-                                "blank for the whole corpus.")
+        errors["max_tokens"] = (f"{option('max_tokens').label} must be {MAX_TOKENS_RULE} "
+                                f"({ctx:,}; got {max_tok:,}), or blank for the whole corpus.")
     text_field = (text_field or "").strip() or "text"
     if not re.fullmatch(r"[\w .-]{1,100}", text_field):
         errors["text_field"] = "The text field must be a column name (letters, digits, _ . -)."

@@ -1,0 +1,196 @@
+"""Layout and small scripts in headless Chromium, against the app on a werkzeug server with rows
+written the way the worker writes them (no run.py, no training: seconds, not minutes).
+
+- a card's log box shows its newest line, on load and after a WebSocket swap, and leaves a
+  reader who scrolled up where they were;
+- the report's tiles show all their text at 1400 and 1000 px (it was cut with an ellipsis);
+- "Compare selected" waits for a ticked training.
+
+Screenshots: log-newest.png, report-tiles-1400.png, report-tiles-1000.png,
+report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal.png
+(tests/artifacts/screenshots/)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.web.conftest import make_dataset, make_model, make_training
+from tests.web.test_compare import finished
+from tests.web.test_reports import write_eval
+from worker.db import LogLine, db
+
+from .conftest import SCREENSHOTS, shot
+
+pytestmark = pytest.mark.browser
+
+EVAL_LINES = ["Evaluating: 25% of 16,384 held-out tokens", "Evaluating: 50% of 16,384 held-out "
+              "tokens", "Evaluating: 75% of 16,384 held-out tokens",
+              "Evaluating: 100% of 16,384 held-out tokens"]
+REPORT_LINE = "Report ready: held-out FVU 0.1890, L0 16.0, 543 dead, 34 dense."
+
+
+@pytest.fixture
+def server(app: Any) -> Iterator[str]:
+    """The app on a real threaded werkzeug server (its WebSocket too): its base URL."""
+    from werkzeug.serving import make_server
+
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    thread.join(5)
+
+
+def _new_page(browser: Any, width: int = 1280, height: int = 900) -> Any:
+    return browser.new_context(viewport={"width": width, "height": height}).new_page()
+
+
+def _element_shot(page: Any, selector: str, name: str, max_height: float = 900) -> None:
+    """A screenshot of one element (its top ``max_height`` px), taken on the whole page so
+    that the sticky top bar stays out of it: tests/artifacts/screenshots/<name>.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    box = page.locator(selector).bounding_box()
+    clip = {**box, "height": min(box["height"], max_height)}
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), clip=clip, full_page=True)
+
+
+def _log_lines(training_id: int, messages: list[str]) -> None:
+    with db.connection_context():
+        for message in messages:
+            LogLine.create(training=training_id, message=message)
+
+
+LAST_LINE_SHOWN = """(id) => {
+  const box = document.getElementById(id).getBoundingClientRect();
+  const items = document.querySelectorAll('#' + id + ' li');
+  const last = items[items.length - 1].getBoundingClientRect();
+  return last.top >= box.top - 1 && last.bottom <= box.bottom + 1;
+}"""
+
+
+def test_card_log_shows_its_newest_line(server, browser):
+    model, dataset = make_model(), make_dataset()
+    done = make_training(model, dataset, "completed", steps=100, total=100, log=4)
+    _log_lines(done.id, EVAL_LINES + [REPORT_LINE])
+    live = make_training(model, dataset, "training", steps=50, total=1000, log=8)
+    page = _new_page(browser)
+    try:
+        page.goto(f"{server}/")
+        page.wait_for_selector(f"#training-{done.id}-log li")
+        log_id = f"training-{done.id}-log"
+        assert page.evaluate(f"document.getElementById('{log_id}').scrollHeight > "
+                             f"document.getElementById('{log_id}').clientHeight")
+        assert page.evaluate(LAST_LINE_SHOWN, log_id), "the newest line is below the fold"
+        assert REPORT_LINE in page.inner_text(f"#{log_id}")
+        _element_shot(page, f"#training-{done.id}", "log-newest")
+
+        # live: a new line arrives over the WebSocket; the box shows it
+        live_id = f"training-{live.id}-log"
+        page.wait_for_timeout(500)  # the socket's snapshot has been swapped in
+        assert page.evaluate(LAST_LINE_SHOWN, live_id)
+        _log_lines(live.id, ["checkpoint saved at step 60"])
+        page.wait_for_function(f"document.getElementById('{live_id}').textContent"
+                               ".includes('checkpoint saved at step 60')", timeout=5000)
+        assert page.evaluate(LAST_LINE_SHOWN, live_id)
+        # a reader scrolled to the oldest lines stays there when the next line arrives
+        page.evaluate(f"const e = document.getElementById('{live_id}'); "
+                      "e.scrollTop = -(e.scrollHeight - e.clientHeight)")
+        up = page.evaluate(f"document.getElementById('{live_id}').scrollTop")
+        assert up < 0
+        _log_lines(live.id, ["checkpoint saved at step 70"])
+        page.wait_for_function(f"document.getElementById('{live_id}').textContent"
+                               ".includes('checkpoint saved at step 70')", timeout=5000)
+        assert page.evaluate(f"document.getElementById('{live_id}').scrollTop") == up
+        assert not page.evaluate(LAST_LINE_SHOWN, live_id)
+        # a short log starts at the top of its box
+        short = make_training(model, dataset, "queued", log=1)
+        page.goto(f"{server}/trainings/{short.id}")
+        top = page.evaluate(f"""() => {{
+            const box = document.getElementById('training-{short.id}-log');
+            return box.querySelector('li').getBoundingClientRect().top
+                   - box.getBoundingClientRect().top; }}""")
+        assert 0 <= top < 12, top
+    finally:
+        page.context.close()
+
+
+CUT = """() => [...document.querySelectorAll('#report-tiles .tile, #report-tiles .tile-sub')]
+    .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1)
+    .map(e => (e.id || e.className) + ': ' + e.textContent.trim())"""
+
+
+def test_report_tiles_show_all_their_text(server, browser, tmp_path):
+    t = make_training(make_model(), make_dataset(), "completed", steps=100, total=100,
+                      out_dir=tmp_path)
+    write_eval(t.out_dir, explained_variance=0.811, mse=0.0731, dead=543, dense=34,
+               scored_tokens=16_100)
+    for width in (1400, 1000):
+        page = _new_page(browser, width)
+        try:
+            page.goto(f"{server}/trainings/{t.id}/report")
+            page.wait_for_selector("#report-tiles")
+            assert page.evaluate(CUT) == [], width
+            text = page.inner_text("#report-tiles")
+            assert "explained variance 81.1% · MSE 0.0731 (raw)" in text
+            assert "543 dead in 16.1k held-out tokens · 34 dense" in text
+            tops = page.evaluate("[...document.querySelectorAll('#report-tiles .tile')]"
+                                 ".map(e => Math.round(e.getBoundingClientRect().top))")
+            assert len(set(tops)) == 1, tops  # still one row of four
+            heights = page.evaluate("[...document.querySelectorAll('#report-tiles .tile')]"
+                                    ".map(e => Math.round(e.getBoundingClientRect().height))")
+            assert len(set(heights)) == 1, heights
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # the top of the page: tiles, grid
+            page.screenshot(path=str(SCREENSHOTS / f"report-tiles-{width}.png"))
+            if width == 1400:  # a bad ?page= is named above the table, not at the search box
+                page.goto(f"{server}/trainings/{t.id}/report?page=abc")
+                assert "page must be a whole number" in page.inner_text("#latents-args-errors")
+                _element_shot(page, "#latents-table", "report-bad-page", 220)
+        finally:
+            page.context.close()
+
+
+def test_compare_button_waits_for_a_tick(server, browser):
+    model, dataset = make_model(), make_dataset()
+    a = make_training(model, dataset, "completed", steps=100, total=100)
+    make_training(model, dataset, "completed", steps=100, total=100)
+    page = _new_page(browser)
+    try:
+        page.goto(f"{server}/")
+        button = page.locator("#compare-selected")
+        assert button.is_disabled()
+        assert "Tick" in (button.get_attribute("title") or "")
+        assert "Tick" in page.inner_text("#compare-hint")
+        _element_shot(page, "#training-jobs .job-tools", "compare-button")
+        page.check(f"#training-{a.id}-compare")
+        assert button.is_enabled() and page.inner_text("#compare-hint") == "1 ticked"
+        page.uncheck(f"#training-{a.id}-compare")
+        assert button.is_disabled()
+        page.check(f"#training-{a.id}-compare")
+        button.click()
+        page.wait_for_url(f"**/compare?ids={a.id}")
+        page.wait_for_selector("#compare-body")
+        # back: the browser restores the tick, and the button follows it
+        page.go_back()
+        page.wait_for_selector("#compare-selected")
+        time.sleep(0.2)
+        ticked = page.is_checked(f"#training-{a.id}-compare")
+        assert page.locator("#compare-selected").is_enabled() == ticked
+        # no ids at all (a typed URL, or the button without JavaScript): a page, not an error
+        page.goto(f"{server}/compare?")
+        assert "Nothing to compare yet" in page.inner_text("#compare-empty")
+        shot(page, "compare-nothing")
+        # a BERT encoder's runs: the CE chart says why it is empty
+        bert = make_model(name="minilm-l6", is_causal=False)
+        runs = [finished(bert, dataset, fvu=f, l0=l0, ce=None) for f, l0 in ((.3, 20), (.2, 40))]
+        page.goto(f"{server}/compare?ids={runs[0].id},{runs[1].id}")
+        assert "not a causal LM" in page.inner_text("#pareto-ce_loss_recovered")
+        _element_shot(page, "#compare-pareto", "compare-not-causal")
+    finally:
+        page.context.close()
