@@ -12,14 +12,12 @@ report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.web.conftest import make_dataset, make_model, make_training
+from tests.web.conftest import live_server, make_dataset, make_model, make_training  # noqa: F401
 from tests.web.test_compare import finished
 from tests.web.test_reports import write_eval
 from worker.db import LogLine, db
@@ -35,16 +33,9 @@ REPORT_LINE = "Report ready: held-out FVU 0.1890, L0 16.0, 543 dead, 34 dense."
 
 
 @pytest.fixture
-def server(app: Any) -> Iterator[str]:
+def server(live_server: str) -> str:  # noqa: F811 (the fixture imported above)
     """The app on a real threaded werkzeug server (its WebSocket too): its base URL."""
-    from werkzeug.serving import make_server
-
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    thread.join(5)
+    return f"http://{live_server}"
 
 
 def _new_page(browser: Any, width: int = 1280, height: int = 900) -> Any:
