@@ -204,6 +204,9 @@ class LanguageModel(PreparedRow):
     dtype = CharField(null=True)
     is_causal = BooleanField(null=True)
     hook_points = JSONField(null=True)
+    max_positions = IntegerField(null=True)
+    """The longest context it reads (its config's ``max_position_embeddings``); null when its
+    config does not say, or for rows prepared before schema 12."""
 
     class Meta:
         table_name = "language_model"
@@ -513,8 +516,16 @@ def _v10_to_v11(database: DatabaseProxy) -> None:
         database.execute_sql("ALTER TABLE dataset ADD COLUMN n_documents_tokenised BIGINT")
 
 
+def _v11_to_v12(database: DatabaseProxy) -> None:
+    """Models say the longest context they read (``max_positions``), so a training's form can
+    refuse a dataset whose contexts are longer; null for rows prepared before (checked when the
+    training loads the model, as it was)."""
+    if "max_positions" not in {c.name for c in database.get_columns("language_model")}:
+        database.execute_sql("ALTER TABLE language_model ADD COLUMN max_positions INTEGER")
+
+
 MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,
-              _v7_to_v8, _v8_to_v9, _v9_to_v10, _v10_to_v11]
+              _v7_to_v8, _v8_to_v9, _v9_to_v10, _v10_to_v11, _v11_to_v12]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

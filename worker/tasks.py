@@ -170,6 +170,7 @@ def _prepare_model(model: LanguageModel, report: Throttled) -> dict[str, Any]:
                 n_layers=info.n_layers, hidden_dim=info.hidden_size,
                 vocab_size=info.vocab_size, n_params=info.n_params, dtype=info.dtype,
                 is_causal=info.is_causal, hook_points=list(info.hook_points),
+                max_positions=info.max_positions,
                 path=str(Path(info.path).resolve()))
 
 

@@ -37,7 +37,7 @@ def test_an_empty_database_migrates_to_the_current_schema(postgres_url: str) -> 
     init_db(postgres_url)
     assert is_bound() and is_postgres()
     with db.connection_context():
-        assert schema_version() == SCHEMA_VERSION == 11
+        assert schema_version() == SCHEMA_VERSION == 12
         tables = set(db.get_tables())
         assert {t._meta.table_name for t in TABLES} | {"schema_version"} <= tables
         for table in TABLES:  # every column the models declare exists
@@ -55,7 +55,7 @@ def test_an_empty_database_migrates_to_the_current_schema(postgres_url: str) -> 
         assert {c.name: c.data_type for c in db.get_columns("checkpoint")}["is_best"] == "boolean"
     init_db(postgres_url)  # again: nothing to do
     with db.connection_context():
-        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(11,)]
+        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(12,)]
 
 
 def test_values_keep_their_range_and_precision(postgres_url: str) -> None:
@@ -111,10 +111,10 @@ def test_two_processes_starting_together_migrate_once(postgres_url: str, tmp_pat
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert all(f"version {SCHEMA_VERSION}" in out for out in outs), outs
-    assert sum(out.count("Migrated the database from schema 0 to 11") for out in outs) == 1, outs
+    assert sum(out.count("Migrated the database from schema 0 to 12") for out in outs) == 1, outs
     init_db(postgres_url)
     with db.connection_context():
-        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(11,)]
+        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(12,)]
         assert LanguageModel.select().count() == 2
 
 

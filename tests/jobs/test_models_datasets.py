@@ -38,8 +38,9 @@ def test_add_model_ready(model: LanguageModel) -> None:
     assert m.architecture and m.model_type == "bert" and m.is_causal is False
     assert m.vocab_size > 1000 and m.n_params > 1_000_000 and m.dtype == "float32"
     assert "residual" in m.hook_points and Path(m.path).is_dir()
+    assert m.max_positions == 512  # MiniLM's max_position_embeddings
     d = jobs.model_as_dict(m)
-    assert d["hidden_dim"] == 384 and d["progress"] == 1.0
+    assert d["hidden_dim"] == 384 and d["progress"] == 1.0 and d["max_positions"] == 512
     assert [x.id for x in jobs.list_models()] == [m.id]
 
 
@@ -169,7 +170,7 @@ def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
     assert [jobs.get_model(m.id).status, jobs.get_dataset(d.id).status] == ["failed", "failed"]
     assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
     with db.connection_context():
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 11
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
 
 
 def test_schema_v8_adds_mlp_in_where_the_model_has_an_mlp(data_dir: Path) -> None:
@@ -221,6 +222,21 @@ def test_schema_v11_adds_the_tokenised_document_count(data_dir: Path) -> None:
         assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     d = jobs.get_dataset(d.id)
     assert (d.n_documents, d.n_documents_tokenised, d.n_tokens) == (31102, None, 200_000)
+
+
+def test_schema_v12_adds_the_models_position_limit(data_dir: Path) -> None:
+    """Databases from before schema 12 have no ``max_positions`` on models: it is added (null:
+    the context is checked when the training loads the model, as before)."""
+    with db.connection_context():
+        m = LanguageModel.create(name="m", source="minilm-l6", status="ready", n_layers=6)
+        db.execute_sql("ALTER TABLE language_model DROP COLUMN max_positions")
+        db.execute_sql("PRAGMA user_version = 11")
+    init_db(data_dir / "app.db")
+    with db.connection_context():
+        assert "max_positions" in {c.name for c in db.get_columns("language_model")}
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    m = jobs.get_model(m.id)
+    assert (m.n_layers, m.max_positions) == (6, None)
 
 
 def test_same_source_added_twice_is_named_apart(enqueued: list) -> None:

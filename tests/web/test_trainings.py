@@ -6,10 +6,10 @@ import csv
 import io
 import zipfile
 
-from worker.db import Checkpoint, Metric, Training
+from worker.db import Checkpoint, LanguageModel, Metric, Training
 
 from ..html import attr, element_by_id, find_all, ids
-from .conftest import CONFIG, HX, JSON, make_model, make_training
+from .conftest import CONFIG, HX, JSON, make_dataset, make_model, make_training
 
 FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
         "total_steps": "20", "log_every": "5", "auto_save_interval": "10",
@@ -118,6 +118,28 @@ def test_choosing_no_model_clears_its_details(client, ready):
     assert "Choose a ready model" in frag and "estimate-memory" not in ids(frag)
     opened = client.get("/trainings/model-fields", headers=HX).data.decode()  # afresh
     assert f"{model.name}: 6 layers" in opened
+
+
+def test_a_dataset_longer_than_the_model_reads_is_a_form_error(client, ready, enqueued):
+    """A dataset whose contexts are longer than the model's positions (MiniLM: 512) is refused
+    by the form under the dataset, not queued to fail in the worker."""
+    model, _ = ready
+    LanguageModel.update(max_positions=512).where(LanguageModel.id == model.id).execute()
+    long = make_dataset(name="kjv-1k", context_size=1024)
+    r = client.post("/trainings", data={"model_id": str(model.id), "dataset_id": str(long.id)},
+                    headers=JSON)
+    assert r.status_code == 422 and enqueued == []
+    assert r.json["errors"]["dataset_id"] == (
+        "kjv-1k's contexts are 1,024 tokens long, but minilm-l6 reads at most 512 positions; "
+        "choose a dataset with a context size of at most 512 (add the corpus again with a "
+        "shorter one).")
+    html = client.post("/trainings", data={"model_id": str(model.id),
+                                           "dataset_id": str(long.id)}, headers=HX)
+    assert "error-dataset_id" in ids(html.data.decode())
+    fits = make_dataset(name="kjv-512", context_size=512)
+    r = client.post("/trainings", data={"model_id": str(model.id), "dataset_id": str(fits.id),
+                                        **FAST}, headers=JSON)
+    assert r.status_code == 201, r.json
 
 
 def test_create_invalid_422(client, ready, enqueued):

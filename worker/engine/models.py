@@ -95,6 +95,7 @@ class ModelInfo:
     is_causal: bool  # causal LM (vs encoder like BERT)
     blocks_path: str  # dotted path of the blocks ModuleList, e.g. "model.layers"
     hook_points: list[str]  # subset of HOOK_POINTS available for this model
+    max_positions: int | None = None  # longest context it reads (None: its config does not say)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable copy."""
@@ -321,6 +322,7 @@ def load_model(
         is_causal=is_causal,
         blocks_path=blocks_path,
         hook_points=[p for p in HOOK_POINTS if _sublayer(blocks[0], p) is not None],
+        max_positions=max_positions(config),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 

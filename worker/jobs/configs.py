@@ -111,6 +111,12 @@ def check_form(form: Mapping[str, Any], model: LanguageModel | None,
         errors["target_hook_point"] = (
             f"Target hook point '{values.pop('target_hook_point')}' is not available for "
             f"{model.name}; choose one of {', '.join(model.hook_points)}.")
+    limit = model.max_positions if model is not None else None
+    if limit and dataset is not None and dataset.context_size > limit:
+        errors["dataset_id"] = (
+            f"{dataset.name}'s contexts are {dataset.context_size:,} tokens long, but "
+            f"{model.name} reads at most {limit:,} positions; choose a dataset with a context "
+            f"size of at most {limit:,} (add the corpus again with a shorter one).")
     n_layers = int(model.n_layers) if model is not None and model.n_layers else None
     d_in = int(model.hidden_dim) if model is not None and model.hidden_dim else None
     if values.get("layer") is None and n_layers is not None:

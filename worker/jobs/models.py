@@ -14,7 +14,8 @@ from .errors import Invalid
 
 MODEL_FIELDS = ("id", "name", "source", "status", "error", "progress", "message", "path",
                 "architecture", "model_type", "n_layers", "hidden_dim", "vocab_size", "n_params",
-                "dtype", "is_causal", "hook_points", "worker", "created_at", "updated_at")
+                "dtype", "is_causal", "hook_points", "max_positions", "worker", "created_at",
+                "updated_at")
 """The keys of ``model_as_dict`` (the JSON API); ``worker`` names the worker preparing it while
 ``preparing`` (null otherwise)."""
 BUNDLED = ("minilm-l6", "smollm2-135m")
