@@ -316,6 +316,8 @@ def line_chart(points: Sequence[tuple[float, float]], *, label: str, chart_id: s
         yticks = nice_ticks(y_lo, y_hi, 4)
     y0, y1 = min(yticks[0], y_lo), max(yticks[-1], y_hi)
     xticks = [t for t in nice_ticks(x0, x1, 5) if x0 <= t <= x1]
+    if all(float(x).is_integer() for x in xs):  # steps: no tick at step 1.5
+        xticks = [t for t in xticks if float(t).is_integer()]
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * pw

@@ -167,3 +167,14 @@ def test_card_l0_chart_labels_on_a_k16_run(client, app):
     (chart,) = find_all(html, "svg", id=f"training-{t.id}-l0-chart")
     labels = _tick_labels(chart, "y")
     assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+
+
+def test_a_short_run_has_whole_step_ticks():
+    """Steps are whole numbers: a run with two metrics rows (steps 1 and 2) gets ticks at 1 and
+    2, none at 1.2 or 1.5."""
+    svg = str(render.line_chart([(1, 0.5), (2, 0.4)], label="loss", chart_id="c"))
+    assert _tick_labels(svg, "x") == ["1", "2"]
+    many = str(render.line_chart([(s, 1.0 / s) for s in range(10, 1001, 10)], label="loss",
+                                 chart_id="d"))
+    labels = _tick_labels(many, "x")
+    assert labels and all(label.replace(",", "").isdigit() for label in labels), labels
