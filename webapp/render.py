@@ -50,6 +50,12 @@ def posted() -> Mapping[str, Any]:
     else:
         if not isinstance(body, Mapping):
             problem = "The body must be a JSON object of fields."
+        else:
+            try:  # a lone surrogate ("\ud800") parses, but can be neither stored nor shown
+                json.dumps(body, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                problem = ("The body holds text that is not valid Unicode (a lone surrogate "
+                           "escape such as \\ud800).")
     if problem:
         raise Invalid(problem, {"form": problem})
     return body

@@ -107,6 +107,17 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def log_failure(what: str, exc: BaseException) -> None:
+    """Log a task's failure: an EngineError (bad input the engine explained: a missing file, a
+    context too long, a link swapped in) as its sentence, anything else with its traceback."""
+    from .engine.errors import EngineError
+
+    if isinstance(exc, EngineError):
+        log.warning("%s failed: %s", what, exc)
+    else:
+        log.error("%s failed", what, exc_info=exc)
+
+
 def _update(model: type, row_id: int, **values: Any) -> None:
     with db.atomic():
         model.update(updated_at=time.time(), **values).where(model.id == row_id).execute()
@@ -146,8 +157,8 @@ def _prepare(table: type, row_id: int, work: Callable[[Any, Throttled], dict[str
             with db.atomic():
                 table.update(status="ready", progress=1.0, error=None, worker=None,
                              updated_at=time.time(), **values).where(mine).execute()
-        except Exception as exc:  # stored on the row, logged with its traceback
-            log.exception("Preparing %s %s failed", table.__name__, row_id)
+        except Exception as exc:  # stored on the row, logged (``log_failure``)
+            log_failure(f"Preparing {table.__name__} {row_id}", exc)
             with db.atomic():
                 table.update(status="failed", error=error_message(exc), message=None,
                              worker=None, updated_at=time.time()).where(mine).execute()
@@ -231,8 +242,8 @@ def run_training(training_id: int, resume: bool = False) -> None:
     with connection():
         try:
             _run_training(training_id, resume)
-        except Exception as exc:  # stored on the row, logged with its traceback
-            log.exception("Training %s failed", training_id)
+        except Exception as exc:  # stored on the row, logged (``log_failure``)
+            log_failure(f"Training {training_id}", exc)
             _fail(training_id, exc)
 
 
@@ -506,8 +517,8 @@ def run_group(training_ids: list[int]) -> None:
     with connection():
         try:
             _run_group(ids)
-        except Exception as exc:  # stored on the rows, logged with its traceback
-            log.exception("Sweep group %s failed", ids)
+        except Exception as exc:  # stored on the rows, logged (``log_failure``)
+            log_failure(f"Sweep group {ids}", exc)
             with db.atomic():
                 Training.update(status="failed", error=error_message(exc), requested=None,
                                 finished_at=time.time(), updated_at=time.time()) \

@@ -457,7 +457,8 @@ def test_bad_json_bodies_get_a_sentence_never_a_500(client: FlaskClient, rows: d
                  ("post", f"/trainings/{t}/activations"), ("post", f"/trainings/{t}/steer")]
     for method, path in endpoints:
         for body, words in ((deep, "nests too deeply"), ("{'a': 1", "not valid JSON"),
-                            ("[1, 2]", "must be a JSON object"), (b"\xff\xfe{", "not valid")):
+                            ("[1, 2]", "must be a JSON object"), (b"\xff\xfe{", "not valid"),
+                            ('{"name": "a\\ud800", "tags": ["\\udc00"]}', "not valid Unicode")):
             r = getattr(client, method)(path, data=body, headers=JSON,
                                         content_type="application/json")
             assert r.status_code == 422, (method, path, body[:10], r.status_code)

@@ -100,7 +100,8 @@ def test_an_allowed_root_and_the_uploads_folder_work(
 
 def test_a_link_swapped_in_after_adding_is_not_read(
         client: FlaskClient, data_dir: Path, outside: Path, enqueued: list[Any],
-        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A file is checked when it is added; a link put in its place (or in place of a folder
     on its way) inside the allowed folder afterwards is refused by the worker before it reads
     it. A link above the allowed folder (a shared mount reached through one) is fine."""
@@ -129,6 +130,9 @@ def test_a_link_swapped_in_after_adding_is_not_read(
     prepare_dataset.call_local(response.get_json()["id"])
     row = jobs.get_dataset(response.get_json()["id"])
     assert row.status == "failed" and "replaced by a link" in row.error
+    # the worker's log says it in one line: an explained refusal, not a crash with a traceback
+    (record,) = [r for r in caplog.records if "replaced by a link" in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info is None
     assert not any("secret" in s for s in row.samples or [])
 
     (real / "sub" / "corpus.txt").unlink()  # a folder on the way swapped for a link
