@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a folder whose files may be added as local datasets or models "
                         "(repeatable; also $SAE_STUDIO_ALLOWED_PATHS)")
     p.add_argument("--max-upload-mb", type=float, metavar="MB",
-                   help="largest upload in MB (default $SAE_STUDIO_MAX_UPLOAD_MB or 1024)")
+                   help="largest upload in MiB (2^20 bytes; default $SAE_STUDIO_MAX_UPLOAD_MB "
+                        "or 1024)")
     p.add_argument("--workers", type=int, default=3,
                    help="worker threads (default 3: one training per device at a time, one "
                         "preparing models and datasets, one free for the interactive probes)")

@@ -195,7 +195,7 @@ def _framing(response: Response) -> Response:
 def _too_large(_exc: RequestEntityTooLarge) -> ResponseReturnValue:
     limit = current_app.config.get("MAX_CONTENT_LENGTH") or 0
     field_limit = current_app.config.get("MAX_FORM_MEMORY_SIZE") or 0
-    upload = (f"the limit is {limit / 2**20:,.0f} MB for the whole request (run.py "
+    upload = (f"the limit is {limit / 2**20:,.0f} MiB for the whole request (run.py "
               "--max-upload-mb)")
     if request.content_length is None:  # chunked: which limit it reached is not known
         msg = (f"The request is too large: {upload}, and {field_limit / 1000:,.0f} kB for a "
