@@ -208,34 +208,25 @@ def test_schema_v10_adds_the_preparing_worker(data_dir: Path) -> None:
     assert (d.status, d.worker) == ("ready", None)
 
 
-def test_schema_v11_adds_the_tokenised_document_count(data_dir: Path) -> None:
-    """Databases from before schema 11 have no ``n_documents_tokenised`` on datasets: it is
-    added (null: shown as before), the rows keep their values."""
+def test_schemas_11_and_12_add_the_document_and_position_counts(data_dir: Path) -> None:
+    """A database from schema 10 has neither ``n_documents_tokenised`` on datasets (11) nor
+    ``max_positions`` on models (12): both are added, null (the pages show the corpus's count
+    alone; the context is checked when the training loads the model), the rows keep their
+    values."""
     with db.connection_context():
         d = Dataset.create(name="d", source="kjv", status="ready", n_documents=31102,
                            n_tokens=200_000)
+        m = LanguageModel.create(name="m", source="minilm-l6", status="ready", n_layers=6)
         db.execute_sql("ALTER TABLE dataset DROP COLUMN n_documents_tokenised")
+        db.execute_sql("ALTER TABLE language_model DROP COLUMN max_positions")
         db.execute_sql("PRAGMA user_version = 10")
     init_db(data_dir / "app.db")
     with db.connection_context():
         assert "n_documents_tokenised" in {c.name for c in db.get_columns("dataset")}
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    d = jobs.get_dataset(d.id)
-    assert (d.n_documents, d.n_documents_tokenised, d.n_tokens) == (31102, None, 200_000)
-
-
-def test_schema_v12_adds_the_models_position_limit(data_dir: Path) -> None:
-    """Databases from before schema 12 have no ``max_positions`` on models: it is added (null:
-    the context is checked when the training loads the model, as before)."""
-    with db.connection_context():
-        m = LanguageModel.create(name="m", source="minilm-l6", status="ready", n_layers=6)
-        db.execute_sql("ALTER TABLE language_model DROP COLUMN max_positions")
-        db.execute_sql("PRAGMA user_version = 11")
-    init_db(data_dir / "app.db")
-    with db.connection_context():
         assert "max_positions" in {c.name for c in db.get_columns("language_model")}
         assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    m = jobs.get_model(m.id)
+    d, m = jobs.get_dataset(d.id), jobs.get_model(m.id)
+    assert (d.n_documents, d.n_documents_tokenised, d.n_tokens) == (31102, None, 200_000)
     assert (m.n_layers, m.max_positions) == (6, None)
 
 
