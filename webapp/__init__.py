@@ -80,23 +80,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     def _job_error(exc: jobs.JobError) -> ResponseReturnValue:
         return error_response(exc)
 
-    @app.errorhandler(404)
-    def _not_found(exc: Any) -> ResponseReturnValue:
-        if render.wants_json() or request.path.startswith("/ws/"):
-            return render.json_response({"error": "Not found."}, 404)
-        return render_template("error.html", message="This page does not exist.",
-                               status=404), 404
-
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
-        """Every other HTTP error (405, 400, a 500 from a bug: logged by Flask) as a sentence:
+        """Every HTTP error (404, 405, 400, a 500 from a bug: logged by Flask) as a sentence:
         JSON for JSON clients and the WebSocket, else the error page."""
         if exc.code is None or exc.code < 400:
             return exc
-        message = exc.description or exc.name
+        as_json = render.wants_json() or request.path.startswith("/ws/")
+        message = ({True: "Not found.", False: "This page does not exist."}[as_json]
+                   if exc.code == 404 else exc.description or exc.name)
         headers = {"Allow": ", ".join(exc.valid_methods)} \
             if isinstance(exc, MethodNotAllowed) and exc.valid_methods else {}
-        if render.wants_json() or request.path.startswith("/ws/"):
+        if as_json:
             resp = render.json_response({"error": message}, exc.code)
             resp.headers.update(headers)
             return resp

@@ -123,9 +123,12 @@ def _ready_model(model_id: str | None) -> Any:
     return model if model.status == "ready" else None
 
 
-def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None = None
-             ) -> dict[str, Any]:
-    """The form's template context: fields by row, choices, shown values, errors, estimate."""
+def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None = None,
+             *, estimate_as_given: bool = False) -> dict[str, Any]:
+    """The form's template context: fields by row, choices, shown values, errors, estimate.
+    A layer or hook point the model lacks is shown as the model's default (a select cannot show
+    it), and the estimate follows what is shown; ``estimate_as_given`` estimates the values as
+    given instead (a program asking about that value learns it is invalid)."""
     values = dict(values or {})
     errors = dict(errors or {})
     models = jobs.ready_models()
@@ -143,6 +146,9 @@ def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None
         offered = [v for v, _ in choices[name]]
         if offered and shown.get(name) not in offered and name not in errors:
             shown[name] = offered[len(offered) // 2] if name == "layer" else offered[0]
+    estimated = dict(shown)
+    if estimate_as_given:
+        estimated.update({n: values[n] for n in MODEL_FIELDS if values.get(n)})
     main = [f for f in by_name.values()
             if not f.advanced and f.name not in FIRST_ROW + MODEL_FIELDS]
     advanced = [f for f in by_name.values() if f.advanced]
@@ -152,6 +158,6 @@ def form_ctx(values: dict[str, str] | None = None, errors: dict[str, str] | None
         "advanced_fields": advanced,
         "advanced_open": any(f.name in errors for f in main + advanced),
         "choices": choices, "values": shown, "errors": errors, "model": model,
-        "estimate": jobs.estimate(model, {k: v for k, v in shown.items() if v != ""}),
+        "estimate": jobs.estimate(model, {k: v for k, v in estimated.items() if v != ""}),
         "can_start": bool(shown.get("model_id")) and bool(shown.get("dataset_id")),
     }

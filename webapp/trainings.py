@@ -271,14 +271,7 @@ def estimate() -> ResponseReturnValue:
 
         ctx = sweep_form_ctx(values)
     else:
-        ctx = form_ctx(values)
-        # the form shows the model's default for a layer or hook point the model lacks (a
-        # select cannot show it); a program asking about that value learns it is invalid
-        given = {n: values[n] for n in MODEL_FIELDS
-                 if values.get(n) and values[n] != ctx["values"].get(n)}
-        if given and ctx["model"] is not None and wants_json():
-            shown = {k: v for k, v in ctx["values"].items() if v != ""}
-            ctx["estimate"] = jobs.estimate(ctx["model"], {**shown, **given})
+        ctx = form_ctx(values, estimate_as_given=wants_json())
     if wants_json():
         return json_response(ctx["estimate"])
     return render_template("trainings/_estimate.html", **ctx)

@@ -743,13 +743,10 @@ def reap() -> int:
     rows of workers silent for a week (``jobs.workers.forget_old_workers``); queue again the
     preparations whose task is neither in the queue nor claimed (``lost_preparations``).
     Returns how many trainings it marked."""
-    waiting = _queued_preparations()  # before the rows are read: a task taken since is claimed
     with connection():
         n = pool.reap_dead_workers()
         again = pool.requeue_preparations()
-        lost = pool.lost_tasks()
-        if waiting is not None:
-            lost += pool.lost_preparations(waiting)
+        lost = pool.lost_tasks() + pool.lost_preparations(_queued_preparations)
         pool.forget_old_workers()
     if n:
         log.warning("Marked %d training(s) of dead workers interrupted", n)

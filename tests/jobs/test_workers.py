@@ -378,6 +378,10 @@ def test_a_lost_preparation_task_is_queued_again(data_dir: Path, enqueued: list,
     lost = make_model("queued", name="lost")
     fresh = make_model("queued", name="fresh")  # its task is on its way
     ds = make_dataset("queued")
+    reads: list[int] = []
+    with monkeypatch.context() as counted:  # nothing queued for long: the queue is not read
+        counted.setattr(huey, "pending", lambda *a: reads.append(1) or [])
+        assert tasks.reap() == 0 and enqueued == [] and reads == []
     with db.atomic():
         LanguageModel.update(updated_at=old).where(
             LanguageModel.id.in_([waiting.id, lost.id])).execute()

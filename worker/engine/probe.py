@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .export import sae_from_checkpoint
-from .models import LoadedModel, add_hook, hook_module, run_to, token_text
+from .models import LoadedModel, add_hook, hook_module, max_positions, run_to, token_text
 
 TOP_ACTS = 10
 """Latents listed per token in ``activations``."""
@@ -253,7 +253,7 @@ class Probe:
             raise ConfigError(f"max_new_tokens must be from 1 to {MAX_NEW_TOKENS}.",
                               {"max_new_tokens": f"Enter 1 to {MAX_NEW_TOKENS}."})
         ids = tokenize_context(self.tokenizer, prompt, self.psae.context_size)
-        limit = _max_positions(self.model)
+        limit = max_positions(getattr(self.model, "config", None))
         if limit is not None:
             ids = ids[:max(1, limit - max_new_tokens)]
         if len(ids) <= (1 if bos_id(self.tokenizer) is not None else 0):
@@ -267,12 +267,6 @@ class Probe:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    from .models import max_positions
-
-    return max_positions(getattr(model, "config", None))
 
 
 def _cache_of(output: Any) -> Any:

@@ -23,6 +23,7 @@ and datasets name the worker preparing them (``worker``) likewise: those a gone 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..db import RUNNING, Dataset, LanguageModel, Training, WorkerHeartbeat, db
@@ -241,24 +242,31 @@ def requeue_preparations(host: str | None = None, data_dir: str | None = None,
     return found
 
 
-def lost_preparations(waiting: set[tuple[str, int]],
+def lost_preparations(waiting: Callable[[], set[tuple[str, int]] | None],
                       now: float | None = None) -> list[tuple[str, tuple[Any, ...]]]:
     """The preparation tasks to queue again for models and datasets ``queued`` for
-    ``QUEUE_LOST_S`` whose task is not among ``waiting`` (the ``(task name, row id)`` of the
-    preparation tasks in the queue, read before this is called): a worker killed between the
+    ``QUEUE_LOST_S`` whose task is not in the queue (``waiting()``: the ``(task name, row id)``
+    of the preparation tasks there, or None when it cannot be read; called only when such rows
+    exist, so a quiet queue is not read every few seconds): a worker killed between the
     queue's pop and its claim took the task along, or the enqueue after the row's commit
     failed (the queue was down). A preparation is claimed as soon as a worker takes its task,
     so one that is neither in the queue nor claimed for that long is gone. Marks the rows
-    (``updated_at``) so the next look waits as long again; a duplicate task does nothing (the
-    claim is from ``queued`` only)."""
+    (``updated_at``) so the next look waits as long again; a duplicate task (its row claimed
+    between the two reads) does nothing: the claim is from ``queued`` only."""
     now = time.time() if now is None else now
+    stale = {table: [r.id for r in table.select(table.id).where(
+        (table.status == "queued") & (table.updated_at < now - QUEUE_LOST_S))
+        .order_by(table.id)] for table in (LanguageModel, Dataset)}
+    if not any(stale.values()):
+        return []
+    in_queue = waiting()
+    if in_queue is None:
+        return []
     found: list[tuple[str, tuple[Any, ...]]] = []
     with db.atomic():
-        for table in (LanguageModel, Dataset):
+        for table, candidates in stale.items():
             task = PREPARE_TASKS[table._meta.table_name]
-            ids = [r.id for r in table.select(table.id).where(
-                (table.status == "queued") & (table.updated_at < now - QUEUE_LOST_S))
-                .order_by(table.id) if (task, r.id) not in waiting]
+            ids = [i for i in candidates if (task, i) not in in_queue]
             if ids:
                 table.update(updated_at=now).where(
                     table.id.in_(ids) & (table.status == "queued")).execute()
