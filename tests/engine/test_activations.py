@@ -238,3 +238,93 @@ def test_live_training_resume_matches_uninterrupted(tiny, tmp_path):
     assert [r["step"] for r in rows] == [25, 30]
     for a, b in zip(full_rows[-2:], rows, strict=True):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
+
+
+def _heard_inside_a_round(answer, from_step=10):
+    """A caller that answers ``answer(step)`` the first time it is heard inside a step (a live
+    source's round being extracted: a second call at the same step) from ``from_step`` on."""
+    calls: dict[int, int] = {}
+    state: dict = {"step": None}
+
+    def control(step):
+        calls[step] = calls.get(step, 0) + 1
+        if state["step"] is None and step >= from_step and calls[step] == 2:
+            state["step"] = step
+        return answer(step) if state["step"] == step else None
+
+    return control, state
+
+
+def _live_run(tiny, cfg, out, *, resume=None, control=None, logs=None, src=None):
+    rows: list[dict] = []
+    src = src or _live(tiny)
+    cb = Callbacks(on_metrics=rows.append, on_log=(logs if logs is not None else []).append,
+                   control=control or (lambda s: None), pause_poll_s=0.01)
+    trainer = Trainer(cfg, src, out, callbacks=cb)
+    return trainer, trainer.fit(resume=resume), rows, src
+
+
+def _final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "saelens" / "sae_weights.safetensors"))
+
+
+LIVE_CFG = dict(model="tiny", dataset="kjv", layer=1, k=4, expansion_factor=4, batch_size=128,
+                total_steps=30, log_every=1, auto_save_interval=0, eval_tokens=256,
+                buffer_tokens=2048)
+
+
+def test_a_stop_heard_inside_a_buffer_round_ends_the_run_and_resumes_exactly(tiny, tmp_path):
+    """A round is extracted inside the step that needs it; a stop heard between its batches of
+    contexts ends the run there, and the final checkpoint records the data position from
+    before that step's batch, so resuming gives the uninterrupted run's weights."""
+    cfg = TrainConfig(**LIVE_CFG)
+    _, _, full_rows, _ = _live_run(tiny, cfg, tmp_path / "full")
+    control, state = _heard_inside_a_round(lambda s: "stop")
+    logs: list[str] = []
+    _, part, _, src = _live_run(tiny, cfg, tmp_path / "part", control=control, logs=logs)
+    stop = state["step"]
+    assert stop is not None and part.stopped and part.steps == stop
+    # The round was abandoned part-way: fewer vectors kept than a round's.
+    assert src.stats.kept < src.given + src.buffered() + src.half
+    assert any(f"Stop requested at step {stop}" in m for m in logs)
+    path = tmp_path / "part" / "checkpoints" / f"step_{stop:08d}.safetensors"
+    _, resumed, rows, _ = _live_run(tiny, cfg, tmp_path / "part", resume=path)
+    assert [r["step"] for r in rows] == list(range(stop + 1, 31))
+    for a, b in zip(full_rows[stop:], rows, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
+    for key, want in _final_weights(tmp_path / "full").items():
+        torch.testing.assert_close(_final_weights(tmp_path / "part")[key], want)
+
+
+def test_a_pause_heard_inside_a_buffer_round_saves_the_step_and_waits(tiny, tmp_path):
+    """Paused while a round is extracted: the pause checkpoint is saved at once (as of the
+    step's start), the wait is not training time, and the run then goes on unchanged."""
+    import time
+
+    cfg = TrainConfig(**LIVE_CFG)
+    _, _, full_rows, _ = _live_run(tiny, cfg, tmp_path / "full")
+    wait_s = 2.0
+    began: list[float] = []
+
+    def answer(step):
+        began.append(began[0] if began else time.monotonic())
+        return "pause" if time.monotonic() - began[0] < wait_s else None
+
+    control, state = _heard_inside_a_round(answer)
+    logs: list[str] = []
+    _, paused, rows, _ = _live_run(tiny, cfg, tmp_path / "paused", control=control, logs=logs)
+    step = state["step"]
+    assert step is not None and not paused.stopped and paused.steps == 30
+    assert f"Paused at step {step} (during activation extraction)." in logs
+    assert any(m.startswith(f"Checkpoint saved at step {step} (pause") for m in logs)
+    # The step that held the pause took well under the wait in training time.
+    assert rows[step]["step"] == step + 1 and rows[step]["tokens_per_s"] > 128 / (wait_s / 2)
+    for a, b in zip(full_rows, rows, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
+    # The pause checkpoint replays the step it paused in.
+    path = tmp_path / "paused" / "checkpoints" / f"step_{step:08d}.safetensors"
+    _, _, again, _ = _live_run(tiny, cfg, tmp_path / "again", resume=path)
+    for a, b in zip(full_rows[step:], again, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)

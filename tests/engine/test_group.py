@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -135,18 +136,38 @@ def test_hooks_share_one_forward_pass(base: TrainConfig, tmp_path: Path) -> None
     assert all(not queue for queue in shared.pending.values())
 
 
-def test_a_stopped_group_resumes_exactly(base: TrainConfig, tmp_path: Path) -> None:
+def _stop_inside_a_round() -> tuple[Callable[[int], str | None], list[int]]:
+    """Stop the first time the group is heard twice in one step from step 10 on: inside the
+    step, while a buffer round is extracted (``trainer.listening``)."""
+    calls: dict[int, int] = {}
+    at: list[int] = []
+
+    def control(step: int) -> str | None:
+        calls[step] = calls.get(step, 0) + 1
+        if not at and step >= 10 and calls[step] == 2:
+            at.append(step)
+        return "stop" if at == [step] else None
+
+    return control, at
+
+
+@pytest.mark.parametrize("where", ["between steps", "inside a round"])
+def test_a_stopped_group_resumes_exactly(base: TrainConfig, tmp_path: Path, where: str) -> None:
     runs = expand(base, {"layer": [0, 1], "seed": [0, 1]})
     names = unique_names(runs)
     data = tmp_path / "data"
     full = train_group(runs, [tmp_path / "full" / n for n in names], data_dir=data, device=CPU,
                        evaluate=False)
     part_dirs = [tmp_path / "part" / n for n in names]
+    control, at = _stop_inside_a_round()
+    if where == "between steps":
+        control, at = (lambda s: "stop" if s == 20 else None), [20]
     stopped = train_group(runs, part_dirs, data_dir=data, device=CPU, evaluate=False,
-                          callbacks=Callbacks(control=lambda s: "stop" if s == 20 else None))
-    assert {r["steps"] for r in stopped["runs"]} == {20}
+                          callbacks=Callbacks(control=control))
+    assert at and {r["steps"] for r in stopped["runs"]} == {at[0]}
     points = resume_points(part_dirs)
-    assert points is not None and all(p.name == "step_00000020.safetensors" for p in points)
+    assert points is not None and all(p.name == f"step_{at[0]:08d}.safetensors"
+                                      for p in points)
     resumed = train_group(runs, part_dirs, data_dir=data, device=CPU, evaluate=False,
                           resume=points)
     for a, b, name in zip(full["runs"], resumed["runs"], names, strict=True):

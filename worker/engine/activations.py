@@ -349,6 +349,10 @@ class LiveActivations:
         self._keep: Tensor | None = None  # half of N_r kept back for round r+1
         self._served: Tensor | None = None  # round r's vectors in serving order
         self.exhausted = False
+        self.between: Callable[[], None] | None = None
+        """Called after each batch of contexts while a round is extracted (a round can take
+        many seconds): the trainer hears its caller there (``trainer.listening``); it may raise
+        to abandon the round, after which this stream serves no more batches."""
 
     # -- contexts
     def _order(self, epoch: int, whole: bool) -> np.ndarray:
@@ -426,6 +430,8 @@ class LiveActivations:
             got += kept.shape[0]
             if self.progress:
                 self.progress(kept.shape[0])
+            if self.between is not None:
+                self.between()
         if not parts:
             return torch.empty(0, self.width, device=self.device), cursor, median
         norms_cat = torch.cat(norms_all)

@@ -10,7 +10,9 @@ activation source: each step fetches one batch
 per hook and every member on that hook learns from it, so the model's forward pass is paid once
 for the whole group (``activations.SharedExtraction`` shares it across hooks too). The group
 hears the caller once per step (``trainer.hear``: pause saves every member, stop finishes them
-all); every member's training time is the group's step time, so its tokens/s is the group's.
+all), and again while a buffer round is extracted (``trainer.listening``: every hook's batch
+is fetched before any member learns, so such a pause saves the whole group as of the step's
+start); every member's training time is the group's step time, so its tokens/s is the group's.
 
 ``train_group(cfgs, out_dirs, ...)`` is the whole job: load the model and corpus once, train
 every run together, evaluate them in one held-out pass (``engine.sweep`` plans the runs).
@@ -41,7 +43,7 @@ from .pipeline import (
     source_meta,
 )
 from .sweep import check_group, check_shared
-from .trainer import Callbacks, Trainer, TrainResult, hear
+from .trainer import Callbacks, Stopped, Trainer, TrainResult, hear, listening
 
 Hook = tuple[int, str, str | None]
 """A source's key: (layer, hook point, target hook point or None)."""
@@ -123,12 +125,19 @@ class GroupTrainer:
                 stopped = True
                 break
             t0 = time.perf_counter()
+            try:  # every hook's batch first: a pause heard while one is extracted saves all
+                with listening(self.cb, self.step, self.trainers) as heard:  # before learning
+                    batches = {hook: self.sources[hook].next_batch(cfg.batch_size)
+                               for hook in self.by_hook}
+            except Stopped:
+                stopped = True
+                break
             for hook, trainers in self.by_hook.items():
-                batch = self.sources[hook].next_batch(cfg.batch_size)
                 for trainer in trainers:
-                    trainer.learn(batch)
+                    trainer.learn(batches[hook])
+            del batches
             rows = [trainer.read_if_logging() for trainer in self.trainers]
-            spent = time.perf_counter() - t0
+            spent = time.perf_counter() - t0 - heard.heard_s
             for trainer, window in zip(self.trainers, rows, strict=True):
                 trainer.end_step(spent, window)
         return [trainer.finish(stopped) for trainer in self.trainers]

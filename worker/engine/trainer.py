@@ -6,7 +6,8 @@
 The SAE is the registered type ``cfg.encoder_type`` (``engine.architectures``); the loop asks it
 for what differs between types (its sparsity penalty, the constraints around a step, its
 initial thresholds). Each step: set the learning rate, hear the caller (pause / stop / save),
-fetch ``batch_size`` vectors, forward/backward in micro-batches (halved on CUDA out-of-memory,
+fetch ``batch_size`` vectors (hearing the caller again while a live source extracts a buffer
+round: ``listening``), forward/backward in micro-batches (halved on CUDA out-of-memory,
 with the accumulation doubled so the effective batch is unchanged), clip, step, let the SAE
 keep its constraints (unit-norm decoder rows, thresholds), update the dead-latent counters. The
 step's statistics stay on the device: every ``log_every`` steps they are read at once, checked
@@ -25,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,14 +198,15 @@ def get_lr(step: int, cfg: TrainConfig, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def hear(cb: Callbacks, step: int, trainers: list[Trainer]) -> bool:
+def hear(cb: Callbacks, step: int, trainers: list[Trainer], during: str = "") -> bool:
     """Between steps, ask the caller (``cb.control``): "pause" saves every trainer's checkpoint
-    and waits until told otherwise, "save" saves them all, "stop" returns True."""
+    and waits until told otherwise, "save" saves them all, "stop" returns True. ``during``: what
+    the step is doing when heard inside it (``listening``), for the log."""
     cmd = cb.control(step)
     if cmd == "pause":
         for trainer in trainers:
             trainer.save("pause")
-        cb.on_log(f"Paused at step {step}.")
+        cb.on_log(f"Paused at step {step}{during}.")
         while (cmd := cb.control(step)) == "pause":
             time.sleep(cb.pause_poll_s)
         if cmd != "stop":
@@ -216,6 +218,52 @@ def hear(cb: Callbacks, step: int, trainers: list[Trainer]) -> bool:
         for trainer in trainers:
             trainer.save("manual")
     return False
+
+
+class Stopped(Exception):
+    """A stop heard inside a step, while its batch was being extracted (``listening``)."""
+
+
+@dataclass
+class Listening:
+    heard_s: float = 0.0
+    """Seconds spent hearing the caller inside the step (a pause's wait included): not
+    training time."""
+
+
+@contextmanager
+def listening(cb: Callbacks, step: int, trainers: list[Trainer]) -> Iterator[Listening]:
+    """Fetch a step's batches inside this block. A live source extracts a buffer round inside
+    the step that needs it (tens of seconds on a CPU), so the caller is heard between its
+    batches of contexts too: a pause or save there checkpoints each trainer as of the step's
+    start (its data position from before the batch was asked for; nothing has been learnt
+    yet), so resuming replays the step exactly; a stop raises ``Stopped`` and leaves that
+    position for the final checkpoint. Not under DDP: there the caller is heard on logging
+    steps, by every rank at once (``Trainer._shared_callbacks``)."""
+    heard = Listening()
+    sources = {id(t.source): t.source for t in trainers}.values()
+    for trainer in trainers:
+        trainer.data_before_step = trainer.source.state_dict()
+
+    def between() -> None:
+        t0 = time.perf_counter()
+        try:
+            if hear(cb, step, trainers, during=" (during activation extraction)"):
+                raise Stopped
+        finally:
+            heard.heard_s += time.perf_counter() - t0
+
+    live = [src for src in sources if hasattr(src, "between")
+            and not any(t.dist.enabled for t in trainers)]
+    for src in live:
+        src.between = between
+    try:
+        yield heard
+    finally:
+        for src in live:
+            src.between = None
+    for trainer in trainers:  # not after a stop: the final checkpoint needs it
+        trainer.data_before_step = None
 
 
 @dataclass
@@ -294,6 +342,9 @@ class Trainer:
         self.win = self._new_window()
         self.train_time, self.start_tokens, self.lr_now = 0.0, 0, self.base_lr
         """Seconds spent in training steps and the tokens trained before them (this attempt)."""
+        self.data_before_step: dict[str, Any] | None = None
+        """The source's position when the current step began, while the step fetches its batch
+        (``listening``): what a checkpoint saved then records."""
         self.coef_now: float | Tensor = 0.0
         """The sparsity coefficient of the last step (a device tensor under target-L0 control)."""
 
@@ -374,7 +425,8 @@ class Trainer:
 
     def save(self, reason: str = "auto") -> Path:
         self._read_window()  # never save weights a non-finite loss has reached
-        data = self.source.state_dict()
+        data = self.data_before_step if self.data_before_step is not None \
+            else self.source.state_dict()
         ranks_data = self.dist.all_gather_object(data) if self.dist.enabled else None
         if not self.dist.is_main:  # rank 0 writes, with every rank's data position
             return ck.checkpoint_path(self.ckpt_dir, self.step)
@@ -531,9 +583,15 @@ class Trainer:
                 stopped = True
                 break
             t0 = time.perf_counter()
-            self.learn(self.source.next_batch(self.local_batch))  # 2.-5.
+            try:  # (the caller is heard during a live source's extraction too)
+                with listening(self.cb, self.step, [self]) as heard:
+                    batch = self.source.next_batch(self.local_batch)
+            except Stopped:
+                stopped = True
+                break
+            self.learn(batch)  # 2.-5.
             rows = self.read_if_logging()  # 6. (reading the window waits for the device)
-            self.end_step(time.perf_counter() - t0, rows)
+            self.end_step(time.perf_counter() - t0 - heard.heard_s, rows)
         return self.finish(stopped)
 
     def begin(self, resume: Path | str | None = None) -> None:
