@@ -35,7 +35,7 @@ def _raw(table: str, column: str, text: str, row_id: int) -> None:
 
 def _pages(t: int, t2: int, sweep: int, tpl: int, model: int, dataset: int) -> list[str]:
     return ["/", "/trainings", f"/trainings/{t}", f"/trainings/{t2}", "/trainings/form",
-            f"/trainings/form?template={tpl}", f"/trainings/form?from={t}", "/templates",
+            f"/trainings/form?template={tpl}", f"/trainings?from_training={t}", "/templates",
             f"/templates/{tpl}", "/sweeps", f"/sweeps/{sweep}", "/sweeps/form",
             f"/models/{model}", f"/datasets/{dataset}", f"/compare?ids={t},{t2}",
             "/trainings?tag=x", "/trainings/list"]
