@@ -12,6 +12,7 @@ from worker import jobs
 from worker.jobs import datasets as dataset_jobs
 
 from . import answers
+from .render import posted_text
 
 bp = Blueprint("datasets", __name__, url_prefix="/datasets")
 
@@ -33,7 +34,7 @@ def index() -> ResponseReturnValue:
 
 @bp.post("")
 def create() -> ResponseReturnValue:
-    values = {f: request.form.get(f, "") for f in FIELDS}
+    values = posted_text(FIELDS)  # form fields or a JSON object (an upload: multipart only)
     upload = request.files.get("file")
     try:
         dataset = jobs.add_dataset(

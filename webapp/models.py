@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from worker import jobs
 
 from . import answers
+from .render import posted_text
 
 bp = Blueprint("models", __name__, url_prefix="/models")
 
@@ -36,7 +37,7 @@ def index() -> ResponseReturnValue:
 
 @bp.post("")
 def create() -> ResponseReturnValue:
-    values = {"source": request.form.get("source", ""), "name": request.form.get("name", "")}
+    values = posted_text(("source", "name"))  # form fields or a JSON object
     try:
         model = jobs.add_model(values["source"], name=values["name"] or None)
     except jobs.Invalid as exc:

@@ -61,6 +61,14 @@ def posted() -> Mapping[str, Any]:
     return body
 
 
+def posted_text(names: Sequence[str]) -> dict[str, str]:
+    """The named fields of ``posted()`` as the form's strings ("" when missing or null; a JSON
+    number as its text), for the routes that parse text fields (adding a model or dataset):
+    a JSON body works as the form does."""
+    body = posted()
+    return {n: "" if body.get(n) is None else str(body.get(n)) for n in names}
+
+
 def page_or_fragment(page: str, fragment: str, status: int = 200, **ctx: Any) -> tuple[str, int]:
     """Render ``fragment`` for htmx requests, else the full ``page`` (which includes it)."""
     template = fragment if is_fragment_request() else page

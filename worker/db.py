@@ -152,12 +152,37 @@ def now() -> float:
     return time.time()
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = "\\ud"
+"""How ``json.dumps`` writes a surrogate (lower case): the cheap test before a walk."""
+
+
+def without_surrogates(value: Any) -> Any:
+    """``value`` with each lone UTF-16 surrogate ("\\ud800") in its text, dict keys included,
+    replaced by U+FFFD. Such a string can be neither encoded as UTF-8 (a page showing it fails)
+    nor stored in a text column (the drivers refuse it); inside JSON it was stored escaped."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_surrogates(v) for v in value]
+    return value
+
+
 class JSONField(TextField):
     """JSON stored as text on both back-ends; non-finite floats are stored as null (standard JSON
-    has no NaN, and the database's JSON functions read the text: ``json_value``)."""
+    has no NaN, and the database's JSON functions read the text: ``json_value``). A lone
+    surrogate in a string is stored as U+FFFD (``json.dumps`` would write it as an escape the
+    pages cannot show and PostgreSQL's JSON functions refuse); a pair (an emoji) stays."""
 
     def db_value(self, value: Any) -> str | None:
-        return None if value is None else json.dumps(json_safe(value))
+        if value is None:
+            return None
+        text = json.dumps(json_safe(value))
+        if _SURROGATE_ESCAPE in text:  # a pair or a lone one: json.loads tells them apart
+            text = json.dumps(without_surrogates(json.loads(text)))
+        return text
 
     def python_value(self, value: str | None) -> Any:
         return None if value is None else json.loads(value)
@@ -524,8 +549,55 @@ def _v11_to_v12(database: DatabaseProxy) -> None:
         database.execute_sql("ALTER TABLE language_model ADD COLUMN max_positions INTEGER")
 
 
+def _v12_to_v13(database: DatabaseProxy) -> None:
+    """Lone UTF-16 surrogates ("\\ud800") in stored text become U+FFFD: a JSON body could
+    store one (escaped, in a JSON column: tags, a template's or a sweep's fields, a config)
+    before such bodies were refused, and every page showing it failed (UTF-8 cannot encode
+    it). Emoji (escaped surrogate pairs) stay. On SQLite a text column of any kind may also hold
+    a surrogate as raw bytes (written by another program: Python cannot read that row); it
+    is decoded and rewritten the same way. The drivers refuse surrogates in parameters, so the
+    rows are found in SQL and rewritten one by one."""
+    sqlite = not is_postgres()
+    mark = database.param
+    for model in TABLES:
+        table = model._meta.table_name
+        for field in model._meta.sorted_fields:
+            if not isinstance(field, TextField | _CharField):
+                continue
+            column = field.column_name
+            update = f'UPDATE "{table}" SET "{column}" = {mark} WHERE id = {mark}'
+            if sqlite:  # UTF-8 of U+D800-U+DFFF starts ED A0-BF: candidates hold an ED byte
+                rows = database.execute_sql(
+                    f'SELECT id, CAST("{column}" AS BLOB) FROM "{table}" '
+                    f"WHERE instr(CAST(\"{column}\" AS BLOB), X'ED') > 0").fetchall()
+                for row_id, raw in rows:
+                    try:
+                        bytes(raw).decode("utf-8")
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+                    try:
+                        text = without_surrogates(bytes(raw).decode("utf-8", "surrogatepass"))
+                    except UnicodeDecodeError:
+                        text = bytes(raw).decode("utf-8", "replace")
+                    database.execute_sql(update, (text, row_id))
+            if not isinstance(field, JSONField):
+                continue
+            rows = database.execute_sql(
+                f'SELECT id, "{column}" FROM "{table}" '
+                f"WHERE lower(\"{column}\") LIKE {mark} ESCAPE '!'", ("%\\ud%",)).fetchall()
+            for row_id, text in rows:
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    continue
+                clean = without_surrogates(value)
+                if clean != value:
+                    database.execute_sql(update, (json.dumps(clean), row_id))
+
+
 MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,
-              _v7_to_v8, _v8_to_v9, _v9_to_v10, _v10_to_v11, _v11_to_v12]
+              _v7_to_v8, _v8_to_v9, _v9_to_v10, _v10_to_v11, _v11_to_v12, _v12_to_v13]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

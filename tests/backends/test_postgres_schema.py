@@ -37,7 +37,7 @@ def test_an_empty_database_migrates_to_the_current_schema(postgres_url: str) -> 
     init_db(postgres_url)
     assert is_bound() and is_postgres()
     with db.connection_context():
-        assert schema_version() == SCHEMA_VERSION == 12
+        assert schema_version() == SCHEMA_VERSION == 13
         tables = set(db.get_tables())
         assert {t._meta.table_name for t in TABLES} | {"schema_version"} <= tables
         for table in TABLES:  # every column the models declare exists
@@ -55,7 +55,7 @@ def test_an_empty_database_migrates_to_the_current_schema(postgres_url: str) -> 
         assert {c.name: c.data_type for c in db.get_columns("checkpoint")}["is_best"] == "boolean"
     init_db(postgres_url)  # again: nothing to do
     with db.connection_context():
-        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(12,)]
+        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(13,)]
 
 
 def test_values_keep_their_range_and_precision(postgres_url: str) -> None:
@@ -111,10 +111,10 @@ def test_two_processes_starting_together_migrate_once(postgres_url: str, tmp_pat
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert all(f"version {SCHEMA_VERSION}" in out for out in outs), outs
-    assert sum(out.count("Migrated the database from schema 0 to 12") for out in outs) == 1, outs
+    assert sum(out.count("Migrated the database from schema 0 to 13") for out in outs) == 1, outs
     init_db(postgres_url)
     with db.connection_context():
-        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(12,)]
+        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [(13,)]
         assert LanguageModel.select().count() == 2
 
 
@@ -200,3 +200,28 @@ def test_good_urls_have_no_problem(tmp_path: Path) -> None:
     for url in ("sqlite:///data/app.db", "sqlite:////srv/app.db", str(tmp_path / "app.db"),
                 "postgresql://sae:p%40ss@db.lab:5432/sae?sslmode=require", "postgres://h/sae"):
         assert url_problem(url) is None, url
+
+
+def test_schema_13_replaces_lone_surrogates_on_postgresql(postgres_url: str) -> None:
+    """A lone surrogate stored escaped in a JSON column before schema 13 (PostgreSQL's JSON
+    functions refuse it: a list filtered or sorted on it failed) becomes U+FFFD; an emoji
+    (an escaped pair) stays."""
+    from worker import jobs
+
+    init_db(postgres_url)
+    m, d = make_model(), make_dataset()
+    t = make_training(m, d, status="completed")
+    with db.connection_context():
+        db.execute_sql("UPDATE training SET tags = %s, config = %s WHERE id = %s",
+                       ('["a\\ud800b", "\\ud83d\\ude00"]',
+                        '{"encoder_type": "topk", "name": "\\udc00"}', t.id))
+        with pytest.raises(Exception, match="(?i)surrogate|unicode"):
+            with db.atomic():
+                jobs.list_trainings(encoder_type="topk")
+        db.execute_sql("UPDATE schema_version SET version = 12")
+    init_db(postgres_url)
+    with db.connection_context():
+        assert schema_version() == SCHEMA_VERSION == 13
+        row = Training.get_by_id(t.id)
+        assert row.tags == ["a\ufffdb", "\U0001f600"] and row.config["name"] == "\ufffd"
+        assert [x.id for x in jobs.list_trainings(encoder_type="topk")] == [t.id]

@@ -199,4 +199,4 @@ def test_schema_v5_adds_the_calibration_table(data_dir: Path) -> None:
     init_db(data_dir / "app.db")
     with db.connection_context():
         assert "calibration" in db.get_tables()
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 13

@@ -170,7 +170,7 @@ def test_schema_v2_renames_error_to_failed(data_dir: Path) -> None:
     assert [jobs.get_model(m.id).status, jobs.get_dataset(d.id).status] == ["failed", "failed"]
     assert jobs.get_model(ok.id).status == "ready" and jobs.get_model(m.id).error == "Gone."
     with db.connection_context():
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 13
 
 
 def test_schema_v8_adds_mlp_in_where_the_model_has_an_mlp(data_dir: Path) -> None:

@@ -204,7 +204,7 @@ def test_schema_v3_adds_eval_progress(data_dir: Path) -> None:
     init_db(data_dir / "app.db")
     with db.connection_context():
         assert "eval_progress" in {c.name for c in db.get_columns("training")}
-        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
+        assert db.execute_sql("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 13
 
 
 def test_never_beside_another_trainer_of_the_run(model: LanguageModel, dataset: Any,

@@ -173,6 +173,28 @@ def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):
     assert client.delete(f"/datasets/{did}", headers=JSON).status_code == 404
 
 
+def test_models_and_datasets_take_a_json_object_as_the_form(client, enqueued):
+    """Like every other POST, adding a model or dataset takes a JSON object as well as form
+    fields (a JSON body was ignored: 422 "Give a model" for a body that named one); numbers
+    may be JSON numbers, and a bad body gets the same 422 sentence as elsewhere."""
+    body = {"source": "minilm-l6", "name": "mini"}
+    m = client.post("/models", json=body, headers=JSON)
+    assert m.status_code == 201, m.get_json()
+    assert (m.get_json()["source"], m.get_json()["name"]) == ("minilm-l6", "mini")
+    d = client.post("/datasets", json={"source": "kjv", "context_size": 64, "max_tokens": 4096,
+                                       "name": None}, headers=JSON)
+    assert d.status_code == 201, d.get_json()
+    got = d.get_json()
+    assert (got["source"], got["name"], got["context_size"], got["max_tokens"]) == \
+        ("kjv", "kjv", 64, 4096)
+    assert [name for name, _ in enqueued] == ["prepare_model", "prepare_dataset"]
+    bad = client.post("/datasets", json={"source": "kjv", "context_size": 1}, headers=JSON)
+    assert bad.status_code == 422 and "context_size" in bad.get_json()["errors"]
+    for path in ("/models", "/datasets"):
+        r = client.post(path, data="{'source': 1", headers=JSON, content_type="application/json")
+        assert r.status_code == 422 and "not valid JSON" in r.get_json()["error"], path
+
+
 def test_empty_state_stays_and_hides_by_css(client, enqueued):
     """The empty message is always in the list and hidden by CSS while the list has a row, so it
     comes back when the last row is deleted and an add needs no out-of-band removal (which logged

@@ -270,6 +270,27 @@ def test_the_form_switches_to_sweep_mode_and_back(client, ready):
     assert text_of(back, "start-training") == "Start Training"
 
 
+def test_sweep_estimate_json_has_every_documented_key(client, ready):
+    """The README's keys of ``GET /trainings/estimate?mode=sweep`` are all there whether the
+    form is fine or not: a bad list value or too many runs nulls the figures (as the single
+    run's estimate does) instead of dropping ``fits``, ``split``, ``budget_bytes``..."""
+    model, dataset = ready
+    q = f"model_id={model.id}&dataset_id={dataset.id}&total_steps=20"
+    documented = {"runs", "groups", "group_memory_bytes", "memory_bytes", "budget_bytes",
+                  "budget_source", "fits", "split", "warning", "time_s", "time_range_s",
+                  "time_basis", "invalid"}
+    good = client.get(f"/trainings/estimate?mode=sweep&{q}&k=8,16", headers=JSON).get_json()
+    assert documented <= set(good) and good["invalid"] == {}
+    many = ",".join(str(k) for k in range(1, 70))
+    for bad, field in (("k=lots,8", "k"), (f"k={many}", "form")):
+        est = client.get(f"/trainings/estimate?mode=sweep&{q}&{bad}", headers=JSON).get_json()
+        assert set(good) <= set(est), sorted(set(good) - set(est))
+        assert field in est["invalid"] and est["warning"]
+        assert est["fits"] is est["split"] is est["budget_bytes"] is est["runs"] is None
+    html = client.get(f"/trainings/estimate?mode=sweep&{q}&k=lots,8", headers=HX).data.decode()
+    assert " over" not in attr(html, "training-estimate", "class")  # no "does not fit" look
+
+
 def test_sweep_estimate_shows_runs_group_memory_and_time(client, ready):
     model, dataset = ready
     q = f"model_id={model.id}&dataset_id={dataset.id}&total_steps=20"
