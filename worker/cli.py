@@ -11,7 +11,8 @@
 
 Bad input ends with one line on stderr and exit status 2; what can be checked without the model
 (the options against the hidden size and layer count of a model already on disk) is checked
-before it loads. Every command's last stdout line is one strict JSON object (null, never NaN);
+before it loads. Every command's last stdout line is one strict JSON object (null, never NaN;
+``info`` prints its table instead unless given ``--json``);
 ``train``'s: steps, tokens, tokens_per_s, fvu, l0, dead_frac, heldout_vectors,
 dead_window_tokens, out, checkpoint, stopped, eval and ``definitions`` (a sentence per figure).
 Under torchrun (``WORLD_SIZE`` > 1) ``train`` trains one SAE on all the processes
