@@ -4,11 +4,14 @@ written the way the worker writes them (no run.py, no training: seconds, not min
 - a card's log box shows its newest line, on load and after a WebSocket swap, and leaves a
   reader who scrolled up where they were;
 - the report's tiles show all their text at 1400 and 1000 px (it was cut with an ellipsis);
-- "Compare selected" waits for a ticked training.
+- "Compare selected" waits for a ticked training;
+- a live card's tile sub-texts, log lines and progress facts show all their text and a sweep
+  card's run lines fit, at 1280 px and on a 390 px phone (they were cut off or ran past the
+  card); the latent page's activation histogram sits flush in its panel at a readable size.
 
 Screenshots: log-newest.png, report-tiles-1400.png, report-tiles-1000.png,
-report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal.png
-(tests/artifacts/screenshots/)."""
+report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal.png,
+card-text-1280.png, card-text-390.png, sweep-card-390.png (tests/artifacts/screenshots/)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import pytest
 from tests.web.conftest import live_server, make_dataset, make_model, make_training  # noqa: F401
 from tests.web.test_compare import finished
 from tests.web.test_reports import write_eval
-from worker.db import LogLine, db
+from worker.db import LogLine, Sweep, Training, db
 
 from .conftest import SCREENSHOTS, shot
 
@@ -183,5 +186,93 @@ def test_compare_button_waits_for_a_tick(server, browser):
         page.goto(f"{server}/compare?ids={runs[0].id},{runs[1].id}")
         assert "not a causal LM" in page.inner_text("#pareto-ce_loss_recovered")
         _element_shot(page, "#compare-pareto", "compare-not-causal")
+    finally:
+        page.context.close()
+
+
+# every element of a selector whose text is cut: wider or taller than its box (an ellipsis, a
+# clipped overflow), or which runs past the right edge of ``root``
+CUT_IN = """([root, sel]) => {
+  const edge = document.querySelector(root).getBoundingClientRect().right;
+  return [...document.querySelectorAll(root + ' ' + sel)].filter(e => e.offsetParent !== null)
+    .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1
+                 || e.getBoundingClientRect().right > edge + 1)
+    .map(e => (e.id || e.className) + ': ' + e.textContent.trim()); }"""
+LONG_LINE = ("Started: topk SAE 384 -> 3072, 1000 steps of 128 tokens on cpu (fp32); the newest "
+             "checkpoint is step-100.safetensors")
+
+
+def test_card_text_is_not_cut_on_a_phone(server, browser):
+    """The live tiles' sub-texts (MSE / FVU, L0 share, dead window, LR schedule), the log lines
+    and the progress facts: all their text, at 1280 px and at 390 px."""
+    t = make_training(make_model(), make_dataset(), "training", steps=50, total=1000, log=2)
+    with db.connection_context():
+        Training.update(config={**t.config, "lr_decay_frac": 0.2, "dead_window_tokens": 1_000_000})\
+            .where(Training.id == t.id).execute()
+    _log_lines(t.id, [LONG_LINE])
+    card = f"#training-{t.id}"
+    for width in (1280, 390):
+        page = _new_page(browser, width, 844)
+        try:
+            page.goto(f"{server}/trainings/{t.id}")
+            page.wait_for_selector(f"{card}-tiles")
+            page.wait_for_timeout(500)  # the WebSocket's snapshot has been swapped in
+            assert "over the last 20% of steps" in page.inner_text(f"{card}-lr-schedule")
+            assert page.evaluate(CUT_IN, [card, ".tile, .tile-sub, .log li, .progress-facts *"]) \
+                == [], width
+            assert LONG_LINE in page.inner_text(f"{card}-log")
+            # each progress fact on one line ("Step 50 / 1000" never breaks inside)
+            lines = page.evaluate(f"[...document.querySelectorAll('{card}-progress .progress-facts"
+                                  " > span')].map(e => e.getClientRects().length)")
+            assert lines and set(lines) == {1}, lines
+            tops = page.evaluate(f"[...document.querySelectorAll('{card} .tile')]"
+                                 ".map(e => Math.round(e.getBoundingClientRect().height))")
+            assert len(set(tops)) == 1, tops  # a row's tiles stay one height
+            _element_shot(page, card, f"card-text-{width}", 700)
+        finally:
+            page.context.close()
+
+
+def test_sweep_card_run_lines_fit_a_phone(server, browser):
+    model, dataset = make_model(), make_dataset()
+    with db.connection_context():
+        sweep = Sweep.create(name="k=16,32", model=model, dataset=dataset, config={})
+    runs = [make_training(model, dataset, "training", steps=40, total=200, sweep=sweep,
+                          name=f"L3 topk k={k}") for k in (16, 32)]
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/")
+        page.wait_for_selector(f"#sweep-{sweep.id}-runs")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        root = f"#sweep-{sweep.id}"
+        assert page.evaluate(CUT_IN, [root, ".sweep-run, .sweep-run *"]) == []
+        for r in runs:
+            fvu = page.locator(f"{root}-run-{r.id}-fvu")
+            assert fvu.is_visible() and fvu.inner_text().startswith("FVU ")
+            assert page.locator(f"{root}-run-{r.id}-l0").is_visible()
+        _element_shot(page, root, "sweep-card-390")
+    finally:
+        page.context.close()
+
+
+def test_latent_histogram_sits_in_its_panel(server, browser, tmp_path):
+    """The activation histogram's figure had the browser's default figure margins (a 40 px
+    indent on each side) and, its aspect ratio kept, filled a 1280 px page at twice the
+    report's type size; now flush with the panel's other content, at most 640 px wide."""
+    from tests.web.test_reports import busiest, real
+
+    t, ev = real(tmp_path)
+    page = _new_page(browser)
+    try:
+        page.goto(f"{server}/trainings/{t.id}/latents/{busiest(ev)}")
+        page.wait_for_selector("#latent-histogram svg")
+        left = page.evaluate("""() => {
+            const fig = document.getElementById('latent-histogram');
+            const panel = fig.closest('.panel');
+            const pad = parseFloat(getComputedStyle(panel).paddingLeft);
+            return [fig.getBoundingClientRect().left - panel.getBoundingClientRect().left - pad,
+                    fig.querySelector('svg').getBoundingClientRect().width]; }""")
+        assert abs(left[0]) <= 2 and left[1] <= 641, left
+        _element_shot(page, "#latent-histogram", "latent-histogram")
     finally:
         page.context.close()
