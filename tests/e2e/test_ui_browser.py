@@ -301,3 +301,22 @@ def test_sweep_shared_settings_fit_a_phone(server, browser):
         _element_shot(page, f"#sweep-{sweep.id}-shared", "sweep-shared-390")
     finally:
         page.context.close()
+
+
+def test_checkpoint_table_fits_a_phone(server, browser):
+    """At 390 px the checkpoint rows' Delete buttons sat past the card's edge (the table
+    scrolled sideways inside it); now the actions stack and the table fits."""
+    t = make_training(make_model(), make_dataset(), "completed", steps=100, total=100,
+                      checkpoints=2)
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/trainings/{t.id}")
+        page.click(f"#training-{t.id}-checkpoints-box summary")
+        table = f"#training-{t.id}-checkpoints table"
+        assert page.evaluate("s => { const e = document.querySelector(s); "
+                             "return e.scrollWidth <= e.clientWidth; }", table)
+        assert page.evaluate(CUT_IN, [f"#training-{t.id}", ".checkpoints button, "
+                                      ".checkpoints a"]) == []
+        _element_shot(page, f"#training-{t.id}-checkpoints-box", "checkpoints-390")
+    finally:
+        page.context.close()
