@@ -320,3 +320,38 @@ def test_checkpoint_table_fits_a_phone(server, browser):
         _element_shot(page, f"#training-{t.id}-checkpoints-box", "checkpoints-390")
     finally:
         page.context.close()
+
+
+# each label of a chart: its drawn width over its height scale (1: undistorted)
+TEXT_ASPECT = """(id) => [...document.querySelectorAll('#' + id + ' text')].map(t => {
+  const r = t.getBoundingClientRect(), b = t.getBBox();
+  return (r.width / b.width) / (r.height / b.height); })"""
+
+
+def test_card_chart_text_keeps_its_shape(server, browser):
+    """A card's line charts stretch to their box; on a phone their labels were squeezed to two
+    thirds of their width. Now undistorted at 390 and 1280 px, and still after a live swap."""
+    from tests.web.conftest import add_metric
+
+    t = make_training(make_model(), make_dataset(), "training", steps=50, total=1000)
+    chart = f"training-{t.id}-loss-chart"
+    for width in (390, 1280):
+        page = _new_page(browser, width, 844)
+        try:
+            page.goto(f"{server}/trainings/{t.id}")
+            page.wait_for_selector(f"#{chart} text")
+            page.wait_for_timeout(500)  # the WebSocket's snapshot has been swapped in
+            aspects = page.evaluate(TEXT_ASPECT, chart)
+            assert aspects and all(abs(a - 1) < 0.03 for a in aspects), (width, aspects)
+            if width == 390:
+                points = page.get_attribute(f"#{chart}", "data-points")
+                add_metric(t.id, 60)  # a new row: the charts are swapped in over the socket
+                page.wait_for_function(f"document.getElementById('{chart}')"
+                                       f".getAttribute('data-points') !== '{points}'",
+                                       timeout=5000)
+                page.wait_for_timeout(200)
+                aspects = page.evaluate(TEXT_ASPECT, chart)
+                assert all(abs(a - 1) < 0.03 for a in aspects), aspects
+                _element_shot(page, f"#training-{t.id}-charts", "card-charts-390")
+        finally:
+            page.context.close()
