@@ -355,3 +355,23 @@ def test_card_chart_text_keeps_its_shape(server, browser):
                 _element_shot(page, f"#training-{t.id}-charts", "card-charts-390")
         finally:
             page.context.close()
+
+
+def test_compare_chart_text_is_readable_on_a_phone(server, browser):
+    """The comparison's charts keep their aspect ratio, so their text shrank with them: 10 user
+    units drew a 6 px label at 390 px. Now at least 8 px (the cards' charts draw 10 px)."""
+    model, dataset = make_model(), make_dataset()
+    runs = [finished(model, dataset, fvu=f, l0=l0, ce=c)
+            for f, l0, c in ((.3, 20, .8), (.2, 40, .9))]
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/compare?ids={runs[0].id},{runs[1].id}")
+        page.wait_for_selector("#compare-body svg text")
+        heights = page.evaluate("[...document.querySelectorAll('.compare-chart svg text')]"
+                                ".filter(t => t.textContent.trim())"
+                                ".map(t => t.getBoundingClientRect().height)")
+        assert heights and min(heights) >= 8, sorted(heights)[:5]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        _element_shot(page, "#compare-pareto", "compare-pareto-390")
+    finally:
+        page.context.close()
