@@ -375,3 +375,21 @@ def test_compare_chart_text_is_readable_on_a_phone(server, browser):
         _element_shot(page, "#compare-pareto", "compare-pareto-390")
     finally:
         page.context.close()
+
+
+def test_template_descriptions_use_the_row(server, browser):
+    """A template row had an empty status column: at 1280 px its description was a narrow
+    column of a dozen lines beside empty space. Now it takes that room."""
+    page = _new_page(browser)
+    try:
+        page.goto(f"{server}/templates")
+        row = "#template-preset-cpu-quick-look"
+        page.wait_for_selector(row)
+        share = page.evaluate(f"""() => {{
+            const row = document.querySelector('{row}').getBoundingClientRect();
+            const text = document.querySelector('{row} .template-fields').getBoundingClientRect();
+            return text.width / row.width; }}""")
+        assert share > 0.5, share
+        _element_shot(page, row, "template-row-1280")
+    finally:
+        page.context.close()
