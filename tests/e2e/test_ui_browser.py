@@ -393,3 +393,25 @@ def test_template_descriptions_use_the_row(server, browser):
         _element_shot(page, row, "template-row-1280")
     finally:
         page.context.close()
+
+
+def test_card_rates_do_not_run_over_the_charts(server, browser):
+    """A finished card shows the whole run's rate and the last window's; at 390 px they take
+    two lines, and the second ran over the charts below (the line had a fixed height)."""
+    t = make_training(make_model(), make_dataset(), "completed", steps=100, total=100)
+    with db.connection_context():
+        Training.update(result={"tokens_per_s": 4250.0, "tokens": 102_400})\
+            .where(Training.id == t.id).execute()
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/trainings/{t.id}")
+        rates = f"#training-{t.id}-throughput"
+        assert "(whole run)" in page.inner_text(rates)
+        gap = page.evaluate(f"""() => {{
+            const r = document.querySelector('{rates}').getBoundingClientRect();
+            const c = document.querySelector('#training-{t.id}-charts').getBoundingClientRect();
+            return c.top - r.bottom; }}""")
+        assert gap >= 0, gap
+        assert page.evaluate(CUT_IN, [f"#training-{t.id}", ".throughput"]) == []
+    finally:
+        page.context.close()
