@@ -8,7 +8,7 @@ import zipfile
 
 from worker.db import Checkpoint, LanguageModel, Metric, Training
 
-from ..html import attr, element_by_id, find_all, ids
+from ..html import attr, element_by_id, find_all, ids, text_of
 from .conftest import CONFIG, HX, JSON, make_dataset, make_model, make_training
 
 FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
@@ -228,6 +228,11 @@ def test_card_buttons_by_state(client, ready):
     h = client.get(f"/trainings/{done.id}", headers=HX).data.decode()
     assert ">Retry</button>" not in h and "100.0%" in h and "ws-connect" not in h
     assert f"training-{done.id}-delete" in ids(h)
+    assert "ETA" not in h  # it said "ETA (to last step) —" on every finished card
+    h = client.get(f"/trainings/{failed.id}", headers=HX).data.decode()
+    assert f"training-{failed.id}-eta" not in ids(h)
+    h = client.get(f"/trainings/{paused.id}", headers=HX).data.decode()
+    assert text_of(h, f"training-{paused.id}-eta") == "ETA (to last step) paused"
 
 
 def test_training_json_and_list(client, ready):
