@@ -116,3 +116,22 @@ document.addEventListener("htmx:beforeSwap", saeSaveLogScroll);
 document.addEventListener("htmx:oobBeforeSwap", saeSaveLogScroll);
 document.addEventListener("htmx:afterSwap", saeRestoreLogScroll);
 document.addEventListener("htmx:oobAfterSwap", saeRestoreLogScroll);
+
+// A card's line charts stretch to their box (preserveAspectRatio="none", so that live swaps
+// never move the layout), and their text stretched with them: squeezed to two thirds of its
+// width on a phone. Each such chart gets --sae-text-sx, its vertical over its horizontal
+// scale; app.css scales its text's width by it, so the text keeps its shape at any width.
+function saeChartText() {
+  var charts = document.querySelectorAll('svg.chart[preserveAspectRatio="none"]');
+  for (var i = 0; i < charts.length; i++) {
+    var svg = charts[i], box = svg.viewBox && svg.viewBox.baseVal;
+    if (!box || !box.width || !box.height || !svg.clientWidth || !svg.clientHeight) continue;
+    var ratio = (svg.clientHeight / box.height) / (svg.clientWidth / box.width);
+    svg.style.setProperty("--sae-text-sx", ratio.toFixed(3));
+  }
+}
+document.addEventListener("DOMContentLoaded", saeChartText);
+document.addEventListener("htmx:afterSettle", saeChartText);
+document.addEventListener("htmx:oobAfterSwap", saeChartText);
+document.addEventListener("htmx:wsAfterMessage", saeChartText);  // parts swapped in by the socket
+window.addEventListener("resize", saeChartText);

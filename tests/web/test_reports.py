@@ -240,6 +240,7 @@ def test_report_page(client, done):
     tile = element_by_id(html, "report-tile-latents")
     assert "118" in [e.text for e in tile.iter()]
     assert "2 dead in 120 held-out tokens · 3 dense" in tile.text  # the window is stated
+    assert text_of(html, "report-tile-ce-sub") == "KL 0.2512 (nats / token)"  # with its unit
     assert "report-run-rate" not in html  # no result stored: no rate to show
     Training.update(result={"tokens_per_s": 2709.6, "tokens": 12800}).where(
         Training.id == done.id).execute()
@@ -264,6 +265,8 @@ def test_report_without_ce_losses(client, app, tmp_path):
                downstream_note="BertModel is not a causal LM.")
     html = client.get(f"/trainings/{t.id}/report").data.decode()
     assert "BertModel is not a causal LM." in html and "ce-clean" not in ids(html)
+    # the tile says why it is empty (it showed "—" over "KL —")
+    assert text_of(html, "report-tile-ce-sub") == "not measured: see Downstream loss"
     data = client.get(f"/trainings/{t.id}/report", headers=JSON).get_json()
     assert data["ce_loss_recovered"] is None
 

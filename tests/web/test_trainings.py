@@ -8,7 +8,7 @@ import zipfile
 
 from worker.db import Checkpoint, LanguageModel, Metric, Training
 
-from ..html import attr, element_by_id, find_all, ids
+from ..html import attr, element_by_id, find_all, ids, text_of
 from .conftest import CONFIG, HX, JSON, make_dataset, make_model, make_training
 
 FAST = {"layer": "2", "expansion_factor": "2", "k": "8", "batch_size": "128",
@@ -202,6 +202,10 @@ def test_card_parts_running(client, ready):
     assert "0.2300" in html  # loss, 4 decimals
     assert "1.40e-3" in html and "25k tokens/s" in html
     assert "Checkpoints (2)" in html and "★ best" in html and "Save now" in html
+    # the retention rule names its N (it said "every Nth"; keep_every is 5000 by default)
+    assert element_by_id(html, f"training-{t.id}-retention").text == (
+        "Auto-save every 100 steps; keeps the first, newest and best and those at multiples "
+        "of 5,000 steps.")
     assert ">Pause</button>" in html and ">Stop</button>" in html
     assert ">Retry</button>" not in html and ">Delete</button>" in html  # checkpoint delete
     assert f"training-{t.id}-delete" not in ids(html)
@@ -224,6 +228,11 @@ def test_card_buttons_by_state(client, ready):
     h = client.get(f"/trainings/{done.id}", headers=HX).data.decode()
     assert ">Retry</button>" not in h and "100.0%" in h and "ws-connect" not in h
     assert f"training-{done.id}-delete" in ids(h)
+    assert "ETA" not in h  # it said "ETA (to last step) —" on every finished card
+    h = client.get(f"/trainings/{failed.id}", headers=HX).data.decode()
+    assert f"training-{failed.id}-eta" not in ids(h)
+    h = client.get(f"/trainings/{paused.id}", headers=HX).data.decode()
+    assert text_of(h, f"training-{paused.id}-eta") == "ETA (to last step) paused"
 
 
 def test_training_json_and_list(client, ready):
