@@ -229,8 +229,9 @@ class TrainingReporter:
         if requested == "pause":
             self.paused = True
             self.timings.paused_since = time.time()
-            self.flush()  # the card must show the step it paused at, not an older one
-            self._clear("pause", status="paused")
+            self.flush()  # the card must show the step it paused at, not an older one:
+            # the last metrics row is up to log_every steps behind the pause checkpoint's step
+            self._clear("pause", status="paused", current_step=step)
             return "pause"
         if requested == "save":
             self._clear("save")

@@ -265,6 +265,8 @@ def test_state_machine_and_recovery(model: LanguageModel, dataset: Any, enqueued
     wait_for(lambda: status_of(t.id) == "paused", what="paused")
     step = jobs.get_training(t.id).current_step
     wait_for(lambda: any(c.reason == "pause" for c in jobs.checkpoints(t.id)), what="pause ckpt")
+    # The card's step is the pause's (its checkpoint's): test_a_pause_shows_its_own_step
+    assert step == next(c.step for c in jobs.checkpoints(t.id) if c.reason == "pause")
     with pytest.raises(jobs.Conflict, match="only a running training can be paused"):
         jobs.request(t.id, "pause")
     jobs.save_checkpoint_now(t.id)  # paused: the pause checkpoint is the current one
@@ -334,3 +336,18 @@ def test_state_machine_and_recovery(model: LanguageModel, dataset: Any, enqueued
     assert steps == sorted(set(steps)) and steps[-1] == interrupted_at + 4
     assert Checkpoint.select().where(Checkpoint.training == t.id,
                                      Checkpoint.is_best).count() == 1
+
+
+def test_a_pause_shows_its_own_step(model: LanguageModel, dataset: Any, enqueued: list) -> None:
+    """The worker hears a pause at step 13 while its last metrics row is step 10 (rows come
+    every log_every steps): the card's step is 13, the pause checkpoint's, not 10."""
+    t = jobs.create_training(form(model, dataset, total_steps="100", log_every="10"))
+    Training.update(status="training").where(Training.id == t.id).execute()
+    reporter = TrainingReporter(t.id)
+    reporter.on_metrics({"step": 10, "loss": 0.5})
+    assert jobs.get_training(t.id).current_step == 10
+    jobs.request(t.id, "pause")
+    reporter.last_poll = 0.0
+    assert reporter.control(13) == "pause"
+    t = jobs.get_training(t.id)
+    assert (t.status, t.current_step, t.latest["step"]) == ("paused", 13, 10)
