@@ -58,6 +58,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def _connect() -> None:
+        render.check_format()
         jobs.connect()
 
     @app.teardown_request

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flask import Response, current_app, jsonify, render_template, request
+from flask import Response, abort, current_app, jsonify, render_template, request
 from markupsafe import Markup, escape
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -76,13 +76,30 @@ def page_or_fragment(page: str, fragment: str, status: int = 200, **ctx: Any) ->
 
 
 def wants_json() -> bool:
-    """JSON when ``?format=json`` or the Accept header prefers it over HTML."""
+    """JSON when ``?format=json``, HTML when ``?format=html``, else when the Accept header
+    prefers JSON over HTML (the error about another format, too: ``check_format``)."""
     fmt = request.args.get("format")
-    if fmt:
+    if fmt in ("json", "html"):
         return fmt == "json"
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
     return best == "application/json" and \
         request.accept_mimetypes["application/json"] > request.accept_mimetypes["text/html"]
+
+
+OTHER_FORMATS = {"trainings.metrics": ("csv",), "reports.report": ("saebench",),
+                 "config_templates.detail": ("toml",)}
+"""The ``?format=`` values a route answers besides ``json`` and ``html``, by endpoint."""
+
+
+def check_format() -> None:
+    """422 naming the choices for a ``?format=`` the route does not answer (an unknown one
+    quietly got the HTML page)."""
+    fmt = request.args.get("format")
+    if not fmt or request.endpoint is None:
+        return
+    known = ("json", "html", *OTHER_FORMATS.get(request.endpoint, ()))
+    if fmt not in known:
+        abort(422, description=f"format must be one of {', '.join(known)} (got {fmt!r}).")
 
 
 def json_response(data: Any, status: int = 200) -> Response:

@@ -302,6 +302,23 @@ def test_metrics_json_csv_html(client, ready):
     frag = client.get(f"/trainings/{t.id}/metrics", headers=HX).data.decode()
     assert frag.startswith(f'<div id="training-{t.id}-charts"')
     assert client.get("/trainings/999/metrics?format=csv").status_code == 404
+    assert client.get(f"/trainings/{t.id}/metrics?format=html").mimetype == "text/html"
+
+
+def test_an_unknown_format_is_refused_naming_the_choices(client, ready):
+    """``?format=xml`` got the HTML page as if it were understood; now a 422 names the route's
+    formats, and each route's own format still answers."""
+    model, dataset = ready
+    t = make_training(model, dataset, status="training", steps=100)
+    r = client.get(f"/trainings/{t.id}/metrics?format=xml", headers=JSON)
+    assert r.status_code == 422
+    assert r.get_json()["error"] == "format must be one of json, html, csv (got 'xml')."
+    r = client.get(f"/trainings/{t.id}?format=csv")
+    assert r.status_code == 422 and "format must be one of json, html (got &#39;csv&#39;)" in \
+        r.data.decode()
+    assert client.get(f"/trainings/{t.id}?format=json").get_json()["id"] == t.id
+    assert client.get("/templates/1?format=yaml", headers=JSON).get_json()["error"] == \
+        "format must be one of json, html, toml (got 'yaml')."
 
 
 def test_checkpoints(client, ready, tmp_path):
