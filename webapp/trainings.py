@@ -151,6 +151,19 @@ def render_card(view: dict[str, Any], oob: bool = False) -> str:
     return str(render_part("card", view, oob))
 
 
+def tag_filter_oob() -> str:
+    """The jobs list's tag filter with the tags in use now, out of band (its choice kept, read
+    from the page's URL: htmx's ``HX-Current-URL``), so a tag just given can be filtered by."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from flask import get_template_attribute
+
+    query = parse_qs(urlsplit(request.headers.get("HX-Current-URL", "")).query)
+    select = get_template_attribute("trainings/_filters.html", "filter_select")
+    return str(select("tag", jobs.filter_choices()["tag"], (query.get("tag") or [""])[0], "any",
+                      oob=True))
+
+
 def training_json(t: Any) -> dict[str, Any]:
     out = jobs.training_as_dict(t)
     out["model_name"] = t.model.name
@@ -304,7 +317,7 @@ def update(training_id: int) -> ResponseReturnValue:
     if wants_json():
         return json_response(training_json(t))
     if is_fragment_request():
-        return render_card(card_view(t))
+        return render_card(card_view(t)) + (tag_filter_oob() if "tags" in changes else "")
     return redirect(url_for("trainings.index") + f"#training-{t.id}")
 
 

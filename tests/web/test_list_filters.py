@@ -185,6 +185,26 @@ def test_patch_name_and_tags(client, runs):
     assert client.get(f"/trainings/{a.id}", headers=JSON).get_json()["name"] == "posted"
 
 
+def test_new_tags_reach_the_tag_filter(client, runs):
+    """The filter bar was rendered with the tags of the page's load: a tag given on a card
+    could not be filtered by until a reload. The card's answer now brings the tag filter out
+    of band with the tags in use, the page's choice (its URL) still selected."""
+    a = runs["a"]
+    page = client.get("/?tag=keep").data.decode()
+    assert "fresh" not in [o.text for o in find_all(element_by_id(page, "filter-tag"), "option")]
+    frag = client.patch(f"/trainings/{a.id}", data={"tags": "keep, fresh"},
+                        headers={**HX, "HX-Current-URL": "http://localhost/?tag=keep"})
+    html = frag.data.decode()
+    select = element_by_id(html, "filter-tag")
+    assert attr(html, "filter-tag", "hx-swap-oob") == "true"
+    options = {o.text: o for o in find_all(select, "option")}
+    assert set(options) == {"any", "fresh", "keep"}  # "baseline" was only a's: gone with it
+    assert "selected" in options["keep"].attrs and "selected" not in options["fresh"].attrs
+    # a new name alone changes no tag: the card alone
+    html = client.patch(f"/trainings/{a.id}", data={"name": "n"}, headers=HX).data.decode()
+    assert "filter-tag" not in html
+
+
 def test_patch_bad_input(client, runs):
     a = runs["a"]
     for payload, fields in (({"name": "n" * 201}, {"name"}),
