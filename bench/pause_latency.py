@@ -2,7 +2,7 @@
 caller heard between steps only (as before) vs also between batches of contexts while a buffer
 round is extracted (``trainer.listening``).
 
-    .venv/bin/python bench/pause_latency.py                 # CPU, ~6-8 minutes on 2 cores
+    .venv/bin/python bench/pause_latency.py                 # CPU, ~5-6 minutes on 2 cores
 
 Both arms train the bundled SmolLM2-135M layer 15 residual (KJV, context 128) live, with the
 default 8x TopK k=32, batch 4,096 and buffer 131,072 (a round extracts 65,536 vectors inside
