@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from worker.engine.config import TrainConfig
-from worker.engine.errors import ConfigError
+from worker.engine.errors import CheckpointError, ConfigError
 from worker.engine.group import resume_points, train_group
 from worker.engine.pipeline import train_and_evaluate
 from worker.engine.sweep import expand, run_name, unique_names
@@ -177,6 +177,46 @@ def test_a_stopped_group_resumes_exactly(base: TrainConfig, tmp_path: Path, wher
         wb = _weights(tmp_path / "part" / name)
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_group_rebuilds_each_buffer_once(base: TrainConfig, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming replays a live source's last two rounds (its buffer is not in the checkpoint).
+    Every member of a group restored its shared source in turn: N SAEs on a hook, N replays
+    (minutes each for a real model on a CPU). Now once per hook; the members' positions are
+    checked to agree, and the run resumes exactly (``test_a_stopped_group_resumes_exactly``)."""
+    from worker.engine.activations import LiveActivations
+
+    runs = expand(base, {"layer": [0, 1], "k": [2, 4, 8]})  # three SAEs on each of two hooks
+    dirs = [tmp_path / n for n in unique_names(runs)]
+    data = tmp_path / "data"
+    train_group(runs, dirs, data_dir=data, device=CPU, evaluate=False,
+                callbacks=Callbacks(control=lambda s: "stop" if s == 20 else None))
+    restored: list[tuple[int, int]] = []
+    load = LiveActivations.load_state_dict
+
+    def counted(self: LiveActivations, state: dict) -> None:
+        restored.append((self.layer, int(state["round"])))
+        load(self, state)
+
+    monkeypatch.setattr(LiveActivations, "load_state_dict", counted)
+    out = train_group(runs, dirs, data_dir=data, device=CPU, evaluate=False,
+                      resume=resume_points(dirs))
+    assert {r["steps"] for r in out["runs"]} == {30}
+    assert sorted(layer for layer, _ in restored) == [0, 1]
+    # Positions that disagree are refused with a sentence.
+    from worker.engine.checkpoints import atomic_save, load_checkpoint
+
+    points = resume_points(dirs)
+    assert points is not None
+    moved = tmp_path / "moved.safetensors"
+    c = load_checkpoint(points[1])
+    meta = dict(c.meta, data={**c.meta["data"], "offset": c.meta["data"]["offset"] + 1})
+    atomic_save(dict(c.tensors), meta, moved)
+    with pytest.raises(CheckpointError, match="hold different data positions for the SAEs "
+                                              f"on layer {runs[1].layer} residual"):
+        train_group(runs, dirs, data_dir=data, device=CPU, evaluate=False,
+                    resume=[points[0], moved, *points[2:]])
 
 
 def test_resume_points_fall_back_past_a_truncated_checkpoint(base: TrainConfig,

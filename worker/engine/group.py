@@ -112,10 +112,20 @@ class GroupTrainer:
         """Train every member to ``total_steps`` (continuing from ``resume``, one checkpoint
         per member at the same step: ``resume_points``), then finish each (held-out vectors,
         final checkpoint, export)."""
-        for i, trainer in enumerate(self.trainers):
-            trainer.begin(resume[i] if resume else None)
+        positions = [trainer.begin(resume[i] if resume else None, replay=False)
+                     for i, trainer in enumerate(self.trainers)]
         if len({t.step for t in self.trainers}) > 1:
             raise CheckpointError("The group's checkpoints are not all at the same step.")
+        if resume:  # each shared source rebuilds its buffer once, not once per member
+            for hook, trainers in self.by_hook.items():
+                held = [positions[self.trainers.index(t)] for t in trainers]
+                if any(p != held[0] for p in held[1:]):
+                    raise CheckpointError(
+                        f"The group's checkpoints at step {self.step} hold different data "
+                        f"positions for the SAEs on layer {hook[0]} {hook[1]}"
+                        + (f" -> {hook[2]}" if hook[2] else "")
+                        + "; they cannot resume together.")
+                self.sources[hook].load_state_dict(held[0])
         cfg = self.trainers[0].cfg
         self.cb.on_log(f"Group of {len(self.trainers)} SAEs on {len(self.by_hook)} hook(s): "
                        f"{cfg.total_steps - self.step} steps of {cfg.batch_size} tokens.")

@@ -472,7 +472,11 @@ class Trainer:
                                "deleted": [str(p) for p in deleted]})
         return path
 
-    def load(self, path: Path | str) -> None:
+    def load(self, path: Path | str, replay: bool = True) -> dict[str, Any]:
+        """Continue from the checkpoint ``path``: the SAE, the optimizer, the counters, and
+        (``replay``) the source's position, which rebuilds a live source's buffer (two rounds
+        extracted again). Returns this rank's data position (``replay=False``: the caller
+        replays it, once for the members of a group that share a source)."""
         c = ck.load_checkpoint(path)
         m = c.meta
         world = int(m.get("world_size") or 1)
@@ -508,8 +512,10 @@ class Trainer:
         self.best_loss = m["best_loss"] if m.get("best_loss") is not None else math.inf
         self.best_step = m.get("best_step")
         self.micro = min(self.micro, int(m.get("micro_batch_size") or self.micro))
-        self.source.load_state_dict(m["data_ranks"][self.dist.rank] if "data_ranks" in m
-                                    else m["data"])
+        data = m["data_ranks"][self.dist.rank] if "data_ranks" in m else m["data"]
+        if replay:
+            self.source.load_state_dict(data)
+        return data
 
     # ------------------------------------------------------------------ one step
     def _dead(self, window: int) -> Tensor:
@@ -594,11 +600,14 @@ class Trainer:
             self.end_step(time.perf_counter() - t0 - heard.heard_s, rows)
         return self.finish(stopped)
 
-    def begin(self, resume: Path | str | None = None) -> None:
-        """Load ``resume`` or initialise from a sample of the data; start the run's clocks."""
+    def begin(self, resume: Path | str | None = None, replay: bool = True
+              ) -> dict[str, Any] | None:
+        """Load ``resume`` or initialise from a sample of the data; start the run's clocks.
+        Returns the checkpoint's data position (``load``; None for a fresh run)."""
         cfg = self.cfg
+        data = None
         if resume:
-            self.load(resume)
+            data = self.load(resume, replay=replay)
             self.cb.on_log(f"Resumed from {resume} at step {self.step}.")
         else:
             self.initialise()
@@ -611,6 +620,7 @@ class Trainer:
         self.train_time, self.start_tokens = 0.0, self.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        return data
 
     def learn(self, batch: Tensor) -> None:
         """One optimiser step on ``batch`` [batch_size, d_in] (a transcoder's: [batch_size,
