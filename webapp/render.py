@@ -66,7 +66,8 @@ def posted_text(names: Sequence[str]) -> dict[str, str]:
     number as its text), for the routes that parse text fields (adding a model or dataset):
     a JSON body works as the form does."""
     body = posted()
-    return {n: "" if body.get(n) is None else str(body.get(n)) for n in names}
+    return {n: "" if body.get(n) is None else body[n] if isinstance(body[n], str)
+            else json.dumps(body[n]) for n in names}
 
 
 def page_or_fragment(page: str, fragment: str, status: int = 200, **ctx: Any) -> tuple[str, int]:
@@ -95,11 +96,12 @@ def check_format() -> None:
     """422 naming the choices for a ``?format=`` the route does not answer (an unknown one
     quietly got the HTML page)."""
     fmt = request.args.get("format")
-    if not fmt or request.endpoint is None:
+    if not fmt or request.endpoint in (None, "static"):
         return
     known = ("json", "html", *OTHER_FORMATS.get(request.endpoint, ()))
     if fmt not in known:
-        abort(422, description=f"format must be one of {', '.join(known)} (got {fmt!r}).")
+        shown = fmt if len(fmt) <= 40 else fmt[:40] + "..."
+        abort(422, description=f"format must be one of {', '.join(known)} (got {shown!r}).")
 
 
 def json_response(data: Any, status: int = 200) -> Response:

@@ -153,12 +153,18 @@ def render_card(view: dict[str, Any], oob: bool = False) -> str:
 
 def tag_filter_oob() -> str:
     """The jobs list's tag filter with the tags in use now, out of band (its choice kept, read
-    from the page's URL: htmx's ``HX-Current-URL``), so a tag just given can be filtered by."""
+    from the page's URL: htmx's ``HX-Current-URL``), so a tag just given can be filtered by;
+    nothing from a page without the filter bar (a training's own page)."""
     from urllib.parse import parse_qs, urlsplit
 
     from flask import get_template_attribute
 
-    query = parse_qs(urlsplit(request.headers.get("HX-Current-URL", "")).query)
+    url = urlsplit(request.headers.get("HX-Current-URL", ""))
+    lists = (url_for("trainings.index"), url_for("trainings.list_trainings"),
+             request.script_root + "/trainings/list")  # the pages with the filter bar
+    if url.path not in lists:
+        return ""
+    query = parse_qs(url.query)
     select = get_template_attribute("trainings/_filters.html", "filter_select")
     return str(select("tag", jobs.filter_choices()["tag"], (query.get("tag") or [""])[0], "any",
                       oob=True))

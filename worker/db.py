@@ -561,8 +561,10 @@ def _v12_to_v13(database: DatabaseProxy) -> None:
     mark = database.param
     for model in TABLES:
         table = model._meta.table_name
+        # the columns the table has now: a later schema's new column is not there yet
+        present = {c.name for c in database.get_columns(table)}
         for field in model._meta.sorted_fields:
-            if not isinstance(field, TextField | _CharField):
+            if not isinstance(field, TextField | _CharField) or field.column_name not in present:
                 continue
             column = field.column_name
             update = f'UPDATE "{table}" SET "{column}" = {mark} WHERE id = {mark}'
@@ -593,7 +595,7 @@ def _v12_to_v13(database: DatabaseProxy) -> None:
                     continue
                 clean = without_surrogates(value)
                 if clean != value:
-                    database.execute_sql(update, (json.dumps(clean), row_id))
+                    database.execute_sql(update, (json.dumps(json_safe(clean)), row_id))
 
 
 MIGRATIONS = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5, _v5_to_v6, _v6_to_v7,

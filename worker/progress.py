@@ -194,7 +194,8 @@ class TrainingReporter:
         self._last_reason = "auto"
 
     def control(self, step: int) -> str | None:
-        """Answer the engine between steps: "pause", "stop", "save" or None."""
+        """Answer the engine between steps, and between batches of contexts while a live
+        source extracts a round (``trainer.listening``): "pause", "stop", "save" or None."""
         if self.timings.first_step is None:
             self.timings.first_step = time.time()
         now = time.monotonic()

@@ -200,8 +200,14 @@ def test_new_tags_reach_the_tag_filter(client, runs):
     options = {o.text: o for o in find_all(select, "option")}
     assert set(options) == {"any", "fresh", "keep"}  # "baseline" was only a's: gone with it
     assert "selected" in options["keep"].attrs and "selected" not in options["fresh"].attrs
+    # from the training's own page (no filter bar there): the card alone
+    html = client.patch(f"/trainings/{a.id}", data={"tags": "keep"},
+                        headers={**HX, "HX-Current-URL": f"http://localhost/trainings/{a.id}"}
+                        ).data.decode()
+    assert "filter-tag" not in html
     # a new name alone changes no tag: the card alone
-    html = client.patch(f"/trainings/{a.id}", data={"name": "n"}, headers=HX).data.decode()
+    html = client.patch(f"/trainings/{a.id}", data={"name": "n"},
+                        headers={**HX, "HX-Current-URL": "http://localhost/"}).data.decode()
     assert "filter-tag" not in html
 
 

@@ -319,6 +319,9 @@ def test_an_unknown_format_is_refused_naming_the_choices(client, ready):
     assert client.get(f"/trainings/{t.id}?format=json").get_json()["id"] == t.id
     assert client.get("/templates/1?format=yaml", headers=JSON).get_json()["error"] == \
         "format must be one of json, html, toml (got 'yaml')."
+    assert client.get("/static/app.js?format=x").status_code == 200  # files: not a route's
+    long = client.get(f"/trainings/{t.id}?format={'x' * 500}", headers=JSON).get_json()
+    assert long["error"] == f"format must be one of json, html (got '{'x' * 40}...')."
 
 
 def test_checkpoints(client, ready, tmp_path):

@@ -257,13 +257,22 @@ def listening(cb: Callbacks, step: int, trainers: list[Trainer]) -> Iterator[Lis
             and not any(t.dist.enabled for t in trainers)]
     for src in live:
         src.between = between
+    stopped = False
     try:
         yield heard
+    except Stopped:
+        stopped = True  # the final checkpoint records the step's start; so do the counts
+        for trainer in trainers:  # of tokens extracted (the abandoned round's are dropped)
+            stats = getattr(trainer.source, "stats", None)
+            if stats is not None and "stats" in trainer.data_before_step:
+                trainer.source.stats = type(stats)(**trainer.data_before_step["stats"])
+        raise
     finally:
         for src in live:
             src.between = None
-    for trainer in trainers:  # not after a stop: the final checkpoint needs it
-        trainer.data_before_step = None
+        if not stopped:
+            for trainer in trainers:
+                trainer.data_before_step = None
 
 
 @dataclass
