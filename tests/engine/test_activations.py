@@ -330,3 +330,23 @@ def test_a_pause_heard_inside_a_buffer_round_saves_the_step_and_waits(tiny, tmp_
     _, _, again, _ = _live_run(tiny, cfg, tmp_path / "again", resume=path)
     for a, b in zip(full_rows[step:], again, strict=True):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
+
+
+def test_a_save_heard_inside_a_buffer_round_checkpoints_the_step_it_is_in(tiny, tmp_path):
+    """"Save now" while a round is extracted: a manual checkpoint at that step at once, which a
+    resume replays exactly; the run itself goes on unchanged."""
+    cfg = TrainConfig(**LIVE_CFG)
+    _, _, full_rows, _ = _live_run(tiny, cfg, tmp_path / "full")
+    control, state = _heard_inside_a_round(lambda s: "save")
+    logs: list[str] = []
+    _, saved, rows, _ = _live_run(tiny, cfg, tmp_path / "saved", control=control, logs=logs)
+    step = state["step"]
+    assert step is not None and saved.steps == 30
+    assert any(m.startswith(f"Checkpoint saved at step {step} (manual") for m in logs)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+    path = tmp_path / "saved" / "checkpoints" / f"step_{step:08d}.safetensors"
+    _, _, again, _ = _live_run(tiny, cfg, tmp_path / "again", resume=path)
+    for a, b in zip(full_rows[step:], again, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
+    for key, want in _final_weights(tmp_path / "full").items():
+        torch.testing.assert_close(_final_weights(tmp_path / "again")[key], want)
