@@ -204,8 +204,8 @@ def test_card_parts_running(client, ready):
     assert "Checkpoints (2)" in html and "★ best" in html and "Save now" in html
     # the retention rule names its N (it said "every Nth"; keep_every is 5000 by default)
     assert element_by_id(html, f"training-{t.id}-retention").text == (
-        "Auto-save every 100 steps; keeps the first, newest and best and those at multiples "
-        "of 5,000 steps.")
+        "Auto-save every 100 steps; keeps the first, newest and best, those saved with Save "
+        "now and those at multiples of 5,000 steps.")
     assert ">Pause</button>" in html and ">Stop</button>" in html
     assert ">Retry</button>" not in html and ">Delete</button>" in html  # checkpoint delete
     assert f"training-{t.id}-delete" not in ids(html)
