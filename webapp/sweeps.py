@@ -171,14 +171,6 @@ def list_field(f: Any, choices: list[tuple[str, str]] | None) -> Any:
     return replace(f, kind="text", help=f"Sweep: {example}. {f.help}")
 
 
-SWEEP_ESTIMATE_KEYS = ("runs", "groups", "group_memory_bytes", "memory_bytes", "budget_bytes",
-                       "budget_source", "fits", "split", "warning", "time_s", "seconds",
-                       "time_range_s", "time_basis", "calibrated", "precision", "device",
-                       "invalid")
-"""The keys of ``GET /trainings/estimate?mode=sweep``'s JSON, every one present (null when a
-field is bad or the runs cannot share a source), as the single run's estimate keeps its own."""
-
-
 def sweep_estimate(values: Mapping[str, Any]) -> dict[str, Any]:
     """``jobs.sweep_estimate`` of the shown values (blanks left out, as for one run)."""
     return jobs.sweep_estimate({k: v for k, v in values.items() if v not in ("", None)})

@@ -286,15 +286,13 @@ def model_fields() -> ResponseReturnValue:
 def estimate() -> ResponseReturnValue:
     values = form_values(request.args)
     if request.args.get("mode") == "sweep":  # the sweep's: run count, group memory, time
-        from .sweeps import SWEEP_ESTIMATE_KEYS, sweep_form_ctx  # sweeps imports this module
+        from .sweeps import sweep_form_ctx  # sweeps imports this module
 
         ctx = sweep_form_ctx(values)
-        keys: tuple[str, ...] = SWEEP_ESTIMATE_KEYS
     else:
         ctx = form_ctx(values, estimate_as_given=wants_json())
-        keys = ()
-    if wants_json():  # every documented key, null when a bad field leaves it out
-        return json_response({**dict.fromkeys(keys), **ctx["estimate"]})
+    if wants_json():
+        return json_response(ctx["estimate"])
     return render_template("trainings/_estimate.html", **ctx)
 
 

@@ -227,6 +227,13 @@ def _precision(cfg: TrainConfig, device: str | None) -> str:
     return "bf16" if (device or "").startswith("cuda") else "fp32"
 
 
+GROUP_ESTIMATE_KEYS = ("runs", "groups", "group_memory_bytes", "memory_bytes", "budget_bytes",
+                       "budget_source", "fits", "split", "warning", "device", "precision",
+                       "time_s", "seconds", "time_range_s", "calibrated", "time_basis")
+"""``group_estimate``'s keys: a sweep form's estimate has every one (null when a bad field
+leaves no figure)."""
+
+
 def group_estimate(model: LanguageModel, cfgs: list[TrainConfig]) -> dict[str, Any]:
     """Memory and time of a sweep's SAEs (valid configs of ``model``, live extraction): split
     into sub-groups that each fit the budget (``memory.split_group``), each trained by one task,

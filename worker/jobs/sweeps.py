@@ -30,7 +30,7 @@ from ..engine.sweep import SWEEP_FIELDS, check_group, expand
 from . import common
 from .configs import build_config, check_form, form_options
 from .errors import Conflict, Invalid
-from .estimates import estimate, group_estimate
+from .estimates import GROUP_ESTIMATE_KEYS, estimate, group_estimate
 
 MAX_RUNS = 64
 """The most SAEs one sweep may train."""
@@ -146,12 +146,11 @@ def build_sweep(form: Mapping[str, Any]
 
 def sweep_estimate(form: Mapping[str, Any]) -> dict[str, Any]:
     """The sweep form's estimate: ``estimates.group_estimate`` of its runs, or (a bad field,
-    no model yet) ``{"runs": None, "invalid": {field: sentence}, "warning": sentence}``."""
+    no model yet) its keys null with ``"invalid": {field: sentence}, "warning": sentence``."""
     try:
         cfgs, _, model, _ = build_sweep(form)
     except Invalid as exc:
-        return {"runs": None, "invalid": exc.errors, "warning": str(exc), "groups": None,
-                "memory_bytes": None, "time_s": None, "time_range_s": None}
+        return dict(dict.fromkeys(GROUP_ESTIMATE_KEYS), invalid=exc.errors, warning=str(exc))
     return dict(group_estimate(model, cfgs), invalid={})
 
 
