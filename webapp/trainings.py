@@ -13,6 +13,7 @@ import io
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from flask import (
     Blueprint,
@@ -155,10 +156,6 @@ def tag_filter_oob() -> str:
     """The jobs list's tag filter with the tags in use now, out of band (its choice kept, read
     from the page's URL: htmx's ``HX-Current-URL``), so a tag just given can be filtered by;
     nothing from a page without the filter bar (a training's own page)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from flask import get_template_attribute
-
     url = urlsplit(request.headers.get("HX-Current-URL", ""))
     lists = (url_for("trainings.index"), url_for("trainings.list_trainings"),
              request.script_root + "/trainings/list")  # the pages with the filter bar
