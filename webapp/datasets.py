@@ -55,7 +55,8 @@ def create() -> ResponseReturnValue:
 def detail(dataset_id: int) -> ResponseReturnValue:
     dataset = jobs.get_dataset(dataset_id)
     return answers.detail("datasets", dataset, jobs.dataset_as_dict,
-                          {"dataset": dataset, "fields": dataset_jobs.form_fields()})
+                          {"dataset": dataset, "fields": dataset_jobs.form_fields(),
+                           "tokenised_with": dataset_jobs.tokenisations(dataset)})
 
 
 @bp.delete("/<int:dataset_id>")

@@ -140,6 +140,55 @@ def test_dataset_list_and_detail_tell_corpus_and_tokenised_documents_apart(clien
         "n_documents_tokenised"] is None
 
 
+def _token_store(dataset: str, tokenizer: str, context_size: int, n_tokens: int,
+                 n_documents: int, created_at: str) -> None:
+    """A token store's meta.json in the data folder, as ``build_token_store`` writes it (the
+    tokens themselves are not read by the pages)."""
+    import json
+
+    from worker.engine.pipeline import token_store_dir
+
+    folder = token_store_dir(settings.data_dir(), dataset, tokenizer, context_size, None, "text")
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({
+        "n_contexts": n_tokens // context_size, "context_size": context_size,
+        "n_tokens": n_tokens, "n_documents": n_documents, "max_tokens": None,
+        "tokenizer": tokenizer, "source": dataset, "text_field": "text",
+        "created_at": created_at}))
+
+
+def test_dataset_page_names_every_model_it_was_tokenised_with(client, app):
+    """Two models tokenised one dataset (its preparation with one, a training with the other):
+    the page and the JSON name both, each with its store's tokens and documents, not only the
+    model its preparation's message names; a store of another context size is another
+    dataset's. With no store in the data folder the note stays and the list is empty."""
+    mini = make_model()
+    smol = make_model(name="smollm2-135m", source="smollm2-135m", path="/tmp/sae-web-smollm")
+    d = make_dataset(n_documents_tokenised=300, message="Tokenised with minilm-l6 (256 contexts).")
+    _token_store("kjv", mini.path, 64, 16384, 300, "2025-01-01T10:00:00+00:00")
+    _token_store("kjv", smol.path, 64, 15360, 310, "2025-01-02T10:00:00+00:00")
+    _token_store("kjv", smol.path, 128, 16384, 290, "2025-01-03T10:00:00+00:00")
+    page = client.get(f"/datasets/{d.id}").data.decode()
+    facts = {dt.text: dd.text for dt, dd in zip(find_all(page, "dt"), find_all(page, "dd"),
+                                                strict=True)}
+    assert facts["Tokenised with"] == text_of(page, "dataset-tokenised-with") == (
+        "minilm-l6 (16,384 tokens, 300 documents); smollm2-135m (15,360 tokens, 310 documents)")
+    assert "Note" not in facts  # the preparation's message names the first model alone
+    links = find_all(element_by_id(page, "dataset-tokenised-with"), "a")
+    assert [a.get("href") for a in links] == [f"/models/{mini.id}", f"/models/{smol.id}"]
+    data = client.get(f"/datasets/{d.id}?format=json").get_json()
+    assert data["tokenised_with"] == [
+        {"model_id": mini.id, "model": "minilm-l6", "n_tokens": 16384, "n_documents": 300},
+        {"model_id": smol.id, "model": "smollm2-135m", "n_tokens": 15360, "n_documents": 310}]
+    assert client.get("/datasets", headers=JSON).get_json()["items"][0]["tokenised_with"] \
+        == data["tokenised_with"]
+    other = make_dataset(name="other", source="/nowhere/other.txt", message="tokenised when a "
+                         "training starts", n_tokens=None)
+    page = client.get(f"/datasets/{other.id}").data.decode()
+    assert "dataset-tokenised-with" not in ids(page) and "tokenised when a training starts" in page
+    assert client.get(f"/datasets/{other.id}", headers=JSON).get_json()["tokenised_with"] == []
+
+
 def test_add_dataset_validation_upload_delete(client, enqueued, tmp_path):
     bad = client.post("/datasets", data={"source": "", "context_size": "1",
                                          "max_tokens": "abc"}, headers=JSON)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import settings
-from ..db import Dataset
+from ..db import Dataset, LanguageModel
 from ..engine.config import check_value, option, parse_value, range_text
 from ..engine.documents import looks_like_path
 from . import common
@@ -24,12 +24,14 @@ from .errors import Invalid
 
 DATASET_FIELDS = ("id", "name", "source", "status", "error", "progress", "message",
                   "context_size", "max_tokens", "text_field", "n_documents",
-                  "n_documents_tokenised", "n_tokens", "samples", "worker", "created_at",
-                  "updated_at")
+                  "n_documents_tokenised", "n_tokens", "tokenised_with", "samples", "worker",
+                  "created_at", "updated_at")
 """The keys of ``dataset_as_dict`` (the JSON API); ``worker`` names the worker preparing it while
 ``preparing`` (null otherwise). ``n_documents`` counts the whole corpus's documents;
 ``n_documents_tokenised`` and ``n_tokens`` what its token store holds (null until tokenised;
-``max_tokens`` may stop the store before the corpus ends)."""
+``max_tokens`` may stop the store before the corpus ends): the store its preparation built, with
+the newest ready model then. ``tokenised_with`` lists every token store of it in this data
+folder, one per model's tokenizer (``tokenisations``)."""
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".csv")
 FORM_OPTIONS = ("context_size", "max_tokens", "text_field")
 """The engine options a dataset row holds: the add form's fields, labelled and checked as the
@@ -221,6 +223,44 @@ def token_stores(source: str) -> list[Path]:
     return found
 
 
+def tokenisations(dataset: Dataset) -> list[dict[str, Any]]:
+    """Every model ``dataset`` was tokenised with, as the token stores in this data folder
+    record it (a store's ``meta.json`` names its source, tokenizer and counts; the database keeps
+    one count per dataset, the store its preparation built): ``{"model_id", "model",
+    "n_tokens", "n_documents"}`` per store with the dataset's source, context size, corpus
+    tokens and text field, oldest first. ``model`` is the name of the model whose folder the
+    tokenizer was loaded from (``model_id`` its id), else that folder's name (``model_id``
+    null). A worker with its own data folder keeps its stores there, so they are not listed."""
+    metas = []
+    for store in token_stores(dataset.source):
+        try:
+            meta = json.loads((store / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or (
+                meta.get("context_size"), meta.get("max_tokens"), meta.get("text_field")) != (
+                dataset.context_size, dataset.max_tokens, dataset.text_field):
+            continue
+        metas.append(meta)
+    if not metas:
+        return []
+    models: dict[str, LanguageModel] = {}
+    for model in LanguageModel.select().where(LanguageModel.path.is_null(False)) \
+            .order_by(LanguageModel.id.desc()):
+        models[model.path] = model  # the oldest row of a folder added twice names it
+    out = []
+    for meta in sorted(metas, key=lambda m: str(m.get("created_at") or "")):
+        tokenizer = str(meta.get("tokenizer") or "")
+        model = models.get(tokenizer)
+        out.append({"model_id": model.id if model else None,
+                    "model": model.name if model else (Path(tokenizer).name or tokenizer),
+                    "n_tokens": meta.get("n_tokens"), "n_documents": meta.get("n_documents")})
+    return out
+
+
 def dataset_as_dict(dataset: Dataset) -> dict[str, Any]:
-    """JSON-ready copy of a dataset row (``DATASET_FIELDS``)."""
-    return common.row_dict(dataset, DATASET_FIELDS)
+    """JSON-ready copy of a dataset row (``DATASET_FIELDS``; ``tokenised_with`` from
+    ``tokenisations``)."""
+    row = common.row_dict(dataset, tuple(f for f in DATASET_FIELDS if f != "tokenised_with"))
+    return {f: tokenisations(dataset) if f == "tokenised_with" else row[f]
+            for f in DATASET_FIELDS}
