@@ -4,6 +4,7 @@ docs/eval-format.md files)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -354,6 +355,54 @@ def test_report_json(client, done):
         "latents"]["highlight"] == 7
     bad = client.get(f"/trainings/{done.id}/report?q=abc", headers=JSON)
     assert bad.status_code == 422 and "q" in bad.get_json()["errors"]
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ADDED_BY_THE_WEB = {"format_version", "training_id", "training_name", "status", "latents"}
+TOKEN_SEARCH_ONLY = {"fires", "promotes"}
+
+
+def readme_keys(marker: str) -> set[str]:
+    """The keys README.md documents after ``<!-- keys: <marker> -->``, up to the next blank
+    line: the code spans of a table's first column, or the names of a ``{a, b, ...}`` list."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    block = []
+    for line in lines[lines.index(f"<!-- keys: {marker} -->") + 1:]:
+        if not line.strip():
+            break
+        block.append(line)
+    if block[0].startswith("|"):
+        assert re.fullmatch(r"\|( *-+ *\|)+", block[1]), block[1]  # the header's rule
+        return {key for line in block[2:] for key in re.findall(r"`(\w+)`", line.split("|")[1])}
+    names = re.search(r"`\{([^}`]*)\}`", " ".join(block))
+    assert names, block[0]
+    return {name.strip() for name in names.group(1).split(",")}
+
+
+def test_report_and_latent_json_keys_are_the_readme_ones(client, app, done, tmp_path):
+    """README's tables of the report's JSON (``<!-- keys: ... -->``) list exactly the keys the
+    answer has: the top level (report.json's keys as the engine writes them, plus the web's),
+    ``latents`` and a row of it (``fires``, ``promotes`` with a token search only), and a
+    latent's JSON; for a format-1 folder (new keys null) and a real format-2 evaluation."""
+    from worker.engine.evaluate import REPORT_KEYS
+
+    documented = readme_keys("report")
+    assert documented == set(REPORT_KEYS) | ADDED_BY_THE_WEB
+    assert {"format_version", "matryoshka_fvu", "hist_bins", "sample_n"} <= documented
+    assert {"firings", "sample_n"} <= readme_keys("latent")
+    real_t, ev = real(tmp_path, "gpt2")
+    for t in (done, real_t):
+        data = client.get(f"/trainings/{t.id}/report", headers=JSON).get_json()
+        assert set(data) == documented, set(data) ^ documented
+        assert set(data["latents"]) == readme_keys("latents")
+        assert set(data["latents"]["rows"][0]) == readme_keys("latent-row") - TOKEN_SEARCH_ONLY
+        latent = client.get(f"/trainings/{t.id}/latents/3", headers=JSON).get_json()
+        assert set(latent) == readme_keys("latent"), set(latent) ^ readme_keys("latent")
+    assert data["format_version"] == 2 and data["hist_bins"] == ev.report["hist_bins"]
+    text = ev.vocab[str(int(ev.latents["top_tokens"][busiest(ev), 0, window_center(ev)]))]
+    search = client.get(f"/trainings/{real_t.id}/report", query_string={"by": "token", "q": text},
+                        headers=JSON).get_json()["latents"]
+    assert set(search["rows"][0]) == readme_keys("latent-row")
 
 
 # ---------------------------------------------------------------------------- latent page

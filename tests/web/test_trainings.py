@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
+from pathlib import Path
 
 from worker.db import Checkpoint, LanguageModel, Metric, Training
 
@@ -356,6 +357,27 @@ def test_checkpoints(client, ready, tmp_path):
     assert r.status_code == 202 and r.get_json()["requested"] == "save"
     frag = client.post(f"/trainings/{running.id}/checkpoints", headers=HX).data.decode()
     assert f"training-{running.id}-checkpoints" in ids(frag)
+
+
+def test_save_now_answers_202_with_the_request(client, ready):
+    """``POST /trainings/<id>/checkpoints`` (Save now) answers 202 ``{id, requested, status}``,
+    as README's table of training actions says: the request the worker picks up, or nothing
+    asked of a paused training (it saved when it paused); 409 otherwise."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "| `POST /trainings/<id>/checkpoints` (Save now) | 202 `{id, requested, status}`" \
+        in readme
+    model, dataset = ready
+    running = make_training(model, dataset, status="training", steps=10)
+    r = client.post(f"/trainings/{running.id}/checkpoints", headers=JSON)
+    assert (r.status_code, r.get_json()) == (
+        202, {"id": running.id, "requested": "save", "status": "training"})
+    paused = make_training(model, dataset, status="paused", steps=10)
+    r = client.post(f"/trainings/{paused.id}/checkpoints?format=json")
+    assert (r.status_code, r.get_json()) == (
+        202, {"id": paused.id, "requested": None, "status": "paused"})
+    queued = make_training(model, dataset, status="queued")
+    r = client.post(f"/trainings/{queued.id}/checkpoints", headers=JSON)
+    assert r.status_code == 409 and "only while it is training or paused" in r.get_json()["error"]
 
 
 def test_export_zip(client, ready, tmp_path):
