@@ -135,3 +135,31 @@ document.addEventListener("htmx:afterSettle", saeChartText);
 document.addEventListener("htmx:oobAfterSwap", saeChartText);
 document.addEventListener("htmx:wsAfterMessage", saeChartText);  // parts swapped in by the socket
 window.addEventListener("resize", saeChartText);
+
+// A field's long help is cut at two lines with a "more" toggle after it (_macros.html
+// help_text). Where the whole text fits in two lines at the current width, the toggle would
+// show nothing more: the field gets .help-fits and app.css hides it. Measured again whenever
+// the help's box changes (a resize, the Advanced section opening, a field shown for another
+// encoder type); a help not laid out (hidden) keeps its mark until it is.
+var saeHelpObserver = window.ResizeObserver ? new ResizeObserver(function (entries) {
+  for (var i = 0; i < entries.length; i++) saeFitHelp(entries[i].target);
+}) : null;
+function saeFitHelp(help) {
+  var field = help.parentElement;
+  if (!field || !help.scrollHeight) return;
+  var lines = help.scrollHeight / parseFloat(getComputedStyle(help).lineHeight);
+  field.classList.toggle("help-fits", lines < 2.5);
+}
+function saeWatchHelp() {
+  if (saeHelpObserver) saeHelpObserver.disconnect();  // forget helps swapped out
+  var toggles = document.querySelectorAll(".field > .help-more");
+  for (var i = 0; i < toggles.length; i++) {
+    var help = toggles[i].previousElementSibling;
+    if (!help) continue;
+    saeFitHelp(help);
+    if (saeHelpObserver) saeHelpObserver.observe(help);
+  }
+}
+document.addEventListener("DOMContentLoaded", saeWatchHelp);
+document.addEventListener("htmx:afterSettle", saeWatchHelp);
+document.addEventListener("htmx:oobAfterSwap", saeWatchHelp);

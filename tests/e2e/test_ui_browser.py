@@ -7,11 +7,14 @@ written the way the worker writes them (no run.py, no training: seconds, not min
 - "Compare selected" waits for a ticked training;
 - a live card's tile sub-texts, log lines and progress facts show all their text and a sweep
   card's run lines fit, at 1280 px and on a 390 px phone (they were cut off or ran past the
-  card); the latent page's activation histogram sits flush in its panel at a readable size.
+  card); the latent page's activation histogram sits flush in its panel at a readable size;
+- a training-form field's long help opens whole with its "more" toggle, by keyboard and by a
+  tap, at 1280 and 390 px; a help that fits in two lines has no toggle.
 
 Screenshots: log-newest.png, report-tiles-1400.png, report-tiles-1000.png,
 report-bad-page.png, compare-button.png, compare-nothing.png, compare-not-causal.png,
-card-text-1280.png, card-text-390.png, sweep-card-390.png (tests/artifacts/screenshots/)."""
+card-text-1280.png, card-text-390.png, sweep-card-390.png, form-help-1280.png,
+form-help-390.png (tests/artifacts/screenshots/)."""
 
 from __future__ import annotations
 
@@ -415,3 +418,54 @@ def test_card_rates_do_not_run_over_the_charts(server, browser):
         assert page.evaluate(CUT_IN, [f"#training-{t.id}", ".throughput"]) == []
     finally:
         page.context.close()
+
+
+HELP_STATE = """(name) => {
+  const help = document.getElementById('help-' + name);
+  const more = document.getElementById('help-' + name + '-more');
+  const lh = parseFloat(getComputedStyle(help).lineHeight);
+  const field = help.parentElement.getBoundingClientRect();
+  const box = more.getBoundingClientRect();
+  return {lines: help.getBoundingClientRect().height / lh, full: help.scrollHeight / lh,
+          toggle: more.offsetParent !== null, open: more.open,
+          inside: box.left >= field.left - 1 && box.right <= field.right + 1}; }"""
+
+
+def test_long_field_help_opens_by_keyboard_and_touch(server, browser):
+    """Help under a training-form field was cut at two lines until the field had focus or the
+    help was hovered. A long help now has a "more" toggle that opens it whole by keyboard
+    (Enter) and by touch (a tap) and keeps it open after the focus leaves; a help that fits in
+    two lines at this width shows no toggle (also once the Advanced section opens). At 1280 px
+    and on a 390 px phone, nothing runs past the page or its field."""
+    make_model(), make_dataset()
+    for width in (1280, 390):
+        ctx = browser.new_context(viewport={"width": width, "height": 844}, has_touch=True)
+        page = ctx.new_page()
+        try:
+            page.goto(f"{server}/")
+            page.wait_for_selector("#help-encoder_type-more")
+            page.wait_for_timeout(100)  # the ResizeObserver's first round
+            state = page.evaluate(HELP_STATE, "encoder_type")
+            assert state["toggle"] and state["inside"] and state["full"] > 3, state
+            assert 1.5 < state["lines"] < 2.5, state  # cut at two lines
+            page.focus("#help-encoder_type-more > summary")
+            page.keyboard.press("Enter")
+            page.evaluate("document.activeElement.blur()")
+            state = page.evaluate(HELP_STATE, "encoder_type")
+            assert state["open"] and abs(state["lines"] - state["full"]) < 0.1, state
+            _element_shot(page, "#training-form", f"form-help-{width}", 700)
+            page.tap("#help-encoder_type-more > summary")
+            page.evaluate("document.activeElement.blur()")
+            state = page.evaluate(HELP_STATE, "encoder_type")
+            assert not state["open"] and state["lines"] < 2.5, state
+            page.click("#training-advanced > summary")
+            page.wait_for_timeout(100)
+            for name in ("layer", "hook_point", "beta1", "gpus", "lr_schedule"):
+                state = page.evaluate(HELP_STATE, name)
+                assert state["toggle"] == (state["full"] > 2.5), (name, state)
+                assert state["inside"] or not state["toggle"], (name, state)
+            assert not page.evaluate(HELP_STATE, "beta1")["toggle"]  # 45 characters: fits
+            assert page.evaluate(HELP_STATE, "gpus")["toggle"]  # 411 characters
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+        finally:
+            ctx.close()

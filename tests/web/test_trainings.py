@@ -7,6 +7,7 @@ import io
 import zipfile
 from pathlib import Path
 
+from worker import jobs
 from worker.db import Checkpoint, LanguageModel, Metric, Training
 
 from ..html import attr, element_by_id, find_all, ids, text_of
@@ -409,13 +410,36 @@ def test_reset_form(client, ready):
 
 
 def test_field_help_whole_on_demand(client, ready):
-    """The form cuts help at two lines (CSS); the whole sentence is in the title and shows while
-    the field has focus."""
-    page = client.get("/").data.decode()
-    helps = find_all(element_by_id(page, "training-form"), "p", class_="help")
-    assert helps and all(h.get("title") == h.text for h in helps)
+    """The form cuts help at two lines (CSS); the whole sentence is in the page (and the title)
+    and shows while the field has focus, and a longer help has a "more" toggle after it (a
+    <details>: keyboard and touch, no hover) that shows it whole while open; the page and the
+    form's htmx fragment render the same fields."""
+    model, dataset = ready
     css = client.get("/static/app.css").data.decode()
     assert ".field:focus-within .help" in css
+    assert ".field:has(> .help-more[open]) .help" in css
+    assert ".help:hover" not in css  # readable without hovering
+    page = client.get("/").data.decode()
+    frag = client.get(f"/trainings/form?model_id={model.id}&dataset_id={dataset.id}",
+                      headers=HX).data.decode()
+    for html in (page, frag):
+        form = element_by_id(html, "training-form")
+        helps = find_all(form, "p", class_="help")
+        assert len(helps) > 40 and all(h.get("title") == h.text for h in helps)
+        for info in jobs.form_options():
+            field = element_by_id(form, f"field-{info.name}")
+            help_p = element_by_id(field, f"help-{info.name}")
+            assert help_p.text == " ".join(info.help.split()), info.name
+            toggles = find_all(field, "details", class_="help-more")
+            if len(info.help) > 40:
+                assert len(toggles) == 1, info.name
+                summary = find_all(toggles[0], "summary")[0]
+                assert summary.text == "moreless" and summary.get("aria-label")
+                assert field.children.index(toggles[0]) > field.children.index(help_p)
+            else:
+                assert toggles == [], info.name
+    assert len(find_all(element_by_id(page, "field-lr_schedule"), "details")) == 1
+    assert find_all(element_by_id(page, "field-model_id"), "details") == []  # a short help
 
 
 def test_card_states_windows_and_scales(client, ready):
