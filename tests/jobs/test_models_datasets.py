@@ -146,6 +146,10 @@ def test_dataset_counts_the_corpus_and_the_tokenised_documents(dataset: Dataset,
     assert d.n_tokens == metas[0]["n_tokens"] == 16384
     data = jobs.dataset_as_dict(d)
     assert (data["n_documents"], data["n_documents_tokenised"]) == (31102, d.n_documents_tokenised)
+    model = jobs.list_models()[0]  # the store names the folder its tokenizer came from: the model's
+    assert data["tokenised_with"] == [{"model_id": model.id, "model": "minilm-l6",
+                                       "n_tokens": 16384,
+                                       "n_documents": d.n_documents_tokenised}]
     jobs.delete_model(jobs.list_models()[0].id)  # no ready model: counted, not tokenised
     untokenised = jobs.add_dataset("kjv", context_size="32", max_tokens="4096")
     assert untokenised.status == "ready", untokenised.error
