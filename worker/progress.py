@@ -9,8 +9,10 @@
 - ``on_log`` writes LogLine rows; ``on_checkpoint`` keeps the Checkpoint rows in step with the
   files (retention deletions included, ``is_best`` on the best step only);
 - ``control(step)`` reads ``Training.requested`` at most every 0.25 s and answers the engine:
-  ``pause`` (kept until ``resume``), ``stop``, ``save`` or None. ``interrupt`` (worker
-  shutdown) answers ``stop`` and sets ``interrupted`` so the task marks the run interrupted.
+  ``pause`` (kept until ``resume``; status ``paused``, then back to ``training``, or to
+  ``initializing`` when paused before any step was reported), ``stop``, ``save`` or None.
+  ``interrupt`` (worker shutdown) answers ``stop`` and sets ``interrupted`` so the task marks
+  the run interrupted.
 
 After the last step, ``start_evaluation()`` sets status ``evaluating`` and
 ``evaluation_progress(fraction, message)`` writes ``Training.eval_progress`` (at most every
@@ -112,6 +114,8 @@ class TrainingReporter:
         self.paused = False
         self.interrupted = False
         self._last_reason = "auto"
+        self._resumes_to = "training"
+        """The status a resume from the current pause returns to."""
         self.timings = AttemptTimings()
         self._prepare_log = Throttled(lambda fraction, message: self.log(
             f"{message} ({100 * fraction:.0f}%)" if message
@@ -195,7 +199,8 @@ class TrainingReporter:
 
     def control(self, step: int) -> str | None:
         """Answer the engine between steps, and between batches of contexts while a live
-        source extracts a round (``trainer.listening``): "pause", "stop", "save" or None."""
+        source extracts a round (``trainer.listening``) or a resume rebuilds its buffer
+        (``trainer.replaying``): "pause", "stop", "save" or None."""
         if self.timings.first_step is None:
             self.timings.first_step = time.time()
         now = time.monotonic()
@@ -204,7 +209,8 @@ class TrainingReporter:
         if now - self.last_poll < POLL_S:
             return "pause" if self.paused else None
         self.last_poll = now
-        rows = list(Training.select(Training.requested).where(Training.id.in_(self.ids)))
+        rows = list(Training.select(Training.requested, Training.status)
+                    .where(Training.id.in_(self.ids)))
         asked = {row.requested for row in rows}
         # a deleted row stops its run; of a group's requests the strongest wins
         requested = "stop" if len(rows) < len(self.ids) else next(
@@ -222,7 +228,7 @@ class TrainingReporter:
             if requested == "resume":
                 self.paused = False
                 self._pause_ended()
-                self._clear("resume", status="training")
+                self._clear("resume", status=self._resumes_to)
                 return None
             if requested in ("save", "pause"):
                 self._clear(requested)  # the engine saved a checkpoint when it paused
@@ -230,6 +236,10 @@ class TrainingReporter:
         if requested == "pause":
             self.paused = True
             self.timings.paused_since = time.time()
+            # its resume returns to ``initializing`` when no step has been reported yet (e.g.
+            # a resumed run paused while it rebuilds its buffer: ``trainer.replaying``)
+            self._resumes_to = "initializing" if any(
+                row.status == "initializing" for row in rows) else "training"
             self.flush()  # the card must show the step it paused at, not an older one:
             # the last metrics row is up to log_every steps behind the pause checkpoint's step
             self._clear("pause", status="paused", current_step=step)

@@ -350,3 +350,113 @@ def test_a_save_heard_inside_a_buffer_round_checkpoints_the_step_it_is_in(tiny, 
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
     for key, want in _final_weights(tmp_path / "full").items():
         torch.testing.assert_close(_final_weights(tmp_path / "again")[key], want)
+
+
+# ---------------------------------------------------------------------------- heard while resuming
+@pytest.fixture(scope="module")
+def resumable(tiny, tmp_path_factory):
+    """The uninterrupted run's metrics rows and folder, and the checkpoint at step 20 of the
+    same run stopped there (resuming from it replays two buffer rounds)."""
+    root = tmp_path_factory.mktemp("resumable")
+    cfg = TrainConfig(**LIVE_CFG)
+    _, _, full_rows, _ = _live_run(tiny, cfg, root / "full")
+    _live_run(tiny, cfg, root / "part", control=lambda s: "stop" if s == 20 else None)
+    return full_rows, root / "full", root / "part" / "checkpoints" / "step_00000020.safetensors"
+
+
+def _counted(tiny):
+    """A live source whose model forwards (one per batch of contexts) are counted."""
+    loaded, _ = tiny
+    forwards = [0]
+
+    def extract(ids):
+        forwards[0] += 1
+        return extract_layer(loaded.model, ids, 1, "residual")
+
+    src = _live(tiny, extract=extract)
+    forwards[0] = 0  # (the source ran one to learn its width)
+    return src, forwards
+
+
+def test_a_stop_heard_while_a_resume_replays_its_buffer_ends_the_run_at_once(
+        tiny, tmp_path, resumable):
+    """Resuming a live run re-extracts the two buffer rounds before its checkpoint (minutes on
+    a CPU for a real model); a stop heard between their batches of contexts ends the run there:
+    nothing learnt, the checkpoint it resumed from stays the final one, unchanged (no half-built
+    buffer's data position, no evaluation of it), and a later resume from it is exact."""
+    from worker.engine.checkpoints import load_checkpoint
+
+    full_rows, full, path = resumable
+    before = path.read_bytes()
+    cfg = TrainConfig(**LIVE_CFG)
+    src, forwards = _counted(tiny)
+    logs: list[str] = []
+    _, stopped, rows, _ = _live_run(tiny, cfg, tmp_path / "stopped", resume=path, src=src,
+                                    control=lambda s: "stop", logs=logs)
+    assert forwards[0] == 1  # heard after the replay's first batch of contexts
+    assert stopped.stopped and stopped.steps == 20 and rows == []
+    assert "Stop requested at step 20: finalising current weights." in logs
+    assert stopped.checkpoint == str(path) and path.read_bytes() == before
+    assert not (tmp_path / "stopped" / "checkpoints").exists()
+    assert stopped.eval == {} and math.isnan(stopped.fvu)
+    assert stopped.filtered == load_checkpoint(path).meta["data"]["stats"]
+    assert (tmp_path / "stopped" / "saelens" / "sae_weights.safetensors").is_file()
+    _, resumed, rows, _ = _live_run(tiny, cfg, tmp_path / "again", resume=path)
+    assert resumed.steps == 30 and [r["step"] for r in rows] == list(range(21, 31))
+    for a, b in zip(full_rows[20:], rows, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
+    for key, want in _final_weights(full).items():
+        torch.testing.assert_close(_final_weights(tmp_path / "again")[key], want)
+
+
+def test_a_pause_heard_while_a_resume_replays_its_buffer_waits_there(tiny, tmp_path, resumable):
+    """Paused while the resume replays its buffer: the run waits there (no checkpoint: nothing
+    is new since the one it resumes), and once resumed it gives the uninterrupted run's
+    losses and weights."""
+    full_rows, full, path = resumable
+    cfg = TrainConfig(**LIVE_CFG)
+    src, forwards = _counted(tiny)
+    heard: list[int] = []
+
+    def control(step):
+        heard.append(forwards[0])
+        return "pause" if len(heard) <= 3 else None
+
+    logs: list[str] = []
+    _, resumed, rows, _ = _live_run(tiny, cfg, tmp_path / "paused", resume=path, src=src,
+                                    control=control, logs=logs)
+    assert heard[:3] == [1, 1, 1]  # paused after the replay's first batch of contexts
+    assert "Paused at step 20 (while resuming: rebuilding the activation buffer)." in logs
+    assert "Resumed at step 20." in logs
+    assert not any(m.startswith("Checkpoint saved at step 20") for m in logs)
+    assert not resumed.stopped and resumed.steps == 30
+    assert [r["step"] for r in rows] == list(range(21, 31))
+    for a, b in zip(full_rows[20:], rows, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)
+    for key, want in _final_weights(full).items():
+        torch.testing.assert_close(_final_weights(tmp_path / "paused")[key], want)
+
+
+def test_a_save_heard_while_a_resume_replays_its_buffer_has_nothing_to_write(
+        tiny, tmp_path, resumable):
+    """"Save now" while the resume replays its buffer: the newest checkpoint is the one being
+    resumed, so nothing is written; the replay and the run go on unchanged."""
+    full_rows, _, path = resumable
+    cfg = TrainConfig(**LIVE_CFG)
+    src, forwards = _counted(tiny)
+    heard: list[int] = []
+
+    def control(step):
+        heard.append(forwards[0])
+        return "save" if len(heard) == 1 else None
+
+    logs: list[str] = []
+    _, resumed, rows, _ = _live_run(tiny, cfg, tmp_path / "saved", resume=path, src=src,
+                                    control=control, logs=logs)
+    assert heard[0] == 1
+    assert ("Save requested at step 20 (while resuming: rebuilding the activation buffer): "
+            "nothing new to save, the newest checkpoint is this step's.") in logs
+    assert not any(m.startswith("Checkpoint saved at step 20") for m in logs)
+    assert resumed.steps == 30
+    for a, b in zip(full_rows[20:], rows, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a, b)

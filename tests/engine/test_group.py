@@ -179,6 +179,31 @@ def test_a_stopped_group_resumes_exactly(base: TrainConfig, tmp_path: Path, wher
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_group_stopped_while_it_replays_its_buffers_keeps_its_checkpoints(
+        base: TrainConfig, tmp_path: Path) -> None:
+    """A resumed group rebuilds each hook's buffer before its first step (``GroupTrainer.replay``);
+    a stop heard between the batches of contexts of that replay ends the group at once: every
+    member stops at the step it resumed, its checkpoint unchanged and still the newest (a later
+    resume from it is exact: ``test_a_stopped_group_resumes_exactly``), nothing evaluated."""
+    runs = expand(base, {"layer": [0, 1]})  # two hooks, one shared forward pass
+    dirs = [tmp_path / n for n in unique_names(runs)]
+    data = tmp_path / "data"
+    train_group(runs, dirs, data_dir=data, device=CPU, evaluate=False,
+                callbacks=Callbacks(control=lambda s: "stop" if s == 20 else None))
+    points = resume_points(dirs)
+    assert points is not None
+    before = [p.read_bytes() for p in points]
+    logs: list[str] = []
+    out = train_group(runs, dirs, data_dir=data, device=CPU, evaluate=False, resume=points,
+                      callbacks=Callbacks(control=lambda s: "stop", on_log=logs.append))
+    # heard after the replay's first batch of contexts (the other forward: the sources' width)
+    assert out["forwards"] == 2
+    assert "Stop requested at step 20: finalising current weights." in logs
+    for r, p in zip(out["runs"], points, strict=True):
+        assert r["stopped"] and r["steps"] == 20 and r["checkpoint"] == str(p) and not r["eval"]
+    assert [p.read_bytes() for p in points] == before and resume_points(dirs) == points
+
+
 def test_a_resumed_group_rebuilds_each_buffer_once(base: TrainConfig, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Resuming replays a live source's last two rounds (its buffer is not in the checkpoint).

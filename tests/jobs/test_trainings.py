@@ -351,3 +351,24 @@ def test_a_pause_shows_its_own_step(model: LanguageModel, dataset: Any, enqueued
     assert reporter.control(13) == "pause"
     t = jobs.get_training(t.id)
     assert (t.status, t.current_step, t.latest["step"]) == ("paused", 13, 10)
+
+
+def test_a_pause_before_the_first_step_resumes_to_initializing(
+        model: LanguageModel, dataset: Any, enqueued: list) -> None:
+    """A resumed run hears a pause while it rebuilds its buffer (``trainer.replaying``), before
+    any step: the card shows paused at the checkpoint's step; the resume returns it to
+    initializing (the buffer is still being rebuilt), and its first metrics row to training."""
+    t = jobs.create_training(form(model, dataset, total_steps="100", log_every="10"))
+    Training.update(status="initializing").where(Training.id == t.id).execute()
+    reporter = TrainingReporter(t.id)
+    jobs.request(t.id, "pause")
+    reporter.last_poll = 0.0
+    assert reporter.control(20) == "pause"
+    t = jobs.get_training(t.id)
+    assert (t.status, t.current_step) == ("paused", 20)
+    jobs.request(t.id, "resume")
+    reporter.last_poll = 0.0
+    assert reporter.control(20) is None
+    assert status_of(t.id) == "initializing"
+    reporter.on_metrics({"step": 21, "loss": 0.5})
+    assert status_of(t.id) == "training"

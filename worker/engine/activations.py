@@ -351,8 +351,9 @@ class LiveActivations:
         self.exhausted = False
         self.between: Callable[[], None] | None = None
         """Called after each batch of contexts while a round is extracted (a round can take
-        many seconds): the trainer hears its caller there (``trainer.listening``); it may raise
-        to abandon the round, after which this stream serves no more batches."""
+        many seconds), a resume's replay included: the trainer hears its caller there
+        (``trainer.listening``, ``trainer.replaying``); it may raise to abandon the round,
+        after which this stream serves no more batches."""
 
     # -- contexts
     def _order(self, epoch: int, whole: bool) -> np.ndarray:
@@ -522,26 +523,30 @@ class LiveActivations:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild round r's buffer: re-extract round r-1 (for its kept half), then round r.
-        A state saved before budgets (no ``given``) is replayed with full rounds, as it ran."""
+        A state saved before budgets (no ``given``) is replayed with full rounds, as it ran.
+        The filter counts are the state's, however the replay ends (``between`` may raise to
+        abandon it, after which this stream serves no more batches)."""
         r, prev, offset = int(state["round"]), state.get("prev_start"), int(state["offset"])
         if "given" not in state:
             self.budget = None
         self._keep, self._this_start, self.exhausted = None, None, False
         self.cursor, self.median, self.given = 0, None, 0
-        if r > 0 and prev is not None:
-            self.cursor, self.median = int(prev[0]), prev[1]
-            self.round = r - 1
-            if self.budget is None:
-                self._start_round()
-            else:  # round r-1 as it ran: its budget decision counted what r-2 kept back
-                self.given = int(prev[2])
-                self._start_round(kept=int(prev[3]))
-        self.round = r
-        self.given = int(state.get("given", offset)) - offset  # served before round r
-        self._start_round()
-        self.offset = offset
-        self.given += offset
-        self.stats = FilterStats(**state.get("stats", {}))
+        try:
+            if r > 0 and prev is not None:
+                self.cursor, self.median = int(prev[0]), prev[1]
+                self.round = r - 1
+                if self.budget is None:
+                    self._start_round()
+                else:  # round r-1 as it ran: its budget decision counted what r-2 kept back
+                    self.given = int(prev[2])
+                    self._start_round(kept=int(prev[3]))
+            self.round = r
+            self.given = int(state.get("given", offset)) - offset  # served before round r
+            self._start_round()
+            self.offset = offset
+            self.given += offset
+        finally:
+            self.stats = FilterStats(**state.get("stats", {}))
 
     def sample(self, n: int) -> Tensor:
         """The first ``n`` kept vectors of the first epoch's order (not consumed). The largest

@@ -12,7 +12,9 @@ for the whole group (``activations.SharedExtraction`` shares it across hooks too
 hears the caller once per step (``trainer.hear``: pause saves every member, stop finishes them
 all), and again while a buffer round is extracted (``trainer.listening``: every hook's batch
 is fetched before any member learns, so such a pause saves the whole group as of the step's
-start); every member's training time is the group's step time, so its tokens/s is the group's.
+start), and while a resume rebuilds each source's buffer (``trainer.replaying``: a stop there
+keeps every member's checkpoint as its final one); every member's training time is the group's
+step time, so its tokens/s is the group's.
 
 ``train_group(cfgs, out_dirs, ...)`` is the whole job: load the model and corpus once, train
 every run together, evaluate them in one held-out pass (``engine.sweep`` plans the runs).
@@ -43,7 +45,7 @@ from .pipeline import (
     source_meta,
 )
 from .sweep import check_group, check_shared
-from .trainer import Callbacks, Stopped, Trainer, TrainResult, hear, listening
+from .trainer import Callbacks, Stopped, Trainer, TrainResult, hear, listening, replaying
 
 Hook = tuple[int, str, str | None]
 """A source's key: (layer, hook point, target hook point or None)."""
@@ -116,16 +118,12 @@ class GroupTrainer:
                      for i, trainer in enumerate(self.trainers)]
         if len({t.step for t in self.trainers}) > 1:
             raise CheckpointError("The group's checkpoints are not all at the same step.")
-        if resume:  # each shared source rebuilds its buffer once, not once per member
-            for hook, trainers in self.by_hook.items():
-                held = [positions[self.trainers.index(t)] for t in trainers]
-                if any(p != held[0] for p in held[1:]):
-                    raise CheckpointError(
-                        f"The group's checkpoints at step {self.step} hold different data "
-                        f"positions for the SAEs on layer {hook[0]} {hook[1]}"
-                        + (f" -> {hook[2]}" if hook[2] else "")
-                        + "; they cannot resume together.")
-                self.sources[hook].load_state_dict(held[0])
+        if resume:
+            try:
+                self.replay(positions)
+            except Stopped:  # stopped while resuming: nothing learnt, the checkpoints stand
+                return [trainer.finish(stopped=True, resumed=resume[i])
+                        for i, trainer in enumerate(self.trainers)]
         cfg = self.trainers[0].cfg
         self.cb.on_log(f"Group of {len(self.trainers)} SAEs on {len(self.by_hook)} hook(s): "
                        f"{cfg.total_steps - self.step} steps of {cfg.batch_size} tokens.")
@@ -151,6 +149,21 @@ class GroupTrainer:
             for trainer, window in zip(self.trainers, rows, strict=True):
                 trainer.end_step(spent, window)
         return [trainer.finish(stopped) for trainer in self.trainers]
+
+    def replay(self, positions: list[dict[str, Any]]) -> None:
+        """Rebuild each shared source's buffer at the members' checkpoint position, once per
+        source, not once per member, hearing the caller meanwhile (``trainer.replaying``:
+        Stopped on a stop)."""
+        with replaying(self.cb, self.step, self.trainers):
+            for hook, trainers in self.by_hook.items():
+                held = [positions[self.trainers.index(t)] for t in trainers]
+                if any(p != held[0] for p in held[1:]):
+                    raise CheckpointError(
+                        f"The group's checkpoints at step {self.step} hold different data "
+                        f"positions for the SAEs on layer {hook[0]} {hook[1]}"
+                        + (f" -> {hook[2]}" if hook[2] else "")
+                        + "; they cannot resume together.")
+                self.sources[hook].load_state_dict(held[0])
 
 
 def place(cfgs: list[TrainConfig], device: torch.device) -> list[TrainConfig]:

@@ -7,9 +7,10 @@ The SAE is the registered type ``cfg.encoder_type`` (``engine.architectures``); 
 for what differs between types (its sparsity penalty, the constraints around a step, its
 initial thresholds). Each step: set the learning rate, hear the caller (pause / stop / save),
 fetch ``batch_size`` vectors (hearing the caller again while a live source extracts a buffer
-round: ``listening``), forward/backward in micro-batches (halved on CUDA out-of-memory,
-with the accumulation doubled so the effective batch is unchanged), clip, step, let the SAE
-keep its constraints (unit-norm decoder rows, thresholds), update the dead-latent counters. The
+round: ``listening``; a resume's rebuilding of that buffer hears it too: ``replaying``),
+forward/backward in micro-batches (halved on CUDA out-of-memory, with the accumulation doubled
+so the effective batch is unchanged), clip, step, let the SAE keep its constraints (unit-norm
+decoder rows, thresholds), update the dead-latent counters. The
 step's statistics stay on the device: every ``log_every`` steps they are read at once, checked
 (a non-finite loss stops the run, and is checked again before any checkpoint is written, so a
 NaN is never saved) and logged; every ``auto_save_interval`` steps a checkpoint is saved. At the
@@ -201,7 +202,8 @@ def get_lr(step: int, cfg: TrainConfig, base: float) -> float:
 def hear(cb: Callbacks, step: int, trainers: list[Trainer], during: str = "") -> bool:
     """Between steps, ask the caller (``cb.control``): "pause" saves every trainer's checkpoint
     and waits until told otherwise, "save" saves them all, "stop" returns True. ``during``: what
-    the step is doing when heard inside it (``listening``), for the log."""
+    the step is doing when heard inside it (``listening``, ``replaying``), for the log. No
+    ``trainers``: nothing to save (a resume rebuilding its buffer, ``replaying``)."""
     cmd = cb.control(step)
     if cmd == "pause":
         for trainer in trainers:
@@ -217,11 +219,15 @@ def hear(cb: Callbacks, step: int, trainers: list[Trainer], during: str = "") ->
     if cmd == "save":
         for trainer in trainers:
             trainer.save("manual")
+        if not trainers:
+            cb.on_log(f"Save requested at step {step}{during}: nothing new to save, the "
+                      "newest checkpoint is this step's.")
     return False
 
 
 class Stopped(Exception):
-    """A stop heard inside a step, while its batch was being extracted (``listening``)."""
+    """A stop heard inside a step, while its batch was being extracted (``listening``), or
+    while a resume rebuilt a live source's buffer (``replaying``)."""
 
 
 @dataclass
@@ -232,34 +238,49 @@ class Listening:
 
 
 @contextmanager
+def _between_batches(cb: Callbacks, step: int, trainers: list[Trainer], savers: list[Trainer],
+                     during: str) -> Iterator[Listening]:
+    """Inside this block each live source of ``trainers`` hears the caller between its batches
+    of contexts (``LiveActivations.between``): ``hear`` (a pause or save checkpoints
+    ``savers``); a stop raises ``Stopped``. Not under DDP: there the caller is heard on logging
+    steps, by every rank at once (``Trainer._shared_callbacks``)."""
+    heard = Listening()
+
+    def between() -> None:
+        t0 = time.perf_counter()
+        try:
+            if hear(cb, step, savers, during=during):
+                raise Stopped
+        finally:
+            heard.heard_s += time.perf_counter() - t0
+
+    sources = {id(t.source): t.source for t in trainers}.values()
+    live = [src for src in sources if hasattr(src, "between")
+            and not any(t.dist.enabled for t in trainers)]
+    for src in live:
+        src.between = between
+    try:
+        yield heard
+    finally:
+        for src in live:
+            src.between = None
+
+
+@contextmanager
 def listening(cb: Callbacks, step: int, trainers: list[Trainer]) -> Iterator[Listening]:
     """Fetch a step's batches inside this block. A live source extracts a buffer round inside
     the step that needs it (tens of seconds on a CPU), so the caller is heard between its
     batches of contexts too: a pause or save there checkpoints each trainer as of the step's
     start (its data position from before the batch was asked for; nothing has been learnt
     yet), so resuming replays the step exactly; a stop raises ``Stopped`` and leaves that
-    position for the final checkpoint. Not under DDP: there the caller is heard on logging
-    steps, by every rank at once (``Trainer._shared_callbacks``)."""
-    heard = Listening()
-    sources = {id(t.source): t.source for t in trainers}.values()
+    position for the final checkpoint. Not under DDP (``_between_batches``)."""
     for trainer in trainers:
         trainer.data_before_step = trainer.source.state_dict()
-
-    def between() -> None:
-        t0 = time.perf_counter()
-        try:
-            if hear(cb, step, trainers, during=" (during activation extraction)"):
-                raise Stopped
-        finally:
-            heard.heard_s += time.perf_counter() - t0
-
-    live = [src for src in sources if hasattr(src, "between")
-            and not any(t.dist.enabled for t in trainers)]
-    for src in live:
-        src.between = between
     stopped = False
     try:
-        yield heard
+        with _between_batches(cb, step, trainers, trainers,
+                              " (during activation extraction)") as heard:
+            yield heard
     except Stopped:
         stopped = True  # the final checkpoint records the step's start; so do the counts
         for trainer in trainers:  # of tokens extracted (the abandoned round's are dropped)
@@ -268,11 +289,23 @@ def listening(cb: Callbacks, step: int, trainers: list[Trainer]) -> Iterator[Lis
                 trainer.source.stats = type(stats)(**trainer.data_before_step["stats"])
         raise
     finally:
-        for src in live:
-            src.between = None
         if not stopped:
             for trainer in trainers:
                 trainer.data_before_step = None
+
+
+@contextmanager
+def replaying(cb: Callbacks, step: int, trainers: list[Trainer]) -> Iterator[None]:
+    """Rebuild the trainers' sources at their checkpoint's data position inside this block (a
+    resume: ``load_state_dict`` re-extracts a live source's two rounds, minutes on a CPU),
+    hearing the caller between batches of contexts as ``listening`` does. Nothing has been
+    learnt since the checkpoint being resumed, so a pause saves nothing and waits (a resume
+    from that checkpoint is as exact as before), a save has nothing new to write, and a stop
+    raises ``Stopped``: ``finish(stopped=True, resumed=...)`` keeps that checkpoint as the
+    final one."""
+    with _between_batches(cb, step, trainers, [],
+                          " (while resuming: rebuilding the activation buffer)"):
+        yield
 
 
 @dataclass
@@ -484,8 +517,9 @@ class Trainer:
     def load(self, path: Path | str, replay: bool = True) -> dict[str, Any]:
         """Continue from the checkpoint ``path``: the SAE, the optimizer, the counters, and
         (``replay``) the source's position, which rebuilds a live source's buffer (two rounds
-        extracted again). Returns this rank's data position (``replay=False``: the caller
-        replays it, once for the members of a group that share a source)."""
+        extracted again, hearing the caller: ``replaying``). Returns this rank's data position
+        (``replay=False``: the caller replays it, once for the members of a group that share a
+        source)."""
         c = ck.load_checkpoint(path)
         m = c.meta
         world = int(m.get("world_size") or 1)
@@ -522,8 +556,9 @@ class Trainer:
         self.best_step = m.get("best_step")
         self.micro = min(self.micro, int(m.get("micro_batch_size") or self.micro))
         data = m["data_ranks"][self.dist.rank] if "data_ranks" in m else m["data"]
-        if replay:
-            self.source.load_state_dict(data)
+        if replay:  # Stopped when a stop is heard meanwhile
+            with replaying(self.cb, self.step, [self]):
+                self.source.load_state_dict(data)
         return data
 
     # ------------------------------------------------------------------ one step
@@ -591,7 +626,10 @@ class Trainer:
     def fit(self, resume: Path | str | None = None) -> TrainResult:
         """Train to ``cfg.total_steps`` (continuing from the checkpoint ``resume``), then
         evaluate on held-out vectors, save the final checkpoint and export (``finish``)."""
-        self.begin(resume)
+        try:  # (a resume rebuilds a live source's buffer, hearing the caller: ``replaying``)
+            self.begin(resume)
+        except Stopped:  # stopped while resuming: nothing learnt, the checkpoint stands
+            return self.finish(stopped=True, resumed=resume)
         stopped = False
         while self.step < self.cfg.total_steps:
             if hear(self.cb, self.step, [self]):  # 1. the caller: pause / stop / save
@@ -716,14 +754,20 @@ class Trainer:
                 and self.step < cfg.total_steps:
             self.save("auto")
 
-    def finish(self, stopped: bool) -> TrainResult:
-        """7. Evaluate on held-out vectors, save the final checkpoint, export for SAELens."""
+    def finish(self, stopped: bool, resumed: Path | str | None = None) -> TrainResult:
+        """7. Evaluate on held-out vectors, save the final checkpoint, export for SAELens.
+        ``resumed``: the checkpoint of a run stopped while resuming from it (``replaying``):
+        nothing has been learnt since, so it stays the final checkpoint, unchanged, and the
+        half-rebuilt source is not evaluated."""
         cfg = self.cfg
         self._read_window()
         if self.device.type == "cpu":  # the steps' blocks: the evaluation's are shaped apart
             release_host_memory()
-        evaluation = self.evaluate() if self.dist.is_main else {}
-        final = self.save("stop" if stopped else "final")
+        if resumed is None:
+            evaluation = self.evaluate() if self.dist.is_main else {}
+            final = self.save("stop" if stopped else "final")
+        else:
+            evaluation, final = {}, Path(resumed)
         stats = self._filter_stats()
         sparsity = evaluation.pop("_freq", None)
         dead_now = int(self._dead(cfg.dead_window_tokens).sum())
@@ -744,9 +788,13 @@ class Trainer:
             self.cb.on_log(f"Activations: {stats.kept:,} kept of {stats.seen:,} tokens; excluded "
                            f"{stats.position0:,} at position 0, {stats.special:,} special, "
                            f"{stats.outliers:,} outliers.")
-        self.cb.on_log(f"Finished at step {self.step}: held-out FVU {result.fvu:.4f}, "
-                       f"L0 {result.l0:.1f}, dead {100 * result.dead_frac:.1f}%; "
-                       f"SAELens export in {export_dir}.")
+        if resumed is not None:
+            self.cb.on_log(f"Stopped while resuming at step {self.step}: {Path(resumed).name} "
+                           f"stays the final checkpoint; SAELens export in {export_dir}.")
+        else:
+            self.cb.on_log(f"Finished at step {self.step}: held-out FVU {result.fvu:.4f}, "
+                           f"L0 {result.l0:.1f}, dead {100 * result.dead_frac:.1f}%; "
+                           f"SAELens export in {export_dir}.")
         return result
 
     def _filter_stats(self) -> Any:
