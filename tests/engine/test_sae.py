@@ -283,3 +283,34 @@ def test_threshold_sparse_path_under_bf16_autocast():
     for name in ("W_enc", "W_dec", "threshold"):
         got, want = getattr(sae, name).grad, getattr(ref, name).grad
         assert (got - want).norm() <= 2e-2 * want.norm(), name
+
+
+def _allocated_peak(fn) -> int:
+    """Peak bytes the CPU allocator handed out while ``fn`` ran (the profiler's memory events:
+    every allocation, a kernel's own temporaries included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("n", [1, 254, 255, 256, 1000, 4096])
+def test_column_counts_are_exact_without_a_copy_of_the_mask(n):
+    g = torch.Generator().manual_seed(n)
+    for active in (torch.rand(n, 700, generator=g) < 0.05, torch.ones(n, 700, dtype=torch.bool),
+                   (torch.rand(700, n, generator=g) < 0.5).t()):  # all on; a transposed view
+        assert torch.equal(kernels.column_counts(active), active.sum(0))
+        l0, fired = kernels.active_stats(active)
+        assert torch.equal(fired, active.sum(0))
+        assert l0.item() == pytest.approx(active.sum().item() / n)
+    # The counts take a few [d] vectors and [n / 255, d] block sums, not a widened copy of the
+    # [n, d] mask (a sum with dtype=int32 wrote 4 bytes per entry, count_nonzero on CUDA 8)
+    mask = torch.rand(n, 4096, generator=g) < 0.05
+    assert _allocated_peak(lambda: kernels.active_stats(mask)) < max(mask.numel() // 4, 2**17)

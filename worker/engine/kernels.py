@@ -45,13 +45,28 @@ def fired_counts(idx: Tensor, on: Tensor, d_sae: int) -> Tensor:
 
 
 def active_stats(active: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean active latents per token and firing count per latent (int64) of a dense mask.
+    """Mean active latents per token and firing count per latent (int64) of a dense mask
+    [n, d_sae] (``column_counts``; the L0 is their sum over n: no second pass)."""
+    fired = column_counts(active)
+    return fired.sum().float() / max(active.shape[0], 1), fired
 
-    (A bool ``sum`` is slow on the CPU: ~50 ms per reduction at 4096 x 4608; these take ~30.)"""
-    n = max(active.shape[0], 1)
-    l0 = torch.count_nonzero(active).float() / n
-    fired = active.view(torch.uint8).sum(0, dtype=torch.int32).long()
-    return l0, fired
+
+def column_counts(active: Tensor) -> Tensor:
+    """True entries per column [d] (int64) of a bool mask [n, d], with no [n, d] temporary.
+
+    A reduction whose result type differs from its input's casts the whole input first (ATen's
+    ``make_reduction``): ``sum(0, dtype=int32)`` of the mask wrote a 4-byte copy of it, and
+    ``count_nonzero`` on CUDA (``(x != 0).sum()``) an 8-byte one — 151 MB at 4,096 x 4,608 on
+    the GPU, for a count. Here blocks of 255 rows are summed in uint8 (a block's count fits),
+    then the [n / 255, d] block sums in int64: ~1 ms instead of ~40 at 4,096 x 4,608 on one CPU
+    core, exact."""
+    u = active.view(torch.uint8)
+    m = u.shape[0] // 255 * 255
+    counts = u[m:].sum(0, dtype=torch.uint8).long()
+    if m:
+        blocks = u[:m].reshape(m // 255, 255, u.shape[1]).sum(1, dtype=torch.uint8)
+        counts += blocks.sum(0, dtype=torch.int64)
+    return counts
 
 
 # ------------------------------------------------------------------ top-k selections
