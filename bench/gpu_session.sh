@@ -10,8 +10,12 @@
 #    (initialisation, steps, evaluation + save, export) of every encoder type against
 #    estimate_memory, each config in a fresh process — what the dense types' CUDA terms are
 #    fitted to.
+# 3. bench/memory_trace.py --device cuda: CUDA's allocation history of the dense types' runs
+#    (standard, JumpReLU, BatchTopK; TopK beside them) replayed: each phase's peak and the
+#    allocations alive then, by the line of our code that made them — why the dense types
+#    measured 2-3x their estimate on an H200 (bench/memory-results-cuda.md).
 # Uses the machine's python3 (torch with CUDA, transformers, safetensors, numpy); DEVICE=cpu
-# and STEP_ARGS / MEM_ARGS (extra flags) make a quick local smoke run.
+# and STEP_ARGS / MEM_ARGS / TRACE_ARGS (extra flags) make a quick local smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu-session}
@@ -31,4 +35,7 @@ $PY bench/memory_check.py --device "$DEVICE" --out-dir "$OUT" ${MEM_ARGS:-} 2>&1
     | tee "$OUT/memory_check.log" || rc=$?
 if [ "$rc" = 1 ]; then echo "memory_check: some estimates are outside 15% (see the table)";
 elif [ "$rc" != 0 ]; then exit "$rc"; fi
+# shellcheck disable=SC2086
+$PY bench/memory_trace.py --device "$DEVICE" --out-dir "$OUT" ${TRACE_ARGS:-} 2>&1 \
+    | tee "$OUT/memory_trace.md"
 ls -l "$OUT"

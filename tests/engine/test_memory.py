@@ -4,6 +4,8 @@ arithmetic sanity checks."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,3 +116,48 @@ def test_terms_by_device_and_source():
     part = estimate_memory(576, 9216, model_params=134_515_008, buffer_tokens=131_072,
                            layer=15, n_layers=30)
     assert part.model == int(134_515_008 * 4 * 16 / 30)
+
+
+def _memory_trace():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("memory_trace", ROOT / "bench" /
+                                                  "memory_trace.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_memory_trace_replays_an_allocation_history_phase_by_phase():
+    """bench/memory_trace.py: the peak of each phase and what is alive then (recorded for
+    real on the CPU, in the format of CUDA's allocation history)."""
+    import torch
+
+    mt = _memory_trace()
+    with mt.CpuHistory() as history:
+        mt._phase_marker("cpu")
+        x = torch.empty(4 * MB, dtype=torch.uint8)
+        y = torch.empty(8 * MB, dtype=torch.uint8)
+        del x
+        mt._phase_marker("cpu")
+        z = torch.empty(2 * MB, dtype=torch.uint8)
+        del y, z
+    peaks = mt.phase_peaks(history.events, ["first", "second"], base=MB)
+    assert {p: v["peak"] for p, v in peaks.items()} == {"first": 13 * MB, "second": 11 * MB}
+    assert [r["sizes"] for r in peaks["first"]["live"]] == [[8 * MB, 4 * MB]]
+    assert [r["sizes"] for r in peaks["second"]["live"]] == [[8 * MB, 2 * MB]]
+
+
+def test_memory_trace_names_the_code_alive_at_a_training_peak(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory_trace.py"), "--device", "cpu", "--only",
+         "standard", "--batch-size", "2048", "--precision", "fp32", "--steps", "1",
+         "--file-rows", "5000", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "memory-trace-cpu.json").read_text()).values()
+    assert list(row["phases"]) == ["init", "steps", "eval+save", "export"]
+    steps = row["phases"]["steps"]
+    dense = 2048 * 8 * 576 * 4  # one fp32 [micro, d_sae]: CUDA's dense step, taken here too
+    assert steps["peak"] >= 3 * dense
+    assert any("architectures/standard.py" in r["site"] and dense in r["sizes"]
+               for r in steps["live"])
