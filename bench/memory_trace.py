@@ -221,6 +221,7 @@ def main() -> int:
                    help="override the configs' 8x (e.g. 2 for a quick CPU run)")
     p.add_argument("--batch-size", type=int, default=None, help="override the configs' 4096")
     p.add_argument("--file-rows", type=int, default=60_000)
+    p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument("--only", help="comma-separated substrings of config names")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
@@ -238,7 +239,8 @@ def main() -> int:
         acts = mc.synthetic_file(Path(d) / "acts.safetensors", args.file_rows)
         for i, c in enumerate(configs):
             spec = dict(c, device=args.device, source="file", precision=args.precision,
-                        total_steps=args.steps, eval_tokens=16_384, file_rows=args.file_rows,
+                        total_steps=args.steps, eval_tokens=args.eval_tokens,
+                        file_rows=args.file_rows,
                         file=str(acts), out=str(Path(d) / f"run{i}"))
             if args.expansion_factor:
                 spec["expansion_factor"] = args.expansion_factor

@@ -23,7 +23,9 @@ run (initialisation, steps, evaluation, final checkpoint and export). It is the 
     output, the L1 term and their gradients; jumprelu: the same plus the threshold's
     straight-through masks; topk: values + int64 indices, k per token, and the sparse
     backward's two [d_sae, d_in] buffers; batchtopk: a bool mask and k x micro selected
-    entries), plus Adam's per-parameter temporaries;
+    entries), plus Adam's per-parameter temporaries. On CUDA standard and JumpReLU always take
+    the dense step (the CPU takes the sparse one at low density): its backward holds more,
+    partly in fp32 whatever the precision (``MemoryTerms.dense_backward``);
   * initialisation: the sample of max(8192, min(d_sae, 65,536)) vectors, random decoder
     directions [d_sae, d_in] and the dense encode of 4,096 vectors (fp32, no autocast);
   * evaluation: the held-out vectors and a dense forward per chunk of min(micro, 4096);
@@ -103,8 +105,10 @@ class MemoryEstimate:
 
 
 def _phase_step(d_in: int, d_sae: int, terms: MemoryTerms, k: int, micro: int, act: int,
-                n_params: int) -> int:
-    """Transient bytes of one micro-batch forward/backward and the optimizer step (no grads)."""
+                n_params: int, dense_step: bool = False) -> int:
+    """Transient bytes of one micro-batch forward/backward and the optimizer step (no grads).
+    ``dense_step``: the device takes the dense standard/JumpReLU step (CUDA), whose backward
+    holds ``terms.dense_backward``."""
     dense = micro * d_sae * act
     w = 4 * d_in * d_sae  # one [d_sae, d_in] fp32 matrix
     rows = 4 * micro * d_in  # one [micro, d_in] fp32 tensor
@@ -112,7 +116,11 @@ def _phase_step(d_in: int, d_sae: int, terms: MemoryTerms, k: int, micro: int, a
     sel = terms.step_selections * micro * k * (act + 8)  # values + int64 indices
     masks = terms.step_mask_bytes * micro * d_sae
     fwd = terms.step_dense_forward * dense + sel + masks + 3 * rows + autocast
-    bwd = terms.step_dense_backward * dense + sel + masks + rows + terms.step_weight_backward * w
+    backward = terms.step_dense_backward * dense
+    if dense_step and terms.dense_backward is not None:
+        at_act, in_fp32 = terms.dense_backward
+        backward = at_act * dense + in_fp32 * micro * d_sae * 4
+    bwd = backward + sel + masks + rows + terms.step_weight_backward * w
     opt = 2 * w  # Adam's sqrt / division temporaries, remove_parallel_grad's product
     grads = 4 * n_params
     return int(max(fwd, bwd + grads, opt + grads))
@@ -158,7 +166,8 @@ def estimate_memory(
     # --- each phase's SAE-side total (params, what else lives then, its transients)
     batch = 2 * batch_size * row  # the batch as read, then scaled
     grads = 4 * n_params
-    step = _phase_step(d_in, d_sae, terms, k, micro, act, n_params)
+    step = _phase_step(d_in, d_sae, terms, k, micro, act, n_params,
+                       dense_step=dev == "cuda")
     n_sample = max(8192, min(d_sae, INIT_SAMPLE_MAX))
     init = 2 * n_sample * row + w + terms.init_dense * INIT_ENCODE_ROWS * d_sae * 4
     if dev == "cuda":

@@ -47,6 +47,13 @@ class MemoryTerms:
     """Dense [4096, d_sae] fp32 copies in the initialisation encode (CPU)."""
     eval_dense: float = 4.5
     """Dense [chunk, d_sae] copies in the held-out evaluation forward."""
+    dense_backward: tuple[float, float] | None = None
+    """The backward's [micro, d_sae] tensors where the step is dense because the sparse one is
+    not taken there (CUDA: ``kernels.SPARSE_DEVICES``; on the CPU standard and JumpReLU take the
+    sparse step at low density, which the counts above describe): (at the activation dtype,
+    fp32 whatever the precision: the L1 term's and the straight-through window's arithmetic).
+    Fitted to ``bench/memory_trace.py --device cpu`` (the tensors of the run along CUDA's steps)
+    at 8x, batch 4,096, bf16 and fp32. None: the counts above hold there too."""
 
 
 @dataclass(frozen=True)
@@ -133,14 +140,14 @@ register(Architecture(
     "standard", "ReLU with an L1 penalty.",
     "worker.engine.architectures.standard:StandardSAE",
     options=("l1_alpha", "target_l0", "tie_weights"), lr_base=4e-3, init_from_data=False,
-    memory=MemoryTerms(step_dense_backward=2, eval_dense=3)))
+    memory=MemoryTerms(step_dense_backward=2, eval_dense=3, dense_backward=(3, 0.6))))
 register(Architecture(
     "jumprelu", "a learned threshold per latent with an L0 penalty.",
     "worker.engine.architectures.jumprelu:JumpReLUSAE",
     options=("l0_coef", "target_l0", "jumprelu_bandwidth", "jumprelu_init_threshold"),
     lr_base=2e-3,
     memory=MemoryTerms(extra_params_per_latent=1, step_dense_forward=2, step_dense_backward=2,
-                       init_dense=4, eval_dense=1.5)))
+                       init_dense=4, eval_dense=1.5, dense_backward=(1.4, 3.3))))
 register(Architecture(
     "batchtopk", "k latents per token on average across the batch, a fixed threshold "
     "afterwards.",
