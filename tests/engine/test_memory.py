@@ -161,3 +161,22 @@ def test_memory_trace_names_the_code_alive_at_a_training_peak(tmp_path):
     assert steps["peak"] >= 3 * dense
     assert any("architectures/standard.py" in r["site"] and dense in r["sizes"]
                for r in steps["live"])
+
+
+def test_cuda_estimate_covers_the_dense_step_the_run_takes_there(tmp_path):
+    """On CUDA standard and JumpReLU take the dense step (on the CPU the sparse one at low
+    density): the estimate's step holds at least the tensors the run holds along that path
+    (bench/memory_trace.py on the CPU, CUDA's steps), and not much more."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory_trace.py"), "--device", "cpu", "--only",
+         "standard,jumprelu", "--batch-size", "2048", "--precision", "fp32", "--steps", "1",
+         "--eval-tokens", "1024", "--file-rows", "5000", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "memory-trace-cpu.json").read_text())
+    for name, row in rows.items():
+        est = estimate_memory(576, row["d_sae"], encoder_type=name.split()[0], precision="fp32",
+                              batch_size=2048, device="cuda", source="file")
+        step = est.by_phase["step"] + est.sae_params
+        held = row["phases"]["steps"]["peak"]
+        assert held <= step <= 1.3 * held, (name, step / MB, held / MB)
