@@ -166,10 +166,11 @@ def test_memory_trace_names_the_code_alive_at_a_training_peak(tmp_path):
 def test_cuda_estimate_covers_the_dense_step_the_run_takes_there(tmp_path):
     """On CUDA standard and JumpReLU take the dense step (on the CPU the sparse one at low
     density): the estimate's step holds at least the tensors the run holds along that path
-    (bench/memory_trace.py on the CPU, CUDA's steps), and not much more."""
+    (bench/memory_trace.py on the CPU, CUDA's steps; the second step's, with Adam's moments),
+    and not much more."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "memory_trace.py"), "--device", "cpu", "--only",
-         "standard,jumprelu", "--batch-size", "2048", "--precision", "fp32", "--steps", "1",
+         "standard,jumprelu", "--batch-size", "2048", "--precision", "fp32", "--steps", "2",
          "--eval-tokens", "1024", "--file-rows", "5000", "--out-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -179,4 +180,4 @@ def test_cuda_estimate_covers_the_dense_step_the_run_takes_there(tmp_path):
                               batch_size=2048, device="cuda", source="file")
         step = est.by_phase["step"] + est.sae_params
         held = row["phases"]["steps"]["peak"]
-        assert held <= step <= 1.3 * held, (name, step / MB, held / MB)
+        assert held <= step <= 1.15 * held, (name, step / MB, held / MB)
